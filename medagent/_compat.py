@@ -1,0 +1,62 @@
+"""Which implementation of the hot kernels is active: the Cython twins or the pure-Python ones.
+
+`MEDAGENT_NO_EXTENSIONS` = 1/true/yes forces pure Python; 0, empty or unset means "use the
+extensions when they are importable". Non-CPython interpreters always run pure Python.
+
+Invariant: the selection is made once, at first import, and every selector module
+(`medagent.proto.mllp`, `medagent.proto.hl7`) asks `load_fast()` rather than importing
+`medagent._fast` itself, so `EXTENSIONS_ACTIVE` always tells the truth about what is in use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from types import ModuleType
+
+__all__ = ["EXTENSIONS_ACTIVE", "NO_EXTENSIONS", "FAST_MODULES", "load_fast", "implementation_summary"]
+
+#: Every Cython kernel shipped in medagent/_fast; each has a pure twin in medagent/proto.
+FAST_MODULES = ("_mllp", "_hl7")
+
+
+def _env_disables_extensions() -> bool:
+    value = os.environ.get("MEDAGENT_NO_EXTENSIONS", "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"MEDAGENT_NO_EXTENSIONS must be 1/true/yes or 0/false/no/empty, not {value!r}")
+
+
+NO_EXTENSIONS: bool = _env_disables_extensions() or platform.python_implementation() != "CPython"
+
+_loaded: dict[str, ModuleType | None] = {}
+_errors: dict[str, str] = {}
+
+
+def load_fast(name: str) -> ModuleType | None:
+    """Return the compiled module `medagent._fast.<name>`, or None when pure mode is in force."""
+    if NO_EXTENSIONS:
+        return None
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"medagent._fast.{name}")
+        except ImportError as exc:
+            _loaded[name] = None
+            _errors[name] = str(exc)
+    return _loaded[name]
+
+
+EXTENSIONS_ACTIVE: bool = all(load_fast(name) is not None for name in FAST_MODULES)
+
+
+def implementation_summary() -> str:
+    """One line for logs, `--version`, status and heartbeats."""
+    if EXTENSIONS_ACTIVE:
+        return "extensions: active (Cython: " + ", ".join(m.lstrip("_") for m in FAST_MODULES) + ")"
+    if NO_EXTENSIONS:
+        return "extensions: off (pure Python, MEDAGENT_NO_EXTENSIONS set or not CPython)"
+    missing = ", ".join(f"{k}: {v}" for k, v in _errors.items()) or "not built"
+    return f"extensions: unavailable (pure Python; {missing})"

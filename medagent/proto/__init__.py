@@ -1,0 +1,1 @@
+"""Sans-I/O protocol cores: bytes in, events and bytes out. No sockets, asyncio or sqlite here."""

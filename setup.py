@@ -1,0 +1,69 @@
+"""Declares medagent's optional Cython extensions; all other metadata is in pyproject.toml.
+
+MEDAGENT_BUILD_EXTENSIONS selects what happens to the Cython twins in medagent/_fast:
+  yes        compile them; any failure (no Cython, no compiler) aborts the build
+  no         build a pure-Python package (the py3-none-any wheel)
+  auto/unset compile them if possible, otherwise fall back to pure Python with a warning
+"""
+
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+MODULES = ["_mllp", "_hl7"]
+
+
+def _mode() -> str:
+    value = os.environ.get("MEDAGENT_BUILD_EXTENSIONS", "auto").strip().lower() or "auto"
+    if value not in ("yes", "no", "auto"):
+        sys.exit(f"MEDAGENT_BUILD_EXTENSIONS must be yes, no or auto, not {value!r}")
+    return value
+
+
+class OptionalBuildExt(build_ext):
+    """In auto mode a failed compile leaves the pure twins in charge instead of failing."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any toolchain failure
+            self._fallback(exc)
+
+    def build_extension(self, ext) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            self._fallback(exc)
+
+    @staticmethod
+    def _fallback(exc: Exception) -> None:
+        print(f"WARNING: medagent C extensions not built ({exc}); using pure Python", file=sys.stderr)
+
+
+def _extensions(mode: str):
+    if mode == "no" or sys.implementation.name != "cpython":
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        if mode == "yes":
+            sys.exit("MEDAGENT_BUILD_EXTENSIONS=yes but Cython is not installed")
+        print("WARNING: Cython not available; building pure-Python medagent", file=sys.stderr)
+        return []
+    from setuptools import Extension
+
+    exts = [Extension(f"medagent._fast.{name}", [f"medagent/_fast/{name}.pyx"]) for name in MODULES]
+    return cythonize(
+        exts,
+        compiler_directives={"language_level": "3", "embedsignature": True},
+        quiet=True,
+    )
+
+
+mode = _mode()
+setup(
+    ext_modules=_extensions(mode),
+    cmdclass={"build_ext": build_ext if mode == "yes" else OptionalBuildExt},
+)

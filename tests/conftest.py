@@ -1,0 +1,61 @@
+"""Shared test fixtures.
+
+* `impl` parametrizes protocol tests over the pure twin ("py") and the Cython twin ("c"); the
+  c case is skipped only when pure mode is in force (MEDAGENT_NO_EXTENSIONS) — a missing build
+  without that variable is a failure, caught by tests/test_compat.py.
+* Every async test runs on both the stock asyncio loop and uvloop (where installed), through
+  pytest-asyncio's loop-factory hook. MEDAGENT_TEST_LOOPS=asyncio (or uvloop) narrows the set.
+* `pick(module, "MllpDecoder", impl)` returns `module.MllpDecoderPy` or `module.MllpDecoderC`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medagent import _compat
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def _loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    try:
+        import uvloop
+    except ImportError:
+        pass
+    else:
+        factories["uvloop"] = uvloop.new_event_loop
+    wanted = [w.strip() for w in os.environ.get("MEDAGENT_TEST_LOOPS", "").split(",") if w.strip()]
+    if wanted:
+        factories = {name: f for name, f in factories.items() if name in wanted}
+    return factories
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    return _loop_factories()
+
+
+@pytest.fixture(params=["py", "c"])
+def impl(request: pytest.FixtureRequest) -> str:
+    if request.param == "c" and _compat.NO_EXTENSIONS:
+        pytest.skip("pure mode (MEDAGENT_NO_EXTENSIONS) in force")
+    return request.param
+
+
+def pick(module: Any, name: str, impl: str) -> Any:
+    """The Py or C twin of `name` exported by a selector module."""
+    obj = getattr(module, name + ("Py" if impl == "py" else "C"), None)
+    if obj is None:
+        pytest.fail(f"{module.__name__}.{name}C is missing although extensions are expected")
+    return obj
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return DATA_DIR
