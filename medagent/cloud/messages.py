@@ -1,0 +1,390 @@
+"""Typed messages of the Medplum Agent websocket protocol, plus medagent's batching extension.
+
+Theory of operation
+-------------------
+Every websocket frame is one JSON object with a ``type`` and an optional ``callback`` (the
+correlation id; see shared/medplum-protocol.md §0 and §2). Each message type is a frozen,
+slotted dataclass whose Python attributes are snake_case; :data:`JSON_NAMES` maps them to the
+exact camelCase names of the spec (``accessToken``, ``agentId``, ``contentType``, ``statusCode``,
+``returnAck``). ``encode()`` omits attributes that are ``None`` (the Node agent omits undefined
+keys the same way) and returns UTF-8 JSON bytes for a *text* frame. ``decode()`` validates the
+type and the field types and raises :class:`ProtocolError` — never anything else — for a frame
+that is not JSON, not an object, lacks a required field or has a wrong type. An unknown ``type``
+raises :class:`UnknownMessageType`, which carries the frame's callback so the receiver can
+answer ``agent:error "Unknown message type: <t>"`` as the Medplum agent does. Unknown *fields*
+are ignored: newer Medplum versions add fields, and a drop-in must not break on them.
+
+Legacy aliases (medplum-protocol.md §2): ``connected`` is a connect response; ``push`` is a
+transmit request; ``transmit`` is a transmit request when the hub receives it and a transmit
+response when the agent receives it, so :func:`decode` takes ``receiver``.
+
+Batching extension (medagent only)
+----------------------------------
+A medagent hub advertises ``features: {"batch": {"maxMessages": N, "maxBytes": B}}`` in its
+``agent:connect:response``; Medplum never sends ``features`` and the Node agent ignores it, so
+both sides stay compatible. Only after seeing the advertisement may the agent send
+``{"type": "agent:batch", "seq": n, "messages": [...]}`` frames holding several transmit
+requests. The hub stores every message of a batch, then confirms cumulatively with
+``{"type": "agent:batch:ack", "seq": n}`` meaning "every batch with seq <= n of this connection
+is stored". Either side may also wrap transmit *responses* in ``agent:batch`` (no ack needed for
+those; their callbacks are their confirmation). ``seq`` restarts at 1 on each connection.
+
+Invariants: ``decode(encode(m), receiver) == m`` for every message ``m`` whose direction reaches
+that receiver; ``encode`` output never contains keys whose value is ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import orjson
+
+__all__ = [
+    "CONTENT_TYPE_HL7_V2",
+    "CONTENT_TYPE_PING",
+    "CONTENT_TYPE_TEXT",
+    "CONTENT_TYPE_JSON",
+    "CONTENT_TYPE_FHIR_JSON",
+    "CONTENT_TYPE_OCTET_STREAM",
+    "ProtocolError",
+    "UnknownMessageType",
+    "AgentMessage",
+    "ConnectRequest",
+    "ConnectResponse",
+    "HeartbeatRequest",
+    "HeartbeatResponse",
+    "TransmitRequest",
+    "TransmitResponse",
+    "ReloadConfigRequest",
+    "ReloadConfigResponse",
+    "UpgradeRequest",
+    "UpgradeResponse",
+    "LogsRequest",
+    "LogsResponse",
+    "StatsRequest",
+    "StatsResponse",
+    "ErrorMessage",
+    "Batch",
+    "BatchAck",
+    "MESSAGE_TYPES",
+    "encode",
+    "to_dict",
+    "decode",
+    "decode_dict",
+    "new_callback",
+    "Receiver",
+]
+
+CONTENT_TYPE_HL7_V2 = "x-application/hl7-v2+er7"
+CONTENT_TYPE_PING = "x-application/ping"
+CONTENT_TYPE_TEXT = "text/plain"
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_FHIR_JSON = "application/fhir+json"
+CONTENT_TYPE_OCTET_STREAM = "application/octet-stream"
+
+Receiver = Literal["agent", "hub"]
+
+#: Python attribute -> JSON key, where they differ.
+JSON_NAMES: dict[str, str] = {
+    "access_token": "accessToken",
+    "agent_id": "agentId",
+    "content_type": "contentType",
+    "status_code": "statusCode",
+    "return_ack": "returnAck",
+}
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid protocol message. ``callback`` is set when it could be read."""
+
+    def __init__(self, message: str, callback: str | None = None) -> None:
+        super().__init__(message)
+        self.callback = callback
+
+
+class UnknownMessageType(ProtocolError):
+    """A well-formed frame whose ``type`` this side does not know."""
+
+    def __init__(self, message_type: str, callback: str | None = None) -> None:
+        super().__init__(f"Unknown message type: {message_type}", callback)
+        self.message_type = message_type
+
+
+def new_callback(agent_id: str) -> str:
+    """A correlation id in Medplum's format: ``Agent/<agentId>-<uuid4>``."""
+    return f"Agent/{agent_id}-{uuid.uuid4()}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentMessage:
+    """Base of every message; ``TYPE`` is the wire ``type``."""
+
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest(AgentMessage):
+    TYPE: ClassVar[str] = "agent:connect:request"
+    access_token: str
+    agent_id: str
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectResponse(AgentMessage):
+    TYPE: ClassVar[str] = "agent:connect:response"
+    callback: str | None = None
+    #: medagent extension: what the hub supports, e.g. {"batch": {"maxMessages": 1000}}.
+    features: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatRequest(AgentMessage):
+    TYPE: ClassVar[str] = "agent:heartbeat:request"
+    access_token: str | None = None
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResponse(AgentMessage):
+    TYPE: ClassVar[str] = "agent:heartbeat:response"
+    version: str
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransmitRequest(AgentMessage):
+    """A→S: a device message for the channel's bot. S→A: send ``body`` to ``remote``."""
+
+    TYPE: ClassVar[str] = "agent:transmit:request"
+    remote: str
+    content_type: str
+    body: str
+    channel: str | None = None
+    callback: str | None = None
+    access_token: str | None = None
+    return_ack: str | None = None  # "first" | "application" (outbound only)
+    #: medagent extension, sent only inside agent:batch: the agent's queue saw this
+    #: (channel, sender, MSH-10) before; the value is the earlier row's callback.
+    duplicate_of: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransmitResponse(AgentMessage):
+    TYPE: ClassVar[str] = "agent:transmit:response"
+    remote: str
+    content_type: str
+    body: str
+    channel: str | None = None
+    callback: str | None = None
+    status_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfigRequest(AgentMessage):
+    TYPE: ClassVar[str] = "agent:reloadconfig:request"
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfigResponse(AgentMessage):
+    TYPE: ClassVar[str] = "agent:reloadconfig:response"
+    status_code: int
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest(AgentMessage):
+    TYPE: ClassVar[str] = "agent:upgrade:request"
+    version: str | None = None
+    force: bool | None = None
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeResponse(AgentMessage):
+    TYPE: ClassVar[str] = "agent:upgrade:response"
+    status_code: int
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogsRequest(AgentMessage):
+    TYPE: ClassVar[str] = "agent:logs:request"
+    limit: int | None = None
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogsResponse(AgentMessage):
+    TYPE: ClassVar[str] = "agent:logs:response"
+    status_code: int
+    logs: list[dict[str, Any]]
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest(AgentMessage):
+    TYPE: ClassVar[str] = "agent:stats:request"
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsResponse(AgentMessage):
+    TYPE: ClassVar[str] = "agent:stats:response"
+    status_code: int
+    stats: dict[str, Any]
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage(AgentMessage):
+    TYPE: ClassVar[str] = "agent:error"
+    body: str
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch(AgentMessage):
+    """medagent extension: several messages in one frame (see module docstring)."""
+
+    TYPE: ClassVar[str] = "agent:batch"
+    messages: tuple[AgentMessage, ...]
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAck(AgentMessage):
+    """medagent extension: every ``agent:batch`` with seq <= ``seq`` on this connection is stored."""
+
+    TYPE: ClassVar[str] = "agent:batch:ack"
+    seq: int
+
+
+MESSAGE_TYPES: dict[str, type[AgentMessage]] = {
+    cls.TYPE: cls
+    for cls in (
+        ConnectRequest,
+        ConnectResponse,
+        HeartbeatRequest,
+        HeartbeatResponse,
+        TransmitRequest,
+        TransmitResponse,
+        ReloadConfigRequest,
+        ReloadConfigResponse,
+        UpgradeRequest,
+        UpgradeResponse,
+        LogsRequest,
+        LogsResponse,
+        StatsRequest,
+        StatsResponse,
+        ErrorMessage,
+        Batch,
+        BatchAck,
+    )
+}
+
+_ALIASES: dict[Receiver, dict[str, type[AgentMessage]]] = {
+    "agent": {"connected": ConnectResponse, "push": TransmitRequest, "transmit": TransmitResponse},
+    "hub": {"transmit": TransmitRequest},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldSpec:
+    attr: str
+    key: str
+    types: tuple[type, ...]
+    required: bool
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "dict[str, Any]": (dict,),
+    "list[dict[str, Any]]": (list,),
+}
+
+
+def _field_specs(cls: type[AgentMessage]) -> tuple[_FieldSpec, ...]:
+    specs = []
+    for f in dataclasses.fields(cls):
+        annotation = str(f.type)
+        optional = annotation.endswith(" | None")
+        base = annotation.removesuffix(" | None")
+        types = _SIMPLE_TYPES.get(base, (object,))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        specs.append(_FieldSpec(f.name, JSON_NAMES.get(f.name, f.name), types, required and not optional))
+    return tuple(specs)
+
+
+_SPECS: dict[type[AgentMessage], tuple[_FieldSpec, ...]] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
+
+
+def to_dict(message: AgentMessage) -> dict[str, Any]:
+    """The JSON object of a message (``None`` attributes omitted)."""
+    out: dict[str, Any] = {"type": message.TYPE}
+    for spec in _SPECS[type(message)]:
+        value = getattr(message, spec.attr)
+        if value is None:
+            continue
+        if spec.attr == "messages":
+            value = [to_dict(m) for m in value]
+        out[spec.key] = value
+    return out
+
+
+def encode(message: AgentMessage) -> bytes:
+    """UTF-8 JSON for one websocket *text* frame."""
+    return orjson.dumps(to_dict(message))
+
+
+def decode(frame: str | bytes | bytearray | memoryview, receiver: Receiver) -> AgentMessage:
+    """Parse one frame received by ``receiver``; raises :class:`ProtocolError` on anything invalid."""
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    return decode_dict(data, receiver)
+
+
+def decode_dict(data: Any, receiver: Receiver) -> AgentMessage:
+    """Like :func:`decode` for an already parsed JSON value."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"a message must be a JSON object, not {type(data).__name__}")
+    callback = data.get("callback")
+    if callback is not None and not isinstance(callback, str):
+        raise ProtocolError("field 'callback' must be a string")
+    message_type = data.get("type")
+    if not isinstance(message_type, str):
+        raise ProtocolError("missing or non-string field 'type'", callback)
+    cls = _ALIASES[receiver].get(message_type) or MESSAGE_TYPES.get(message_type)
+    if cls is None:
+        raise UnknownMessageType(message_type, callback)
+    kwargs: dict[str, Any] = {}
+    for spec in _SPECS[cls]:
+        value = data.get(spec.key)
+        if value is None:
+            if spec.required:
+                raise ProtocolError(f"{cls.TYPE}: missing field '{spec.key}'", callback)
+            continue
+        if spec.attr == "messages":
+            value = _decode_batch_items(value, receiver, callback)
+        elif not isinstance(value, spec.types) or (spec.types == (int,) and isinstance(value, bool)):
+            raise ProtocolError(f"{cls.TYPE}: field '{spec.key}' has the wrong type", callback)
+        kwargs[spec.attr] = value
+    return cls(**kwargs)
+
+
+def _decode_batch_items(value: Any, receiver: Receiver, callback: str | None) -> tuple[AgentMessage, ...]:
+    if not isinstance(value, list):
+        raise ProtocolError("agent:batch: field 'messages' must be a list", callback)
+    items = tuple(decode_dict(item, receiver) for item in value)
+    if any(isinstance(item, Batch) for item in items):
+        raise ProtocolError("agent:batch: batches may not be nested", callback)
+    return items
+
