@@ -1,0 +1,71 @@
+"""Reads the channel list from a remote hub the way Medplum's agent does (medplum-protocol.md §3.1).
+
+`GET /fhir/R4/Agent/<id>`, then `GET /fhir/R4/<endpoint reference>` for each channel, and the
+channel's bot reference. Endpoints with status "off" are skipped, as are all channels while the
+Agent's status is "off". The last list that loaded is cached in the data directory, so an agent
+that restarts while the hub is unreachable still opens its listeners and queues what arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from medagent.channels.endpoint import EndpointError, mllp_options, parse_endpoint
+from medagent.config import DEFAULT_BOT, ChannelConfig
+
+__all__ = ["fetch_remote_channels", "CACHE_FILENAME"]
+
+log = logging.getLogger("medagent.config")
+
+CACHE_FILENAME = "remote-channels.json"
+
+
+class FhirReader(Protocol):
+    async def fetch_json(self, path: str) -> dict[str, Any]: ...
+
+
+async def fetch_remote_channels(reader: FhirReader, agent_id: str, data_dir: Path) -> Sequence[ChannelConfig]:
+    cache = data_dir / CACHE_FILENAME
+    try:
+        entries = await _read_entries(reader, agent_id)
+    except Exception as exc:  # noqa: BLE001 - network, HTTP or shape problems all fall back to the cache
+        if not cache.exists():
+            raise RuntimeError(f"cannot read the channel list from the hub ({exc}) and no cached list exists") from exc
+        log.warning("cannot read the channel list from the hub (%s); using the cached list", exc)
+        entries = json.loads(cache.read_text())
+    else:
+        cache.write_text(json.dumps(entries, indent=2))
+    return [channel for channel in (_channel(e) for e in entries) if channel is not None]
+
+
+async def _read_entries(reader: FhirReader, agent_id: str) -> list[dict[str, str]]:
+    agent = await reader.fetch_json(f"/fhir/R4/Agent/{agent_id}")
+    if agent.get("status", "active") == "off":
+        log.warning("Agent.status is off: no channels are started")
+        return []
+    entries = []
+    for item in agent.get("channel", []):
+        reference = (item.get("endpoint") or {}).get("reference")
+        if not reference:
+            continue
+        endpoint = await reader.fetch_json(f"/fhir/R4/{reference}")
+        if endpoint.get("status", "active") == "off":
+            continue
+        bot = DEFAULT_BOT
+        bot_ref = (item.get("targetReference") or {}).get("reference")
+        entries.append({"name": item.get("name", ""), "address": endpoint.get("address", ""), "bot": bot_ref or bot})
+    return entries
+
+
+def _channel(entry: dict[str, str]) -> ChannelConfig | None:
+    try:
+        endpoint = parse_endpoint(entry["address"])
+        options = mllp_options(endpoint) if endpoint.scheme == "mllp" else None
+    except (EndpointError, KeyError) as exc:
+        log.error("channel %s from the hub is invalid: %s", entry.get("name"), exc)
+        return None
+    return ChannelConfig(name=entry["name"], endpoint=endpoint, bot=entry["bot"], mllp=options)

@@ -1,0 +1,151 @@
+"""`medagent send`: send HL7 messages to an MLLP endpoint and print the ACKs.
+
+Input files hold one or more messages: MLLP-framed (as captured off the wire) or plain text with
+one segment per line (`\\r`, `\\n` or `\\r\\n`), where every `MSH` segment starts a new message.
+`--example` sends a generated ADT^A01 instead. Each message waits for its ACK (matched by MSA-2)
+before the next is sent. Exit status: 0 when every message got AA or CA, 1 when any got
+AE/AR/CE/CR or no ACK, 2 on usage errors (unreadable file, bad URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from medagent.proto import hl7, mllp
+
+__all__ = ["register", "split_messages", "example_message"]
+
+_OK_CODES = {"AA", "CA"}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "send",
+        help="send HL7 messages over MLLP and print the ACKs",
+        description="Send HL7 v2 messages to an MLLP endpoint and print each acknowledgment.",
+    )
+    parser.add_argument("files", nargs="*", type=Path, help="files with HL7 messages ('-' = standard input)")
+    parser.add_argument("--to", required=True, metavar="URL", help="destination, e.g. mllp://127.0.0.1:2575")
+    parser.add_argument("--example", action="store_true", help="send a generated ADT^A01 test message")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each ACK (default 10)")
+    parser.add_argument("--return-ack", choices=["first", "application"], help="which ACK to wait for")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.set_defaults(handler=run_send)
+
+
+def example_message(control_id: str | None = None) -> bytes:
+    """A small ADT^A01 with a fresh control id and timestamp (synthetic data, no real patient)."""
+    now = time.strftime("%Y%m%d%H%M%S")
+    control_id = control_id or f"MEDAGENT{int(time.time() * 1000)}"
+    segments = [
+        f"MSH|^~\\&|MEDAGENT|SENDER|RECEIVER|HOSPITAL|{now}||ADT^A01^ADT_A01|{control_id}|P|2.5.1",
+        f"EVN|A01|{now}",
+        "PID|1||TEST000001^^^MEDAGENT^MR||DOE^JANE^Q||19800101|F|||1 MAIN ST^^SPRINGFIELD^IL^62701",
+        "PV1|1|I|WARD^101^A",
+    ]
+    return ("\r".join(segments) + "\r").encode("ascii")
+
+
+def split_messages(data: bytes) -> list[bytes]:
+    """Messages in a file: MLLP frames if it has any, else text split at each MSH segment."""
+    if mllp.START_BLOCK in data:
+        decoder = mllp.MllpDecoder()
+        return [frame for frame in decoder.feed(data) if frame.strip()]
+    messages: list[list[bytes]] = []
+    for segment in hl7.split_segments(data):
+        if segment.startswith(b"MSH") or not messages:
+            messages.append([])
+        messages[-1].append(segment)
+    return [b"\r".join(segs) + b"\r" for segs in messages if segs and segs[0].startswith(b"MSH")]
+
+
+def _read_inputs(args: argparse.Namespace) -> list[tuple[str, bytes]]:
+    items: list[tuple[str, bytes]] = []
+    if args.example:
+        items.append(("example", example_message()))
+    for path in args.files:
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        found = split_messages(data)
+        if not found:
+            raise ValueError(f"{path}: no HL7 message found (a message starts with an MSH segment)")
+        items.extend((str(path), message) for message in found)
+    if not items:
+        raise ValueError("nothing to send: give files or --example")
+    return items
+
+
+def run_send(args: argparse.Namespace) -> int:
+    try:
+        items = _read_inputs(args)
+    except (OSError, ValueError) as exc:
+        print(f"medagent send: {exc}", file=sys.stderr)
+        return 2
+    results = asyncio.run(_send_all(args, items))
+    if args.json:
+        sys.stdout.write(orjson.dumps({"to": args.to, "results": results}, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for result in results:
+            _print_result(result)
+    if any("usage" in r for r in results):
+        return 2
+    return 0 if all(r.get("ack_code") in _OK_CODES for r in results) else 1
+
+
+async def _send_all(args: argparse.Namespace, items: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    from medagent.channels.endpoint import EndpointError
+    from medagent.channels.mllp_client import MllpClientError, MllpClientPool
+
+    pool = MllpClientPool(max_clients_per_remote=1, keep_alive=True, response_timeout_s=args.timeout,
+                          connect_timeout_s=args.timeout)
+    results: list[dict[str, Any]] = []
+    try:
+        for source, message in items:
+            result: dict[str, Any] = {"source": source, "control_id": _control_id(message)}
+            started = time.perf_counter()
+            try:
+                ack = await pool.send(args.to, message, args.return_ack)
+            except EndpointError as exc:
+                result.update(error=str(exc), usage=True)
+            except (MllpClientError, OSError) as exc:
+                result["error"] = str(exc)
+            else:
+                result.update(_describe_ack(ack), latency_ms=round((time.perf_counter() - started) * 1000, 2))
+            results.append(result)
+    finally:
+        await pool.close()
+    return results
+
+
+def _control_id(message: bytes) -> str:
+    try:
+        return hl7.parse_header(message).control_id
+    except hl7.Hl7Error:
+        return ""
+
+
+def _describe_ack(ack: bytes) -> dict[str, Any]:
+    code, text = "", ""
+    for segment in hl7.split_segments(ack):
+        if segment.startswith(b"MSA"):
+            fields = segment.decode("latin-1").split(segment[3:4].decode("latin-1") or "|")
+            code = fields[1] if len(fields) > 1 else ""
+            text = fields[3] if len(fields) > 3 else ""
+    return {"ack_code": code, "ack_text": text, "ack": ack.decode("utf-8", errors="replace")}
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    head = f"{result['source']}: {result['control_id'] or '(no MSH-10)'}"
+    if "error" in result:
+        print(f"{head} -> no ACK: {result['error']}")
+        return
+    print(f"{head} -> {result['ack_code']} {result['ack_text']}  ({result['latency_ms']} ms)")
+    for segment in result["ack"].replace("\r\n", "\r").split("\r"):
+        if segment:
+            print(f"    {segment}")
