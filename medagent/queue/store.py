@@ -1,0 +1,664 @@
+"""Synchronous SQLite core of the durable inbound queue (no asyncio here).
+
+Theory of operation
+-------------------
+One `QueueStore` owns one sqlite3 connection. It is used from one thread at a time (the
+DurableQueue's writer thread, or an admin command); it does not lock anything itself.
+
+* Journal: WAL, so admin readers never block the writer and the writer never blocks readers.
+  `durability="normal"` runs `synchronous=NORMAL`: a COMMIT is in the WAL file (the OS page cache)
+  when it returns, which survives kill -9 of the process but not a power loss.
+  `durability="fsync"` runs `synchronous=FULL`: each COMMIT is fsynced, which survives power loss.
+* Every write is one explicit `BEGIN IMMEDIATE ... COMMIT`. `insert_batch` inserts a whole group of
+  messages in one transaction (group commit: one WAL append, one fsync in "fsync" mode).
+* Schema: versioned by `PRAGMA user_version`; `MIGRATIONS[i]` takes version i to i+1, each in one
+  transaction, forward only, never dropping data. A database written by newer code raises
+  `SchemaTooNew` rather than being touched.
+* Row ids are `AUTOINCREMENT`: never reused, even after retention deleted the newest rows, so
+  `queue_uuid` + row id names one message for ever (the dispatcher builds websocket callback ids
+  from them, and the hub may de-duplicate on them).
+* De-duplication: (channel, sender, control_id) among non-FAILED rows received within
+  `dedup_window_s` of the new message. Messages without a control id are never duplicates.
+* Lease: one row naming the process that may write (holder, host, pid, expiry). A live lease of
+  another holder makes `acquire_lease` raise `QueueLocked`; a lease whose holder process is dead
+  on this host, or whose expiry passed, is taken over.
+* Retention (`sweep`) deletes CONFIRMED rows older than `retention_days` after they were settled,
+  then the oldest CONFIRMED rows while the live data exceeds `retention_max_mb`, and FAILED rows
+  older than `failed_retention_days`. It never deletes RECEIVED or SENT rows. Deletion goes in
+  chunks of short transactions so the writer is never held for long.
+
+Error contract: `insert_batch` never raises for storage errors (disk full, read-only, locked,
+I/O): it rolls back and returns a `CommitResult` with `error` for every record. The other write
+methods raise `StorageError`; opening raises `QueueError` subclasses with actionable messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from medagent.queue.records import CommitResult, DuplicatePolicy, InboundRecord, QueuedMessage, RowState
+
+__all__ = [
+    "Durability",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "QueueError",
+    "QueueLocked",
+    "SchemaTooNew",
+    "StorageError",
+    "QueueStore",
+    "storage_error_reason",
+]
+
+Durability = Literal["normal", "fsync"]
+_SYNCHRONOUS: dict[str, str] = {"normal": "NORMAL", "fsync": "FULL"}
+_MIB = 1024 * 1024
+_DAY_S = 86400.0
+_T = TypeVar("_T")
+
+
+class QueueError(Exception):
+    """Base class of every queue error."""
+
+
+class QueueLocked(QueueError):
+    """Another live process holds the queue's single-writer lease."""
+
+
+class SchemaTooNew(QueueError):
+    """The database was written by a newer medagent; this version will not touch it."""
+
+
+class StorageError(QueueError):
+    """SQLite failed a write (disk full, read-only file, I/O error, lock timeout)."""
+
+
+# Forward-only migrations: MIGRATIONS[i] takes user_version i to i + 1 in one transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            channel TEXT NOT NULL,
+            remote TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            control_id TEXT NOT NULL,
+            message_type TEXT NOT NULL,
+            content_type TEXT NOT NULL,
+            body BLOB NOT NULL,
+            received_at REAL NOT NULL,
+            state INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            duplicate_of INTEGER,
+            last_error TEXT,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX messages_dedup ON messages (channel, sender, control_id)",
+        # Partial index: only pending rows (RECEIVED, SENT) are in it, so it stays small and
+        # walks pending rows in id (FIFO) order however many settled rows are kept.
+        "CREATE INDEX messages_pending ON messages (id) WHERE state < 2",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE lease (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            holder TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            acquired_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_PENDING_FILTER = f"state < {int(RowState.CONFIRMED)}"
+_INSERT_SQL = (
+    "INSERT INTO messages (channel, remote, sender, control_id, message_type, content_type, body,"
+    " received_at, state, attempts, duplicate_of, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)"
+)
+# Earlier non-FAILED rows with the same (channel, sender, control_id) as any record of a chunk.
+_DEDUP_SQL = (
+    "SELECT m.id, m.channel, m.sender, m.control_id, m.received_at FROM (VALUES {values}) AS k"
+    " JOIN messages AS m ON m.channel = k.column1 AND m.sender = k.column2 AND m.control_id = k.column3"
+    f" WHERE m.state != {int(RowState.FAILED)} AND m.received_at >= ? ORDER BY m.id"
+)
+_LOOKUP_CHUNK = 300  # 3 parameters per record: stays under SQLite's historic 999-parameter limit
+_QUEUED_COLUMNS = (
+    "id, channel, remote, control_id, message_type, body, content_type, received_at, attempts, duplicate_of"
+)
+_INFO_COLUMNS = (
+    "id, channel, remote, sender, control_id, message_type, content_type, length(body), received_at,"
+    " state, attempts, duplicate_of, last_error, updated_at"
+)
+_INFO_KEYS = (
+    "id", "channel", "remote", "sender", "control_id", "message_type", "content_type", "size",
+    "received_at", "state", "attempts", "duplicate_of", "last_error", "updated_at",
+)
+REQUEUE_GENERATION_KEY = "requeue_generation"
+
+
+def storage_error_reason(exc: BaseException) -> str:
+    """Short, PHI-free reason for MSA-3 and logs: "storage error: database or disk is full"."""
+    return f"storage error: {exc}"
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """sqlite errors of a read become StorageError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"queue database {path}: {storage_error_reason(exc)}") from exc
+
+
+def _pid_is_dead(pid: int) -> bool:
+    """True only when we are sure no process `pid` exists on this host (POSIX only)."""
+    if os.name != "posix" or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class QueueStore:
+    """The queue database: schema, group inserts, state changes, lease, stats and retention."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "normal",
+        dedup_window_s: float = 3600.0,
+        max_db_mb: float | None = None,
+        busy_timeout_s: float = 5.0,
+        create: bool = True,
+    ) -> None:
+        if durability not in _SYNCHRONOUS:
+            raise ValueError(f"durability must be 'normal' or 'fsync', not {durability!r}")
+        self.path = Path(path)
+        self.durability: Durability = durability
+        self.dedup_window_s = float(dedup_window_s)
+        if not create and not self.path.exists():
+            raise QueueError(f"no queue database at {self.path} (has the agent run with this data_dir?)")
+        try:
+            self._conn = sqlite3.connect(
+                str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
+        try:
+            self._configure(durability, max_db_mb)
+            self._migrate()
+            self.queue_uuid = self._ensure_queue_uuid()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+        self._cursor = self._conn.cursor()
+
+    # ----------------------------------------------------------------- opening and schema
+
+    def _configure(self, durability: Durability, max_db_mb: float | None) -> None:
+        conn = self._conn
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise QueueError(
+                f"queue database {self.path} cannot use WAL journaling (got {mode!r}); "
+                "put data_dir on a local filesystem"
+            )
+        conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        if max_db_mb is not None:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            max_pages = max(1, math.ceil(max_db_mb * _MIB / page_size))
+            conn.execute(f"PRAGMA max_page_count = {int(max_pages)}")
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        self._check_not_too_new(version)
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # re-read under the lock
+            self._check_not_too_new(version)
+            for target, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback_quietly()
+            raise
+
+    def _check_not_too_new(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"queue database {self.path} has schema version {version}, but this medagent "
+                f"understands up to {SCHEMA_VERSION}; upgrade medagent or point data_dir elsewhere"
+            )
+
+    def _ensure_queue_uuid(self) -> str:
+        def create(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('queue_uuid', ?)", (uuid.uuid4().hex,))
+            return str(conn.execute("SELECT value FROM meta WHERE key = 'queue_uuid'").fetchone()[0])
+
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'queue_uuid'").fetchone()
+        return str(row[0]) if row else self._write(create)
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the connection (idempotent). Uncommitted work is rolled back."""
+        self._conn.close()
+
+    # ----------------------------------------------------------------- transactions
+
+    def _rollback_quietly(self) -> None:
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `work` in one BEGIN IMMEDIATE transaction; sqlite errors become StorageError."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = work(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise StorageError(f"queue database {self.path}: {storage_error_reason(exc)}") from exc
+        except BaseException:
+            self._rollback_quietly()
+            raise
+        return result
+
+    # ----------------------------------------------------------------- intake (hot path)
+
+    def insert_batch(
+        self, records: Sequence[InboundRecord], dedup: Sequence[DuplicatePolicy]
+    ) -> list[CommitResult]:
+        """Insert `records` in one transaction, applying each one's duplicate policy.
+
+        Never raises for storage errors: on any sqlite error the transaction is rolled back and
+        every result carries `error`.
+        """
+        if len(records) != len(dedup):
+            raise ValueError("insert_batch needs one DuplicatePolicy per record")
+        if not records:
+            return []
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = self._insert_rows(records, dedup, time.time())
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            failed = CommitResult(None, None, storage_error_reason(exc))
+            return [failed] * len(records)
+        return results
+
+    def _insert_rows(
+        self, records: Sequence[InboundRecord], dedup: Sequence[DuplicatePolicy], now: float
+    ) -> list[CommitResult]:
+        """Resolve duplicates (one lookup query per chunk, in-batch repeats in Python), then insert
+        every kept record with one executemany. Ids are predicted from the AUTOINCREMENT sequence
+        (we hold the write lock, so they are consecutive) and checked after the insert."""
+        off, drop = DuplicatePolicy.OFF, DuplicatePolicy.DROP
+        checks_duplicates = any(policy is not off for policy in dedup)
+        earlier = self._earlier_rows(records) if checks_duplicates else {}
+        window = self.dedup_window_s
+        next_id = self._last_assigned_id()
+        rows: list[tuple[Any, ...]] = []
+        results: list[CommitResult] = []
+        for record, policy in zip(records, dedup):
+            duplicate_of: int | None = None
+            key = (record.channel, record.sender, record.control_id)
+            if policy is not off and record.control_id:
+                cutoff = record.received_at - window
+                for row_id, received_at in earlier.get(key, ()):
+                    if received_at >= cutoff:
+                        duplicate_of = row_id
+                        break
+                if duplicate_of is not None and policy is drop:
+                    results.append(CommitResult(None, duplicate_of))
+                    continue
+            next_id += 1
+            rows.append((
+                record.channel, record.remote, record.sender, record.control_id, record.message_type,
+                record.content_type, record.body, record.received_at, duplicate_of, now,
+            ))
+            results.append(CommitResult(next_id, duplicate_of))
+            if checks_duplicates and record.control_id:
+                earlier.setdefault(key, []).append((next_id, record.received_at))
+        if rows:
+            self._cursor.executemany(_INSERT_SQL, rows)
+            if self._last_assigned_id() != next_id:
+                raise sqlite3.DatabaseError("row ids out of sequence (was sqlite_sequence edited by hand?)")
+        return results
+
+    def _last_assigned_id(self) -> int:
+        row = self._cursor.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _earlier_rows(self, records: Sequence[InboundRecord]) -> dict[tuple[str, str, str], list[tuple[int, float]]]:
+        """(channel, sender, control_id) -> [(id, received_at), ...] of non-FAILED rows that could
+        be inside the window of some record, in id order; one query per _LOOKUP_CHUNK records."""
+        found: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+        seen: set[int] = set()
+        oldest = min(record.received_at for record in records) - self.dedup_window_s
+        keyed = [r for r in records if r.control_id]
+        for start in range(0, len(keyed), _LOOKUP_CHUNK):
+            chunk = keyed[start : start + _LOOKUP_CHUNK]
+            params: list[Any] = []
+            for record in chunk:
+                params += (record.channel, record.sender, record.control_id)
+            params.append(oldest)
+            sql = _DEDUP_SQL.format(values=",".join(["(?, ?, ?)"] * len(chunk)))
+            for row_id, channel, sender, control_id, received_at in self._cursor.execute(sql, params):
+                if row_id not in seen:  # a key asked twice matches twice
+                    seen.add(row_id)
+                    found.setdefault((channel, sender, control_id), []).append((row_id, received_at))
+        return found
+
+    # ----------------------------------------------------------------- delivery side
+
+    def load_pending(self, after_id: int, limit: int, *, up_to_id: int | None = None) -> list[QueuedMessage]:
+        """Up to `limit` RECEIVED/SENT rows with after_id < id (<= up_to_id), in id order."""
+        sql = f"SELECT {_QUEUED_COLUMNS} FROM messages WHERE {_PENDING_FILTER} AND id > ?"
+        params: tuple[int, ...] = (after_id,)
+        if up_to_id is not None:
+            sql += " AND id <= ?"
+            params += (up_to_id,)
+        with _reading(self.path):
+            rows = self._conn.execute(sql + " ORDER BY id LIMIT ?", params + (limit,)).fetchall()
+        return [QueuedMessage(*row) for row in rows]
+
+    def _set_state(self, ids: Iterable[int], state: RowState, only_from: str) -> int:
+        now = time.time()
+        sql = f"UPDATE messages SET state = {int(state)}, updated_at = ? WHERE id = ? AND {only_from}"
+        params = [(now, row_id) for row_id in ids]
+        if not params:
+            return 0
+        return self._write(lambda conn: conn.executemany(sql, params).rowcount)
+
+    def mark_sent(self, ids: Iterable[int]) -> int:
+        """RECEIVED -> SENT (possibly delivered). Returns rows changed."""
+        return self._set_state(ids, RowState.SENT, f"state = {int(RowState.RECEIVED)}")
+
+    def mark_confirmed(self, ids: Iterable[int]) -> int:
+        """Any state -> CONFIRMED: the hub has the message. Returns rows changed."""
+        return self._set_state(ids, RowState.CONFIRMED, f"state != {int(RowState.CONFIRMED)}")
+
+    def requeue(self, ids: Iterable[int]) -> int:
+        """SENT -> RECEIVED (attempts kept). Returns rows changed."""
+        return self._set_state(ids, RowState.RECEIVED, f"state = {int(RowState.SENT)}")
+
+    def requeue_sent(self) -> int:
+        """Every SENT row back to RECEIVED: they were in flight when the last process stopped."""
+        sql = f"UPDATE messages SET state = {int(RowState.RECEIVED)}, updated_at = ? WHERE state = {int(RowState.SENT)}"
+        return self._write(lambda conn: conn.execute(sql, (time.time(),)).rowcount)
+
+    def mark_failed(self, row_id: int, reason: str) -> int:
+        """A pending row -> FAILED with `reason` (no PHI). Returns rows changed (0 or 1)."""
+        sql = (
+            f"UPDATE messages SET state = {int(RowState.FAILED)}, last_error = ?, updated_at = ?"
+            f" WHERE id = ? AND {_PENDING_FILTER}"
+        )
+        return self._write(lambda conn: conn.execute(sql, (reason, time.time(), row_id)).rowcount)
+
+    def increment_attempts(self, ids: Iterable[int]) -> int:
+        """attempts + 1 for each id (an id listed twice counts twice). Returns rows changed."""
+        params = [(row_id,) for row_id in ids]
+        if not params:
+            return 0
+        sql = "UPDATE messages SET attempts = attempts + 1 WHERE id = ?"
+        return self._write(lambda conn: conn.executemany(sql, params).rowcount)
+
+    # ----------------------------------------------------------------- operator actions
+
+    def first_pending_id(self) -> int | None:
+        """Smallest id of a RECEIVED/SENT row, or None."""
+        with _reading(self.path):
+            return self._conn.execute(f"SELECT min(id) FROM messages WHERE {_PENDING_FILTER}").fetchone()[0]
+
+    def list_failed(self, limit: int = 100) -> list[dict[str, Any]]:
+        """FAILED rows, oldest first, without bodies (`size` is the body length)."""
+        sql = f"SELECT {_INFO_COLUMNS} FROM messages WHERE state = {int(RowState.FAILED)} ORDER BY id LIMIT ?"
+        with _reading(self.path):
+            return [self._row_info(row) for row in self._conn.execute(sql, (limit,))]
+
+    @staticmethod
+    def _row_info(row: Sequence[Any]) -> dict[str, Any]:
+        info = dict(zip(_INFO_KEYS, row))
+        info["state"] = RowState(info["state"]).name.lower()
+        return info
+
+    def retry_failed(self, ids: Sequence[int] | None = None) -> int:
+        """FAILED -> RECEIVED (all, or the given ids); bumps the requeue generation so a running
+        DurableQueue reloads them. Returns rows changed."""
+        base = f"UPDATE messages SET state = {int(RowState.RECEIVED)}, updated_at = ? WHERE state = {int(RowState.FAILED)}"
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> int:
+            if ids is None:
+                changed = conn.execute(base, (now,)).rowcount
+            else:
+                changed = conn.executemany(base + " AND id = ?", [(now, i) for i in ids]).rowcount
+            if changed:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
+                    " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                    (REQUEUE_GENERATION_KEY,),
+                )
+            return changed
+
+        return self._write(work)
+
+    def requeue_generation(self) -> int:
+        """Counter bumped whenever rows are put back to RECEIVED behind a running queue's back."""
+        with _reading(self.path):
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (REQUEUE_GENERATION_KEY,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def purge(self, states: Iterable[RowState], older_than_s: float | None = None) -> int:
+        """Delete rows in `states` (settled ones only: CONFIRMED, FAILED) last changed more than
+        `older_than_s` ago (all when None). Returns rows deleted."""
+        wanted = sorted({RowState(s) for s in states})
+        pending = [s.name.lower() for s in wanted if s in (RowState.RECEIVED, RowState.SENT)]
+        if pending:
+            raise QueueError(
+                f"refusing to purge {'/'.join(pending)} rows: they are not delivered yet; "
+                "only 'confirmed' and 'failed' rows can be purged"
+            )
+        cutoff = math.inf if older_than_s is None else time.time() - older_than_s
+        with _reading(self.path):
+            return sum(self._delete_settled(state, cutoff) for state in wanted)
+
+    # ----------------------------------------------------------------- retention
+
+    def sweep(
+        self,
+        retention_days: float,
+        retention_max_mb: float,
+        failed_retention_days: float,
+        *,
+        chunk_rows: int = 5000,
+        max_rows: int | None = None,
+    ) -> int:
+        """Apply retention (see module docstring). Returns rows deleted.
+
+        With `max_rows`, stop once about that many rows were deleted (call again while it
+        returns >= max_rows), so a caller can interleave other writes with a long sweep.
+        """
+        now = time.time()
+        budget = math.inf if max_rows is None else float(max_rows)
+        with _reading(self.path):
+            deleted = self._delete_settled(RowState.CONFIRMED, now - retention_days * _DAY_S, chunk_rows, budget)
+            if deleted < budget:
+                deleted += self._trim_to_size(retention_max_mb * _MIB, chunk_rows, budget - deleted)
+            if deleted < budget:
+                deleted += self._delete_settled(
+                    RowState.FAILED, now - failed_retention_days * _DAY_S, chunk_rows, budget - deleted
+                )
+        return deleted
+
+    def _delete_settled(
+        self, state: RowState, updated_before: float, chunk_rows: int = 5000, budget: float = math.inf
+    ) -> int:
+        """Delete `state` rows with updated_at < updated_before, one id-ordered chunk per
+        transaction, walking the table once; stops after about `budget` rows."""
+        select = (
+            f"SELECT id FROM messages WHERE id > ? AND state = {int(state)} AND updated_at < ?"
+            " ORDER BY id LIMIT ?"
+        )
+        cursor_id, deleted = 0, 0
+        while deleted < budget:
+            limit = int(min(chunk_rows, budget - deleted))
+            ids = [r[0] for r in self._conn.execute(select, (cursor_id, updated_before, limit))]
+            if ids:
+                deleted += self._delete_ids(ids, state)
+                cursor_id = ids[-1]
+            if len(ids) < limit:
+                break
+        return deleted
+
+    def _delete_ids(self, ids: Sequence[int], state: RowState) -> int:
+        sql = f"DELETE FROM messages WHERE id = ? AND state = {int(state)}"
+        return self._write(lambda conn: conn.executemany(sql, [(i,) for i in ids]).rowcount)
+
+    def used_bytes(self) -> int:
+        """Bytes of live data in the database (pages in use, excluding the free list)."""
+        conn = self._conn
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages * page_size)
+
+    def _trim_to_size(self, max_bytes: float, chunk_rows: int, budget: float = math.inf) -> int:
+        """Delete the oldest CONFIRMED rows while the live data exceeds max_bytes."""
+        confirmed = int(RowState.CONFIRMED)
+        sample = (
+            "SELECT avg(length(body)) FROM (SELECT body FROM messages"
+            f" WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT 64)"
+        )
+        select = f"SELECT id FROM messages WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT ?"
+        cursor_id, deleted = 0, 0
+        excess = self.used_bytes() - max_bytes
+        while excess > 0 and deleted < budget:
+            average_body = self._conn.execute(sample, (cursor_id,)).fetchone()[0]
+            if average_body is None:  # no CONFIRMED rows left: pending rows are never trimmed
+                break
+            estimate = math.ceil(excess / (float(average_body) + 200.0))  # + row and index overhead
+            limit = int(max(1, min(chunk_rows, estimate, budget - deleted)))
+            ids = [r[0] for r in self._conn.execute(select, (cursor_id, limit))]
+            if not ids:
+                break
+            deleted += self._delete_ids(ids, RowState.CONFIRMED)
+            cursor_id = ids[-1]
+            excess = self.used_bytes() - max_bytes
+        return deleted
+
+    # ----------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by state, per-channel pending depth and oldest pending age, sizes, queue_uuid.
+
+        Counting by state reads the whole table: call it from admin commands and timers, not
+        per message.
+        """
+        with _reading(self.path):
+            return self._collect_stats()
+
+    def _collect_stats(self) -> dict[str, Any]:
+        conn = self._conn
+        now = time.time()
+        by_state = {state.name.lower(): 0 for state in RowState}
+        for state, count in conn.execute("SELECT state, count(*) FROM messages GROUP BY state"):
+            by_state[RowState(state).name.lower()] = count
+        channels = {
+            channel: {"pending": count, "oldest_pending_age_s": max(0.0, now - oldest)}
+            for channel, count, oldest in conn.execute(
+                f"SELECT channel, count(*), min(received_at) FROM messages WHERE {_PENDING_FILTER} GROUP BY channel"
+            )
+        }
+        return {
+            "queue_uuid": self.queue_uuid,
+            "path": str(self.path),
+            "schema_version": self.schema_version,
+            "durability": self.durability,
+            "states": by_state,
+            "pending": by_state["received"] + by_state["sent"],
+            "channels": channels,
+            "db_size_bytes": self._file_bytes(),
+            "db_used_bytes": self.used_bytes(),
+        }
+
+    def _file_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(str(self.path) + suffix).st_size
+            except OSError:
+                pass
+        return total
+
+    # ----------------------------------------------------------------- single-writer lease
+
+    def acquire_lease(self, holder: str, ttl_s: float) -> None:
+        """Take (or extend) the single-writer lease for `ttl_s` seconds.
+
+        Raises QueueLocked when another holder's lease is live: not expired, and not left behind
+        by a process that no longer exists on this host.
+        """
+        host = socket.gethostname()
+
+        def work(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            row = conn.execute("SELECT holder, host, pid, expires_at FROM lease WHERE id = 1").fetchone()
+            if row is not None and row[0] != holder:
+                other_holder, other_host, other_pid, expires_at = row
+                abandoned = other_host == host and _pid_is_dead(other_pid)
+                if expires_at > now and not abandoned:
+                    raise QueueLocked(
+                        f"queue database {self.path} is in use by {other_holder!r} (pid {other_pid} on "
+                        f"{other_host}); stop that process, or wait {expires_at - now:.0f} s for its "
+                        "lease to expire if it has died"
+                    )
+            conn.execute(
+                "INSERT OR REPLACE INTO lease (id, holder, host, pid, acquired_at, expires_at)"
+                " VALUES (1, ?, ?, ?, ?, ?)",
+                (holder, host, os.getpid(), now, now + ttl_s),
+            )
+
+        self._write(work)
+
+    def renew_lease(self, holder: str, ttl_s: float) -> None:
+        """Extend our lease; raises QueueLocked if another holder took it meanwhile."""
+        self.acquire_lease(holder, ttl_s)
+
+    def release_lease(self, holder: str) -> None:
+        """Give the lease up (only if `holder` holds it)."""
+        self._write(lambda conn: conn.execute("DELETE FROM lease WHERE id = 1 AND holder = ?", (holder,)))
+
+    def lease_info(self) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT holder, host, pid, acquired_at, expires_at FROM lease WHERE id = 1").fetchone()
+        return dict(zip(("holder", "host", "pid", "acquired_at", "expires_at"), row)) if row else None
