@@ -94,6 +94,7 @@ JSON_NAMES: dict[str, str] = {
     "content_type": "contentType",
     "status_code": "statusCode",
     "return_ack": "returnAck",
+    "duplicate_of": "duplicateOf",
 }
 
 

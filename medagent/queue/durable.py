@@ -393,6 +393,11 @@ class DurableQueue:
         except Exception:
             logger.exception("queue on_commit callback failed (row %s)", result.row_id)
 
+    @property
+    def uncommitted(self) -> int:
+        """Records submitted but not yet in a flush: the runtime pauses sockets when this grows."""
+        return len(self._records)
+
     def _pending_updates(self) -> int:
         return len(self._confirms) + len(self._failures) + len(self._attempts)
 

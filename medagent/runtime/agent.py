@@ -248,6 +248,10 @@ class AgentRuntime:
         if self.dispatcher is not None:
             self.dispatcher.on_confirmed(callbacks)
 
+    def on_transmit_error(self, callback: str, reason: str) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.on_error(callback, reason)
+
     def on_transmit_response(self, message: TransmitResponse) -> None:
         if self.dispatcher is not None:
             self.dispatcher.on_transmit_response(message)
