@@ -5,7 +5,8 @@
   without that variable is a failure, caught by tests/test_compat.py.
 * Every async test runs on both the stock asyncio loop and uvloop (where installed), through
   pytest-asyncio's loop-factory hook. MEDAGENT_TEST_LOOPS=asyncio (or uvloop) narrows the set.
-* `pick(module, "MllpDecoder", impl)` returns `module.MllpDecoderPy` or `module.MllpDecoderC`.
+* Helpers that tests import (`pick`, `DATA_DIR`) live in tests/testsupport.py: several conftest.py
+  files exist, so `from conftest import ...` would resolve to whichever one loaded first.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testsupport import DATA_DIR
 
 from medagent import _compat
-
-DATA_DIR = Path(__file__).parent / "data"
 
 
 def _loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
@@ -46,14 +46,6 @@ def impl(request: pytest.FixtureRequest) -> str:
     if request.param == "c" and _compat.NO_EXTENSIONS:
         pytest.skip("pure mode (MEDAGENT_NO_EXTENSIONS) in force")
     return request.param
-
-
-def pick(module: Any, name: str, impl: str) -> Any:
-    """The Py or C twin of `name` exported by a selector module."""
-    obj = getattr(module, name + ("Py" if impl == "py" else "C"), None)
-    if obj is None:
-        pytest.fail(f"{module.__name__}.{name}C is missing although extensions are expected")
-    return obj
 
 
 @pytest.fixture

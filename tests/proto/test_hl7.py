@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import DATA_DIR, pick
+from testsupport import DATA_DIR, pick
 
 from medagent.proto import _hl7_py, hl7
 from medagent.proto.hl7 import Hl7Error

@@ -6,7 +6,7 @@ import pickle
 from typing import Any
 
 import pytest
-from conftest import pick
+from testsupport import pick
 
 from medagent import _compat
 from medagent.proto import mllp

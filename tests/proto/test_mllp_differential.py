@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import pick
+from testsupport import pick
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

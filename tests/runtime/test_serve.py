@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import MllpClient, ack_fields, channel_toml, hl7_message, _child_env
+from serve_harness import MllpClient, child_env, ack_fields, channel_toml, hl7_message
 
 
 def test_fast_mode_ack_and_message_reaches_hub(serve_factory) -> None:
@@ -33,7 +33,7 @@ def test_send_command_prints_the_ack(serve_factory) -> None:
     serve = serve_factory(channel_toml("adt-in", "enhanced=aa"))
     out = subprocess.run(
         [sys.executable, "-m", "medagent", "send", "--to", f"mllp://127.0.0.1:{serve.port}", "--example", "--json"],
-        capture_output=True, text=True, timeout=60, env=_child_env(),
+        capture_output=True, text=True, timeout=60, env=child_env(),
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)["results"][0]
@@ -230,6 +230,6 @@ def test_config_errors_name_the_key_and_exit_2(tmp_path, toml, expected) -> None
     config = tmp_path / "bad.toml"
     config.write_text(toml)
     out = subprocess.run([sys.executable, "-m", "medagent", "serve", "--config", str(config)],
-                         capture_output=True, text=True, timeout=60, env=_child_env())
+                         capture_output=True, text=True, timeout=60, env=child_env())
     assert out.returncode == 2
     assert expected in out.stderr and str(config) in out.stderr

@@ -1,0 +1,84 @@
+"""`medagent hub ...` through medagent.hub.cli.main (and once as a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medagent.hub.cli import main
+from medagent.hub.store import HubStore
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        status = main(["hub", *argv])
+    except SystemExit as exc:  # argparse usage errors
+        status = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_add_agent_json_prints_one_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run_cli(capsys, "add-agent", "lab", "--json", "--data-dir", str(tmp_path))
+    assert status == 0
+    credentials = json.loads(out)
+    assert set(credentials) == {"agent_id", "client_id", "client_secret"}
+    store = HubStore(tmp_path)
+    assert store.get_agent(credentials["agent_id"]).name == "lab"
+    store.close()
+
+    status, _, err = run_cli(capsys, "--data-dir", str(tmp_path), "add-agent", "lab")
+    assert status == 1 and "already exists" in err
+
+
+def test_channels_listing_and_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    run_cli(capsys, "add-agent", "lab", *data)
+    status, out, _ = run_cli(capsys, "add-channel", "lab", "adt", "mllp://0.0.0.0:2575", "--json", *data)
+    assert status == 0 and json.loads(out)["address"] == "mllp://0.0.0.0:2575"
+    status, _, err = run_cli(capsys, "add-channel", "lab", "web", "http://x", *data)
+    assert status == 2 and "scheme" in err
+    status, _, err = run_cli(capsys, "add-channel", "nobody", "adt", "mllp://0.0.0.0:1", *data)
+    assert status == 1 and "no agent" in err
+    status, out, _ = run_cli(capsys, "list-agents", "--json", *data)
+    [agent] = json.loads(out)["agents"]
+    assert agent["name"] == "lab" and [c["name"] for c in agent["channels"]] == ["adt"]
+    status, out, _ = run_cli(capsys, "messages", "--agent", "lab", "--json", *data)
+    assert status == 0 and json.loads(out) == {"messages": [], "next": None}
+    status, _, err = run_cli(capsys, "messages", "--since", "soon", *data)
+    assert status == 2 and "--since" in err
+
+
+def test_usage_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, _ = run_cli(capsys, "add-agent")
+    assert status == 2
+    status, _, err = run_cli(capsys, "serve", "--data-dir", str(tmp_path), "--tls-cert", str(tmp_path / "missing.pem"))
+    assert status == 2 and "tls" in err.lower()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery to a child differs on Windows")
+def test_serve_prints_where_it_is_and_stops_on_sigint(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medagent.hub.cli", "hub", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(4)]
+        assert lines[0].startswith("medagent hub listening on http://127.0.0.1:")
+        assert str(tmp_path / "admin-token") in lines[3]
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=15)
+        assert process.returncode == 0, err
+        assert "stopped" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
