@@ -608,3 +608,10 @@ async def test_stop_writes_outstanding_acks_then_closes(connect, queue: DurableQ
     assert [msa(a)[1] for a in await client.acks(5)] == [f"Y{i}" for i in range(5)]
     assert await client.closed_by_peer()
     assert channel.stats()["connections_open"] == 0
+
+
+async def test_throttled_oversize_reject_keeps_its_place(start: Harness, connect) -> None:
+    channel, _ = await start("ackMode=immediate&messagesPerMin=6000&maxFrameSize=2000")
+    client = await connect(channel)
+    await client.send(msg("A1"), msg("BIG", trailer="X" * 5000), msg("A2"))
+    assert [msa(a)[:2] for a in await client.acks(3)] == [("AA", "A1"), ("AR", "BIG"), ("AA", "A2")]
