@@ -80,7 +80,6 @@ class EmbeddedHub:
 
     async def start(self) -> HubCredentials:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        credentials = await asyncio.to_thread(self._provision)
         if self.port == 0:
             self.port = _free_port(self.host)
         elif _port_in_use(self.host, self.port):
@@ -88,6 +87,7 @@ class EmbeddedHub:
                 f"the embedded hub's port {self.host}:{self.port} is already in use "
                 f"(another medagent?); choose another with --hub-port or [hub] port"
             )
+        credentials = await asyncio.to_thread(self._provision)  # needs the final port for base_url
         await self._spawn()
         await self._wait_healthy()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="medagent-hub-watch")
@@ -167,7 +167,8 @@ class EmbeddedHub:
             env["MEDAGENT_HUB_ADMIN_TOKEN"] = self._config.hub.admin_token
         with open(self.log_path, "ab") as log_file:
             self._process = await asyncio.create_subprocess_exec(
-                *self._command(), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env
+                *self._command(), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
 
     async def _wait_healthy(self) -> None:
@@ -213,6 +214,15 @@ class EmbeddedHub:
         except OSError:
             return "(no hub log)"
         return "\n".join("  " + line for line in text[-lines:])
+
+
+def _die_with_parent() -> None:
+    """Linux: the hub gets SIGTERM when the agent dies, even by kill -9, so no orphan keeps the port."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -104,10 +104,12 @@ class ServeProcess:
         return document["messages"] if isinstance(document, dict) else document
 
     def wait_for_hub_messages(self, count: int, timeout: float = 30.0) -> list[dict]:
+        """All stored messages once `count` distinct originals (not flagged resends) are there."""
         deadline = time.monotonic() + timeout
         while True:
             messages = self.hub_messages()
-            if len(messages) >= count or time.monotonic() > deadline:
+            originals = [m for m in messages if not m.get("duplicate")]
+            if len(originals) >= count or time.monotonic() > deadline:
                 return messages
             time.sleep(0.2)
 

@@ -149,20 +149,19 @@ def test_hub_loss_mid_load_delivers_everything_once(serve_factory) -> None:
     serve = serve_factory(channel_toml("adt-in", "ackMode=fast"))
     client = MllpClient(serve.port)
     sent = []
-    hub_pid = int((serve.hub_dir / "hub.pid").read_text()) if (serve.hub_dir / "hub.pid").exists() else None
     for n in range(400):
         control_id = f"L{n:04d}"
         assert ack_fields(client.roundtrip(hl7_message(control_id)))[0] == "AA"
         sent.append(control_id)
         if n == 150:
-            _kill_hub_child(serve, hub_pid)
+            _kill_hub_child(serve)
     client.close()
     messages = serve.wait_for_hub_messages(len(sent), timeout=90)
     delivered = [m["control_id"] for m in messages if not m.get("duplicate")]
     assert sorted(delivered) == sorted(sent)  # each exactly once; resends are flagged duplicates
 
 
-def _kill_hub_child(serve, hub_pid) -> None:
+def _kill_hub_child(serve) -> None:
     out = subprocess.run(["pgrep", "-f", f"medagent hub serve --data-dir {serve.hub_dir}"], capture_output=True, text=True)
     pids = [int(p) for p in out.stdout.split()] or ([hub_pid] if hub_pid else [])
     assert pids, "hub child not found"
