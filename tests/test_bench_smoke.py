@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -193,6 +194,14 @@ async def test_server_closing_connections_counts_disconnects(echo_server) -> Non
     assert result.disconnects == 2 and result.messages == 0
 
 
+async def test_silent_server_leaves_unanswered_messages_counted_as_errors(echo_server) -> None:
+    server = await echo_server(lambda message: [])
+    silent = LoadSpec("127.0.0.1", server.port, 2, 0.3, warmup_s=0.0, ack_timeout_s=60.0)
+    result = await run_senders(silent)
+    assert result.unanswered == 2 and result.messages == 0 and result.timeouts == 0
+    assert LoadResult.merge([result]).errors == 2
+
+
 async def test_no_listener_is_a_clear_load_error() -> None:
     with pytest.raises(LoadError, match="cannot connect"):
         await run_senders(spec(1, conns=1))  # port 1 on loopback: nothing listens
@@ -304,3 +313,24 @@ def test_worker_result_round_trips() -> None:
     result.histogram.record(1234)
     again = WorkerResult.from_dict(result.to_dict())
     assert again.to_dict() == result.to_dict()
+
+
+def test_system_that_dies_at_startup_is_reported_with_its_output(tmp_path) -> None:
+    from medagent.bench import harness
+
+    command = [sys.executable, "-c", "import sys; print('config says no'); sys.exit(3)"]
+    with pytest.raises(harness.SystemStartError, match="(?s)status 3.*config says no"):
+        with harness._started(command, harness.free_port(), tmp_path, dict(os.environ), 20.0, "the test server"):
+            pass
+
+
+def test_started_system_is_stopped_on_exit(tmp_path) -> None:
+    from medagent.bench import harness
+
+    port = harness.free_port()
+    listener = (f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
+                "time.sleep(60)")
+    with harness._started([sys.executable, "-c", listener], port, tmp_path, dict(os.environ), 20.0,
+                          "the test server") as process:
+        assert process.poll() is None
+    assert process.poll() is not None
