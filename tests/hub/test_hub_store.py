@@ -110,3 +110,27 @@ def test_resources_upsert_by_identifier(store: HubStore) -> None:
     assert [r.id for r in store.find_resources("Patient", "sys|1")] == [first.id]
     with pytest.raises(NotFound):
         store.get_resource("Patient", "nope")
+
+
+def test_channel_update_remove_and_secret_reset(store: HubStore) -> None:
+    from medagent.hub.auth import verify_secret
+    from medagent.hub.records import ChannelStatus
+
+    credentials = store.add_agent("lab")
+    channel = store.add_channel(credentials.agent_id, "adt", "mllp://0.0.0.0:2575")
+    updated = store.update_channel(channel.id, address="mllp://0.0.0.0:2600", bot="hubtest_bots:silent")
+    assert store.get_channel(channel.id) == updated
+    assert updated.address == "mllp://0.0.0.0:2600" and store.get_bot(updated.bot_id).callable == "hubtest_bots:silent"
+    assert store.update_channel(channel.id, status=ChannelStatus.OFF).status is ChannelStatus.OFF
+    with pytest.raises(InvalidValue):
+        store.update_channel(channel.id, address="ftp://x")
+    store.remove_channel(channel.id)
+    assert store.list_channels(credentials.agent_id) == []
+    with pytest.raises(NotFound):
+        store.remove_channel(channel.id)
+
+    renewed = store.reset_client_secret(credentials.agent_id)
+    assert (renewed.agent_id, renewed.client_id) == (credentials.agent_id, credentials.client_id)
+    found = store.client_secret_hash(credentials.client_id)
+    assert found is not None
+    assert verify_secret(renewed.client_secret, found[1]) and not verify_secret(credentials.client_secret, found[1])

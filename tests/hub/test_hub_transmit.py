@@ -108,7 +108,7 @@ async def test_duplicate_of_replays_the_original_reply(hub: HubServer, agent: Ag
     await client.send(transmit("counting", adt("ORIG"), "orig-1"))
     original = await client.recv_type("agent:transmit:response")
     await client.send({"type": "agent:batch", "seq": 1,
-                       "messages": [transmit("counting", adt("ORIG"), "copy-1", duplicate_of="orig-1")]})
+                       "messages": [transmit("counting", adt("ORIG"), "copy-1", duplicateOf="orig-1")]})
     [copy] = await client.responses(1)
     assert copy["callback"] == "copy-1"
     assert copy["body"] == original["body"]

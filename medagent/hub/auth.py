@@ -1,0 +1,167 @@
+"""Credentials and tokens of the hub: client secrets, agent access tokens, the admin token.
+
+Theory of operation
+-------------------
+* An agent authenticates with OAuth2 client credentials (RFC 6749 §4.4). Its ``client_secret``
+  is 32 random bytes (URL-safe base64), shown once; the store keeps only
+  ``scrypt$n$r$p$<salt>$<hash>`` (:func:`hash_secret`), compared in constant time.
+* An access token is a compact JWS (RFC 7515) signed with HMAC-SHA256 (``alg: HS256``), whose
+  payload holds ``sub`` (the agent id), ``iat`` and ``exp`` (epoch seconds). Validation
+  (:meth:`TokenSigner.verify`) checks signature and expiry only, so it never touches the
+  database. The signing key is 32 random bytes generated on first start and kept in
+  ``<data_dir>/hub-signing-key`` with mode 0600; deleting that file revokes every token.
+* The operator API takes ``Authorization: Bearer <admin token>``; the admin token is generated on
+  first start into ``<data_dir>/admin-token`` (0600) unless the settings give one.
+
+Invariants: no secret or token is ever logged; every comparison of secret material uses
+:func:`hmac.compare_digest`; key files are created with mode 0600 atomically (O_EXCL), so a
+half-written key is never read.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+__all__ = [
+    "AuthError",
+    "AccessToken",
+    "TokenSigner",
+    "hash_secret",
+    "verify_secret",
+    "new_client_secret",
+    "load_or_create_secret_file",
+    "bearer_token",
+    "SIGNING_KEY_FILE",
+    "ADMIN_TOKEN_FILE",
+]
+
+SIGNING_KEY_FILE = "hub-signing-key"
+ADMIN_TOKEN_FILE = "admin-token"
+
+_SCRYPT_N = 2**14
+_SCRYPT_R = 8
+_SCRYPT_P = 1
+_JWT_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+
+
+class AuthError(ValueError):
+    """A token or credential that does not authenticate; the message says why (never the secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A verified agent access token."""
+
+    agent_id: str
+    issued_at: int
+    expires_at: int
+
+
+def new_client_secret() -> str:
+    """A fresh client secret: 256 random bits, URL-safe text."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """Salted scrypt hash of ``secret`` in a self-describing text form."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    """True when ``secret`` matches the :func:`hash_secret` output ``stored``."""
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = _unb64(digest)
+        actual = hashlib.scrypt(
+            secret.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p), dklen=len(expected)
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+class TokenSigner:
+    """Issues and verifies HS256 access tokens for agents."""
+
+    def __init__(self, key: bytes, ttl_s: int) -> None:
+        if len(key) < 32:
+            raise ValueError("the token signing key must be at least 32 bytes")
+        self._key = key
+        self.ttl_s = ttl_s
+
+    def issue(self, agent_id: str, now: float | None = None) -> str:
+        issued = int(time.time() if now is None else now)
+        payload = orjson.dumps({"sub": agent_id, "iat": issued, "exp": issued + self.ttl_s})
+        signing_input = _JWT_HEADER + b"." + _b64(payload).encode()
+        return (signing_input + b"." + _b64(self._sign(signing_input)).encode()).decode()
+
+    def verify(self, token: str, now: float | None = None) -> AccessToken:
+        """The token's claims; raises :class:`AuthError` if forged, malformed or expired."""
+        parts = token.encode().split(b".")
+        if len(parts) != 3 or parts[0] != _JWT_HEADER:
+            raise AuthError("malformed access token")
+        try:
+            signature = _unb64(parts[2].decode())
+        except ValueError:
+            raise AuthError("malformed access token") from None
+        if not hmac.compare_digest(signature, self._sign(parts[0] + b"." + parts[1])):
+            raise AuthError("access token signature does not match")
+        try:
+            claims = orjson.loads(_unb64(parts[1].decode()))
+            agent_id, issued, expires = claims["sub"], int(claims["iat"]), int(claims["exp"])
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+            raise AuthError("malformed access token claims") from None
+        if not isinstance(agent_id, str) or (time.time() if now is None else now) >= expires:
+            raise AuthError("access token expired")
+        return AccessToken(agent_id, issued, expires)
+
+    def _sign(self, signing_input: bytes) -> bytes:
+        return hmac.new(self._key, signing_input, hashlib.sha256).digest()
+
+
+def load_or_create_secret_file(path: Path, make: bytes) -> bytes:
+    """Read the secret in ``path``, or write ``make`` there (mode 0600, exclusive create)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        content = path.read_bytes()
+        if not content.strip():
+            raise ValueError(f"{path} is empty; delete it to have a new secret generated") from None
+        return content.strip()
+    with os.fdopen(fd, "wb") as f:
+        f.write(make)
+    return make
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else ``None``."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("bad base64url") from exc

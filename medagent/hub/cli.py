@@ -1,0 +1,269 @@
+"""``medagent hub …``: run the hub and manage its agents, channels and messages.
+
+``register(subparsers)`` adds the ``hub`` command to the main ``medagent`` parser; each parsed
+command carries ``func(args) -> int`` (the exit status: 0 ok, 1 the work failed, 2 usage or
+configuration error). :func:`main` runs the same parser standalone
+(``python -m medagent.hub.cli hub add-agent lab --json``). ``serve`` takes the admin token from
+``MEDAGENT_HUB_ADMIN_TOKEN`` when set, else from ``<data-dir>/admin-token``.
+
+Subcommands: ``serve`` (the default), ``add-agent NAME``, ``add-channel AGENT NAME ADDRESS``,
+``list-agents``, ``messages``. Management commands work on the data directory directly, so they
+work with or without a running hub. With ``--json`` a command prints exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from medagent.hub.admin import BadQuery, agent_json, channel_json, message_json, parse_instant_ms
+from medagent.hub.records import MessageQuery, MessageStatus
+from medagent.hub.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, HubSettings
+from medagent.hub.store import DEFAULT_BOT, HubStore, InvalidValue, StoreError
+
+__all__ = ["register", "main", "run"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: the operator token for ``serve`` (DESIGN.md: every key settable as MEDAGENT_<SECTION>_<KEY>)
+ADMIN_TOKEN_ENV = "MEDAGENT_HUB_ADMIN_TOKEN"
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every hub command takes; SUPPRESS so a subcommand does not reset the parent's value."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                        help=f"hub data directory (default ./{DEFAULT_DATA_DIR})")
+    common.add_argument("--host", default=argparse.SUPPRESS, help="listen address (default 127.0.0.1)")
+    common.add_argument("--port", type=int, default=argparse.SUPPRESS, help=f"listen port (default {DEFAULT_PORT}; 0 = any)")
+    common.add_argument("--tls-cert", type=Path, default=argparse.SUPPRESS, help="PEM certificate: serve HTTPS/WSS")
+    common.add_argument("--tls-key", type=Path, default=argparse.SUPPRESS, help="PEM private key of --tls-cert")
+    return common
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``hub`` command (with its subcommands) to ``medagent``'s subparsers."""
+    common = _common_options()
+    hub = subparsers.add_parser("hub", parents=[common], help="run and manage medagent's own hub",
+                                description="Run medagent's hub, or manage its agents, channels and messages.")
+    sub = hub.add_subparsers(dest="hub_command", metavar="COMMAND")
+    hub.set_defaults(func=run, handler=run, hub_command="serve")
+
+    sub.add_parser("serve", parents=[common], help="run the hub (the default command)")
+
+    add_agent = sub.add_parser("add-agent", parents=[common], help="register an agent; prints its credentials once")
+    add_agent.add_argument("name")
+    add_agent.add_argument("--json", action="store_true", help="print one JSON document")
+
+    add_channel = sub.add_parser("add-channel", parents=[common], help="add a channel (Endpoint) to an agent")
+    add_channel.add_argument("agent", help="agent id or name")
+    add_channel.add_argument("name")
+    add_channel.add_argument("address", help="e.g. mllp://0.0.0.0:2575?ackMode=fast")
+    add_channel.add_argument("--bot", default=DEFAULT_BOT, help=f"module:function (default {DEFAULT_BOT})")
+    add_channel.add_argument("--json", action="store_true", help="print one JSON document")
+
+    list_agents = sub.add_parser("list-agents", parents=[common], help="list agents and their channels")
+    list_agents.add_argument("--json", action="store_true", help="print one JSON document")
+
+    messages = sub.add_parser("messages", parents=[common], help="list stored messages (one page)")
+    messages.add_argument("--agent", help="agent id or name")
+    messages.add_argument("--channel")
+    messages.add_argument("--type", help="message type: ADT, or ADT^A01")
+    messages.add_argument("--control-id")
+    messages.add_argument("--status", choices=[s.value for s in MessageStatus])
+    messages.add_argument("--since", help="epoch ms or ISO 8601")
+    messages.add_argument("--until", help="epoch ms or ISO 8601")
+    messages.add_argument("--after", type=int, default=0, help="cursor: the 'next' value of the previous page")
+    messages.add_argument("--limit", type=int, default=50)
+    messages.add_argument("--body", action="store_true", help="include message bodies (PHI)")
+    messages.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed ``hub`` command; returns the exit status."""
+    command = _COMMANDS[args.hub_command]
+    try:
+        return command(args)
+    except InvalidValue as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except StoreError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medagent")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"medagent hub: error: {message}", file=sys.stderr)
+    return status
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "data_dir", DEFAULT_DATA_DIR))
+
+
+def _settings(args: argparse.Namespace) -> HubSettings:
+    tls_cert, tls_key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    settings = HubSettings(
+        data_dir=_data_dir(args), host=getattr(args, "host", "127.0.0.1"),
+        port=getattr(args, "port", DEFAULT_PORT), tls_cert=tls_cert, tls_key=tls_key,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
+    )
+    settings.validate()
+    return settings
+
+
+def _open_store(args: argparse.Namespace) -> HubStore:
+    return HubStore(_data_dir(args))
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_serve_until_signal(settings))
+    return uvloop.run(_serve_until_signal(settings))
+
+
+async def _serve_until_signal(settings: HubSettings) -> int:
+    from medagent.hub.server import HubServer
+
+    server = HubServer(settings)
+    try:
+        await server.start()
+    except OSError as exc:
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", EXIT_FAILURE)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C raises KeyboardInterrupt
+            pass
+    token_file = server.admin_token_file
+    print(f"medagent hub listening on {server.url}", flush=True)
+    print(f"  websocket:   {server.ws_url}", flush=True)
+    print(f"  data dir:    {server.data_dir.resolve()}", flush=True)
+    print(f"  admin token: {token_file.resolve() if token_file else '(given in the settings)'}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    print("medagent hub stopped", flush=True)
+    return EXIT_OK
+
+
+def _add_agent(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        credentials = store.add_agent(args.name)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(dataclasses.asdict(credentials))
+    else:
+        print(f"agent_id:      {credentials.agent_id}")
+        print(f"client_id:     {credentials.client_id}")
+        print(f"client_secret: {credentials.client_secret}")
+        print("The client secret is shown only now; keep it in the agent's configuration.")
+    return EXIT_OK
+
+
+def _add_channel(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        agent = store.find_agent(args.agent)
+        channel = store.add_channel(agent.id, args.name, args.address, args.bot)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(channel_json(channel))
+    else:
+        print(f"channel {channel.name} ({channel.address}) added to agent {agent.name}: Endpoint/{channel.id}")
+    return EXIT_OK
+
+
+def _list_agents(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        rows = [(agent, store.list_channels(agent.id)) for agent in store.list_agents()]
+    finally:
+        store.close()
+    if args.json:
+        _print_json({"agents": [{**agent_json(a), "channels": [channel_json(c) for c in cs]} for a, cs in rows]})
+        return EXIT_OK
+    if not rows:
+        print("no agents (add one with: medagent hub add-agent NAME)")
+    for agent, channels in rows:
+        print(f"{agent.name}  id={agent.id}  status={agent.status.value}  client_id={agent.client_id}")
+        for c in channels:
+            print(f"    {c.name:<20} {c.address}  [{c.status.value}]")
+    return EXIT_OK
+
+
+def _messages(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        try:
+            query = MessageQuery(
+                agent_id=store.find_agent(args.agent).id if args.agent else None,
+                channel=args.channel, message_type=args.type, control_id=args.control_id,
+                status=MessageStatus(args.status) if args.status else None,
+                since=parse_instant_ms(args.since, "--since") if args.since else None,
+                until=parse_instant_ms(args.until, "--until") if args.until else None,
+                after_id=args.after, limit=args.limit, include_body=args.body,
+            )
+        except BadQuery as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        page = store.query_messages(query)
+    finally:
+        store.close()
+    if args.json:
+        _print_json({"messages": [message_json(m) for m in page.messages], "next": page.next_after_id})
+        return EXIT_OK
+    for m in page.messages:
+        print(f"{m.id:>8}  {m.channel:<16} {m.message_type or m.content_type:<12} {m.control_id or '-':<20}"
+              f" {m.status.value:<9} {m.reply_status if m.reply_status is not None else '-':>4}"
+              f"{'  dup' if m.duplicate else ''}{'  ' + m.error if m.error else ''}")
+    if page.next_after_id is not None:
+        print(f"more: --after {page.next_after_id}")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "add-agent": _add_agent,
+    "add-channel": _add_channel,
+    "list-agents": _list_agents,
+    "messages": _messages,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Inbound messages from agents: store, confirm, run the channel's bot, answer.
+
+Theory of operation
+-------------------
+Every connection has an :class:`IntakePipeline`. The socket reader hands it the transmit
+requests of each frame (one, or all of an ``agent:batch``); a single task drains everything
+received meanwhile and, per drained group:
+
+1. checks ``Agent.status`` (``off`` -> ``agent:error "Agent.status is currently set to off"``
+   for each message, nothing stored — medplum-protocol.md §2);
+2. stores every message in **one** transaction on the writer thread (deduplicated by callback);
+3. only then sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative);
+4. answers resends of already answered callbacks with the stored reply (the bot is not run
+   again) and hands every other message to the hub-wide :class:`ChannelDispatcher`.
+
+The dispatcher keeps one FIFO per (agent, channel), so one channel's messages reach its bot in
+the order received, while channels proceed independently. A channel worker drains its FIFO,
+runs the bot for each message in order, records all outcomes in one transaction, then sends the
+``agent:transmit:response`` frames — to the agent's *current* connection, so a reply survives a
+reconnect — wrapped in ``agent:batch`` frames when that connection batches.
+
+Backpressure: each agent has a :class:`Backlog` of messages received but not yet answered; when
+it exceeds ``max_backlog_messages`` the socket reader waits, and TCP flow control slows the agent.
+
+Invariants: ``agent:batch:ack`` for seq n is sent only after every message of the batches up to
+n was committed; a callback is in the hub's in-flight set from storage until its reply is
+recorded, and a resend arriving meanwhile is not run again; nothing here logs message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from medagent.cloud.messages import (
+    AgentMessage,
+    BatchAck,
+    CONTENT_TYPE_HL7_V2,
+    ErrorMessage,
+    TransmitRequest,
+    TransmitResponse,
+    new_callback,
+)
+from medagent.hub import hl7text
+from medagent.hub.botrunner import BotEvent, BotRunner, failure_outcome
+from medagent.hub.records import (
+    AgentStatus,
+    ChannelStatus,
+    IncomingMessage,
+    IntakeKind,
+    IntakeResult,
+    MessageResult,
+    StoredReply,
+)
+from medagent.hub.registry import AgentRegistry, Connection
+from medagent.hub.store import HubStore, NotFound, now_ms
+from medagent.hub.writer import StoreWriter
+
+if TYPE_CHECKING:
+    from medagent.proto.hl7 import Header
+
+__all__ = ["IntakePipeline", "ChannelDispatcher", "Backlog", "AGENT_OFF_ERROR"]
+
+log = logging.getLogger(__name__)
+
+AGENT_OFF_ERROR = "Agent.status is currently set to off"
+_WORKER_GROUP_MAX = 1000
+
+
+class Backlog:
+    """Count of an agent's messages received but not answered, with a high-water mark."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._count = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def reserve(self, n: int) -> None:
+        while self._count >= self._limit:
+            self._room.clear()
+            await self._room.wait()
+        self._count += n
+
+    def release(self, n: int = 1) -> None:
+        self._count = max(0, self._count - n)
+        if self._count < self._limit:
+            self._room.set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
+@dataclass(frozen=True, slots=True)
+class BotJob:
+    """One stored message waiting for its channel's bot (or refused with ``refusal``)."""
+
+    message: IncomingMessage
+    header: Header | None
+    bot: str | None
+    refusal: str | None
+
+
+def response_for(message: IncomingMessage, reply: StoredReply) -> TransmitResponse:
+    return TransmitResponse(
+        remote=message.remote, content_type=reply.content_type, body=reply.body, channel=message.channel,
+        callback=message.callback, status_code=reply.status_code,
+    )
+
+
+class ChannelDispatcher:
+    """Hub-wide FIFO per (agent, channel) feeding the bots; answers through the registry."""
+
+    def __init__(self, store: HubStore, writer: StoreWriter, bots: BotRunner,
+                 registry: AgentRegistry[Connection], backlog_limit: int) -> None:
+        self._store = store
+        self._writer = writer
+        self._bots = bots
+        self._registry = registry
+        self._backlog_limit = backlog_limit
+        self._queues: dict[tuple[str, str], collections.deque[BotJob]] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._backlogs: dict[str, Backlog] = {}
+        self.inflight: set[str] = set()
+
+    def backlog(self, agent_id: str) -> Backlog:
+        backlog = self._backlogs.get(agent_id)
+        if backlog is None:
+            backlog = self._backlogs[agent_id] = Backlog(self._backlog_limit)
+        return backlog
+
+    def submit(self, jobs: Sequence[BotJob]) -> None:
+        for job in jobs:
+            key = (job.message.agent_id, job.message.channel)
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = collections.deque()
+                self._tasks[key] = asyncio.create_task(self._work(key, queue), name=f"medagent-hub-channel-{key[1]}")
+            queue.append(job)
+
+    async def _work(self, key: tuple[str, str], queue: collections.deque[BotJob]) -> None:
+        try:
+            while queue:
+                jobs = [queue.popleft() for _ in range(min(len(queue), _WORKER_GROUP_MAX))]
+                await self._process(key[0], jobs)
+        finally:
+            # no await between the last emptiness check and this: submit() sees a consistent state
+            del self._queues[key]
+            del self._tasks[key]
+
+    async def _process(self, agent_id: str, jobs: list[BotJob]) -> None:
+        results: list[MessageResult] = []
+        responses: list[AgentMessage] = []
+        try:
+            for job in jobs:
+                event = BotEvent(
+                    input=job.message.body, header=job.header, content_type=job.message.content_type,
+                    agent_id=agent_id, channel=job.message.channel, remote=job.message.remote,
+                    callback=job.message.callback, received_at=job.message.received_at, store=self._store,
+                )
+                if job.bot is None:
+                    outcome = failure_outcome(event, "AR", job.refusal or "no bot for this channel")
+                else:
+                    outcome = await self._bots.run(job.bot, event)
+                results.append(MessageResult(job.message.callback, outcome.status, outcome.reply, outcome.error, now_ms()))
+                responses.append(response_for(job.message, outcome.reply))
+            await self._writer.record_results(results)
+        except Exception:
+            log.exception("recording the results of %d messages failed; the agent will resend them", len(jobs))
+            responses = []
+        finally:
+            for job in jobs:
+                self.inflight.discard(job.message.callback)
+            self.backlog(agent_id).release(len(jobs))
+        await send_to_agent(self._registry, agent_id, responses)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def send_to_agent(registry: AgentRegistry[Connection], agent_id: str, messages: list[AgentMessage]) -> None:
+    """Send to the agent's current connection; when it has none, the agent's resend gets them."""
+    if not messages:
+        return
+    connection = registry.current(agent_id)
+    if connection is None:
+        log.info("agent %s is not connected; %d replies wait for its resend", agent_id, len(messages))
+        return
+    try:
+        await connection.send_many(messages)
+    except (ConnectionError, RuntimeError) as exc:
+        log.info("sending %d replies to agent %s failed (%s); they wait for its resend",
+                 len(messages), agent_id, type(exc).__name__)
+
+
+class IntakePipeline:
+    """Per-connection intake: store each drained group in one transaction, ack, dispatch."""
+
+    def __init__(self, agent_id: str, connection: Connection, store: HubStore, writer: StoreWriter,
+                 dispatcher: ChannelDispatcher) -> None:
+        self.agent_id = agent_id
+        self._connection = connection
+        self._store = store
+        self._writer = writer
+        self._dispatcher = dispatcher
+        self._backlog = dispatcher.backlog(agent_id)
+        self._pending: list[tuple[Sequence[TransmitRequest], int | None]] = []
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"medagent-hub-intake-{agent_id}")
+
+    async def submit(self, requests: Sequence[TransmitRequest], seq: int | None) -> None:
+        """Queue one frame's transmit requests (``seq`` for an ``agent:batch``); may wait for room."""
+        if requests:
+            await self._backlog.reserve(len(requests))
+        self._pending.append((requests, seq))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            group, self._pending = self._pending, []
+            if not group:
+                continue
+            try:
+                await self._process(group)
+            except ConnectionError as exc:
+                log.info("agent %s: answering a frame failed (%s)", self.agent_id, type(exc).__name__)
+            except Exception:  # keep taking frames: the agent resends what was not acknowledged
+                log.exception("agent %s: processing %d frames failed", self.agent_id, len(group))
+
+    async def _process(self, group: list[tuple[Sequence[TransmitRequest], int | None]]) -> None:
+        requests = [r for frame, _ in group for r in frame]
+        seqs = [seq for _, seq in group if seq is not None]
+        committed, replies = True, []
+        if requests and not self._agent_active():
+            replies = [ErrorMessage(AGENT_OFF_ERROR, r.callback) for r in requests]
+            self._backlog.release(len(requests))
+        elif requests:
+            committed, replies = await self._store_group(requests)
+        if seqs and committed:
+            await self._connection.send(BatchAck(max(seqs)))
+        if replies:
+            await self._connection.send_many(replies)
+
+    def _agent_active(self) -> bool:
+        try:
+            return self._store.get_agent(self.agent_id).status is AgentStatus.ACTIVE
+        except NotFound:
+            return False
+
+    async def _store_group(self, requests: list[TransmitRequest]) -> tuple[bool, list[AgentMessage]]:
+        """Store the group; ``(committed, replies to send now)``."""
+        received_at = now_ms()
+        incoming: list[IncomingMessage] = []
+        headers: list[Header | None] = []
+        replies: list[AgentMessage] = []
+        for r in requests:
+            if not r.channel:
+                replies.append(ErrorMessage("Missing channel", r.callback))
+                self._backlog.release()
+                continue
+            header = hl7text.scan_header(r.body) if r.content_type == CONTENT_TYPE_HL7_V2 else None
+            headers.append(header)
+            incoming.append(IncomingMessage(
+                agent_id=self.agent_id, channel=r.channel, remote=r.remote,
+                callback=r.callback or new_callback(self.agent_id), content_type=r.content_type, body=r.body,
+                received_at=received_at, control_id=header.control_id if header else None,
+                message_type=hl7text.short_type(header) if header else None, duplicate_of=r.duplicate_of,
+            ))
+        try:
+            results = await self._writer.store_incoming(incoming)
+        except Exception as exc:
+            log.error("storing %d messages of agent %s failed: %s", len(incoming), self.agent_id, type(exc).__name__)
+            self._backlog.release(len(incoming))
+            return False, replies + [
+                ErrorMessage(f"The hub could not store the message ({type(exc).__name__}); resend it", m.callback)
+                for m in incoming
+            ]
+        jobs = self._jobs(incoming, headers, results, replies)
+        self._dispatcher.submit(jobs)
+        return True, replies
+
+    def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
+              replies: list[AgentMessage]) -> list[BotJob]:
+        jobs: list[BotJob] = []
+        channels: dict[str, tuple[str | None, str | None]] = {}
+        inflight = self._dispatcher.inflight
+        for message, header, result in zip(incoming, headers, results):
+            if result.kind is IntakeKind.DUPLICATE:
+                if result.reply is not None:
+                    replies.append(response_for(message, result.reply))
+                    self._backlog.release()
+                    continue
+                if message.callback in inflight:
+                    self._backlog.release()  # the first copy is being answered right now
+                    continue
+            if message.channel not in channels:
+                channels[message.channel] = self._channel_bot(message.channel)
+            bot, refusal = channels[message.channel]
+            inflight.add(message.callback)
+            jobs.append(BotJob(message, header, bot, refusal))
+        return jobs
+
+    def _channel_bot(self, channel: str) -> tuple[str | None, str | None]:
+        found = self._store.channel_bot(self.agent_id, channel)
+        if found is None:
+            return None, f"channel {channel!r} is not configured for this agent on the hub"
+        record, bot = found
+        if record.status is not ChannelStatus.ACTIVE:
+            return None, f"channel {channel!r} is off on the hub"
+        return bot.callable, None
+
+    async def close(self) -> None:
+        """Stop taking frames; requests not yet stored are dropped (never acked: the agent resends)."""
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        dropped = sum(len(frame) for frame, _ in self._pending)
+        self._pending = []
+        self._backlog.release(dropped)

@@ -1,0 +1,178 @@
+"""The hub process: HTTP + websocket on one port (aiohttp), wiring store, auth, bots and routes.
+
+Theory of operation
+-------------------
+:meth:`HubServer.start` opens the store (migrating it), loads or creates the token signing key
+and the admin token (files in the data directory, mode 0600), builds the aiohttp application —
+``/oauth2/token``, ``/ws/agent``, the FHIR reads under ``/fhir/R4``, the Agent operations under
+``/fhir/R4`` and at the root, ``/messages``, ``/admin/...``, ``/healthz`` — and binds it to
+``host:port`` (``port=0`` picks a free port, read back from :attr:`HubServer.port`), with TLS
+when a certificate and key are configured. :meth:`HubServer.stop` closes every agent socket
+(1001 "going away"), fails pending operations, drains the channel workers, stops the listener,
+finishes the queued store writes and closes the store — in that order, so nothing already
+acknowledged is lost.
+
+Invariant: a started server always has a store, a signer and an admin token; ``stop`` is
+idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from pathlib import Path
+
+from aiohttp import web
+
+from medagent import __version__
+from medagent.hub.admin import add_admin_routes
+from medagent.hub.auth import ADMIN_TOKEN_FILE, SIGNING_KEY_FILE, TokenSigner, load_or_create_secret_file
+from medagent.hub.botrunner import BotRunner
+from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
+from medagent.hub.fhir import add_fhir_routes
+from medagent.hub.intake import ChannelDispatcher
+from medagent.hub.oauth import add_oauth_routes
+from medagent.hub.operations import add_operation_routes
+from medagent.hub.registry import AgentRegistry, PendingReplies
+from medagent.hub.settings import HubSettings
+from medagent.hub.store import HubStore
+from medagent.hub.websocket import AgentConnection, handle_agent_websocket
+from medagent.hub.writer import StoreWriter
+
+__all__ = ["HubServer", "HubSettings"]
+
+log = logging.getLogger(__name__)
+
+
+class HubServer:
+    """One hub process. ``await start()``, use ``url``/``port``/``store``/``admin_token``, ``await stop()``."""
+
+    def __init__(self, settings: HubSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir)
+        self.port: int = settings.port
+        self._ctx: HubContext | None = None
+        self._runner: web.AppRunner | None = None
+        self._app: web.Application | None = None
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def context(self) -> HubContext:
+        if self._ctx is None:
+            raise RuntimeError("the hub is not started")
+        return self._ctx
+
+    @property
+    def store(self) -> HubStore:
+        return self.context.store
+
+    @property
+    def admin_token(self) -> str:
+        return self.context.admin_token
+
+    @property
+    def admin_token_file(self) -> Path | None:
+        """Where the admin token is kept (``None`` when it came from the settings)."""
+        return None if self.settings.admin_token else self.data_dir / ADMIN_TOKEN_FILE
+
+    @property
+    def tls(self) -> bool:
+        return self.settings.tls_cert is not None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8103`` (``https`` with TLS)."""
+        host = self.settings.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/ws/agent"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._ctx is not None:
+            raise RuntimeError("the hub is already started")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        store = HubStore(self.data_dir)
+        try:
+            ctx = self._build_context(store)
+            app = self._build_app(ctx)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=self._ssl_context())
+            await site.start()
+        except BaseException:
+            store.close()
+            raise
+        self._ctx, self._app, self._runner = ctx, app, runner
+        self.port = _bound_port(runner, self.settings.port)
+        log.info("medagent hub %s listening on %s (data in %s)", __version__, self.url, self.data_dir)
+
+    def _build_context(self, store: HubStore) -> HubContext:
+        settings = self.settings
+        key = bytes.fromhex(load_or_create_secret_file(self.data_dir / SIGNING_KEY_FILE, secrets.token_hex(32).encode()).decode())
+        admin_token = settings.admin_token or load_or_create_secret_file(
+            self.data_dir / ADMIN_TOKEN_FILE, secrets.token_urlsafe(32).encode()
+        ).decode()
+        writer = StoreWriter(store)
+        bots = BotRunner(settings.bot_workers, settings.bot_timeout_s)
+        registry: AgentRegistry[AgentConnection] = AgentRegistry()
+        dispatcher = ChannelDispatcher(store, writer, bots, registry, settings.max_backlog_messages)  # type: ignore[arg-type]
+        return HubContext(settings, store, writer, TokenSigner(key, settings.token_ttl_s), bots, registry,
+                          PendingReplies(), dispatcher, admin_token)
+
+    def _build_app(self, ctx: HubContext) -> web.Application:
+        app = web.Application(client_max_size=ctx.settings.max_frame_bytes)
+        app[CTX_KEY] = ctx
+        app[CONNECTIONS_KEY] = set()
+        add_oauth_routes(app)
+        app.router.add_get("/ws/agent", handle_agent_websocket)
+        add_fhir_routes(app)
+        add_operation_routes(app)
+        add_admin_routes(app)
+        return app
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.settings.tls_cert is None or self.settings.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
+        return context
+
+    async def stop(self) -> None:
+        ctx, runner, app = self._ctx, self._runner, self._app
+        if ctx is None or runner is None or app is None:
+            return
+        self._ctx = self._runner = self._app = None
+        connections = list(app[CONNECTIONS_KEY])
+        await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
+        ctx.pending.cancel_all()
+        await ctx.dispatcher.close()
+        await runner.cleanup()
+        ctx.bots.close()
+        await asyncio.to_thread(ctx.writer.close)
+        ctx.store.close()
+        log.info("medagent hub stopped")
+
+    async def __aenter__(self) -> HubServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested
