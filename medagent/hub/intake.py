@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 
 AGENT_OFF_ERROR = "Agent.status is currently set to off"
 _WORKER_GROUP_MAX = 1000
+#: How long agent status and channel -> bot lookups are reused.
+LOOKUP_TTL_S = 1.0
 
 
 class Backlog:
@@ -214,6 +217,13 @@ class IntakePipeline:
         self._backlog = dispatcher.backlog(agent_id)
         self._pending: list[tuple[Sequence[TransmitRequest], int | None]] = []
         self._wake = asyncio.Event()
+        # Agent status and channel -> bot change rarely; reading them per group cost the loop a
+        # SQLite query each time. A change is seen within LOOKUP_TTL_S.
+        self._active_until = 0.0
+        self._bots: dict[str, tuple[str | None, str | None]] = {}
+        self._bots_until = 0.0
+        self._active_generation = -1
+        self._bots_generation = -1
         self._task = asyncio.create_task(self._run(), name=f"medagent-hub-intake-{agent_id}")
 
     async def submit(self, requests: Sequence[TransmitRequest], seq: int | None) -> None:
@@ -252,10 +262,16 @@ class IntakePipeline:
             await self._connection.send_many(replies)
 
     def _agent_active(self) -> bool:
+        now = time.monotonic()
+        if now < self._active_until and self._active_generation == self._store.config_generation:
+            return True
         try:
-            return self._store.get_agent(self.agent_id).status is AgentStatus.ACTIVE
+            active = self._store.get_agent(self.agent_id).status is AgentStatus.ACTIVE
         except NotFound:
             return False
+        if active:
+            self._active_until, self._active_generation = now + LOOKUP_TTL_S, self._store.config_generation
+        return active
 
     async def _store_group(self, requests: list[TransmitRequest]) -> tuple[bool, list[AgentMessage]]:
         """Store the group; ``(committed, replies to send now)``."""
@@ -292,7 +308,11 @@ class IntakePipeline:
     def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
               replies: list[AgentMessage]) -> list[BotJob]:
         jobs: list[BotJob] = []
-        channels: dict[str, tuple[str | None, str | None]] = {}
+        now = time.monotonic()
+        if now >= self._bots_until or self._bots_generation != self._store.config_generation:
+            self._bots, self._bots_until = {}, now + LOOKUP_TTL_S
+            self._bots_generation = self._store.config_generation
+        channels = self._bots
         inflight = self._dispatcher.inflight
         for message, header, result in zip(incoming, headers, results):
             if result.kind is IntakeKind.DUPLICATE:

@@ -97,6 +97,9 @@ class HubStore:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        #: Bumped by every agent/channel change made through this store, so in-process caches
+        #: of agent status and channel bots (intake) see the change at once.
+        self.config_generation = 0
         migrate(self._conn())
 
     # -- connections ------------------------------------------------------------------------
@@ -202,6 +205,7 @@ class HubStore:
         self._update_agent(agent_id, "settings", orjson.dumps(settings).decode())
 
     def _update_agent(self, agent_id: str, column: str, value: str) -> None:
+        self.config_generation += 1
         with self._write() as conn:
             cur = conn.execute(
                 f"UPDATE agents SET {column} = ?, updated_at = ? WHERE id = ?", (value, now_ms(), agent_id)
@@ -232,6 +236,7 @@ class HubStore:
 
     def add_channel(self, agent_id: str, name: str, address: str, bot: str = DEFAULT_BOT) -> ChannelRecord:
         """Add a channel (an ``Endpoint`` of the agent) whose messages go to ``bot``."""
+        self.config_generation += 1
         if not name.strip():
             raise InvalidValue("a channel name must not be empty")
         _check_address(address)
@@ -251,6 +256,7 @@ class HubStore:
     def update_channel(self, channel_id: str, *, address: str | None = None, bot: str | None = None,
                        status: ChannelStatus | None = None) -> ChannelRecord:
         """Change a channel's address, bot or status (``None`` keeps the current value)."""
+        self.config_generation += 1
         current = self.get_channel(channel_id)
         if address is not None:
             _check_address(address)
@@ -266,6 +272,7 @@ class HubStore:
 
     def remove_channel(self, channel_id: str) -> None:
         """Delete a channel; its stored messages stay."""
+        self.config_generation += 1
         with self._write() as conn:
             cur = conn.execute("DELETE FROM channels WHERE id = ?", (channel_id,))
         if cur.rowcount == 0:

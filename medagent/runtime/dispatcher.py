@@ -90,6 +90,7 @@ class Dispatcher:
         *,
         max_batch: int = 1000,
         confirm_timeout_s: float = 60.0,
+        linger_s: float = 0.002,
     ) -> None:
         self._queue = queue
         self._link = link
@@ -98,6 +99,7 @@ class Dispatcher:
         self._immediate_prefix = f"Agent/{agent_id}-"
         self._max_batch = max_batch
         self._confirm_timeout_s = confirm_timeout_s
+        self._linger_s = linger_s
         self._inflight: dict[int, float] = {}  # row id -> monotonic send time, until confirmed
         self._awaiting_reply: dict[int, _AwaitingReply] = {}
         self._immediate: collections.deque[TransmitRequest] = collections.deque()
@@ -232,24 +234,33 @@ class Dispatcher:
         while True:
             await self._live.wait()
             rows = await self._queue.next_batch(self._max_batch)
-            self._send_rows(rows)
+            replies_awaited = self._send_rows(rows)
+            if not replies_awaited and len(rows) < self._max_batch and self._linger_s > 0:
+                # Nobody waits on these (fast/immediate ACKs were sent at commit): let more rows
+                # gather so the hub handles fewer, larger batches. Original and two-phase rows
+                # never wait here, since a device is waiting for their bot reply.
+                await asyncio.sleep(self._linger_s)
 
-    def _send_rows(self, rows: Sequence[QueuedMessage]) -> None:
+    def _send_rows(self, rows: Sequence[QueuedMessage]) -> bool:
+        """Hand rows to the link in order; True when a device waits for any of their replies."""
         now = time.monotonic()
         batching = "batch" in self._link.features
         channels = self._channels()
+        replies_awaited = False
         for index, row in enumerate(rows):
             message = self._transmit(row.channel, row.remote, row.content_type, row.body, self.callback_for(row.row_id))
             if batching and row.duplicate_of is not None:
                 message = _with_duplicate(message, self.callback_for(row.duplicate_of))
             if not self._link.send_transmit(message):
                 self._queue.release([r.row_id for r in rows[index:]])
-                return
+                return replies_awaited
             self._inflight[row.row_id] = now
             target = channels.get(row.channel)
             if target is not None and target.wants_replies:
                 self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
+                replies_awaited = True
             self.sent += 1
+        return replies_awaited
 
     def _transmit(self, channel: str, remote: str, content_type: str, body: bytes, callback: str) -> TransmitRequest:
         target = self._channels().get(channel)

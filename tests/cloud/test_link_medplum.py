@@ -171,7 +171,7 @@ def test_fast_transmit_encoding_matches_messages_module() -> None:
     expected = {**m.to_dict(message), "accessToken": "tok"}
     assert _transmit_dict(message, "tok", extensions=True) == expected
     plain = _transmit_dict(message, "tok", extensions=False)
-    assert plain == {k: v for k, v in expected.items() if k != "duplicate_of"}
+    assert plain == {k: v for k, v in expected.items() if k != "duplicateOf"}
     assert m.decode(orjson.dumps(plain), "hub") == m.TransmitRequest(
         remote="r", content_type="c", body="b\u00e9\r", channel="ch", callback="cb", return_ack="first", access_token="tok"
     )
