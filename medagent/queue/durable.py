@@ -153,6 +153,7 @@ class DurableQueue:
         max_db_mb: float | None = None,
         memory_max_rows: int = 20_000,
         memory_max_bytes: int = 64 * _MIB,
+        inline_writes: bool | None = None,
     ) -> None:
         if memory_max_rows < 1 or memory_max_bytes < 1:
             raise ValueError("memory_max_rows and memory_max_bytes must be positive")
@@ -167,6 +168,12 @@ class DurableQueue:
         self._lease_ttl_s = lease_ttl_s
         self._memory_max_rows = memory_max_rows
         self._memory_max_bytes = memory_max_bytes
+        # Without fsync a commit is a few write() calls: running it on the loop thread beats a
+        # hand-off to a thread (two wake-ups and GIL convoys per group; measured 11.1-11.7k vs
+        # 6.9-7.8k msg/s end to end at 10 lock-step senders). With fsync the commit waits for
+        # the disk, so it runs in the writer thread and the loop keeps serving sockets meanwhile.
+        # Inline, a retention sweep slice (<= 2000 rows) briefly holds the loop.
+        self._inline = (durability == "normal") if inline_writes is None else inline_writes
 
         self._phase = _Phase.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -312,9 +319,17 @@ class DurableQueue:
     # ================================================================= writer thread plumbing
 
     def _run_in_writer(self, job: Callable[[], Any], on_done: Callable[[_Outcome], None]) -> None:
-        """Run `job` in the writer thread; `on_done(outcome)` runs on the loop, in job order."""
+        """Run `job` in the writer thread (or at once on the loop, see __init__); `on_done(outcome)`
+        runs on the loop afterwards, in job order."""
         loop = self._loop
         assert loop is not None and self._executor is not None
+        if self._inline:
+            try:
+                inline_outcome = _Outcome(value=job())
+            except Exception as exc:  # noqa: BLE001 - handed to on_done like the threaded path
+                inline_outcome = _Outcome(error=exc)
+            loop.call_soon(on_done, inline_outcome)
+            return
 
         def run() -> None:
             try:

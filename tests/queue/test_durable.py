@@ -57,6 +57,19 @@ async def submit_all(queue: DurableQueue, records: list[InboundRecord],
     return list(await asyncio.wait_for(asyncio.gather(*(queue.submit_wait(r, dedup) for r in records)), WAIT_S))
 
 
+@pytest.fixture(autouse=True, params=["inline", "thread"])
+def writer_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with commits on the loop (durability normal) and in the writer thread (fsync)."""
+    original = DurableQueue.__init__
+
+    def init(self: DurableQueue, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("inline_writes", request.param == "inline")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DurableQueue, "__init__", init)
+    return str(request.param)
+
+
 @pytest.fixture
 async def queue(tmp_path: Path) -> AsyncIterator[DurableQueue]:
     q = DurableQueue(tmp_path / "queue.sqlite3")
