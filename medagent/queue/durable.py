@@ -58,6 +58,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from medagent.queue.checkpoint import WalCheckpointer
 from medagent.queue.records import CommitResult, DuplicatePolicy, InboundRecord, QueuedMessage
 from medagent.queue.store import Durability, QueueError, QueueLocked, QueueStore, storage_error_reason
 
@@ -179,6 +180,7 @@ class DurableQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._store: QueueStore | None = None  # touched only in the writer thread
+        self._checkpointer: WalCheckpointer | None = None
         self._queue_uuid = ""
         self._maintenance_task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
@@ -234,6 +236,9 @@ class DurableQueue:
             self._executor.shutdown(wait=False)
             self._phase = _Phase.CLOSED
             raise
+        self._checkpointer = WalCheckpointer(self.path)
+        await self._call(self._require_store().disable_autocheckpoint)
+        self._checkpointer.start()
         self._phase = _Phase.OPEN
         self._rate_mark = (time.monotonic(), 0)
         self._maintenance_task = self._loop.create_task(self._maintain(), name="medagent-queue-maintenance")
@@ -276,6 +281,8 @@ class DurableQueue:
                 await self._maintenance_task
         await self._drain_writes()
         try:
+            if self._checkpointer is not None:
+                await asyncio.to_thread(self._checkpointer.stop)
             await self._call(self._close_in_writer)
         finally:
             self._phase = _Phase.CLOSED

@@ -226,6 +226,10 @@ class QueueStore:
             max_pages = max(1, math.ceil(max_db_mb * _MIB / page_size))
             conn.execute(f"PRAGMA max_page_count = {int(max_pages)}")
 
+    def disable_autocheckpoint(self) -> None:
+        """Leave WAL checkpoints to a WalCheckpointer thread (see checkpoint.py)."""
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+
     def _migrate(self) -> None:
         conn = self._conn
         version = conn.execute("PRAGMA user_version").fetchone()[0]
