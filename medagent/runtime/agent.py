@@ -84,6 +84,7 @@ class AgentRuntime:
         self._requests: RequestHandler | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._paused = False
+        self._stopping = False
         self.started_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -111,6 +112,7 @@ class AgentRuntime:
         self._tick_task = asyncio.get_running_loop().create_task(self._tick(), name="medagent-tick")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._tick_task is not None:
             self._tick_task.cancel()
             self._tick_task = None
@@ -240,7 +242,7 @@ class AgentRuntime:
             self.dispatcher.on_live()
 
     def on_down(self, reason: str) -> None:
-        log.warning("link down: %s", reason)
+        log.log(logging.INFO if self._stopping else logging.WARNING, "link down: %s", reason)
         if self.dispatcher is not None:
             self.dispatcher.on_down()
 
