@@ -119,6 +119,10 @@ class HubStore:
                 self._connections.append(conn)
         return conn
 
+    def disable_autocheckpoint(self) -> None:
+        """This thread's connection leaves WAL checkpoints to a WalCheckpointer (see writer.py)."""
+        self._conn().execute("PRAGMA wal_autocheckpoint=0")
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()

@@ -11,6 +11,8 @@ more than the commit itself: 3.6k msg/s threaded against 4.6-5.3k inline. The lo
 gathering frames while a group is processed, so calls still grow with load (group commit).
 Only the loop thread writes on the hot path, so the hub never contends SQLite's writer lock
 with itself (bots that write through `BotEvent.store` wait on busy_timeout like any writer).
+WAL checkpoints (an fsync each) are kept out of these commits: the loop thread's connection
+turns automatic checkpoints off and a `WalCheckpointer` thread runs them (medagent.queue.checkpoint).
 
 Invariant: a call returns only after its transaction committed (or was rolled back, in which
 case the store's exception propagates).
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 
 from medagent.hub.records import IncomingMessage, IntakeResult, MessageResult
 from medagent.hub.store import HubStore
+from medagent.queue.checkpoint import WalCheckpointer
 
 __all__ = ["StoreWriter"]
 
@@ -31,7 +34,11 @@ class StoreWriter:
     if the writes move off the loop again, e.g. to a PostgreSQL pool)."""
 
     def __init__(self, store: HubStore) -> None:
+        """Create on the event loop thread: its store connection is the one tuned here."""
         self._store = store
+        store.disable_autocheckpoint()
+        self._checkpointer = WalCheckpointer(store.path)
+        self._checkpointer.start()
 
     async def store_incoming(self, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
         return self._store.store_incoming(messages)
@@ -40,4 +47,5 @@ class StoreWriter:
         self._store.record_results(results)
 
     def close(self) -> None:
-        """Nothing is pending: every write completed before its call returned."""
+        """Stop the checkpointer; no write is pending (each completed before its call returned)."""
+        self._checkpointer.stop()
