@@ -449,11 +449,18 @@ class DurableQueue:
 
     def _write_in_writer(self, work: _WriteWork) -> _WriteOutcome:
         store = self._require_store()
-        results = store.insert_batch(work.records, work.dedup)
         update_error: str | None = None
+        confirms_pending: Sequence[int] = work.confirms
+        results = store.insert_batch(work.records, work.dedup, confirm_ids=confirms_pending if work.records else ())
+        if work.records:
+            confirms_pending = []
+            if results and results[0].error is not None and (work.confirms or work.failures or work.attempts):
+                # The confirmations rolled back with the inserts: hold back every update of this
+                # work (none applied yet) so it is retried whole, attempts counted once.
+                return _WriteOutcome(results, results[0].error, None)
         first_pending: int | None = None
         try:  # the inserts are committed: nothing below may turn their results into errors
-            store.mark_confirmed(work.confirms)
+            store.mark_confirmed(confirms_pending)
             for row_id, reason in work.failures:
                 store.mark_failed(row_id, reason)
             store.increment_attempts(work.attempts)
