@@ -41,7 +41,7 @@ from medagent.config import EMBEDDED_HUB, ChannelConfig, Config
 from medagent.queue import QUEUE_FILENAME, CommitResult, DuplicatePolicy, DurableQueue, InboundRecord
 from medagent.runtime.dispatcher import Dispatcher
 from medagent.runtime.embedded_hub import EmbeddedHub, HubCredentials
-from medagent.runtime.remote_config import fetch_remote_channels
+from medagent.runtime.remote_config import fetch_remote_channels, pool_settings
 from medagent.runtime.requests import RequestHandler
 
 __all__ = ["AgentRuntime", "StartupError"]
@@ -79,6 +79,7 @@ class AgentRuntime:
         self.link: AgentLink | None = None
         self.dispatcher: Dispatcher | None = None
         self.pool = MllpClientPool()
+        self._pool_options: dict[str, Any] = {}
         self.channels: dict[str, Hl7Channel] = {}
         self._views: dict[str, _ChannelView] = {}
         self._requests: RequestHandler | None = None
@@ -164,7 +165,22 @@ class AgentRuntime:
         if self.hub is not None or self.config.channels:
             return self.config.channels
         assert self.link is not None and self.credentials is not None
-        return await fetch_remote_channels(self.link, self.credentials.agent_id, self.data_dir)
+        channels = await fetch_remote_channels(self.link, self.credentials.agent_id, self.data_dir)
+        await self._apply_pool_settings()
+        return channels
+
+    async def _apply_pool_settings(self) -> None:
+        """Medplum's Agent.setting keepAlive / maxClientsPerRemote; the pool is rebuilt on change."""
+        assert self.link is not None and self.credentials is not None
+        try:
+            options = pool_settings(await self.link.fetch_json(f"/fhir/R4/Agent/{self.credentials.agent_id}"))
+        except Exception as exc:  # noqa: BLE001 - the hub may be down; keep the current pool
+            log.warning("cannot read Agent settings from the hub (%s); outbound pool unchanged", exc)
+            return
+        if options != self._pool_options:
+            old, self.pool, self._pool_options = self.pool, MllpClientPool(**options), options
+            await old.close()
+            log.info("outbound MLLP pool: %s", ", ".join(f"{k}={v}" for k, v in options.items()))
 
     async def _start_channels(self, configs: Sequence[ChannelConfig]) -> None:
         for cfg in configs:

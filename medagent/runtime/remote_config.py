@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from medagent.channels.endpoint import EndpointError, mllp_options, parse_endpoint
 from medagent.config import DEFAULT_BOT, ChannelConfig
 
-__all__ = ["fetch_remote_channels", "CACHE_FILENAME"]
+__all__ = ["fetch_remote_channels", "pool_settings", "CACHE_FILENAME"]
 
 log = logging.getLogger("medagent.config")
 
@@ -40,6 +40,20 @@ async def fetch_remote_channels(reader: FhirReader, agent_id: str, data_dir: Pat
     else:
         cache.write_text(json.dumps(entries, indent=2))
     return [channel for channel in (_channel(e) for e in entries) if channel is not None]
+
+
+def pool_settings(agent: dict[str, Any]) -> dict[str, Any]:
+    """Outbound pool options from Medplum's `Agent.setting[]` (keepAlive, maxClientsPerRemote)."""
+    values = {s.get("name"): next((v for k, v in s.items() if k.startswith("value")), None)
+              for s in agent.get("setting", []) if isinstance(s, dict)}
+    keep_alive = values.get("keepAlive") is True
+    options: dict[str, Any] = {"keep_alive": keep_alive}
+    max_clients = values.get("maxClientsPerRemote")
+    if isinstance(max_clients, int) and not isinstance(max_clients, bool) and max_clients > 0:
+        options["max_clients_per_remote"] = max_clients
+    elif keep_alive:
+        options["max_clients_per_remote"] = 1  # Medplum's default with keepAlive
+    return options
 
 
 async def _read_entries(reader: FhirReader, agent_id: str) -> list[dict[str, str]]:
