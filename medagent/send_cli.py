@@ -82,7 +82,10 @@ def _read_inputs(args: argparse.Namespace) -> list[tuple[str, bytes]]:
 
 
 def run_send(args: argparse.Namespace) -> int:
+    from medagent.channels.endpoint import parse_remote
+
     try:
+        parse_remote(args.to)  # a bad destination is a usage error (2), not a failed send (1)
         items = _read_inputs(args)
     except (OSError, ValueError) as exc:
         print(f"medagent send: {exc}", file=sys.stderr)
@@ -93,13 +96,10 @@ def run_send(args: argparse.Namespace) -> int:
     else:
         for result in results:
             _print_result(result)
-    if any("usage" in r for r in results):
-        return 2
     return 0 if all(r.get("ack_code") in _OK_CODES for r in results) else 1
 
 
 async def _send_all(args: argparse.Namespace, items: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
-    from medagent.channels.endpoint import EndpointError
     from medagent.channels.mllp_client import MllpClientError, MllpClientPool
 
     pool = MllpClientPool(max_clients_per_remote=1, keep_alive=True, response_timeout_s=args.timeout,
@@ -111,8 +111,6 @@ async def _send_all(args: argparse.Namespace, items: list[tuple[str, bytes]]) ->
             started = time.perf_counter()
             try:
                 ack = await pool.send(args.to, message, args.return_ack)
-            except EndpointError as exc:
-                result.update(error=str(exc), usage=True)
             except (MllpClientError, OSError) as exc:
                 result["error"] = str(exc)
             else:

@@ -165,7 +165,10 @@ class AgentRuntime:
         if self.hub is not None or self.config.channels:
             return self.config.channels
         assert self.link is not None and self.credentials is not None
-        channels = await fetch_remote_channels(self.link, self.credentials.agent_id, self.data_dir)
+        try:
+            channels = await fetch_remote_channels(self.link, self.credentials.agent_id, self.data_dir)
+        except RuntimeError as exc:  # no hub answer and no cached list: nothing to listen on
+            raise StartupError(str(exc)) from None
         await self._apply_pool_settings()
         return channels
 
