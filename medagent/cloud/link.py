@@ -278,7 +278,7 @@ def _transmit_dict(
     """The JSON object of an agent->hub transmit request (same keys as ``messages.to_dict``).
 
     ``accessToken`` is overwritten with the current token, as the Medplum agent does; medagent's
-    ``duplicate_of`` extension is only kept when the hub advertised the batching extension.
+    ``duplicateOf`` and ``noReply`` extensions are only kept when the hub advertised batching.
     """
     data: dict[str, Any] = {
         "type": "agent:transmit:request",
@@ -297,6 +297,8 @@ def _transmit_dict(
         data["returnAck"] = message.return_ack
     if extensions and message.duplicate_of is not None:
         data[_DUPLICATE_OF_KEY] = message.duplicate_of
+    if extensions and message.no_reply:
+        data["noReply"] = True
     return data
 
 

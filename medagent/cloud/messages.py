@@ -28,6 +28,8 @@ requests. The hub stores every message of a batch, then confirms cumulatively wi
 ``{"type": "agent:batch:ack", "seq": n}`` meaning "every batch with seq <= n of this connection
 is stored". Either side may also wrap transmit *responses* in ``agent:batch`` (no ack needed for
 those; their callbacks are their confirmation). ``seq`` restarts at 1 on each connection.
+Inside a batch a transmit request may carry ``duplicateOf`` (the agent's queue saw the same
+control id before) and ``noReply: true`` (no device waits for the bot's reply).
 
 Invariants: ``decode(encode(m), receiver) == m`` for every message ``m`` whose direction reaches
 that receiver; ``encode`` output never contains keys whose value is ``None``.
@@ -95,6 +97,7 @@ JSON_NAMES: dict[str, str] = {
     "status_code": "statusCode",
     "return_ack": "returnAck",
     "duplicate_of": "duplicateOf",
+    "no_reply": "noReply",
 }
 
 
@@ -171,6 +174,10 @@ class TransmitRequest(AgentMessage):
     #: medagent extension, sent only inside agent:batch: the agent's queue saw this
     #: (channel, sender, MSH-10) before; the value is the earlier row's callback.
     duplicate_of: str | None = None
+    #: medagent extension, sent only inside agent:batch: no device waits for the bot's reply
+    #: (fast/immediate ACK modes), so the hub runs the bot and records its reply but does not
+    #: send it back; the batch ack is the confirmation.
+    no_reply: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,7 +171,8 @@ class ChannelDispatcher:
                 else:
                     outcome = await self._bots.run(job.bot, event)
                 results.append(MessageResult(job.message.callback, outcome.status, outcome.reply, outcome.error, now_ms()))
-                responses.append(response_for(job.message, outcome.reply))
+                if job.message.reply_wanted:
+                    responses.append(response_for(job.message, outcome.reply))
             await self._writer.record_results(results)
         except Exception:
             log.exception("recording the results of %d messages failed; the agent will resend them", len(jobs))
@@ -291,6 +292,7 @@ class IntakePipeline:
                 callback=r.callback or new_callback(self.agent_id), content_type=r.content_type, body=r.body,
                 received_at=received_at, control_id=header.control_id if header else None,
                 message_type=hl7text.short_type(header) if header else None, duplicate_of=r.duplicate_of,
+                reply_wanted=not r.no_reply,
             ))
         try:
             results = await self._writer.store_incoming(incoming)

@@ -115,6 +115,8 @@ class IncomingMessage:
     control_id: str | None = None
     message_type: str | None = None
     duplicate_of: str | None = None
+    #: False when the agent said no device waits for the reply (``noReply``): recorded, not sent.
+    reply_wanted: bool = True
 
 
 @dataclass(frozen=True, slots=True)

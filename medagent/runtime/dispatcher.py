@@ -186,6 +186,8 @@ class Dispatcher:
     def send_immediate(self, record: InboundRecord) -> None:
         message = self._transmit(record.channel, record.remote, record.content_type, record.body,
                                  f"{self._immediate_prefix}{uuid.uuid4()}")
+        if "batch" in self._link.features:
+            message = dataclasses.replace(message, no_reply=True)  # the device had its AA already
         if self._link.live and not self._immediate and self._link.send_transmit(message):
             self.sent += 1
             return
@@ -248,15 +250,17 @@ class Dispatcher:
         channels = self._channels()
         replies_awaited = False
         for index, row in enumerate(rows):
+            target = channels.get(row.channel)
+            wants_reply = target is not None and target.wants_replies
             message = self._transmit(row.channel, row.remote, row.content_type, row.body, self.callback_for(row.row_id))
-            if batching and row.duplicate_of is not None:
-                message = _with_duplicate(message, self.callback_for(row.duplicate_of))
+            if batching:  # medagent hub: extensions allowed (see messages.py)
+                duplicate_of = None if row.duplicate_of is None else self.callback_for(row.duplicate_of)
+                message = dataclasses.replace(message, duplicate_of=duplicate_of, no_reply=not wants_reply or None)
             if not self._link.send_transmit(message):
                 self._queue.release([r.row_id for r in rows[index:]])
                 return replies_awaited
             self._inflight[row.row_id] = now
-            target = channels.get(row.channel)
-            if target is not None and target.wants_replies:
+            if wants_reply:
                 self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
                 replies_awaited = True
             self.sent += 1
@@ -275,6 +279,3 @@ class Dispatcher:
             text = body.hex()
         return TransmitRequest(remote=remote, content_type=content_type, body=text, channel=channel, callback=callback)
 
-
-def _with_duplicate(message: TransmitRequest, duplicate_of: str) -> TransmitRequest:
-    return dataclasses.replace(message, duplicate_of=duplicate_of)

@@ -65,6 +65,22 @@ async def test_batch_is_acked_after_store_and_answered_in_batches(hub: HubServer
     await client.close()
 
 
+async def test_no_reply_messages_are_processed_and_recorded_but_not_answered(
+    hub: HubServer, agent: AgentCredentials
+) -> None:
+    client = await SpecAgent.connected(hub, agent)
+    quiet = {**transmit("adt", adt("Q1"), "quiet-1"), "noReply": True}
+    await client.send({"type": "agent:batch", "seq": 1, "messages": [quiet, transmit("adt", adt("L1"), "loud-1")]})
+    answered: list[str] = []
+    while "loud-1" not in answered:
+        frame = await client.recv_until(lambda f: f.get("type") in ("agent:batch", "agent:transmit:response"))
+        answered += [item["callback"] for item in (frame["messages"] if frame["type"] == "agent:batch" else [frame])]
+    assert "quiet-1" not in answered
+    await wait_for(lambda: stored(hub, "quiet-1").status is MessageStatus.PROCESSED)
+    assert msa(stored(hub, "quiet-1").reply_body or "")[1] == "AA"
+    await client.close()
+
+
 async def test_cumulative_ack_over_several_batches(hub: HubServer, agent: AgentCredentials) -> None:
     client = await SpecAgent.connected(hub, agent)
     for seq in (1, 2, 3):
