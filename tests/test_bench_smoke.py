@@ -271,8 +271,10 @@ def test_report_ratios_to_c_echo_and_to_pure_mode() -> None:
     assert by_impl["-"].vs_c_echo == 1.0
     assert by_impl["c"].vs_c_echo == 0.3 and by_impl["c"].vs_py == 3.0
     assert by_impl["py"].vs_py is None
-    table = format_table(results, [Failure("x", "boom")], {"duration_s": 1})
-    assert "30,000" in table and "FAILED x: boom" in table and "duration_s=1" in table
+    settings = {"warmup_s": 1}
+    table = format_table(results, [Failure("x", "boom")], settings)
+    assert "30,000" in table and "FAILED x: boom" in table
+    assert "warmup_s=1" in table  # the run's settings are printed with the table
     document = to_document(results, [], {})
     assert [r["vs_c_echo"] for r in document["results"]] == [1.0, 0.3, 0.1]
 

@@ -27,13 +27,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medagent import __version__, _compat
 from medagent.channels import Hl7Channel
+from medagent.channels.endpoint import AckMode
 from medagent.channels.mllp_client import MllpClientPool
 from medagent.cloud.link import AgentLink, LinkSettings
 from medagent.cloud.messages import AgentMessage, TransmitResponse
@@ -199,8 +200,6 @@ class AgentRuntime:
                     f"channel {cfg.name}: cannot listen on {cfg.endpoint.host}:{cfg.endpoint.port}: {exc.strerror or exc}"
                 ) from None
             self.channels[cfg.name] = channel
-            from medagent.channels.endpoint import AckMode
-
             wants = cfg.mllp.ack_mode in (AckMode.ORIGINAL, AckMode.TWO_PHASE)
             self._views[cfg.name] = _ChannelView(channel, cfg.mllp.encoding, wants)
             log.info("channel %s listening on mllp://%s:%d (%s mode)", cfg.name, channel.host, channel.port,

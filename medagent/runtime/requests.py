@@ -123,7 +123,7 @@ def _ping_count(body: str) -> int:
     if not words:
         return 1
     if words[0].upper() != "PING" or len(words) > 2:
-        raise ValueError(f"invalid ping body; expected 'PING' or 'PING <count>'")
+        raise ValueError("invalid ping body; expected 'PING' or 'PING <count>'")
     count = int(words[1]) if len(words) == 2 and words[1].isdigit() else 1 if len(words) == 1 else -1
     if not 1 <= count <= 100:
         raise ValueError("ping count must be a whole number from 1 to 100")

@@ -34,6 +34,8 @@ import pytest
 
 from serve_harness import MllpClient, ack_fields, child_env, hl7_message
 
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the harness uses POSIX process groups")
+
 WAIT_S = 30.0  # upper bound of any single wait; a healthy run needs a fraction of it
 CLI_TIMEOUT_S = 60.0
 _HUB_URL = re.compile(r"medagent hub listening on (http://127\.0\.0\.1:(\d+))")
