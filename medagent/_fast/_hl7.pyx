@@ -30,6 +30,8 @@ microsecond); `scan_msh` and the piece copy are ``nogil``-clean for later use.
 """
 
 cimport cython
+
+from medagent._fast._scan cimport find_byte
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memchr, memcpy
@@ -96,16 +98,6 @@ cdef dict ACK_TABLE = {code: (code, text) for code, text in ACK_CODES.items()}
 # Scanning
 # ----------------------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t find_byte(const unsigned char* buf, Py_ssize_t start, Py_ssize_t stop,
-                                 unsigned char byte) noexcept nogil:
-    """Index of `byte` in buf[start:stop], or -1."""
-    cdef const void* hit
-    if start >= stop:
-        return -1
-    hit = memchr(buf + start, byte, <size_t>(stop - start))
-    if hit == NULL:
-        return -1
-    return <Py_ssize_t>(<const unsigned char*>hit - buf)
 
 
 cdef inline Py_ssize_t sniff(const unsigned char* p, Py_ssize_t n) noexcept nogil:

@@ -21,6 +21,8 @@ only ``buf[0:end]``, with every index kept in ``0 <= pos <= end`` (audited below
 """
 
 cimport cython
+
+from medagent._fast._scan cimport find_byte
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memchr, memcpy
@@ -49,16 +51,6 @@ cdef enum ScanState:
 cdef Py_ssize_t HEAD_LIMIT = FRAME_HEAD_LIMIT
 
 
-cdef inline Py_ssize_t find_byte(const unsigned char* buf, Py_ssize_t start, Py_ssize_t stop,
-                                 unsigned char byte) noexcept nogil:
-    """Index of `byte` in buf[start:stop], or -1 (the memchr twin of bytes.find)."""
-    cdef const void* hit
-    if start >= stop:
-        return -1
-    hit = memchr(buf + start, byte, <size_t>(stop - start))
-    if hit == NULL:
-        return -1
-    return <const unsigned char*>hit - buf
 
 
 cdef inline int append_bytes(bytearray target, const unsigned char* src, Py_ssize_t n) except -1:
