@@ -379,7 +379,7 @@ class HubProcess:
         self.credentials: dict[str, str] = {}
 
     def _cli(self, *args: str) -> dict[str, Any]:
-        command = [sys.executable, "-m", "medagent", "hub", *args, "--data-dir", str(self.data_dir),
+        command = [sys.executable, "-P", "-m", "medagent", "hub", *args, "--data-dir", str(self.data_dir),
                    "--json"]
         done = subprocess.run(command, capture_output=True, env=self.env, timeout=PROVISION_TIMEOUT_S)
         if done.returncode != 0:
@@ -406,7 +406,7 @@ class HubProcess:
                             f"{_tail(self.output)}")
 
     def serve_command(self) -> list[str]:
-        return [sys.executable, "-m", "medagent", "hub", "serve", "--data-dir", str(self.data_dir),
+        return [sys.executable, "-P", "-m", "medagent", "hub", "serve", "--data-dir", str(self.data_dir),
                 "--host", "127.0.0.1", "--port", "0"]
 
     def __enter__(self) -> HubProcess:

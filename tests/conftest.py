@@ -22,6 +22,10 @@ from testsupport import DATA_DIR
 
 from medagent import _compat
 
+# Child processes (`python -m medagent ...`) must import the installed package, as the test
+# process does, not the source tree in the working directory (which has no compiled kernels).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def _loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}

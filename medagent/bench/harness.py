@@ -336,7 +336,7 @@ def _system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Pat
         return
     config = workdir / "medagent.toml"
     config.write_text(medagent_config(workdir / "data", port, scenario.mode, free_port()))
-    command = [sys.executable, "-m", "medagent", "serve", "--config", str(config)]
+    command = [sys.executable, "-P", "-m", "medagent", "serve", "--config", str(config)]
     with _started(command, port, workdir, _medagent_env(scenario.impl), settings.startup_timeout_s,
                   "medagent serve") as process:
         yield process, port

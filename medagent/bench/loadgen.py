@@ -676,7 +676,7 @@ def _start_workers(spec: LoadSpec, procs: int) -> list[subprocess.Popen[bytes]]:
     tag = "".join(random.choices(_ID_ALPHABET, k=2))
     workers = []
     for worker, (conns, budget) in enumerate(zip(_split(spec.conns, procs), _split(spec.max_messages, procs))):
-        process = subprocess.Popen([sys.executable, "-c", _WORKER_COMMAND],
+        process = subprocess.Popen([sys.executable, "-P", "-c", _WORKER_COMMAND],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         workers.append(process)
         assert process.stdin is not None

@@ -154,8 +154,10 @@ class EmbeddedHub:
 
     # -- the child process ---------------------------------------------------------------------------
     def _command(self) -> list[str]:
+        # -P: never import medagent from the working directory (e.g. a source checkout, where the
+        # uncompiled tree would shadow the installed package and its extensions).
         hub = self._config.hub
-        command = [sys.executable, "-m", "medagent", "hub", "serve", "--data-dir", str(self.data_dir),
+        command = [sys.executable, "-P", "-m", "medagent", "hub", "serve", "--data-dir", str(self.data_dir),
                    "--host", self.host, "--port", str(self.port)]
         if hub.tls_cert is not None and hub.tls_key is not None:
             command += ["--tls-cert", str(hub.tls_cert), "--tls-key", str(hub.tls_key)]
