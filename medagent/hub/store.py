@@ -305,52 +305,48 @@ class HubStore:
 
     def store_incoming(self, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
         """Store many inbound messages in one transaction; one result per message, in order."""
-        if not messages:
-            return []
-        with self._write() as conn:
-            wanted = {m.callback for m in messages} | {m.duplicate_of for m in messages if m.duplicate_of}
-            known = _known_callbacks(conn, wanted)
-            inserts: list[tuple[Any, ...]] = []
-            resends: list[tuple[str]] = []
-            results: list[IntakeResult] = []
-            for m in messages:
-                if m.callback in known:
-                    resends.append((m.callback,))
-                    results.append(IntakeResult(IntakeKind.DUPLICATE, known[m.callback]))
-                    continue
-                original_known = m.duplicate_of is not None and m.duplicate_of in known
-                inserts.append(_insert_row(m, 1 if original_known else 0, m.duplicate_of if original_known else None))
-                known[m.callback] = None
-                if original_known:
-                    results.append(IntakeResult(IntakeKind.DUPLICATE, known[m.duplicate_of]))  # type: ignore[index]
-                else:
-                    results.append(IntakeResult(IntakeKind.NEW))
-            conn.executemany(_INSERT_MESSAGE, inserts)
-            conn.executemany("UPDATE messages SET duplicate = duplicate + 1 WHERE callback = ?", resends)
-        return results
+        return self.write_round([messages], ())[0]
 
     def record_results(self, results: Iterable[MessageResult]) -> None:
         """Write the replies and statuses of many processed messages in one transaction."""
-        rows = [
-            (
-                r.status.value,
-                None if r.reply is None else r.reply.body,
-                None if r.reply is None else r.reply.content_type,
-                None if r.reply is None else r.reply.status_code,
-                r.error,
-                r.processed_at,
-                r.callback,
-            )
-            for r in results
-        ]
-        if not rows:
-            return
+        self.write_round((), results)
+
+    def write_round(
+        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult]
+    ) -> list[list[IntakeResult]]:
+        """Both hot-path writes of one loop round in ONE transaction: first the replies of
+        processed messages, then each group of inbound messages (so a resend in a group already
+        sees a reply recorded in the same round). Returns the intake results per group."""
+        rows = [_result_row(r) for r in results]
+        if not rows and not any(incoming):
+            return [[] for _ in incoming]
         with self._write() as conn:
-            conn.executemany(
-                "UPDATE messages SET status = ?, reply_body = ?, reply_content_type = ?, reply_status = ?,"
-                " error = ?, processed_at = ? WHERE callback = ?",
-                rows,
-            )
+            if rows:
+                conn.executemany(_RECORD_RESULT, rows)
+            return [self._store_group(conn, group) if group else [] for group in incoming]
+
+    @staticmethod
+    def _store_group(conn: sqlite3.Connection, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
+        wanted = {m.callback for m in messages} | {m.duplicate_of for m in messages if m.duplicate_of}
+        known = _known_callbacks(conn, wanted)
+        inserts: list[tuple[Any, ...]] = []
+        resends: list[tuple[str]] = []
+        results: list[IntakeResult] = []
+        for m in messages:
+            if m.callback in known:
+                resends.append((m.callback,))
+                results.append(IntakeResult(IntakeKind.DUPLICATE, known[m.callback]))
+                continue
+            original_known = m.duplicate_of is not None and m.duplicate_of in known
+            inserts.append(_insert_row(m, 1 if original_known else 0, m.duplicate_of if original_known else None))
+            known[m.callback] = None
+            if original_known:
+                results.append(IntakeResult(IntakeKind.DUPLICATE, known[m.duplicate_of]))  # type: ignore[index]
+            else:
+                results.append(IntakeResult(IntakeKind.NEW))
+        conn.executemany(_INSERT_MESSAGE, inserts)
+        conn.executemany("UPDATE messages SET duplicate = duplicate + 1 WHERE callback = ?", resends)
+        return results
 
     # -- messages (queries) -----------------------------------------------------------------
 
@@ -456,6 +452,25 @@ def _message(row: Sequence[Any]) -> MessageRecord:
         message_type=row[6], content_type=row[7], body=row[8], body_size=row[9], received_at=row[10],
         status=MessageStatus(row[11]), reply_body=row[12], reply_content_type=row[13], reply_status=row[14],
         error=row[15], duplicate=row[16], duplicate_of=row[17], processed_at=row[18],
+    )
+
+
+_RECORD_RESULT = (
+    "UPDATE messages SET status = ?, reply_body = ?, reply_content_type = ?, reply_status = ?,"
+    " error = ?, processed_at = ? WHERE callback = ?"
+)
+
+
+def _result_row(r: MessageResult) -> tuple[Any, ...]:
+    reply = r.reply
+    return (
+        r.status.value,
+        None if reply is None else reply.body,
+        None if reply is None else reply.content_type,
+        None if reply is None else reply.status_code,
+        r.error,
+        r.processed_at,
+        r.callback,
     )
 
 

@@ -1,26 +1,31 @@
-"""The hub's store writer: where the hot-path writes of the intake run.
+"""The hub's store writer: group commit of the intake's hot-path writes.
 
 Theory of operation
 -------------------
-:meth:`HubStore.store_incoming` and :meth:`HubStore.record_results` are the two writes of every
-message (stored before its batch is acknowledged; reply recorded after its bot ran). They run
-on the event loop thread, one transaction per call, in call order. An earlier version ran them
-in a dedicated thread so a commit would not stall the websockets; measured end to end (original
-mode, 10 lock-step senders) the hand-off — two thread wake-ups and GIL convoys per call — cost
-more than the commit itself: 3.6k msg/s threaded against 4.6-5.3k inline. The loop keeps
-gathering frames while a group is processed, so calls still grow with load (group commit).
-Only the loop thread writes on the hot path, so the hub never contends SQLite's writer lock
-with itself (bots that write through `BotEvent.store` wait on busy_timeout like any writer).
-WAL checkpoints (an fsync each) are kept out of these commits: the loop thread's connection
-turns automatic checkpoints off and a `WalCheckpointer` thread runs them (medagent.queue.checkpoint).
+Every message costs the hub two writes: it is stored before its batch is acknowledged
+(`store_incoming`) and its bot's reply is recorded after the bot ran (`record_results`). Both
+calls queue their work and await a future; the first call of a loop iteration schedules one
+flush (``loop.call_soon``) that writes everything queued — replies first, then each inbound
+group — in ONE transaction through :meth:`HubStore.write_round`, then resolves the futures.
+Under load one commit thus covers several agents' batches and the replies of earlier ones.
 
-Invariant: a call returns only after its transaction committed (or was rolled back, in which
-case the store's exception propagates).
+The flush runs on the event loop thread. A dedicated writer thread was tried first; measured
+end to end (original mode, 10 lock-step senders) the hand-off — two wake-ups and GIL convoys
+per call — cost more than the commit: 3.6k msg/s threaded against 4.6-5.3k inline. Only the
+loop thread writes on the hot path, so the hub never contends SQLite's writer lock with itself
+(bots that write through `BotEvent.store` wait on busy_timeout like any writer). WAL
+checkpoints (an fsync each) are kept out of these commits: the loop thread's connection turns
+automatic checkpoints off and a `WalCheckpointer` thread runs them (medagent.queue.checkpoint).
+
+Invariant: a call returns only after the transaction holding its work committed; if that
+transaction fails, every call in it raises the store's exception (nothing was written).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from medagent.hub.records import IncomingMessage, IntakeResult, MessageResult
 from medagent.hub.store import HubStore
@@ -30,8 +35,7 @@ __all__ = ["StoreWriter"]
 
 
 class StoreWriter:
-    """Async front of the store's hot-path writes (awaitable so the intake's shape does not change
-    if the writes move off the loop again, e.g. to a PostgreSQL pool)."""
+    """Async front of the store's hot-path writes; one transaction per loop iteration."""
 
     def __init__(self, store: HubStore) -> None:
         """Create on the event loop thread: its store connection is the one tuned here."""
@@ -39,13 +43,53 @@ class StoreWriter:
         store.disable_autocheckpoint()
         self._checkpointer = WalCheckpointer(store.path)
         self._checkpointer.start()
+        self._incoming: list[tuple[Sequence[IncomingMessage], asyncio.Future[list[IntakeResult]]]] = []
+        self._results: list[tuple[Sequence[MessageResult], asyncio.Future[None]]] = []
+        self._flush_scheduled = False
+        self.rounds = 0
 
     async def store_incoming(self, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
-        return self._store.store_incoming(messages)
+        future: asyncio.Future[list[IntakeResult]] = asyncio.get_running_loop().create_future()
+        self._incoming.append((messages, future))
+        self._schedule()
+        return await future
 
     async def record_results(self, results: Sequence[MessageResult]) -> None:
-        self._store.record_results(results)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._results.append((results, future))
+        self._schedule()
+        await future
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        incoming, self._incoming = self._incoming, []
+        results, self._results = self._results, []
+        waiters: list[asyncio.Future[Any]] = [f for _, f in incoming] + [f for _, f in results]
+        try:
+            outcome = self._store.write_round(
+                [messages for messages, _ in incoming], [r for batch, _ in results for r in batch]
+            )
+        except Exception as exc:  # noqa: BLE001 - every caller of this round learns of it
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.rounds += 1
+        for (_, future), intake in zip(incoming, outcome):
+            if not future.done():
+                future.set_result(intake)
+        for _, done in results:
+            if not done.done():
+                done.set_result(None)
 
     def close(self) -> None:
-        """Stop the checkpointer; no write is pending (each completed before its call returned)."""
+        """Stop the checkpointer. Call after the intake stopped: queued work would be dropped."""
+        for _, future in [*self._incoming, *self._results]:
+            if not future.done():
+                future.cancel()
         self._checkpointer.stop()
