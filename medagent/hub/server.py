@@ -31,6 +31,8 @@ from medagent.hub.admin import add_admin_routes
 from medagent.hub.auth import ADMIN_TOKEN_FILE, SIGNING_KEY_FILE, TokenSigner, load_or_create_secret_file
 from medagent.hub.botrunner import BotRunner
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
+from medagent.hub.dashboard import add_dashboard_routes
+from medagent.hub.dicomweb import add_dicomweb_routes
 from medagent.hub.fhir import add_fhir_routes
 from medagent.hub.intake import ChannelDispatcher
 from medagent.hub.oauth import add_oauth_routes
@@ -138,6 +140,8 @@ class HubServer:
         add_fhir_routes(app)
         add_operation_routes(app)
         add_admin_routes(app)
+        add_dicomweb_routes(app)
+        add_dashboard_routes(app)
         return app
 
     def _ssl_context(self) -> ssl.SSLContext | None:
