@@ -651,3 +651,29 @@ def queue_duplicate_policy_name(behavior: DuplicateBehavior) -> str:
     queue discard them; OFF disables detection. Use as ``DuplicatePolicy[name]``.
     """
     return _QUEUE_POLICY_FOR[behavior]
+
+
+# --------------------------------------------------------------------------- for channel kinds
+# Public value parsers for the kinds' own ``parse_options`` (channels/base.py ChannelKind): every
+# error names the URL and the parameter, like the MLLP options above.
+
+
+def bool_param(endpoint: Endpoint, name: str, default: bool) -> bool:
+    return _boolean(endpoint.url, endpoint.params, name, default)
+
+
+def int_param(endpoint: Endpoint, name: str, default: int, minimum: int = 0) -> int:
+    return _integer(endpoint.url, endpoint.params, name, default, minimum)
+
+
+def decimal_param(endpoint: Endpoint, name: str, default: float, minimum: float = 0.0) -> float:
+    return _decimal(endpoint.url, endpoint.params, name, default, minimum)
+
+
+def choice_param(endpoint: Endpoint, name: str, enum_type: type[_E], default: _E) -> _E:
+    return _choice(endpoint.url, endpoint.params, name, enum_type, default)
+
+
+def encoding_param(endpoint: Endpoint) -> str:
+    """The ``encoding`` parameter as a Python codec name (ASCII-compatible), default utf-8."""
+    return _encoding(endpoint.url, endpoint.params)
