@@ -24,7 +24,7 @@ __all__ = [
     "HL7_V2_CONTENT_TYPE",
     "ASTM_CONTENT_TYPE",
     "OCTET_STREAM_CONTENT_TYPE",
-    "DICOM_JSON_CONTENT_TYPE",
+    "DICOM_CONTENT_TYPE",
     "DuplicatePolicy",
     "FilePayload",
     "InboundRecord",
@@ -37,8 +37,8 @@ HL7_V2_CONTENT_TYPE = "x-application/hl7-v2+er7"
 ASTM_CONTENT_TYPE = "x-application/astm-e1394"
 #: Medplum's byte-stream channel payloads.
 OCTET_STREAM_CONTENT_TYPE = "application/octet-stream"
-#: Medplum's DICOM transmit body: association + PS3.18 DICOM JSON dataset, no bulk data.
-DICOM_JSON_CONTENT_TYPE = "application/json"
+#: A DICOM instance stored as a file payload (Part 10); the transmit carries Medplum's JSON shape.
+DICOM_CONTENT_TYPE = "application/dicom"
 
 
 class DuplicatePolicy(enum.Enum):

@@ -264,13 +264,15 @@ class HubClient(Protocol):
 class FileUploader(Protocol):
     """Delivers a file payload to the hub before its transmit is sent.
 
-    Called by the dispatcher with the absolute file path and the record's metadata body; returns
-    the body to send in the transmit (it may add e.g. the hub's retrieve URL). Must be
-    idempotent: after a crash the same file may be uploaded again (the hub dedups).
-    Raises on failure; the row stays pending and is retried with backoff.
+    Registered under the *row's* content type (e.g. ``application/dicom``). Called by the
+    dispatcher with the absolute file path and the record's metadata body; returns the body and
+    content type to send in the transmit (e.g. Medplum's DICOM JSON document, with the hub's
+    retrieve URL added, as ``application/json``). Must be idempotent: after a crash the same
+    file may be uploaded again (the hub dedups). Raises on failure; the row stays pending and is
+    retried with backoff.
     """
 
-    async def __call__(self, hub: HubClient, path: Path, payload: FilePayload, body: bytes) -> bytes: ...
+    async def __call__(self, hub: HubClient, path: Path, payload: FilePayload, body: bytes) -> tuple[bytes, str]: ...
 
 
 _UPLOADERS: dict[str, FileUploader] = {}
