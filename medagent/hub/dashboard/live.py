@@ -1,0 +1,156 @@
+"""Live figures for the dashboard pages, pushed as server-sent events (HTML Living Standard §9.2).
+
+Theory of operation
+-------------------
+``GET /dashboard/events`` (overview) and ``GET /dashboard/events?agent=<id>`` (one agent) keep
+a ``text/event-stream`` open and send one ``snapshot`` event every ``TICK_S`` seconds: a JSON
+document the page's script writes into the elements marked ``data-live`` and into its charts,
+so the pages update without reloads. Each stream reads on the dashboard's reader thread
+(:mod:`.queries`, indexed, bounded windows), never on the hub's writer.
+
+* overview snapshot: per agent — connected, version, seconds since last heard from, messages in
+  the last minute and hour, failed messages, the hub's backlog of unanswered messages — and
+  totals;
+* agent snapshot: the same for one agent, plus per channel the messages per minute over the
+  last hour and the bot's reply latency p50/p99 over the last 5 minutes (from the stored rows),
+  and, every ``STATS_EVERY`` ticks while the agent is connected, its own ``$stats`` (kernels,
+  link round-trip, queue depth and oldest unconfirmed age, per-channel connections, errors,
+  answers by code and its ACK-latency histogram).
+
+A stream ends when the browser goes away (the write fails) or the hub shuts down (the
+``closing`` event, set from ``on_shutdown`` so shutdown never waits for a stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from medagent.hub.dashboard.actions import agent_stats
+from medagent.hub.dashboard.queries import percentile
+from medagent.hub.dashboard.security import secure_headers
+from medagent.hub.dashboard.state import DashboardState, state_of
+from medagent.hub.store import NotFound
+
+__all__ = ["events", "overview_snapshot", "agent_snapshot", "TICK_S"]
+
+TICK_S = 1.0
+STATS_EVERY = 5
+#: a stream lives at most this long; the browser's EventSource reconnects by itself
+MAX_STREAM_S = 3600.0
+
+
+async def overview_snapshot(state: DashboardState) -> dict[str, Any]:
+    ctx, reader = state.ctx, state.reader
+    agents = ctx.store.list_agents()
+    counts = await reader.run(reader.agent_counts, [a.id for a in agents])
+    total = await reader.run(reader.stored_total)
+    now = time.time()
+    rows: dict[str, Any] = {}
+    for agent in agents:
+        presence = ctx.registry.presence(agent.id)
+        c = counts[agent.id]
+        rows[agent.id] = {
+            "online": presence.connected, "version": presence.version,
+            "lastSeenS": None if presence.last_updated is None else round(now - presence.last_updated, 1),
+            "minute": c.last_minute, "hour": c.last_hour, "failed": c.failed,
+            "backlog": ctx.dispatcher.backlog(agent.id).count,
+        }
+    return {
+        "at": int(now * 1000), "agents": rows, "total": total,
+        "online": sum(1 for r in rows.values() if r["online"]), "count": len(rows),
+        "failed": sum(r["failed"] for r in rows.values()),
+    }
+
+
+async def agent_snapshot(state: DashboardState, agent_id: str) -> dict[str, Any]:
+    ctx, reader = state.ctx, state.reader
+    overview = await overview_snapshot(state)
+    minutes = await reader.run(reader.channel_minutes, agent_id)
+    channels = {
+        name: {"perMinute": figures.counts, "lastMinute": figures.counts[-1], "errors": figures.errors,
+               "p50": percentile(figures.latencies_ms, 0.50), "p99": percentile(figures.latencies_ms, 0.99)}
+        for name, figures in minutes.items()
+    }
+    return {"at": overview["at"], "agent": overview["agents"].get(agent_id), "channels": channels}
+
+
+def summarize_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an agent's ``$stats`` the agent page shows (everything else stays in 'raw')."""
+    link = stats.get("link") or {}
+    queue = stats.get("durableQueue") or {}
+    pending = queue.get("channels") or {}
+    oldest = max((c.get("oldest_pending_age_s", 0.0) for c in pending.values()), default=None)
+    channels = {}
+    for name, figures in (stats.get("channelStats") or {}).items():
+        histogram = figures.get("latencyMs") or {}
+        channels[name] = {
+            "kind": figures.get("kind"), "connections": figures.get("connectionsOpen"),
+            "unitsIn": figures.get("unitsIn"), "errors": figures.get("errors"), "answers": figures.get("answers"),
+            "ackP50": histogram_percentile(histogram, 0.50), "ackP99": histogram_percentile(histogram, 0.99),
+        }
+    return {
+        "implementation": stats.get("implementation"), "extensionsActive": stats.get("extensionsActive"),
+        "rttMs": link.get("last_ping_ms"), "unconfirmed": link.get("unconfirmed"),
+        "queueDepth": sum(c.get("pending", 0) for c in pending.values()) if pending else queue.get("pending"),
+        "oldestUnconfirmedS": oldest, "uptimeS": stats.get("uptimeSeconds"), "channels": channels,
+    }
+
+
+def histogram_percentile(histogram: dict[str, int], fraction: float) -> str | None:
+    """The upper bound (ms) of the histogram bucket holding the ``fraction`` percentile."""
+    def bound(key: str) -> float:
+        return float("inf") if key == "+Inf" else float(key)
+
+    total = sum(histogram.values())
+    if total <= 0:
+        return None
+    seen = 0
+    for key in sorted(histogram, key=bound):
+        seen += histogram[key]
+        if seen >= fraction * total:
+            return f"≤ {key} ms" if key != "+Inf" else "> 5000 ms"
+    return None
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """``GET /dashboard/events[?agent=<id>]``: a server-sent event stream of snapshots."""
+    state = state_of(request)
+    agent_id = request.query.get("agent") or None
+    if agent_id is not None:
+        try:
+            state.ctx.store.get_agent(agent_id)
+        except NotFound:
+            return web.Response(status=404, text="No such agent\n")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+    secure_headers(response)
+    await response.prepare(request)
+    started = time.monotonic()
+    stats: dict[str, Any] | None = None
+    for tick in range(int(MAX_STREAM_S / TICK_S)):
+        if agent_id is None:
+            snapshot = await overview_snapshot(state)
+        else:
+            snapshot = await agent_snapshot(state, agent_id)
+            online = bool(snapshot["agent"] and snapshot["agent"]["online"])
+            if online and tick % STATS_EVERY == 0:
+                raw = await agent_stats(state.ctx, agent_id)
+                stats = summarize_stats(raw) if raw is not None else stats
+            snapshot["stats"] = stats if online else None
+        try:
+            await response.write(b"event: snapshot\ndata: " + orjson.dumps(snapshot) + b"\n\n")
+        except (ConnectionError, RuntimeError):
+            break
+        try:
+            await asyncio.wait_for(state.closing.wait(), TICK_S)
+            break  # the hub is shutting down
+        except TimeoutError:
+            pass
+        if time.monotonic() - started > MAX_STREAM_S:
+            break
+    return response

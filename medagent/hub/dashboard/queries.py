@@ -1,0 +1,234 @@
+"""Read-only queries of the hub's database for the dashboard, on a reader thread of its own.
+
+Theory of operation
+-------------------
+The dashboard reads ``hub.sqlite3`` through its own connection (WAL: readers never block the
+hub's writer, and the writer never blocks a reader), opened on one dedicated thread
+(:class:`HubReader`), so a slow search never stalls the hub's event loop and never competes
+with the hub's writer thread for a connection.
+
+Indexes (created idempotently at dashboard start, ``CREATE INDEX IF NOT EXISTS``; the hub's
+own schema has ``messages_agent (agent_id, id)`` and ``messages_control_id``):
+
+* ``dashboard_messages_agent_time (agent_id, received_at)`` — per-agent counts of the last
+  minute/hour (overview) and per-minute channel rates over the last hour (agent page) read only
+  the rows of that window;
+* ``dashboard_messages_failed (agent_id, id) WHERE status = 'error'`` — a *partial* index: it
+  holds only failed messages, so counting and listing failures is cheap and a message that
+  succeeds costs the hub's insert path nothing extra for it.
+
+Message search is keyset-paginated newest first (``id < before``), at most ``PAGE`` rows.
+Nothing here writes to the hub's tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from medagent.hub.records import MessageStatus
+
+__all__ = ["HubReader", "MessageFilter", "MessageRow", "AgentCounts", "ChannelMinute", "INDEXES", "PAGE"]
+
+PAGE = 50
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS dashboard_messages_agent_time ON messages (agent_id, received_at)",
+    "CREATE INDEX IF NOT EXISTS dashboard_messages_failed ON messages (agent_id, id) WHERE status = 'error'",
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFilter:
+    agent_id: str | None = None
+    channel: str | None = None
+    message_type: str | None = None
+    control_id: str | None = None
+    status: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    before_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """A message without its body (the list and the header of the detail view)."""
+
+    id: int
+    agent_id: str
+    channel: str
+    remote: str
+    callback: str
+    control_id: str | None
+    message_type: str | None
+    content_type: str
+    body_size: int
+    received_at: int
+    status: str
+    reply_status: int | None
+    reply_content_type: str | None
+    error: str | None
+    duplicate: int
+    processed_at: int | None
+
+    @property
+    def latency_ms(self) -> int | None:
+        return None if self.processed_at is None else self.processed_at - self.received_at
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCounts:
+    last_minute: int = 0
+    last_hour: int = 0
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class ChannelMinute:
+    """Per-minute figures of one channel over the last hour (index 0 = 59 minutes ago)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * 60)
+    errors: int = 0
+    latencies_ms: list[int] = field(default_factory=list)
+
+
+_ROW_COLUMNS = (
+    "id, agent_id, channel, remote, callback, control_id, message_type, content_type, length(body), received_at,"
+    " status, reply_status, reply_content_type, error, duplicate, processed_at"
+)
+
+
+class HubReader:
+    """One thread with one read connection to the hub's database."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._path = Path(db_path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medagent-dashboard-reader")
+        self._conn: sqlite3.Connection | None = None
+
+    async def start(self) -> None:
+        await self.run(self._open)
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        for statement in INDEXES:
+            conn.execute(statement)
+        conn.execute("PRAGMA query_only=ON")  # from here on this connection cannot write
+        self._conn = conn
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self.run(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the dashboard reader is not started")
+        return self._conn
+
+    # -- queries (run them with ``await reader.run(reader.<name>, ...)``) ------------------
+
+    def agent_counts(self, agent_ids: list[str], now_ms: int | None = None) -> dict[str, AgentCounts]:
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        conn = self.conn
+        failed = dict(conn.execute("SELECT agent_id, count(*) FROM messages WHERE status = 'error' GROUP BY agent_id"))
+        out: dict[str, AgentCounts] = {}
+        for agent_id in agent_ids:
+            hour, minute = conn.execute(
+                "SELECT count(*), coalesce(sum(received_at >= ?), 0) FROM messages"
+                " WHERE agent_id = ? AND received_at >= ?",
+                (now_ms - 60_000, agent_id, now_ms - 3_600_000),
+            ).fetchone()
+            out[agent_id] = AgentCounts(minute, hour, failed.get(agent_id, 0))
+        return out
+
+    def stored_total(self) -> int:
+        """Messages stored (the largest id: rows are never deleted by this hub version)."""
+        return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
+
+    def channel_minutes(self, agent_id: str, now_ms: int | None = None) -> dict[str, ChannelMinute]:
+        """Per channel: messages per minute over the last hour, errors, and bot latencies of the last minutes."""
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        start = now_ms - 3_600_000
+        channels: dict[str, ChannelMinute] = {}
+        rows = self.conn.execute(
+            "SELECT channel, (received_at - ?) / 60000, count(*), sum(status = 'error') FROM messages"
+            " WHERE agent_id = ? AND received_at >= ? GROUP BY 1, 2",
+            (start, agent_id, start),
+        )
+        for channel, minute, count, errors in rows:
+            figures = channels.setdefault(channel, ChannelMinute())
+            figures.counts[min(59, max(0, int(minute)))] += count
+            figures.errors += errors or 0
+        # Latency percentiles from the last 5 minutes, at most 20,000 rows (newest first).
+        for channel, received, processed in self.conn.execute(
+            "SELECT channel, received_at, processed_at FROM messages WHERE agent_id = ? AND received_at >= ?"
+            " AND processed_at IS NOT NULL ORDER BY received_at DESC LIMIT 20000",
+            (agent_id, now_ms - 300_000),
+        ):
+            channels.setdefault(channel, ChannelMinute()).latencies_ms.append(processed - received)
+        return channels
+
+    def search(self, f: MessageFilter, limit: int = PAGE) -> tuple[list[MessageRow], int | None]:
+        """A page of messages newest first, and the ``before`` id of the next page (or ``None``)."""
+        where, params = ["id < ?"], [f.before_id if f.before_id is not None else 2**62]
+        for column, value in (("agent_id", f.agent_id), ("channel", f.channel), ("control_id", f.control_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if f.status is not None:
+            # A literal, not a parameter: only then can SQLite use the partial index of failures.
+            where.append(f"status = '{MessageStatus(f.status).value}'")
+        if f.message_type is not None:
+            escaped = f.message_type.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("(message_type = ? OR message_type LIKE ? ESCAPE '\\')")
+            params += [f.message_type, escaped + "^%"]
+        if f.since_ms is not None:
+            where.append("received_at >= ?")
+            params.append(f.since_ms)
+        if f.until_ms is not None:
+            where.append("received_at < ?")
+            params.append(f.until_ms)
+        rows = self.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+            (*params, limit + 1),
+        ).fetchall()
+        page = [MessageRow(*r) for r in rows[:limit]]
+        return page, (page[-1].id if len(rows) > limit else None)
+
+    def message(self, message_id: int) -> MessageRow | None:
+        row = self.conn.execute(f"SELECT {_ROW_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else MessageRow(*row)
+
+    def message_texts(self, message_id: int) -> tuple[str, str | None] | None:
+        """``(body, reply_body)`` of a message (PHI: callers audit the access)."""
+        row = self.conn.execute("SELECT body, reply_body FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def channels_of(self, agent_id: str) -> list[str]:
+        """Channel names that have stored messages of ``agent_id`` (configured or not)."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT channel FROM messages WHERE agent_id = ? AND received_at >= ?",
+            (agent_id, int(time.time() * 1000) - 3_600_000))]
+
+
+def percentile(values: list[int], fraction: float) -> int | None:
+    """Nearest-rank percentile (``fraction`` in 0..1) of ``values``, or ``None`` when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(fraction * len(ordered) + 0.999999)))
+    return ordered[rank - 1]
