@@ -13,6 +13,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 MODULES = ["_mllp", "_hl7"]
+#: Written into medagent/_fast when an optional compile failed; read by medagent._compat.
+BUILD_FAILED_FILE = "BUILD_FAILED.txt"
 
 
 def _mode() -> str:
@@ -26,6 +28,9 @@ class OptionalBuildExt(build_ext):
     """In auto mode a failed compile leaves the pure twins in charge instead of failing."""
 
     def run(self) -> None:
+        for stale in self._failure_files():  # a reason left by an earlier failed build
+            if os.path.exists(stale):
+                os.remove(stale)
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any toolchain failure
@@ -37,9 +42,21 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001
             self._fallback(exc)
 
-    @staticmethod
-    def _fallback(exc: Exception) -> None:
-        print(f"WARNING: medagent C extensions not built ({exc}); using pure Python", file=sys.stderr)
+    def _fallback(self, exc: Exception) -> None:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        banner = "*" * 78
+        print(f"\n{banner}\nWARNING: medagent's C extensions were NOT built: {reason}\n"
+              "medagent will run in pure Python (slower). Install a C compiler and Python headers,\n"
+              f"or set MEDAGENT_BUILD_EXTENSIONS=yes to make this an error.\n{banner}\n", file=sys.stderr)
+        # Recorded inside the package so `medagent --version` and the serve banner can say why.
+        for target in self._failure_files():
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "w", encoding="utf-8") as handle:
+                handle.write(reason + "\n")
+
+    def _failure_files(self) -> list[str]:
+        roots = [self.build_lib] + ([os.path.dirname(os.path.abspath(__file__))] if self.inplace else [])
+        return [os.path.join(root, "medagent", "_fast", BUILD_FAILED_FILE) for root in roots]
 
 
 def _extensions(mode: str):
@@ -62,8 +79,9 @@ def _extensions(mode: str):
     )
 
 
-mode = _mode()
-setup(
-    ext_modules=_extensions(mode),
-    cmdclass={"build_ext": build_ext if mode == "yes" else OptionalBuildExt},
-)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import it
+    mode = _mode()
+    setup(
+        ext_modules=_extensions(mode),
+        cmdclass={"build_ext": build_ext if mode == "yes" else OptionalBuildExt},
+    )

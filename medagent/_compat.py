@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+from pathlib import Path
 from types import ModuleType
 
 __all__ = ["EXTENSIONS_ACTIVE", "NO_EXTENSIONS", "FAST_MODULES", "load_fast", "implementation_summary"]
@@ -31,6 +32,9 @@ def _env_disables_extensions() -> bool:
 
 
 NO_EXTENSIONS: bool = _env_disables_extensions() or platform.python_implementation() != "CPython"
+
+#: Written by setup.py when an optional (auto-mode) compile failed, with the reason.
+BUILD_FAILED_PATH = Path(__file__).parent / "_fast" / "BUILD_FAILED.txt"
 
 _loaded: dict[str, ModuleType | None] = {}
 _errors: dict[str, str] = {}
@@ -58,5 +62,15 @@ def implementation_summary() -> str:
         return "extensions: active (Cython: " + ", ".join(m.lstrip("_") for m in FAST_MODULES) + ")"
     if NO_EXTENSIONS:
         return "extensions: off (pure Python, MEDAGENT_NO_EXTENSIONS set or not CPython)"
-    missing = ", ".join(f"{k}: {v}" for k, v in _errors.items()) or "not built"
-    return f"extensions: unavailable (pure Python; {missing})"
+    return f"extensions: unavailable (pure Python; extensions not built: {build_failure_reason()})"
+
+
+def build_failure_reason() -> str:
+    """Why the compiled kernels are missing: the build's recorded reason, else the import error."""
+    try:
+        reason = BUILD_FAILED_PATH.read_text(encoding="utf-8").strip()
+    except OSError:
+        reason = ""
+    if not reason:
+        reason = "; ".join(f"{k}: {v}" for k, v in _errors.items()) or "not built"
+    return reason

@@ -34,3 +34,34 @@ def test_bad_env_value_is_a_clear_error() -> None:
     proc = subprocess.run([sys.executable, "-c", "import medagent._compat"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "MEDAGENT_NO_EXTENSIONS" in proc.stderr
+
+
+def test_recorded_build_failure_is_the_reason_shown(tmp_path, monkeypatch) -> None:
+    recorded = tmp_path / "BUILD_FAILED.txt"
+    recorded.write_text("error: command 'gcc' failed: No such file or directory\n")
+    monkeypatch.setattr(_compat, "BUILD_FAILED_PATH", recorded)
+    assert _compat.build_failure_reason() == "error: command 'gcc' failed: No such file or directory"
+    monkeypatch.setattr(_compat, "BUILD_FAILED_PATH", tmp_path / "absent.txt")
+    assert _compat.build_failure_reason()  # falls back to the import error or "not built"
+
+
+def test_auto_build_failure_warns_and_records_why(tmp_path, capsys) -> None:
+    """A compile failure in auto mode falls back to pure Python *with a word*: printed, recorded."""
+    import runpy
+    from pathlib import Path
+
+    import pytest
+
+    setup_py = Path(__file__).resolve().parents[1] / "setup.py"
+    if not setup_py.exists():
+        pytest.skip("needs the source tree (setup.py)")
+    from setuptools import Distribution
+
+    namespace = runpy.run_path(str(setup_py), run_name="medagent_setup")
+    command = namespace["OptionalBuildExt"](Distribution())
+    command.initialize_options()
+    command.build_lib, command.inplace = str(tmp_path), False
+    command._fallback(RuntimeError("error: command 'gcc' failed: No such file or directory"))
+    assert "C extensions were NOT built: error: command 'gcc' failed" in capsys.readouterr().err
+    recorded = tmp_path / "medagent" / "_fast" / "BUILD_FAILED.txt"
+    assert recorded.read_text().strip() == "error: command 'gcc' failed: No such file or directory"
