@@ -5,11 +5,22 @@ Theory of operation
 * An agent authenticates with OAuth2 client credentials (RFC 6749 §4.4). Its ``client_secret``
   is 32 random bytes (URL-safe base64), shown once; the store keeps only
   ``scrypt$n$r$p$<salt>$<hash>`` (:func:`hash_secret`), compared in constant time.
-* An access token is a compact JWS (RFC 7515) signed with HMAC-SHA256 (``alg: HS256``), whose
-  payload holds ``sub`` (the agent id), ``iat`` and ``exp`` (epoch seconds). Validation
-  (:meth:`TokenSigner.verify`) checks signature and expiry only, so it never touches the
-  database. The signing key is 32 random bytes generated on first start and kept in
-  ``<data_dir>/hub-signing-key`` with mode 0600; deleting that file revokes every token.
+* An access token is a JWT (RFC 7519) in compact JWS form (RFC 7515) signed with HMAC-SHA256
+  (``alg: HS256``), base64url ``header.payload.signature``. The payload holds the claims
+  Medplum's server issues that a client checks: ``sub`` (the agent id), ``client_id`` (the client
+  that logged in: ``@medplum/core``'s ``MedplumClient.verifyTokens`` refuses a token whose
+  ``client_id`` differs from its own client id, "Token not issued for this audience"), ``iss``
+  (the hub's base URL as the client reached it), ``iat`` and ``exp`` (epoch seconds, RFC 7519
+  §4.1.6/§4.1.4); plus ``gen``, the agent's token generation (revocation, below). No
+  ``login_id``: MedplumClient takes that claim as "a Medplum server" and then fetches
+  ``GET /auth/me`` for a user profile, project and membership this hub does not have; the agent
+  needs none of them (tried with Medplum's agent v4.5.2: login, config, websocket all work).
+* Revocation: every agent has a token generation (a counter in the store). A token carries the
+  generation current when it was issued; :meth:`TokenSigner.verify` with a ``generation_of``
+  lookup refuses a token whose generation is no longer current (one primary-key read). The
+  counter moves on ``POST /admin/agents/{id}/revoke-tokens``, when the agent is set ``off`` and
+  when its secret is rotated. The signing key is 32 random bytes generated on first start and
+  kept in ``<data_dir>/hub-signing-key`` with mode 0600; deleting that file revokes every token.
 * The operator API takes ``Authorization: Bearer <admin token>``; the admin token is generated on
   first start into ``<data_dir>/admin-token`` (0600) unless the settings give one.
 
@@ -26,10 +37,13 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+
+from medagent.hub.private import FILE_MODE, narrow
 
 __all__ = [
     "AuthError",
@@ -64,6 +78,8 @@ class AccessToken:
     agent_id: str
     issued_at: int
     expires_at: int
+    client_id: str = ""
+    generation: int = 0
 
 
 def new_client_secret() -> str:
@@ -94,22 +110,31 @@ def verify_secret(secret: str, stored: str) -> bool:
 
 
 class TokenSigner:
-    """Issues and verifies HS256 access tokens for agents."""
+    """Issues and verifies HS256 access tokens for agents.
 
-    def __init__(self, key: bytes, ttl_s: int) -> None:
+    ``generation_of(agent_id)`` returns the agent's current token generation, or ``None`` for an
+    agent that does not exist; without it only signature and expiry are checked.
+    """
+
+    def __init__(self, key: bytes, ttl_s: int, generation_of: Callable[[str], int | None] | None = None) -> None:
         if len(key) < 32:
             raise ValueError("the token signing key must be at least 32 bytes")
         self._key = key
         self.ttl_s = ttl_s
+        self._generation_of = generation_of
 
-    def issue(self, agent_id: str, now: float | None = None) -> str:
+    def issue(self, agent_id: str, now: float | None = None, *, client_id: str = "", generation: int = 0,
+              issuer: str | None = None) -> str:
         issued = int(time.time() if now is None else now)
-        payload = orjson.dumps({"sub": agent_id, "iat": issued, "exp": issued + self.ttl_s})
-        signing_input = _JWT_HEADER + b"." + _b64(payload).encode()
+        claims: dict[str, object] = {"sub": agent_id, "client_id": client_id, "gen": generation}
+        if issuer:
+            claims["iss"] = issuer
+        claims["iat"], claims["exp"] = issued, issued + self.ttl_s
+        signing_input = _JWT_HEADER + b"." + _b64(orjson.dumps(claims)).encode()
         return (signing_input + b"." + _b64(self._sign(signing_input)).encode()).decode()
 
     def verify(self, token: str, now: float | None = None) -> AccessToken:
-        """The token's claims; raises :class:`AuthError` if forged, malformed or expired."""
+        """The token's claims; raises :class:`AuthError` if forged, malformed, expired or revoked."""
         parts = token.encode().split(b".")
         if len(parts) != 3 or parts[0] != _JWT_HEADER:
             raise AuthError("malformed access token")
@@ -122,11 +147,18 @@ class TokenSigner:
         try:
             claims = orjson.loads(_unb64(parts[1].decode()))
             agent_id, issued, expires = claims["sub"], int(claims["iat"]), int(claims["exp"])
-        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+            client_id, generation = str(claims.get("client_id", "")), int(claims.get("gen", 0))
+        except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
             raise AuthError("malformed access token claims") from None
         if not isinstance(agent_id, str) or (time.time() if now is None else now) >= expires:
             raise AuthError("access token expired")
-        return AccessToken(agent_id, issued, expires)
+        if self._generation_of is not None:
+            current = self._generation_of(agent_id)
+            if current is None:
+                raise AuthError("access token of an unknown agent")
+            if current != generation:
+                raise AuthError("access token revoked")
+        return AccessToken(agent_id, issued, expires, client_id, generation)
 
     def _sign(self, signing_input: bytes) -> bytes:
         return hmac.new(self._key, signing_input, hashlib.sha256).digest()
@@ -137,6 +169,7 @@ def load_or_create_secret_file(path: Path, make: bytes) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        narrow(path, FILE_MODE)
         content = path.read_bytes()
         if not content.strip():
             raise ValueError(f"{path} is empty; delete it to have a new secret generated") from None

@@ -7,8 +7,13 @@ requests of each frame (one, or all of an ``agent:batch``); a single task drains
 received meanwhile and, per drained group:
 
 1. checks ``Agent.status`` (``off`` -> ``agent:error "Agent.status is currently set to off"``
-   for each message, nothing stored — medplum-protocol.md §2);
-2. stores every message in **one** transaction on the writer thread (deduplicated by callback);
+   for each message, nothing stored — medplum-protocol.md §2) and the free-space watermark
+   (:class:`~medagent.hub.diskspace.DiskWatermark`: while the disk is nearly full every message
+   gets ``agent:error`` and the group is NOT acknowledged, so the agent keeps and resends it);
+2. refuses a message for a channel the sending agent does not have with ``agent:error
+   "Channel not found"`` (Medplum's ``handleTransmit`` does the same), nothing stored — an agent
+   can never write into another agent's channel (issue 18, defect 6); then stores every other
+   message in **one** transaction on the writer thread (deduplicated by callback);
 3. only then sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative);
 4. answers resends of already answered callbacks with the stored reply (the bot is not run
    again) and hands every other message to the hub-wide :class:`ChannelDispatcher`.
@@ -48,6 +53,7 @@ from medagent.cloud.messages import (
 )
 from medagent.hub import hl7text
 from medagent.hub.botrunner import BotEvent, BotRunner, failure_outcome
+from medagent.hub.diskspace import DiskWatermark
 from medagent.hub.records import (
     AgentStatus,
     ChannelStatus,
@@ -64,11 +70,12 @@ from medagent.hub.writer import StoreWriter
 if TYPE_CHECKING:
     from medagent.proto.hl7 import Header
 
-__all__ = ["IntakePipeline", "ChannelDispatcher", "Backlog", "AGENT_OFF_ERROR"]
+__all__ = ["IntakePipeline", "ChannelDispatcher", "Backlog", "AGENT_OFF_ERROR", "CHANNEL_NOT_FOUND"]
 
 log = logging.getLogger(__name__)
 
 AGENT_OFF_ERROR = "Agent.status is currently set to off"
+CHANNEL_NOT_FOUND = "Channel not found"
 _WORKER_GROUP_MAX = 1000
 #: How long agent status and channel -> bot lookups are reused.
 LOOKUP_TTL_S = 1.0
@@ -120,8 +127,10 @@ class ChannelDispatcher:
     """Hub-wide FIFO per (agent, channel) feeding the bots; answers through the registry."""
 
     def __init__(self, store: HubStore, writer: StoreWriter, bots: BotRunner,
-                 registry: AgentRegistry[Connection], backlog_limit: int) -> None:
+                 registry: AgentRegistry[Connection], backlog_limit: int, disk: DiskWatermark | None = None) -> None:
         self._store = store
+        #: the free-space watermark every connection's intake checks before storing
+        self.disk = disk
         self._writer = writer
         self._bots = bots
         self._registry = registry
@@ -221,7 +230,7 @@ class IntakePipeline:
         # Agent status and channel -> bot change rarely; reading them per group cost the loop a
         # SQLite query each time. A change is seen within LOOKUP_TTL_S.
         self._active_until = 0.0
-        self._bots: dict[str, tuple[str | None, str | None]] = {}
+        self._bots: dict[str, tuple[str | None, str | None] | None] = {}
         self._bots_until = 0.0
         self._active_generation = -1
         self._bots_generation = -1
@@ -252,8 +261,15 @@ class IntakePipeline:
         requests = [r for frame, _ in group for r in frame]
         seqs = [seq for _, seq in group if seq is not None]
         committed, replies = True, []
+        disk = self._dispatcher.disk
+        refusal = disk.refusal() if disk is not None and requests else None
         if requests and not self._agent_active():
             replies = [ErrorMessage(AGENT_OFF_ERROR, r.callback) for r in requests]
+            self._backlog.release(len(requests))
+        elif refusal is not None:
+            assert disk is not None
+            disk.refused += len(requests)
+            committed, replies = False, [ErrorMessage(refusal, r.callback) for r in requests]
             self._backlog.release(len(requests))
         elif requests:
             committed, replies = await self._store_group(requests)
@@ -280,9 +296,16 @@ class IntakePipeline:
         incoming: list[IncomingMessage] = []
         headers: list[Header | None] = []
         replies: list[AgentMessage] = []
+        channels = self._channels()
         for r in requests:
             if not r.channel:
                 replies.append(ErrorMessage("Missing channel", r.callback))
+                self._backlog.release()
+                continue
+            if r.channel not in channels:
+                channels[r.channel] = self._channel_bot(r.channel)
+            if channels[r.channel] is None:
+                replies.append(ErrorMessage(CHANNEL_NOT_FOUND, r.callback))
                 self._backlog.release()
                 continue
             header = hl7text.scan_header(r.body) if r.content_type == CONTENT_TYPE_HL7_V2 else None
@@ -310,11 +333,7 @@ class IntakePipeline:
     def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
               replies: list[AgentMessage]) -> list[BotJob]:
         jobs: list[BotJob] = []
-        now = time.monotonic()
-        if now >= self._bots_until or self._bots_generation != self._store.config_generation:
-            self._bots, self._bots_until = {}, now + LOOKUP_TTL_S
-            self._bots_generation = self._store.config_generation
-        channels = self._bots
+        channels = self._channels()
         inflight = self._dispatcher.inflight
         for message, header, result in zip(incoming, headers, results):
             if result.kind is IntakeKind.DUPLICATE:
@@ -325,17 +344,26 @@ class IntakePipeline:
                 if message.callback in inflight:
                     self._backlog.release()  # the first copy is being answered right now
                     continue
-            if message.channel not in channels:
+            if message.channel not in channels:  # the cache expired while the group was stored
                 channels[message.channel] = self._channel_bot(message.channel)
-            bot, refusal = channels[message.channel]
+            found = channels[message.channel]
+            bot, refusal = found if found is not None else (None, CHANNEL_NOT_FOUND)
             inflight.add(message.callback)
             jobs.append(BotJob(message, header, bot, refusal))
         return jobs
 
-    def _channel_bot(self, channel: str) -> tuple[str | None, str | None]:
+    def _channels(self) -> dict[str, tuple[str | None, str | None] | None]:
+        """Channel name -> (bot, refusal), or None for a channel this agent does not have (cached)."""
+        now = time.monotonic()
+        if now >= self._bots_until or self._bots_generation != self._store.config_generation:
+            self._bots, self._bots_until = {}, now + LOOKUP_TTL_S
+            self._bots_generation = self._store.config_generation
+        return self._bots
+
+    def _channel_bot(self, channel: str) -> tuple[str | None, str | None] | None:
         found = self._store.channel_bot(self.agent_id, channel)
         if found is None:
-            return None, f"channel {channel!r} is not configured for this agent on the hub"
+            return None
         record, bot = found
         if record.status is not ChannelStatus.ACTIVE:
             return None, f"channel {channel!r} is off on the hub"

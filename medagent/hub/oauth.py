@@ -7,6 +7,13 @@ The client authenticates with ``client_id``/``client_secret`` in the form body
 missing client id or secret -> 400 ``invalid_request``; an unknown client or a wrong secret ->
 401 ``invalid_client``. Secret checks (scrypt, tens of ms) run off the event loop, and an
 unknown client id costs the same work as a wrong secret.
+
+Rate limit (issue 18): every request takes a token from its client address's bucket before the
+form is read, and from its client id's bucket before the secret is checked, so guessing secrets
+or burning the hub's CPU on scrypt is bounded per address and per client. An empty bucket ->
+429 ``{"error": "too_many_requests"}`` with ``Retry-After`` (RFC 6585 §4), logged as one
+rate-limited line. The access token carries ``client_id`` (see :mod:`medagent.hub.auth`) and
+``iss``, the base URL the client used.
 """
 
 from __future__ import annotations
@@ -15,15 +22,22 @@ import asyncio
 import base64
 import binascii
 import functools
+import logging
 import urllib.parse
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 
 from medagent.hub.auth import hash_secret, verify_secret
 from medagent.hub.context import CTX_KEY
+from medagent.hub.ratelimit import RateLimiter
+from medagent.ops.logs import RateLimitedLog
 
-__all__ = ["token_endpoint", "add_oauth_routes"]
+__all__ = ["token_endpoint", "add_oauth_routes", "TOKEN_LIMITS_KEY", "TokenLimits"]
+
+log = logging.getLogger(__name__)
+_limited_log = RateLimitedLog(log)
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -57,8 +71,31 @@ def _basic_credentials(header: str | None) -> tuple[str, str] | None:
     return urllib.parse.unquote(client_id), urllib.parse.unquote(secret)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLimits:
+    """The token endpoint's two rate limiters (one per client address, one per client id)."""
+
+    per_address: RateLimiter
+    per_client: RateLimiter
+
+
+TOKEN_LIMITS_KEY: web.AppKey[TokenLimits] = web.AppKey("medagent_hub_token_limits", TokenLimits)
+
+
+def _too_many(kind: str, key: str, wait_s: float) -> web.Response:
+    _limited_log.warning(f"token-{kind}", "token requests over the limit for %s %r", kind, key[:64])
+    response = _oauth_error(429, "too_many_requests", f"too many token requests for this {kind}; retry later")
+    response.headers["Retry-After"] = RateLimiter.retry_after(wait_s)
+    return response
+
+
 async def token_endpoint(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
+    limits = request.app[TOKEN_LIMITS_KEY]
+    address = request.remote or "unknown"
+    wait = limits.per_address.take(address)
+    if wait:
+        return _too_many("address", address, wait)
     form = await request.post()
     if form.get("grant_type") != "client_credentials":
         return _oauth_error(400, "unsupported_grant_type", "only grant_type=client_credentials is supported")
@@ -66,17 +103,32 @@ async def token_endpoint(request: web.Request) -> web.Response:
     client_id, secret = basic if basic else (form.get("client_id"), form.get("client_secret"))
     if not isinstance(client_id, str) or not isinstance(secret, str) or not client_id or not secret:
         return _oauth_error(400, "invalid_request", "client_id and client_secret are required")
+    wait = limits.per_client.take(client_id)
+    if wait:
+        return _too_many("client", client_id, wait)
     found = ctx.store.client_secret_hash(client_id)
     stored_hash = found[1] if found else _dummy_hash()
     matches = await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, stored_hash)
     if found is None or not matches:
         return _oauth_error(401, "invalid_client", "unknown client or wrong client secret", basic is not None)
-    token = ctx.signer.issue(found[0])
+    agent_id, _, generation = found
+    token = ctx.signer.issue(agent_id, client_id=client_id, generation=generation, issuer=_issuer(request))
     return web.Response(
         body=orjson.dumps({"access_token": token, "token_type": "Bearer", "expires_in": ctx.signer.ttl_s}),
         content_type="application/json", headers=_NO_STORE,
     )
 
 
+def _issuer(request: web.Request) -> str:
+    """The hub's base URL as this client reached it (Medplum's ``iss`` is its base URL)."""
+    return f"{request.scheme}://{request.host}/"
+
+
 def add_oauth_routes(app: web.Application) -> None:
+    """The token endpoint; its rate limits come from the settings in ``app[CTX_KEY]``."""
+    settings = app[CTX_KEY].settings
+    app[TOKEN_LIMITS_KEY] = TokenLimits(
+        RateLimiter(settings.token_requests_per_address_per_min, settings.token_burst_per_address),
+        RateLimiter(settings.token_requests_per_client_per_min, settings.token_burst_per_client),
+    )
     app.router.add_post("/oauth2/token", token_endpoint)

@@ -28,6 +28,7 @@ __all__ = [
     "MessagePage",
     "ResourceRecord",
     "StoredReply",
+    "RetentionPolicy",
 ]
 
 
@@ -207,3 +208,20 @@ class ResourceRecord:
     identifier: str
     resource: dict[str, Any]
     updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long a channel's messages are kept (``None``: no limit). Ages are seconds since receipt.
+
+    Bodies (message and reply text: the PHI) go first, after ``body_max_age_s``; the metadata row
+    (ids, type, status, sizes) after ``max_age_s``.
+    """
+
+    max_age_s: float | None = 90 * 86400.0
+    body_max_age_s: float | None = 30 * 86400.0
+
+    def validate(self, name: str) -> None:
+        for label, value in (("max_age_s", self.max_age_s), ("body_max_age_s", self.body_max_age_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}.{label} must be positive (or None for no limit), not {value}")

@@ -76,6 +76,16 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (resource_type, identifier)
     );
     """,
+    # v2: token revocation (a per-agent token generation) and retention (medagent.hub.retention):
+    # bodies are purged before rows. Both indexes list exactly the rows a retention step may
+    # still touch (a deleted row leaves the first, a purged body leaves the second), so each
+    # step reads only the rows it changes, never rows it skipped before.
+    """
+    ALTER TABLE agents ADD COLUMN token_generation INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN body_purged_at INTEGER;
+    CREATE INDEX messages_channel_age ON messages (channel, received_at);
+    CREATE INDEX messages_channel_body_age ON messages (channel, received_at) WHERE body_purged_at IS NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -12,6 +12,14 @@ when a certificate and key are configured. :meth:`HubServer.stop` closes every a
 finishes the queued store writes and closes the store — in that order, so nothing already
 acknowledged is lost.
 
+Hardening (issue 18): the data directory is made 0700 and every file the hub keeps there
+(``hub.sqlite3`` and its ``-wal``/``-shm``, ``hub.log``, the signing key, the admin token) 0600,
+whatever the umask (:mod:`medagent.hub.private`); aiohttp's request-error logging goes through
+:class:`~medagent.hub.httplog.HttpErrorLog` (one short rate-limited line per client error);
+access tokens are checked against the agent's token generation (revocation); a
+:class:`~medagent.hub.retention.RetentionWorker` bounds the store and a
+:class:`~medagent.hub.diskspace.DiskWatermark` stops intake before the disk is full.
+
 Invariant: a started server always has a store, a signer and an admin token; ``stop`` is
 idempotent.
 """
@@ -33,19 +41,26 @@ from medagent.hub.botrunner import BotRunner
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
 from medagent.hub.dashboard import add_dashboard_routes
 from medagent.hub.dicomweb import add_dicomweb_routes
+from medagent.hub.diskspace import DiskWatermark
 from medagent.hub.fhir import add_fhir_routes
+from medagent.hub.httplog import HttpErrorLog
 from medagent.hub.intake import ChannelDispatcher
 from medagent.hub.oauth import add_oauth_routes
 from medagent.hub.operations import add_operation_routes
+from medagent.hub.private import FILE_MODE, narrow, private_dir
 from medagent.hub.registry import AgentRegistry, PendingReplies
+from medagent.hub.retention import RetentionWorker
 from medagent.hub.settings import HubSettings
 from medagent.hub.store import HubStore
 from medagent.hub.websocket import AgentConnection, handle_agent_websocket
 from medagent.hub.writer import StoreWriter
 
-__all__ = ["HubServer", "HubSettings"]
+__all__ = ["HubServer", "HubSettings", "LOG_FILE"]
 
 log = logging.getLogger(__name__)
+
+#: the hub's log file when a parent process (medagent serve's embedded hub) writes one
+LOG_FILE = "hub.log"
 
 
 class HubServer:
@@ -59,6 +74,7 @@ class HubServer:
         self._ctx: HubContext | None = None
         self._runner: web.AppRunner | None = None
         self._app: web.Application | None = None
+        self._retention: RetentionWorker | None = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -71,6 +87,12 @@ class HubServer:
     @property
     def store(self) -> HubStore:
         return self.context.store
+
+    @property
+    def retention(self) -> RetentionWorker:
+        if self._retention is None:
+            raise RuntimeError("the hub is not started")
+        return self._retention
 
     @property
     def admin_token(self) -> str:
@@ -102,12 +124,13 @@ class HubServer:
     async def start(self) -> None:
         if self._ctx is not None:
             raise RuntimeError("the hub is already started")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
+        narrow(self.data_dir / LOG_FILE, FILE_MODE)  # opened by a parent process, maybe under umask 022
         store = HubStore(self.data_dir)
         try:
             ctx = self._build_context(store)
             app = self._build_app(ctx)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=HttpErrorLog())
             await runner.setup()
             site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=self._ssl_context())
             await site.start()
@@ -115,6 +138,11 @@ class HubServer:
             store.close()
             raise
         self._ctx, self._app, self._runner = ctx, app, runner
+        settings = self.settings
+        self._retention = RetentionWorker(store, settings.retention, settings.retention_channels,
+                                          settings.retention_max_bytes, settings.retention_interval_s,
+                                          settings.retention_batch_rows)
+        self._retention.start()
         self.port = _bound_port(runner, self.settings.port)
         log.info("medagent hub %s listening on %s (data in %s)", __version__, self.url, self.data_dir)
 
@@ -127,9 +155,10 @@ class HubServer:
         writer = StoreWriter(store)
         bots = BotRunner(settings.bot_workers, settings.bot_timeout_s)
         registry: AgentRegistry[AgentConnection] = AgentRegistry()
-        dispatcher = ChannelDispatcher(store, writer, bots, registry, settings.max_backlog_messages)  # type: ignore[arg-type]
-        return HubContext(settings, store, writer, TokenSigner(key, settings.token_ttl_s), bots, registry,
-                          PendingReplies(), dispatcher, admin_token)
+        disk = DiskWatermark(self.data_dir, settings.min_free_bytes, settings.min_free_percent, store.free_page_bytes)
+        dispatcher = ChannelDispatcher(store, writer, bots, registry, settings.max_backlog_messages, disk)  # type: ignore[arg-type]
+        signer = TokenSigner(key, settings.token_ttl_s, store.token_generation)
+        return HubContext(settings, store, writer, signer, bots, registry, PendingReplies(), dispatcher, admin_token)
 
     def _build_app(self, ctx: HubContext) -> web.Application:
         app = web.Application(client_max_size=ctx.settings.max_frame_bytes)
@@ -157,6 +186,9 @@ class HubServer:
         if ctx is None or runner is None or app is None:
             return
         self._ctx = self._runner = self._app = None
+        if self._retention is not None:
+            await self._retention.stop()
+            self._retention = None
         connections = list(app[CONNECTIONS_KEY])
         await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
         ctx.pending.cancel_all()

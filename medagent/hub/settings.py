@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from medagent.hub.records import RetentionPolicy
 
 __all__ = ["HubSettings", "DEFAULT_PORT", "DEFAULT_DATA_DIR"]
 
@@ -36,6 +39,22 @@ class HubSettings:
     max_frame_bytes: int = 16 * 1024 * 1024
     #: unanswered inbound messages per agent before the hub stops reading its socket
     max_backlog_messages: int = 10_000
+    #: /oauth2/token rate limits (token buckets: refill per minute, burst) per client id and address
+    token_requests_per_client_per_min: float = 10.0
+    token_burst_per_client: int = 10
+    token_requests_per_address_per_min: float = 60.0
+    token_burst_per_address: int = 60
+    #: retention (medagent.hub.retention): hub-wide policy, per-channel overrides by channel name,
+    #: and a budget for the live size of hub.sqlite3 (None = no size limit)
+    retention: RetentionPolicy = RetentionPolicy()
+    retention_channels: Mapping[str, RetentionPolicy] = field(default_factory=dict)
+    retention_max_bytes: int | None = None
+    retention_interval_s: float = 10.0
+    retention_batch_rows: int = 500
+    #: free-space watermark: intake is refused (agent:error, nothing stored) while the data
+    #: directory's file system has less than max(min_free_bytes, min_free_percent of its size)
+    min_free_bytes: int = 50 * 1024 * 1024
+    min_free_percent: float = 2.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting that is wrong."""
@@ -51,9 +70,21 @@ class HubSettings:
             "bot_timeout_s": self.bot_timeout_s, "bot_workers": self.bot_workers,
             "heartbeat_interval_s": self.heartbeat_interval_s, "batch_max_bytes": self.batch_max_bytes,
             "max_frame_bytes": self.max_frame_bytes, "max_backlog_messages": self.max_backlog_messages,
+            "token_requests_per_client_per_min": self.token_requests_per_client_per_min,
+            "token_burst_per_client": self.token_burst_per_client,
+            "token_requests_per_address_per_min": self.token_requests_per_address_per_min,
+            "token_burst_per_address": self.token_burst_per_address,
+            "retention_interval_s": self.retention_interval_s, "retention_batch_rows": self.retention_batch_rows,
         }
         for name, value in positives.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
+        self.retention.validate("retention")
+        for channel, policy in self.retention_channels.items():
+            policy.validate(f"retention_channels[{channel!r}]")
+        if self.retention_max_bytes is not None and self.retention_max_bytes <= 0:
+            raise ValueError(f"retention_max_bytes must be positive (or None), not {self.retention_max_bytes}")
+        if self.min_free_bytes < 0 or not 0 <= self.min_free_percent < 100:
+            raise ValueError("min_free_bytes must be >= 0 and min_free_percent in 0..100")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("admin_token must be at least 16 characters")

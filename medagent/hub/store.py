@@ -57,6 +57,7 @@ from medagent.hub.records import (
     ResourceRecord,
     StoredReply,
 )
+from medagent.hub.private import narrow, private_dir, private_file, FILE_MODE
 from medagent.hub.schema import migrate
 
 __all__ = ["HubStore", "StoreError", "NotFound", "InvalidValue", "DB_FILE", "MAX_PAGE", "DEFAULT_BOT",
@@ -90,9 +91,10 @@ class HubStore:
     """SQLite-backed store of the hub; safe to use from several threads."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.data_dir / DB_FILE
+        self.data_dir = private_dir(Path(data_dir))
+        self.path = private_file(self.data_dir / DB_FILE)  # SQLite gives -wal/-shm the same mode
+        for companion in ("-wal", "-shm"):
+            narrow(self.path.with_name(DB_FILE + companion), FILE_MODE)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -169,7 +171,7 @@ class HubStore:
         """Issue a new client secret for an agent (the old one stops working); shown once."""
         agent = self.get_agent(agent_id)
         secret = new_client_secret()
-        self._update_agent(agent_id, "secret_hash", hash_secret(secret))
+        self._update_agent(agent_id, "secret_hash", hash_secret(secret), revoke=True)
         return AgentCredentials(agent.id, agent.client_id, secret)
 
     def get_agent(self, agent_id: str) -> AgentRecord:
@@ -195,24 +197,43 @@ class HubStore:
             rows = self._conn().execute(_AGENT_SELECT + " WHERE name = ?", (name,)).fetchall()
         return [_agent(r) for r in rows]
 
-    def client_secret_hash(self, client_id: str) -> tuple[str, str] | None:
-        """``(agent_id, secret_hash)`` of a client id, for the token endpoint."""
+    def client_secret_hash(self, client_id: str) -> tuple[str, str, int] | None:
+        """``(agent_id, secret_hash, token_generation)`` of a client id, for the token endpoint."""
         row = self._conn().execute(
-            "SELECT id, secret_hash FROM agents WHERE client_id = ?", (client_id,)
+            "SELECT id, secret_hash, token_generation FROM agents WHERE client_id = ?", (client_id,)
         ).fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2])
+
+    def token_generation(self, agent_id: str) -> int | None:
+        """The agent's current token generation (tokens of another one are revoked); None: no agent."""
+        row = self._conn().execute("SELECT token_generation FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def revoke_tokens(self, agent_id: str) -> int:
+        """Refuse every access token issued to the agent so far; returns the new generation."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE agents SET token_generation = token_generation + 1, updated_at = ? WHERE id = ?",
+                (now_ms(), agent_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no agent with id {agent_id!r}")
+            return int(conn.execute("SELECT token_generation FROM agents WHERE id = ?", (agent_id,)).fetchone()[0])
 
     def set_agent_status(self, agent_id: str, status: AgentStatus) -> None:
-        self._update_agent(agent_id, "status", AgentStatus(status).value)
+        """Set ``Agent.status``; turning an agent ``off`` also revokes its tokens."""
+        status = AgentStatus(status)
+        self._update_agent(agent_id, "status", status.value, revoke=status is AgentStatus.OFF)
 
     def set_agent_settings(self, agent_id: str, settings: dict[str, Any]) -> None:
         self._update_agent(agent_id, "settings", orjson.dumps(settings).decode())
 
-    def _update_agent(self, agent_id: str, column: str, value: str) -> None:
+    def _update_agent(self, agent_id: str, column: str, value: str, revoke: bool = False) -> None:
         self.config_generation += 1
+        bump = ", token_generation = token_generation + 1" if revoke else ""
         with self._write() as conn:
             cur = conn.execute(
-                f"UPDATE agents SET {column} = ?, updated_at = ? WHERE id = ?", (value, now_ms(), agent_id)
+                f"UPDATE agents SET {column} = ?, updated_at = ?{bump} WHERE id = ?", (value, now_ms(), agent_id)
             )
         if cur.rowcount == 0:
             raise NotFound(f"no agent with id {agent_id!r}")
@@ -375,6 +396,77 @@ class HubStore:
         if page is None:
             raise NotFound(f"no message with callback {callback!r}")
         return _message(page)
+
+    # -- retention (medagent.hub.retention; each call is one short transaction) -----------------
+
+    def message_channels(self) -> list[str]:
+        """Every channel name that has stored messages (an index skip-scan: one seek per name)."""
+        rows = self._conn().execute(
+            "WITH RECURSIVE c(name) AS (SELECT min(channel) FROM messages UNION ALL"
+            " SELECT (SELECT min(channel) FROM messages WHERE channel > c.name) FROM c WHERE c.name IS NOT NULL)"
+            " SELECT name FROM c WHERE name IS NOT NULL"
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def purge_bodies(self, channel: str, received_before: int, limit: int) -> int:
+        """Blank the message and reply bodies of up to ``limit`` of the channel's oldest messages
+        received before ``received_before`` (epoch ms); the metadata stays. Returns the count."""
+        with self._write() as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM messages INDEXED BY messages_channel_body_age WHERE channel = ?"
+                " AND received_at < ? AND body_purged_at IS NULL ORDER BY received_at LIMIT ?",
+                (channel, received_before, limit),
+            )]
+            return self._purge_ids(conn, ids)
+
+    def purge_oldest_bodies(self, limit: int) -> int:
+        """Blank the bodies of the ``limit`` oldest messages (all channels) that still have one."""
+        with self._write() as conn:
+            candidates: list[tuple[int, int]] = []
+            for channel in self.message_channels():
+                candidates += conn.execute(
+                    "SELECT received_at, id FROM messages INDEXED BY messages_channel_body_age"
+                    " WHERE channel = ? AND body_purged_at IS NULL ORDER BY received_at LIMIT ?",
+                    (channel, limit),
+                ).fetchall()
+            candidates.sort()
+            return self._purge_ids(conn, [i for _, i in candidates[:limit]])
+
+    @staticmethod
+    def _purge_ids(conn: sqlite3.Connection, ids: list[int]) -> int:
+        stamp = now_ms()
+        conn.executemany(
+            "UPDATE messages SET body = '', reply_body = NULL, body_purged_at = ? WHERE id = ?",
+            [(stamp, i) for i in ids],
+        )
+        return len(ids)
+
+    def delete_messages(self, channel: str, received_before: int, limit: int) -> int:
+        """Delete up to ``limit`` of the channel's oldest messages received before ``received_before``."""
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages INDEXED BY messages_channel_age"
+                " WHERE channel = ? AND received_at < ? ORDER BY received_at LIMIT ?)",
+                (channel, received_before, limit),
+            ).rowcount
+
+    def delete_oldest_messages(self, limit: int) -> int:
+        """Delete the ``limit`` messages with the lowest ids (the oldest stored), all channels."""
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT ?)", (limit,)
+            ).rowcount
+
+    def live_bytes(self) -> int:
+        """Bytes of hub.sqlite3 holding data (its size less the free pages SQLite will reuse)."""
+        conn = self._conn()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages) * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+    def free_page_bytes(self) -> int:
+        """Bytes of free pages inside hub.sqlite3 (room for new rows without growing the file)."""
+        conn = self._conn()
+        return int(conn.execute("PRAGMA freelist_count").fetchone()[0]) * int(conn.execute("PRAGMA page_size").fetchone()[0])
 
     # -- resources --------------------------------------------------------------------------
 

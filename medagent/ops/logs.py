@@ -1,8 +1,14 @@
-"""Logging setup and the in-memory log ring buffer behind `agent:logs:request` / `$fetch-logs`.
+"""Logging setup, the in-memory log ring buffer behind `agent:logs:request` / `$fetch-logs`, and
+a rate limiter for log lines that outsiders can trigger.
 
 Invariant: nothing here formats message bodies. Code that logs PHI must check `log_phi` itself;
 these handlers only keep and forward what was logged. The ring buffer is bounded (default
 1000 records, Medplum's maximum for one logs request), so memory stays flat in a long run.
+
+`RateLimitedLog` exists because an unauthenticated client can make the hub log at will (a bad
+HTTP request, a refused token request): a fuzzer wrote 18.6 MB of tracebacks per minute into
+hub.log (issue 18, defect 4). Per *kind* of event it writes the first line, then at most one
+line per `interval_s`, and that line says how many similar ones were suppressed in between.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ import collections
 import logging
 import sys
 import threading
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["LogRing", "setup_logging", "LOG_RING", "MAX_LOG_LIMIT", "DEFAULT_LOG_LIMIT"]
+__all__ = ["LogRing", "RateLimitedLog", "setup_logging", "LOG_RING", "MAX_LOG_LIMIT", "DEFAULT_LOG_LIMIT"]
 
 DEFAULT_LOG_LIMIT = 20
 MAX_LOG_LIMIT = 1000
@@ -45,6 +53,52 @@ class LogRing(logging.Handler):
 
 
 LOG_RING = LogRing()
+
+
+class RateLimitedLog:
+    """At most one line per ``interval_s`` per kind, each carrying the count suppressed before it.
+
+    Thread-safe. At most ``max_kinds`` kinds are tracked (callers use a few fixed kinds; the
+    bound only protects against a caller that puts outside text into the kind).
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0, max_kinds: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self._max_kinds = max_kinds
+        self._clock = clock
+        self._guard = threading.Lock()
+        #: kind -> (time of the last line written, lines suppressed since)
+        self._kinds: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args: Any, exc_info: BaseException | None = None) -> bool:
+        """Write ``msg % args`` unless this kind wrote within ``interval_s``; True if written."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        now = self._clock()
+        with self._guard:
+            last, suppressed = self._kinds.get(kind, (None, 0))
+            if last is not None and now - last < self.interval_s:
+                self._kinds[kind] = (last, suppressed + 1)
+                return False
+            if kind not in self._kinds and len(self._kinds) >= self._max_kinds:
+                self._kinds.pop(next(iter(self._kinds)))
+            self._kinds[kind] = (now, 0)
+        if suppressed:
+            msg += " (%d similar suppressed in the last %.0f s)"
+            args = (*args, suppressed, now - last if last is not None else 0.0)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def warning(self, kind: str, msg: str, *args: Any) -> bool:
+        return self.log(logging.WARNING, kind, msg, *args)
+
+    def info(self, kind: str, msg: str, *args: Any) -> bool:
+        return self.log(logging.INFO, kind, msg, *args)
+
+    def error(self, kind: str, msg: str, *args: Any) -> bool:
+        return self.log(logging.ERROR, kind, msg, *args)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hubtest_bots
+import pytest
 from hubtest import SpecAgent, adt, msa, transmit, wait_for
 
 from medagent.hub import AgentCredentials, AgentStatus, HubServer, MessageQuery, MessageStatus
 from medagent.hub.records import MessageRecord
+from medagent.hub.store import NotFound
 
 
 def stored(hub: HubServer, callback: str) -> MessageRecord:
@@ -233,17 +235,38 @@ async def test_agent_off_refuses_transmit(hub: HubServer, agent: AgentCredential
 async def test_unknown_channel_and_non_hl7(hub: HubServer, agent: AgentCredentials) -> None:
     client = await SpecAgent.connected(hub, agent)
     await client.send(transmit("nope", adt("U1"), "unknown-1"))
+    error = await client.recv_type("agent:error")
+    assert (error["body"], error["callback"]) == ("Channel not found", "unknown-1")
     await client.send(transmit("adt", "just text", "text-1", content_type="text/plain"))
     await client.send({"type": "agent:transmit:request", "remote": "r", "contentType": "text/plain", "body": "x",
                        "callback": "nochan-1"})
-    responses = {r["callback"]: r for r in await client.responses(2)}
-    assert msa(responses["unknown-1"]["body"])[1] == "AR"
-    assert "not configured" in msa(responses["unknown-1"]["body"])[3]
+    responses = {r["callback"]: r for r in await client.responses(1)}
     assert responses["text-1"]["statusCode"] == 400
     assert responses["text-1"]["contentType"] == "text/plain"
     assert "HL7 v2 messages only" in responses["text-1"]["body"]
     await wait_for(lambda: stored(hub, "text-1").status is MessageStatus.ERROR)
+    with pytest.raises(NotFound):
+        hub.store.get_message("unknown-1")
     await client.close()
+
+
+async def test_an_agent_cannot_send_into_another_agents_channel(hub: HubServer, agent: AgentCredentials) -> None:
+    """Issue 18 defect 6: agent B, without channels, sends a transmit for A's channel 'adt'."""
+    intruder = hub.store.add_agent("intruder")
+    client = await SpecAgent.connected(hub, intruder)
+    await client.send({"type": "agent:batch", "seq": 1, "messages": [transmit("adt", adt("X1"), "intrude-1")]})
+    error = await client.recv_type("agent:error")
+    assert (error["body"], error["callback"]) == ("Channel not found", "intrude-1")
+    with pytest.raises(NotFound):
+        hub.store.get_message("intrude-1")
+    assert hub.store.query_messages(MessageQuery(agent_id=intruder.agent_id)).messages == ()
+    # A's own messages on the same channel name are still taken
+    owner = await SpecAgent.connected(hub, agent)
+    await owner.send(transmit("adt", adt("A1"), "own-1"))
+    assert (await owner.responses(1))[0]["callback"] == "own-1"
+    assert stored(hub, "own-1").agent_id == agent.agent_id
+    await client.close()
+    await owner.close()
 
 
 async def test_replies_follow_the_agent_to_its_new_connection(hub: HubServer, agent: AgentCredentials) -> None:

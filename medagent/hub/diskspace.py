@@ -1,0 +1,82 @@
+"""The hub's free-space watermark: refuse new messages before the disk is full.
+
+Theory of operation
+-------------------
+When the file system under the data directory fills, SQLite fails commits with "database or
+disk is full" and the hub can no longer write replies or checkpoint its WAL. So intake stops
+*before* that: while the room left is below ``max(min_free_bytes, min_free_percent % of the file
+system)``, every transmit is answered ``agent:error`` (nothing stored, no ``agent:batch:ack``, so
+the agent keeps the messages in its own durable queue and resends them). The room left counts
+the file system's free space (``statvfs`` ``f_bavail``, what an unprivileged writer may use) plus
+the free pages inside ``hub.sqlite3``, which SQLite reuses before it grows the file — so
+retention deleting rows makes room even though the file does not shrink.
+
+The check is cached for ``CHECK_INTERVAL_S`` (a ``statvfs`` and two PRAGMAs per second, never
+per message). Each change of state (low / recovered) is logged once.
+
+Invariant: :meth:`DiskWatermark.refusal` returns ``None`` or a short reason without PHI; it
+never raises (a failing ``statvfs`` counts as "room", since refusing all intake on a probe
+error would be worse than SQLite's own error path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["DiskWatermark", "CHECK_INTERVAL_S", "LOW_DISK_ERROR"]
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL_S = 1.0
+LOW_DISK_ERROR = "Hub storage is nearly full"
+
+_MIB = 1024 * 1024
+
+
+class DiskWatermark:
+    """``refusal()`` -> None while there is room, else the ``agent:error`` text to answer with."""
+
+    def __init__(self, path: Path, min_free_bytes: int, min_free_percent: float,
+                 free_pages: Callable[[], int] = lambda: 0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self.min_free_bytes = min_free_bytes
+        self.min_free_percent = min_free_percent
+        self._free_pages = free_pages
+        self._clock = clock
+        self._checked_at: float | None = None
+        self._refusal: str | None = None
+        self.refused = 0  #: transmits refused so far (for stats and tests)
+
+    def room(self) -> tuple[int, int]:
+        """``(bytes left for the hub, bytes it needs to keep)``."""
+        st = os.statvfs(self.path)
+        total = st.f_blocks * st.f_frsize
+        needed = max(self.min_free_bytes, int(total * self.min_free_percent / 100))
+        return st.f_bavail * st.f_frsize + self._free_pages(), needed
+
+    def refusal(self) -> str | None:
+        now = self._clock()
+        if self._checked_at is not None and now - self._checked_at < CHECK_INTERVAL_S:
+            return self._refusal
+        self._checked_at = now
+        try:
+            left, needed = self.room()
+        except OSError as exc:
+            log.warning("cannot read the free space of %s (%s); not limiting intake", self.path, exc.strerror)
+            left, needed = 1, 0
+        was = self._refusal
+        if left < needed:
+            self._refusal = (f"{LOW_DISK_ERROR} ({left // _MIB} MiB left, keeps {needed // _MIB} MiB free):"
+                             " message not stored, resend later")
+            if was is None:
+                log.error("hub storage low: %d MiB left under %s, below the %d MiB watermark; refusing new"
+                          " messages until there is room", left // _MIB, self.path, needed // _MIB)
+        else:
+            self._refusal = None
+            if was is not None:
+                log.warning("hub storage has room again (%d MiB left); taking messages", left // _MIB)
+        return self._refusal

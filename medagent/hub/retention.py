@@ -1,0 +1,157 @@
+"""Hub retention: bounded storage by age and by size, bodies before metadata, in small steps.
+
+Theory of operation
+-------------------
+Every ``interval_s`` a pass runs on the event loop thread (the thread whose store connection
+also does the intake's group commits, so retention never waits on SQLite's writer lock and
+intake never waits on retention's). A pass is a sequence of *steps*; each step is ONE short
+transaction over at most ``batch_rows`` rows, and the pass yields to the event loop between
+steps, so a pass never holds the loop longer than one step (measured: see docs/hub.md,
+"Retention and disk use"). Steps, in order:
+
+1. **age, bodies**: for each channel with stored messages, blank the message and reply bodies
+   (the PHI) of messages older than its policy's ``body_max_age_s``
+   (``retention_channels[name]``, else the hub-wide ``retention``);
+2. **age, rows**: delete that channel's messages older than its ``max_age_s``;
+3. **size**: while the live size of ``hub.sqlite3`` (its pages less the free ones) exceeds
+   ``retention_max_bytes``: blank the oldest bodies first, and only when none is left delete the
+   oldest rows.
+
+Deleted and blanked rows leave the pages SQLite reuses for new rows, so the file stops growing
+once retention keeps pace; it does not shrink (no VACUUM: that would stall intake). The indexes
+the steps use list only rows a step may still change (schema v2), so a step reads what it
+changes and nothing it skipped before.
+
+Invariants: a message younger than every limit is never touched; a body is always purged
+before (or with) its row; a pass that fails (e.g. a disk error) is logged once and retried at
+the next interval, never ends the hub; nothing logged names a patient or quotes a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from medagent.hub.records import RetentionPolicy
+from medagent.hub.store import HubStore, now_ms
+from medagent.ops.logs import RateLimitedLog
+
+__all__ = ["RetentionWorker", "RetentionStats"]
+
+log = logging.getLogger(__name__)
+
+#: upper bound of steps in one pass (with 500-row steps: 1M rows); the next pass continues
+MAX_STEPS_PER_PASS = 2000
+
+
+@dataclass(slots=True)
+class RetentionStats:
+    passes: int = 0
+    bodies_purged: int = 0
+    messages_deleted: int = 0
+    #: the longest single step (one transaction, the longest the loop was held), seconds
+    longest_step_s: float = 0.0
+    last_pass_s: float = 0.0
+
+
+class RetentionWorker:
+    """Runs retention passes on the event loop; ``start()``/``await stop()``, or ``await run_pass()``."""
+
+    def __init__(self, store: HubStore, policy: RetentionPolicy, channels: Mapping[str, RetentionPolicy],
+                 max_bytes: int | None, interval_s: float, batch_rows: int,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self._store = store
+        self._policy = policy
+        self._channels = dict(channels)
+        self._max_bytes = max_bytes
+        self._interval_s = interval_s
+        self._batch = batch_rows
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._failures = RateLimitedLog(log, 600.0)
+        self.stats = RetentionStats()
+
+    def policy_of(self, channel: str) -> RetentionPolicy:
+        return self._channels.get(channel, self._policy)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="medagent-hub-retention")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.run_pass()
+            except Exception as exc:  # noqa: BLE001 - a failed pass is retried at the next interval
+                self._failures.error("pass", "retention pass failed (%s: %s); retrying in %.0f s",
+                                     type(exc).__name__, exc, self._interval_s)
+
+    async def run_pass(self) -> RetentionStats:
+        """One pass over every step; returns the cumulative stats."""
+        started = time.perf_counter()
+        purged_before, deleted_before = self.stats.bodies_purged, self.stats.messages_deleted
+        budget = [MAX_STEPS_PER_PASS]
+        now = self._clock()
+        for channel in self._store.message_channels():
+            policy = self.policy_of(channel)
+            if policy.body_max_age_s is not None:
+                cutoff = now - int(policy.body_max_age_s * 1000)
+                self.stats.bodies_purged += await self._drain(
+                    lambda c=channel, t=cutoff: self._store.purge_bodies(c, t, self._batch), budget)
+            if policy.max_age_s is not None:
+                cutoff = now - int(policy.max_age_s * 1000)
+                self.stats.messages_deleted += await self._drain(
+                    lambda c=channel, t=cutoff: self._store.delete_messages(c, t, self._batch), budget)
+        if self._max_bytes is not None:
+            await self._enforce_size(budget)
+        self.stats.passes += 1
+        self.stats.last_pass_s = time.perf_counter() - started
+        purged = self.stats.bodies_purged - purged_before
+        deleted = self.stats.messages_deleted - deleted_before
+        if purged or deleted:
+            log.info("retention: %d bodies purged, %d messages deleted in %.2f s (longest step %.1f ms)",
+                     purged, deleted, self.stats.last_pass_s, self.stats.longest_step_s * 1000)
+        return self.stats
+
+    async def _enforce_size(self, budget: list[int]) -> None:
+        assert self._max_bytes is not None
+        while budget[0] > 0 and self._store.live_bytes() > self._max_bytes:
+            done = await self._step(lambda: self._store.purge_oldest_bodies(self._batch), budget)
+            if done:
+                self.stats.bodies_purged += done
+                continue
+            done = await self._step(lambda: self._store.delete_oldest_messages(self._batch), budget)
+            if not done:
+                return  # nothing left to remove: the budget is below what the schema itself takes
+            self.stats.messages_deleted += done
+
+    async def _drain(self, step: Callable[[], int], budget: list[int]) -> int:
+        """Repeat ``step`` until it changes fewer rows than a batch; returns the rows changed."""
+        total = 0
+        while budget[0] > 0:
+            done = await self._step(step, budget)
+            total += done
+            if done < self._batch:
+                break
+        return total
+
+    async def _step(self, step: Callable[[], int], budget: list[int]) -> int:
+        budget[0] -= 1
+        started = time.perf_counter()
+        done = step()
+        self.stats.longest_step_s = max(self.stats.longest_step_s, time.perf_counter() - started)
+        await asyncio.sleep(0)  # let the intake's reads and commits run between steps
+        return done
