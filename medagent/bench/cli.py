@@ -33,6 +33,7 @@ from medagent.bench.harness import (
     client_supports,
     run,
 )
+from medagent.bench.ctools import CToolError, c_tool
 from medagent.bench.loadgen import LoadError, default_procs
 from medagent.bench.report import Failure, format_table, to_document
 
@@ -41,8 +42,6 @@ __all__ = ["register", "run_bench", "build_matrix"]
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
-DEFAULT_C_SERVER: Final = Path("/tmp/mllp_server")
-DEFAULT_C_CLIENT: Final = Path("/tmp/mllp_client")
 IMPLS: Final = {"both": ("c", "py"), "c": ("c",), "py": ("py",)}
 
 T = TypeVar("T")
@@ -75,9 +74,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-messages", type=int, default=50_000_000,
                         help="safety bound on messages per scenario (default 50,000,000)")
     parser.add_argument("--c-server", type=Path, default=None,
-                        help=f"C echo-ACK server binary (default {DEFAULT_C_SERVER} if it exists)")
+                        help="C echo-ACK server binary (default: the shipped source, built on first use)")
     parser.add_argument("--c-client", type=Path, default=None,
-                        help=f"C load client binary (default {DEFAULT_C_CLIENT} if it exists)")
+                        help="C load client binary (default: the shipped source, built on first use)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.set_defaults(handler=run_bench)
 
@@ -110,13 +109,18 @@ def _conns(value: str) -> int:
     return number
 
 
-def _binary(given: Path | None, default: Path, needed: bool, what: str) -> Path | None:
-    path = given or (default if default.is_file() else None)
-    if given is not None and not given.is_file():
-        raise UsageError(f"{what} {given} does not exist (build it as shared/tools/README.md says)")
-    if needed and path is None:
-        raise UsageError(f"{what} not found at {default}; build it or pass its path")
-    return path
+def _binary(given: Path | None, tool: str, needed: bool, what: str) -> Path | None:
+    """An explicit path, else the shipped C source built on demand (see medagent.bench.ctools)."""
+    if given is not None:
+        if not given.is_file():
+            raise UsageError(f"{what} {given} does not exist")
+        return given
+    try:
+        return c_tool(tool)
+    except CToolError as exc:
+        if needed:
+            raise UsageError(f"{what}: {exc}") from None
+        return None
 
 
 def build_matrix(modes: Sequence[str], conns: Sequence[int], impls: Sequence[str], targets: Sequence[Target],
@@ -143,8 +147,8 @@ def _settings_and_matrix(args: argparse.Namespace) -> tuple[BenchSettings, list[
     if args.max_messages < 1:
         raise UsageError("--max-messages must be at least 1")
     clients = [ClientKind.MEDAGENT, ClientKind.C] if args.client == "both" else [ClientKind(args.client)]
-    c_client = _binary(args.c_client, DEFAULT_C_CLIENT, ClientKind.C in clients, "the C client")
-    c_server = _binary(args.c_server, DEFAULT_C_SERVER, args.target == "c-echo", "the C echo server")
+    c_client = _binary(args.c_client, "mllp_client", ClientKind.C in clients, "the C client")
+    c_server = _binary(args.c_server, "mllp_server", args.target == "c-echo", "the C echo server")
     targets = [Target.MEDAGENT, Target.C_ECHO] if args.target == "both" else [Target(args.target)]
     if c_server is None:
         targets = [t for t in targets if t is not Target.C_ECHO]

@@ -327,7 +327,7 @@ def _system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Pat
     if scenario.target is Target.C_ECHO:
         if settings.c_server is None or not settings.c_server.is_file():
             raise ScenarioNotApplicable("the C echo server is not built (give --c-server PATH; "
-                                        "see shared/tools/README.md)")
+                                        "it is built from medagent/bench/tools/ when a C compiler exists)")
         bound = int(settings.warmup_s + settings.duration_s + 120)
         command = [str(settings.c_server), str(port), str(bound)]
         with _started(command, port, workdir, dict(os.environ), settings.startup_timeout_s,
@@ -358,7 +358,7 @@ def _run_c_client(scenario: Scenario, port: int, settings: BenchSettings, workdi
                   observer: ProcessTreeCpu) -> LoadResult:
     if settings.c_client is None or not settings.c_client.is_file():
         raise ScenarioNotApplicable("the C load client is not built (give --c-client PATH; "
-                                    "see shared/tools/README.md)")
+                                    "it is built from medagent/bench/tools/ when a C compiler exists)")
     head, tail, width = frame_template(settings.message)
     if width != C_CLIENT_ID_WIDTH:
         raise ScenarioNotApplicable(f"the C client needs a 12-character MSH-10 in the message, not {width}")
