@@ -48,11 +48,11 @@ class _VersionAction(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medagent",
-        description="On-premise healthcare integration gateway (HL7 v2 over MLLP) with a Medplum-compatible agent and hub.",
+        description="On-premise healthcare integration gateway (HL7 v2, DICOM, ASTM, byte streams) with a Medplum-compatible agent and hub.",
     )
     parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from medagent import serve_cli, send_cli
+    from medagent import config_cli, serve_cli, send_cli
     from medagent.hub import cli as hub_cli
     from medagent.queue import cli as queue_cli
     from medagent.bench import cli as bench_cli
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     send_cli.register(subparsers)
     queue_cli.register(subparsers)
     bench_cli.register(subparsers)
+    config_cli.register(subparsers)
     return parser
 
 
