@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import os
 import signal
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,36 +29,46 @@ import orjson
 from medagent.hub.admin import BadQuery, agent_json, channel_json, message_json, parse_instant_ms
 from medagent.hub.records import MessageQuery, MessageStatus
 from medagent.hub.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, HubSettings
-from medagent.hub.store import DEFAULT_BOT, HubStore, InvalidValue, StoreError
+from medagent.channels.endpoint import EndpointError, parse_endpoint
+from medagent.hub.store import DB_FILE, DEFAULT_BOT, HubStore, InvalidValue, StoreError
+from medagent.tableview import human_bytes, local_time_ms, render_table
 
 __all__ = ["register", "main", "run"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+MAX_ROW_ID = 2**63 - 1  #: SQLite's INTEGER range: a larger cursor is a usage error, not an overflow
+MAX_PAGE = 1000
 #: the operator token for ``serve`` (DESIGN.md: every key settable as MEDAGENT_<SECTION>_<KEY>)
 ADMIN_TOKEN_ENV = "MEDAGENT_HUB_ADMIN_TOKEN"
 
 
-def _common_options() -> argparse.ArgumentParser:
-    """Options every hub command takes; SUPPRESS so a subcommand does not reset the parent's value."""
+def _data_dir_option() -> argparse.ArgumentParser:
+    """--data-dir, taken by every hub command; SUPPRESS so a subcommand does not reset the parent's value."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
-                        help=f"hub data directory (default ./{DEFAULT_DATA_DIR})")
-    common.add_argument("--host", default=argparse.SUPPRESS, help="listen address (default 127.0.0.1)")
-    common.add_argument("--port", type=int, default=argparse.SUPPRESS, help=f"listen port (default {DEFAULT_PORT}; 0 = any)")
-    common.add_argument("--tls-cert", type=Path, default=argparse.SUPPRESS, help="PEM certificate: serve HTTPS/WSS")
-    common.add_argument("--tls-key", type=Path, default=argparse.SUPPRESS, help="PEM private key of --tls-cert")
+                        help=f"hub data directory (default ./{DEFAULT_DATA_DIR}; `medagent serve` keeps its hub in <data_dir>/hub)")
     return common
+
+
+def _listen_options() -> argparse.ArgumentParser:
+    """What only ``serve`` uses: where to listen and with which certificate."""
+    listen = argparse.ArgumentParser(add_help=False)
+    listen.add_argument("--host", default=argparse.SUPPRESS, help="listen address (default 127.0.0.1)")
+    listen.add_argument("--port", type=int, default=argparse.SUPPRESS, help=f"listen port (default {DEFAULT_PORT}; 0 = any)")
+    listen.add_argument("--tls-cert", type=Path, default=argparse.SUPPRESS, help="PEM certificate: serve HTTPS/WSS")
+    listen.add_argument("--tls-key", type=Path, default=argparse.SUPPRESS, help="PEM private key of --tls-cert")
+    return listen
 
 
 def register(subparsers: Any) -> None:
     """Add the ``hub`` command (with its subcommands) to ``medagent``'s subparsers."""
-    common = _common_options()
-    hub = subparsers.add_parser("hub", parents=[common], help="run and manage medagent's own hub",
+    common, listen = _data_dir_option(), _listen_options()
+    hub = subparsers.add_parser("hub", parents=[common, listen], help="run and manage medagent's own hub",
                                 description="Run medagent's hub, or manage its agents, channels and messages.")
     sub = hub.add_subparsers(dest="hub_command", metavar="COMMAND")
     hub.set_defaults(func=run, handler=run, hub_command="serve")
 
-    sub.add_parser("serve", parents=[common], help="run the hub (the default command)")
+    sub.add_parser("serve", parents=[common, listen], help="run the hub (the default command)")
 
     add_agent = sub.add_parser("add-agent", parents=[common], help="register an agent; prints its credentials once")
     add_agent.add_argument("name")
@@ -80,8 +92,10 @@ def register(subparsers: Any) -> None:
     messages.add_argument("--status", choices=[s.value for s in MessageStatus])
     messages.add_argument("--since", help="epoch ms or ISO 8601")
     messages.add_argument("--until", help="epoch ms or ISO 8601")
-    messages.add_argument("--after", type=int, default=0, help="cursor: the 'next' value of the previous page")
-    messages.add_argument("--limit", type=int, default=50)
+    messages.add_argument("--after", type=_bounded_int("--after", 0, MAX_ROW_ID), default=0,
+                          help="cursor: the 'next' value of the previous page")
+    messages.add_argument("--limit", type=_bounded_int("--limit", 1, MAX_PAGE), default=50,
+                          help=f"messages per page (1-{MAX_PAGE}, default 50)")
     messages.add_argument("--body", action="store_true", help="include message bodies (PHI)")
     messages.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -132,8 +146,53 @@ def _settings(args: argparse.Namespace) -> HubSettings:
     return settings
 
 
-def _open_store(args: argparse.Namespace) -> HubStore:
-    return HubStore(_data_dir(args))
+def _bounded_int(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({low}-{high})")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+class MissingStore(StoreError):
+    """A command that reads the hub's data was pointed at a directory that holds none."""
+
+
+def _open_store(args: argparse.Namespace, *, create: bool = False) -> HubStore:
+    """The hub store in --data-dir; only ``add-agent`` may create a new one (first-time setup)."""
+    data_dir = _data_dir(args)
+    if not create and not (data_dir / DB_FILE).is_file():
+        raise MissingStore(
+            f"no hub data in {data_dir.resolve()} (no {DB_FILE}); pass the hub's --data-dir "
+            "(`medagent serve` keeps its embedded hub in <data_dir>/hub)"
+        )
+    return HubStore(data_dir)
+
+
+def validate_channel(address: str, bot: str) -> str | None:
+    """The agent's own checks, at registration: the endpoint parses and the bot imports."""
+    try:
+        parse_endpoint(address)
+    except (EndpointError, LookupError, ValueError) as exc:
+        return str(exc)
+    module_name, _, function = bot.partition(":")
+    if not module_name or not function:
+        return f"bot {bot!r} is not of the form module:function"
+    try:
+        target = getattr(importlib.import_module(module_name), function)
+    except ImportError as exc:
+        return f"bot {bot!r}: cannot import {module_name}: {exc}"
+    except AttributeError:
+        return f"bot {bot!r}: {module_name} has no {function}"
+    if not callable(target):
+        return f"bot {bot!r}: {function} is not callable"
+    return None
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -180,7 +239,7 @@ async def _serve_until_signal(settings: HubSettings) -> int:
 
 
 def _add_agent(args: argparse.Namespace) -> int:
-    store = _open_store(args)
+    store = _open_store(args, create=True)
     try:
         credentials = store.add_agent(args.name)
     finally:
@@ -196,6 +255,9 @@ def _add_agent(args: argparse.Namespace) -> int:
 
 
 def _add_channel(args: argparse.Namespace) -> int:
+    problem = validate_channel(args.address, args.bot)
+    if problem is not None:
+        return _fail(problem, EXIT_USAGE)
     store = _open_store(args)
     try:
         agent = store.find_agent(args.agent)
@@ -220,11 +282,21 @@ def _list_agents(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not rows:
         print("no agents (add one with: medagent hub add-agent NAME)")
-    for agent, channels in rows:
-        print(f"{agent.name}  id={agent.id}  status={agent.status.value}  client_id={agent.client_id}")
-        for c in channels:
-            print(f"    {c.name:<20} {c.address}  [{c.status.value}]")
+        return EXIT_OK
+    print(render_table(["AGENT", "ID", "STATUS", "CLIENT ID", "CHANNEL", "ENDPOINT", "CHANNEL STATUS"],
+                       _agent_rows(rows)))
     return EXIT_OK
+
+
+def _agent_rows(rows: list[tuple[Any, list[Any]]]) -> list[tuple[object, ...]]:
+    """One line per channel; an agent without channels still gets its line."""
+    out: list[tuple[object, ...]] = []
+    for agent, channels in rows:
+        head = (agent.name, agent.id, agent.status.value, agent.client_id)
+        if not channels:
+            out.append((*head, None, None, None))
+        out.extend((*head, c.name, c.address, c.status.value) for c in channels)
+    return out
 
 
 def _messages(args: argparse.Namespace) -> int:
@@ -247,10 +319,21 @@ def _messages(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"messages": [message_json(m) for m in page.messages], "next": page.next_after_id})
         return EXIT_OK
-    for m in page.messages:
-        print(f"{m.id:>8}  {m.channel:<16} {m.message_type or m.content_type:<12} {m.control_id or '-':<20}"
-              f" {m.status.value:<9} {m.reply_status if m.reply_status is not None else '-':>4}"
-              f"{'  dup' if m.duplicate else ''}{'  ' + m.error if m.error else ''}")
+    print(render_table(
+        ["ID", "RECEIVED", "CHANNEL", "TYPE", "CONTROL ID", "STATUS", "REPLY", "SIZE", "NOTE"],
+        [(m.id, local_time_ms(m.received_at), m.channel, m.message_type or m.content_type, m.control_id,
+          m.status.value, m.reply_status, human_bytes(m.body_size),
+          "; ".join(filter(None, ["duplicate" if m.duplicate else "", m.error or ""])) or None)
+         for m in page.messages],
+        empty="no messages match",
+    ))
+    if args.body:
+        for m in page.messages:
+            print(f"\n--- message {m.id} body ({m.content_type}) ---")
+            print((m.body or "").replace("\r", "\n").rstrip("\n"))
+            if m.reply_body:
+                print(f"--- message {m.id} reply ({m.reply_content_type}) ---")
+                print(m.reply_body.replace("\r", "\n").rstrip("\n"))
     if page.next_after_id is not None:
         print(f"more: --after {page.next_after_id}")
     return EXIT_OK

@@ -82,3 +82,51 @@ def test_serve_prints_where_it_is_and_stops_on_sigint(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=5)
+
+
+def test_reading_commands_refuse_a_directory_without_a_hub(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = tmp_path / "not-a-hub"
+    for command in (["messages"], ["list-agents"], ["add-channel", "lab", "adt", "mllp://0.0.0.0:2575"]):
+        status, out, err = run_cli(capsys, *command, "--data-dir", str(wrong))
+        assert status == 1 and out == ""
+        assert f"no hub data in {wrong}" in err and "--data-dir" in err
+    assert not wrong.exists()  # nothing was created in the wrong place
+
+
+def test_reading_commands_take_no_listen_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(capsys, "add-agent", "lab", "--data-dir", str(tmp_path))
+    for option in ("--port", "--host", "--tls-cert", "--tls-key"):
+        status, _, err = run_cli(capsys, "messages", "--data-dir", str(tmp_path), option, "1")
+        assert status == 2 and "unrecognized arguments" in err
+
+
+def test_add_channel_validates_endpoint_and_bot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    run_cli(capsys, "add-agent", "lab", *data)
+    status, _, err = run_cli(capsys, "add-channel", "lab", "adt", "mllp://0.0.0.0:2575?ackmode=fast", *data)
+    assert status == 2 and "ackMode" in err  # a "did you mean", not a silent accept
+    status, _, err = run_cli(capsys, "add-channel", "lab", "adt", "mllp://0.0.0.0:2575", "--bot", "no_such_module:handler", *data)
+    assert status == 2 and "cannot import no_such_module" in err
+    status, _, err = run_cli(capsys, "add-channel", "lab", "adt", "mllp://0.0.0.0:2575", "--bot", "medagent.hub.bots.ack:nope", *data)
+    assert status == 2 and "has no nope" in err
+    status, out, _ = run_cli(capsys, "list-agents", "--json", *data)
+    assert json.loads(out)["agents"][0]["channels"] == []  # nothing invalid was stored
+
+
+def test_out_of_range_numbers_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(capsys, "add-agent", "lab", "--data-dir", str(tmp_path))
+    for argv in (["--after", "99999999999999999999"], ["--limit", "0"], ["--after", "-1"]):
+        status, _, err = run_cli(capsys, "messages", "--data-dir", str(tmp_path), *argv)
+        assert status == 2 and "out of range" in err and "Traceback" not in err
+
+
+def test_listings_are_tables_with_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    run_cli(capsys, "add-agent", "lab", *data)
+    run_cli(capsys, "add-channel", "lab", "adt", "mllp://0.0.0.0:2575", *data)
+    status, out, _ = run_cli(capsys, "list-agents", *data)
+    header, rule, row = out.splitlines()[:3]
+    assert status == 0 and header.split()[:3] == ["AGENT", "ID", "STATUS"] and set(rule) <= {"-", " "}
+    assert row.startswith("lab ") and "mllp://0.0.0.0:2575" in row and "{" not in out
+    status, out, _ = run_cli(capsys, "messages", *data)
+    assert status == 0 and out.strip() == "no messages match"
