@@ -44,7 +44,7 @@ class DashboardState:
 
 
 STATE_KEY: web.AppKey[DashboardState] = web.AppKey("medagent_dashboard_state", DashboardState)
-_SESSION_KEY = "medagent_dashboard_session"
+_SESSION_KEY: web.RequestKey[Session] = web.RequestKey("medagent_dashboard_session", Session)
 
 
 async def dashboard_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -72,7 +72,7 @@ def state_of(request: web.Request) -> DashboardState:
 
 
 def session_of(request: web.Request) -> Session:
-    return request[_SESSION_KEY]  # type: ignore[no-any-return]
+    return request[_SESSION_KEY]
 
 
 def audit(request: web.Request, action: str, target: str, outcome: str) -> None:
