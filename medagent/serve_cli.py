@@ -103,18 +103,20 @@ async def _serve(config: Config) -> int:
 
 def _banner(runtime: Any) -> str:
     from medagent import __version__, _compat
+    from medagent.runtime.channel_set import channel_address
 
     lines = [f"medagent {__version__} serving ({_compat.implementation_summary()})"]
-    for name, channel in runtime.channels.items():
-        lines.append(f"  channel {name:<12} mllp://{channel.host}:{channel.port}")
+    addresses = {name: channel_address(channel) for name, channel in runtime.channels.items()}
+    for name, address in addresses.items():
+        lines.append(f"  channel {name:<12} {address}")
     lines.append(f"  data directory       {runtime.data_dir.resolve()}")
     if runtime.hub is not None:
         lines.append(f"  embedded hub         {runtime.hub.base_url}  (admin token: {runtime.hub.admin_token_path.resolve()})")
         lines.append(f"  recent messages      medagent hub messages --data-dir {runtime.hub.data_dir}")
     else:
         lines.append(f"  hub                  {runtime.credentials.base_url}")
-    first = next(iter(runtime.channels.values()), None)
-    if first is not None:
-        lines.append(f"  send a test message  medagent send --to mllp://{first.host}:{first.port} --example")
+    first_mllp = next((a for a in addresses.values() if a.startswith("mllp://")), None)
+    if first_mllp is not None:
+        lines.append(f"  send a test message  medagent send --to {first_mllp} --example")
     lines.append("Press Ctrl-C to stop.")
     return "\n".join(lines)

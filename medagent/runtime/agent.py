@@ -8,16 +8,29 @@ reverse, so nothing accepted is lost:
 1. the durable queue (SQLite WAL in the data directory; its lease keeps a second agent off it);
 2. the hub: an embedded one started as a child process (see `embedded_hub`), or a remote base URL
    (a medagent hub or a Medplum server) with client credentials;
-3. the dispatcher (queue -> link) and the link (websocket, heartbeats, reconnects);
-4. the channels (listening sockets). Remote hubs send the channel list through FHIR reads of the
-   Agent and its Endpoints, like Medplum's agent; the embedded hub uses the config file's channels.
+3. the dispatcher (queue -> link; it is the link's handler) and the link (websocket, heartbeats,
+   reconnects);
+4. the channels, through the one channel-set owner (`channel_set.ChannelSet`). Remote hubs send
+   the channel list through FHIR reads of the Agent and its Endpoints, like Medplum's agent; the
+   embedded hub (or a config file with channels) uses the config file's channels.
+
+A reload (`agent:reloadconfig:request`) may arrive as soon as the link is up, before step 4 has
+run; the channel set makes it wait for start-up and then applies the desired set as a diff, so
+start-up and reloads never race for a port (issue 13, defect 1). At first start a channel that
+cannot start is a StartupError; once serving, a channel problem is answered, never fatal.
 
 Stopping: channels stop accepting and wait for commits in flight (every committed message still
 gets its ACK), then the dispatcher and link stop, the queue flushes and closes, and the embedded
 hub is stopped last. Unconfirmed messages stay in the queue and are sent after the next start.
 
-The runtime is the `InboundSink` of its channels and the `LinkHandler` of its link; it owns no
-protocol logic of its own.
+Wiring (who talks to whom; the runtime itself relays nothing):
+
+* channels hand units to `intake.Intake` (their InboundSink): queue or, immediate, dispatcher;
+* the link reports to `dispatcher.Dispatcher` (its LinkHandler): confirmations and errors go to
+  the queue, bot replies to `Channel.deliver_reply`, hub requests to `requests.RequestHandler`;
+* `RequestHandler` gets the channel set's reload, a stats provider and `outbound.OutboundSenders`
+  (one OutboundSender per scheme, from the registry, built with the Agent's settings);
+* channel kinds and file uploaders reach the hub through `hub_client.RuntimeHubClient`.
 """
 
 from __future__ import annotations
@@ -27,21 +40,21 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from medagent import __version__, _compat
-from medagent.channels import Hl7Channel
-from medagent.channels.endpoint import AckMode
-from medagent.channels.mllp_client import MllpClientPool
+from medagent.channels.base import Channel, ChannelContext
 from medagent.cloud.link import AgentLink, LinkSettings
-from medagent.cloud.messages import AgentMessage, TransmitResponse
-from medagent.config import EMBEDDED_HUB, ChannelConfig, Config
-from medagent.queue import QUEUE_FILENAME, CommitResult, DuplicatePolicy, DurableQueue, InboundRecord
+from medagent.config import EMBEDDED_HUB, Config
+from medagent.queue import QUEUE_FILENAME, DurableQueue
+from medagent.runtime.channel_set import ChannelSet, DesiredChannels
 from medagent.runtime.dispatcher import Dispatcher
 from medagent.runtime.embedded_hub import EmbeddedHub, HubCredentials
+from medagent.runtime.hub_client import RuntimeHubClient
+from medagent.runtime.intake import Intake
+from medagent.runtime.outbound import OutboundSenders
 from medagent.runtime.remote_config import fetch_remote_channels, pool_settings
 from medagent.runtime.requests import RequestHandler
 
@@ -49,25 +62,13 @@ __all__ = ["AgentRuntime", "StartupError"]
 
 log = logging.getLogger("medagent.agent")
 
-#: Above this many messages waiting for their group commit, channels stop reading sockets.
-BACKPRESSURE_HIGH = 50_000
-BACKPRESSURE_LOW = 10_000
-
 
 class StartupError(RuntimeError):
     """Something the operator must fix before the agent can run (message says what)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _ChannelView:
-    """What the dispatcher needs of a channel: its encoding and whether bot replies reach devices."""
-
-    channel: Hl7Channel
-    encoding: str
-    wants_replies: bool
-
-    def deliver_reply(self, remote: str, control_id: str, body: str, status_code: int = 200) -> bool:
-        return self.channel.deliver_reply(remote, control_id, body, status_code)
+class _NoChannelList(RuntimeError):
+    """The remote hub gave no channel list and none is cached."""
 
 
 class AgentRuntime:
@@ -79,20 +80,21 @@ class AgentRuntime:
         self.credentials: HubCredentials | None = None
         self.link: AgentLink | None = None
         self.dispatcher: Dispatcher | None = None
-        self.pool = MllpClientPool()
-        self._pool_options: dict[str, Any] = {}
-        self.channels: dict[str, Hl7Channel] = {}
-        self._views: dict[str, _ChannelView] = {}
-        self._requests: RequestHandler | None = None
+        self.channel_set: ChannelSet | None = None
+        self.intake: Intake | None = None
+        self.senders = OutboundSenders()
         self._tick_task: asyncio.Task[None] | None = None
-        self._paused = False
-        self._stopping = False
         self.started_at = 0.0
+
+    @property
+    def channels(self) -> Mapping[str, Channel]:
+        """The running channels by name."""
+        return self.channel_set.channels if self.channel_set is not None else {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self.started_at = time.time()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         log.info("medagent %s starting (%s)", __version__, _compat.implementation_summary())
         agent = self.config.agent
         self.queue = DurableQueue(
@@ -106,27 +108,25 @@ class AgentRuntime:
         await self.queue.open()
         try:
             await self._start_hub_and_link()
-            channel_configs = await self._channel_configs()
-            await self._start_channels(channel_configs)
+            await self._start_channels()
         except BaseException:
             await self.stop()
             raise
         self._tick_task = asyncio.get_running_loop().create_task(self._tick(), name="medagent-tick")
 
     async def stop(self) -> None:
-        self._stopping = True
+        if self.dispatcher is not None:
+            self.dispatcher.stopping = True
         if self._tick_task is not None:
             self._tick_task.cancel()
             self._tick_task = None
-        for channel in list(self.channels.values()):
-            await channel.stop()
-        self.channels.clear()
-        self._views.clear()
+        if self.channel_set is not None:
+            await self.channel_set.close()
         if self.dispatcher is not None:
             await self.dispatcher.stop()
         if self.link is not None:
             await self.link.close()
-        await self.pool.close()
+        await self.senders.close()
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
@@ -144,144 +144,69 @@ class AgentRuntime:
             assert agent.client_id and agent.client_secret and agent.agent_id  # checked by config
             self.credentials = HubCredentials(agent.hub, agent.agent_id, agent.client_id, agent.client_secret)
         creds = self.credentials
+        ca_file = str(agent.ca_file) if agent.ca_file else None
         settings = LinkSettings(
             base_url=creds.base_url,
             client_id=creds.client_id,
             client_secret=creds.client_secret,
             agent_id=creds.agent_id,
-            ca_file=str(agent.ca_file) if agent.ca_file else None,
+            ca_file=ca_file,
             heartbeat_s=agent.heartbeat_s,
             reconnect_min_s=agent.reconnect_min_s,
             reconnect_max_s=agent.reconnect_max_s,
             use_batching=agent.batching,
         )
-        self.link = AgentLink(settings, self)
         assert self.queue is not None
-        self.dispatcher = Dispatcher(self.queue, self.link, creds.agent_id, lambda: self._views)
-        self._requests = RequestHandler(self)
+        hub_client = RuntimeHubClient(creds.base_url, ca_file=ca_file)
+        self.intake = Intake(self.queue)
+        context = ChannelContext(sink=self.intake, data_dir=self.data_dir, log_phi=agent.log_phi, hub=hub_client)
+        self.channel_set = ChannelSet(context, self._desired_channels)
+        requests = RequestHandler(self.channel_set.reload, self.stats, self.senders)
+        self.dispatcher = Dispatcher(self.queue, creds.agent_id, self.channel_set.get, requests.handle,
+                                     hub=hub_client, data_dir=self.data_dir)
+        self.link = AgentLink(settings, self.dispatcher)
+        self.dispatcher.attach(self.link)
+        hub_client.attach(self.link.tokens)
+        self.intake.attach(self.dispatcher, self.channel_set)
         self.dispatcher.start()
         await self.link.start()
 
-    async def _channel_configs(self) -> Sequence[ChannelConfig]:
+    async def _start_channels(self) -> None:
+        assert self.channel_set is not None
+        try:
+            report = await self.channel_set.start()
+        except _NoChannelList as exc:
+            raise StartupError(str(exc)) from None
+        if not report.failed:
+            return
+        problems = "; ".join(f"channel {name}: {problem}" for name, problem in report.failed.items())
+        raise StartupError(problems)
+
+    async def _desired_channels(self) -> DesiredChannels:
+        """The channel set to run: the config file's, or the remote hub's (with its settings)."""
         if self.hub is not None or self.config.channels:
-            return self.config.channels
+            return DesiredChannels(self.config.channels)
         assert self.link is not None and self.credentials is not None
         try:
-            channels = await fetch_remote_channels(self.link, self.credentials.agent_id, self.data_dir)
+            desired = await fetch_remote_channels(self.link, self.credentials.agent_id, self.data_dir)
         except RuntimeError as exc:  # no hub answer and no cached list: nothing to listen on
-            raise StartupError(str(exc)) from None
-        await self._apply_pool_settings()
-        return channels
+            raise _NoChannelList(str(exc)) from None
+        await self._apply_agent_settings()
+        return desired
 
-    async def _apply_pool_settings(self) -> None:
-        """Medplum's Agent.setting keepAlive / maxClientsPerRemote; the pool is rebuilt on change."""
+    async def _apply_agent_settings(self) -> None:
+        """Medplum's Agent.setting keepAlive / maxClientsPerRemote for the outbound senders."""
         assert self.link is not None and self.credentials is not None
         try:
             options = pool_settings(await self.link.fetch_json(f"/fhir/R4/Agent/{self.credentials.agent_id}"))
-        except Exception as exc:  # noqa: BLE001 - the hub may be down; keep the current pool
-            log.warning("cannot read Agent settings from the hub (%s); outbound pool unchanged", exc)
+        except Exception as exc:  # noqa: BLE001 - the hub may be down; keep the current settings
+            log.warning("cannot read Agent settings from the hub (%s); outbound settings unchanged", exc)
             return
-        if options != self._pool_options:
-            old, self.pool, self._pool_options = self.pool, MllpClientPool(**options), options
-            await old.close()
-            log.info("outbound MLLP pool: %s", ", ".join(f"{k}={v}" for k, v in options.items()))
-
-    async def _start_channels(self, configs: Sequence[ChannelConfig]) -> None:
-        for cfg in configs:
-            if cfg.mllp is None:
-                log.error("channel %s: %s channels are not available in this version; skipped",
-                          cfg.name, cfg.endpoint.scheme)
-                continue
-            channel = Hl7Channel(cfg.name, cfg.endpoint, cfg.mllp, self, log_phi=self.config.agent.log_phi)
-            try:
-                await channel.start()
-            except OSError as exc:
-                raise StartupError(
-                    f"channel {cfg.name}: cannot listen on {cfg.endpoint.host}:{cfg.endpoint.port}: {exc.strerror or exc}"
-                ) from None
-            self.channels[cfg.name] = channel
-            wants = cfg.mllp.ack_mode in (AckMode.ORIGINAL, AckMode.TWO_PHASE)
-            self._views[cfg.name] = _ChannelView(channel, cfg.mllp.encoding, wants)
-            log.info("channel %s listening on mllp://%s:%d (%s mode)", cfg.name, channel.host, channel.port,
-                     cfg.mllp.ack_mode.value)
-
-    async def reload_channels(self) -> None:
-        """Re-read the channel list and restart what changed (reload-config)."""
-        configs = await self._channel_configs()
-        wanted = {c.name: c for c in configs}
-        for name in [n for n in self.channels if n not in wanted]:
-            await self.channels.pop(name).stop()
-            self._views.pop(name, None)
-        changed = []
-        for cfg in configs:
-            current = self.channels.get(cfg.name)
-            if current is not None and current.endpoint == cfg.endpoint:
-                continue
-            if current is not None:
-                await self.channels.pop(cfg.name).stop()
-                self._views.pop(cfg.name, None)
-            changed.append(cfg)
-        await self._start_channels(changed)
-
-    # -- InboundSink (channels) ---------------------------------------------------------------------
-    def accept(
-        self,
-        record: InboundRecord,
-        *,
-        durable: bool,
-        dedup: DuplicatePolicy,
-        on_commit: Callable[[CommitResult], None] | None,
-    ) -> None:
-        if not durable:
-            assert self.dispatcher is not None
-            self.dispatcher.send_immediate(record)
-            return
-        assert self.queue is not None and on_commit is not None
-        self.queue.submit(record, on_commit, dedup)
-        self._apply_backpressure()
-
-    def _apply_backpressure(self) -> None:
-        assert self.queue is not None
-        backlog = self.queue.uncommitted
-        if not self._paused and backlog > BACKPRESSURE_HIGH:
-            self._paused = True
-            log.warning("queue commit backlog %d: pausing reads on all channels", backlog)
-            for channel in self.channels.values():
-                channel.pause_reading()
-        elif self._paused and backlog < BACKPRESSURE_LOW:
-            self._paused = False
-            for channel in self.channels.values():
-                channel.resume_reading()
-
-    # -- LinkHandler (link) ------------------------------------------------------------------------
-    def on_live(self, features: Mapping[str, Any]) -> None:
-        log.info("link live (hub features: %s)", ", ".join(sorted(features)) or "none")
-        if self.dispatcher is not None:
-            self.dispatcher.on_live()
-
-    def on_down(self, reason: str) -> None:
-        log.log(logging.INFO if self._stopping else logging.WARNING, "link down: %s", reason)
-        if self.dispatcher is not None:
-            self.dispatcher.on_down()
-
-    def on_confirmed(self, callbacks: Sequence[str]) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.on_confirmed(callbacks)
-
-    def on_transmit_error(self, callback: str, reason: str) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.on_error(callback, reason)
-
-    def on_transmit_response(self, message: TransmitResponse) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.on_transmit_response(message)
-
-    async def on_request(self, message: AgentMessage) -> AgentMessage | None:
-        assert self._requests is not None
-        return await self._requests.handle(message)
+        await self.senders.configure(options)
 
     # -- status ------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        channel_set = self.channel_set
         return {
             "version": __version__,
             "implementation": _compat.implementation_summary(),
@@ -293,8 +218,9 @@ class AgentRuntime:
             "link": self.link.stats() if self.link else {},
             "dispatch": self.dispatcher.stats() if self.dispatcher else {},
             "durableQueue": self.queue.stats() if self.queue else {},
-            "channelStats": {name: ch.stats() for name, ch in self.channels.items()},
-            "clientStats": self.pool.stats(),
+            "channelStats": channel_set.stats() if channel_set else {},
+            "reloads": {"applied": channel_set.reloads, "failed": channel_set.reload_failures} if channel_set else {},
+            "clientStats": self.senders.stats(),
         }
 
     async def _tick(self) -> None:
@@ -302,8 +228,8 @@ class AgentRuntime:
         period = self.config.agent.heartbeat_s
         while True:
             await asyncio.sleep(period)
-            self.pool.collect_idle()
+            self.senders.collect_idle()
             if self.dispatcher is not None:
                 self.dispatcher.expire_unconfirmed()
-            if self.queue is not None:
-                self._apply_backpressure()
+            if self.intake is not None and self.queue is not None:
+                self.intake.apply_backpressure()

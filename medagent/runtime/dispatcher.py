@@ -1,4 +1,5 @@
-"""Moves committed queue rows to the hub in FIFO order and routes the hub's answers back.
+"""Moves committed queue rows to the hub in FIFO order, routes the hub's answers back, and is the
+link's :class:`~medagent.cloud.link.LinkHandler`.
 
 Theory of operation
 -------------------
@@ -8,17 +9,31 @@ The durable queue hands out committed rows in id order (`next_batch`); each beco
 restarts: a row sent twice carries the same callback, so a medagent hub recognises the resend
 and does not run the bot again, and no lookup table is needed to map a callback back to its row.
 
-Confirmation (the hub has the message) releases the row for good (`queue.confirm`). A lost link
-puts every unconfirmed row back in front of the queue (`queue.release`), so it is sent again, in
-order, on the next connection. A row that stays unconfirmed longer than `confirm_timeout_s`
-while the link is up is released too (a hub that silently dropped it). The bot's reply, when the
-channel's mode wants one, is routed to the channel with the control id remembered at send time.
+The queue alone owns in-flight rows (it decides what is handed out, confirmed, failed or
+released). Confirmation (the hub has the message) settles the row (`queue.confirm`, which also
+copes with a late confirmation of a row already released). A lost link puts every in-flight row
+back in front of the queue (`queue.release(None)`), so it is sent again, in order, on the next
+connection. The dispatcher keeps only each sent row's send time, as the clock of
+`confirm_timeout_s`: a row the hub leaves unconfirmed that long while the link is up is released
+(a hub that silently dropped it). The bot's reply, when the channel wants replies, goes back
+through the channel's ``deliver_reply`` with the control id remembered at send time.
+
+File payloads (a row whose record is a file in the data directory, e.g. a DICOM instance): before
+the transmit, the file is delivered by the :class:`~medagent.channels.base.FileUploader`
+registered for the row's content type, with the runtime's :class:`HubClient`; the transmit then
+carries the body and content type the uploader returned. Consecutive file rows upload
+concurrently (at most `upload_concurrency`); rows are still handed to the link in id order. An
+upload that fails puts the row and every later row of its batch back in the queue (the row stays
+pending), and the next batch waits with exponential backoff (`upload_backoff`).
+
+Hub requests (`agent:transmit:request` pushes, reload-config, logs, stats) are answered by the
+request handler given at construction.
 
 Immediate-mode messages skip the queue: they are sent from a bounded in-memory buffer and
 promise nothing (DESIGN.md, ACK modes).
 
-Invariants: rows are handed to the link in id order; a row is either in flight (in
-`_inflight`) or back in the queue, never both; nothing here logs a message body.
+Invariants: rows are handed to the link in id order; nothing here logs a message body; a row is
+confirmed, failed or released only through the queue.
 """
 
 from __future__ import annotations
@@ -29,18 +44,20 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from medagent.cloud.messages import CONTENT_TYPE_HL7_V2, TransmitRequest, TransmitResponse
+from medagent.channels.base import HubClient, file_uploader
+from medagent.cloud.messages import AgentMessage, TransmitRequest, TransmitResponse
 from medagent.proto import hl7
-from medagent.queue import InboundRecord, QueuedMessage
+from medagent.records import HL7_V2_CONTENT_TYPE, OCTET_STREAM_CONTENT_TYPE, InboundRecord
 
 if TYPE_CHECKING:
-    from medagent.queue import DurableQueue
+    from medagent.queue import DurableQueue, QueuedMessage
 
-__all__ = ["Dispatcher", "ReplyTarget", "TransmitLink"]
+__all__ = ["Dispatcher", "ReplyTarget", "TransmitLink", "UploadBackoff"]
 
 log = logging.getLogger("medagent.dispatch")
 
@@ -63,8 +80,11 @@ class TransmitLink(Protocol):
 class ReplyTarget(Protocol):
     """The part of a channel the dispatcher uses: its text encoding and reply delivery."""
 
-    encoding: str
-    wants_replies: bool
+    @property
+    def encoding(self) -> str: ...
+
+    @property
+    def wants_replies(self) -> bool: ...
 
     def deliver_reply(self, remote: str, control_id: str, body: str, status_code: int = 200) -> bool: ...
 
@@ -80,42 +100,69 @@ class _AwaitingReply:
 REPLY_ROUTING_WINDOW_S = 600.0
 
 
+@dataclass(frozen=True, slots=True)
+class UploadBackoff:
+    """Waits between batches after a failed file upload: first, doubling, at most."""
+
+    first_s: float = 0.5
+    max_s: float = 30.0
+
+
 class Dispatcher:
     def __init__(
         self,
         queue: DurableQueue,
-        link: TransmitLink,
         agent_id: str,
-        channels: Callable[[], Mapping[str, ReplyTarget]],
+        channels: Callable[[str], ReplyTarget | None],
+        requests: Callable[[AgentMessage], Awaitable[AgentMessage | None]],
         *,
+        hub: HubClient | None = None,
+        data_dir: Path | None = None,
         max_batch: int = 1000,
         confirm_timeout_s: float = 60.0,
         linger_s: float = 0.002,
+        upload_concurrency: int = 4,
+        upload_backoff: UploadBackoff = UploadBackoff(),
     ) -> None:
         self._queue = queue
-        self._link = link
-        self._channels = channels
+        self._link: TransmitLink | None = None
+        self._channel = channels
+        self._requests = requests
+        self._hub = hub
+        self._data_dir = data_dir
         self._prefix = f"Agent/{agent_id}-{queue.queue_uuid}-"
         self._immediate_prefix = f"Agent/{agent_id}-"
         self._max_batch = max_batch
         self._confirm_timeout_s = confirm_timeout_s
         self._linger_s = linger_s
-        self._inflight: dict[int, float] = {}  # row id -> monotonic send time, until confirmed
+        self._upload_slots = asyncio.Semaphore(max(1, upload_concurrency))
+        self._upload_backoff = upload_backoff
+        self._upload_delay = 0.0
+        self._sent_at: dict[int, float] = {}  # row id -> monotonic send time (confirm timeout clock)
         self._awaiting_reply: dict[int, _AwaitingReply] = {}
         self._immediate: collections.deque[TransmitRequest] = collections.deque()
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.stopping = False
         self.sent = 0
         self.confirmed = 0
         self.replies_routed = 0
         self.replies_unroutable = 0
         self.immediate_dropped = 0
+        self.uploads = 0
+        self.upload_failures = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def attach(self, link: TransmitLink) -> None:
+        """The link this dispatcher sends on (the link is built with the dispatcher as handler)."""
+        self._link = link
+
     def start(self) -> None:
+        assert self._link is not None, "attach(link) first"
         self._task = asyncio.get_running_loop().create_task(self._run(), name="medagent-dispatcher")
 
     async def stop(self) -> None:
+        self.stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -136,33 +183,36 @@ class Dispatcher:
         except ValueError:
             return None
 
-    # -- link events -------------------------------------------------------------------------
-    def on_live(self) -> None:
+    # -- LinkHandler -------------------------------------------------------------------------
+    def on_live(self, features: Mapping[str, Any]) -> None:
+        log.info("link live (hub features: %s)", ", ".join(sorted(features)) or "none")
         self._live.set()
         self._flush_immediate()
 
-    def on_down(self) -> None:
+    def on_down(self, reason: str) -> None:
+        log.log(logging.INFO if self.stopping else logging.WARNING, "link down: %s", reason)
         self._live.clear()
-        if self._inflight:
-            log.info("link down: %d unconfirmed messages go back to the queue", len(self._inflight))
-        self._inflight.clear()
+        if self._sent_at:
+            log.info("link down: %d unconfirmed messages go back to the queue", len(self._sent_at))
+        self._sent_at.clear()
         self._queue.release(None)
 
     def on_confirmed(self, callbacks: Sequence[str]) -> None:
         ids = []
         for callback in callbacks:
             row_id = self.row_id_of(callback)
-            if row_id is not None and self._inflight.pop(row_id, None) is not None:
+            if row_id is not None:
+                self._sent_at.pop(row_id, None)
                 ids.append(row_id)
         if ids:
             self.confirmed += len(ids)
             self._queue.confirm(ids)
 
-    def on_error(self, callback: str | None, reason: str) -> None:
+    def on_transmit_error(self, callback: str | None, reason: str) -> None:
         """The hub refused a message (agent:error with its callback): fail the row, keep the reason."""
         row_id = self.row_id_of(callback)
-        if row_id is None or self._inflight.pop(row_id, None) is None:
-            return
+        if row_id is None or self._sent_at.pop(row_id, None) is None:
+            return  # not ours, or already settled/released: the queue has the row's fate
         self._awaiting_reply.pop(row_id, None)
         log.warning("hub refused queued message %d: %s", row_id, reason)
         self._queue.fail(row_id, reason)
@@ -174,7 +224,7 @@ class Dispatcher:
             # Immediate-mode message, or a late reply for a row that was re-sent: nothing waits.
             self.replies_unroutable += 1
             return
-        channel = self._channels().get(entry.channel)
+        channel = self._channel(entry.channel)
         if channel is None:
             self.replies_unroutable += 1
             return
@@ -182,13 +232,17 @@ class Dispatcher:
         if channel.deliver_reply(message.remote, entry.control_id, message.body, status):
             self.replies_routed += 1
 
+    async def on_request(self, message: AgentMessage) -> AgentMessage | None:
+        return await self._requests(message)
+
     # -- immediate mode ------------------------------------------------------------------------
     def send_immediate(self, record: InboundRecord) -> None:
+        link = self._require_link()
         message = self._transmit(record.channel, record.remote, record.content_type, record.body,
                                  f"{self._immediate_prefix}{uuid.uuid4()}")
-        if "batch" in self._link.features:
+        if "batch" in link.features:
             message = dataclasses.replace(message, no_reply=True)  # the device had its AA already
-        if self._link.live and not self._immediate and self._link.send_transmit(message):
+        if link.live and not self._immediate and link.send_transmit(message):
             self.sent += 1
             return
         if len(self._immediate) >= IMMEDIATE_BUFFER_LIMIT:
@@ -197,8 +251,9 @@ class Dispatcher:
         self._immediate.append(message)
 
     def _flush_immediate(self) -> None:
-        while self._immediate and self._link.live:
-            if not self._link.send_transmit(self._immediate[0]):
+        link = self._require_link()
+        while self._immediate and link.live:
+            if not link.send_transmit(self._immediate[0]):
                 return
             self._immediate.popleft()
             self.sent += 1
@@ -208,9 +263,9 @@ class Dispatcher:
         """Release rows the hub has not confirmed in time, so they are sent again."""
         now = time.monotonic()
         deadline = now - self._confirm_timeout_s
-        stale = [row_id for row_id, sent_at in self._inflight.items() if sent_at < deadline]
+        stale = [row_id for row_id, sent_at in self._sent_at.items() if sent_at < deadline]
         for row_id in stale:
-            del self._inflight[row_id]
+            del self._sent_at[row_id]
         if stale:
             log.warning("%d messages unconfirmed after %.0f s; sending them again", len(stale), self._confirm_timeout_s)
             self._queue.release(stale)
@@ -223,59 +278,144 @@ class Dispatcher:
         return {
             "sent": self.sent,
             "confirmed": self.confirmed,
-            "inflight": len(self._inflight),
+            "inflight": len(self._sent_at),
             "awaitingReply": len(self._awaiting_reply),
             "immediateBuffered": len(self._immediate),
             "immediateDropped": self.immediate_dropped,
             "repliesRouted": self.replies_routed,
             "repliesUnroutable": self.replies_unroutable,
+            "uploads": self.uploads,
+            "uploadFailures": self.upload_failures,
         }
 
     # -- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
             await self._live.wait()
+            if self._upload_delay:
+                await asyncio.sleep(self._upload_delay)
             rows = await self._queue.next_batch(self._max_batch)
-            replies_awaited = self._send_rows(rows)
+            replies_awaited = await self._send_rows(rows)
             if not replies_awaited and len(rows) < self._max_batch and self._linger_s > 0:
                 # Nobody waits on these (fast/immediate ACKs were sent at commit): let more rows
                 # gather so the hub handles fewer, larger batches. Original and two-phase rows
                 # never wait here, since a device is waiting for their bot reply.
                 await asyncio.sleep(self._linger_s)
 
-    def _send_rows(self, rows: Sequence[QueuedMessage]) -> bool:
-        """Hand rows to the link in order; True when a device waits for any of their replies."""
-        now = time.monotonic()
-        batching = "batch" in self._link.features
-        channels = self._channels()
+    async def _send_rows(self, rows: Sequence[QueuedMessage]) -> bool:
+        """Hand rows to the link in order (uploading file payloads first); True when a device
+        waits for any of their replies."""
         replies_awaited = False
-        for index, row in enumerate(rows):
-            target = channels.get(row.channel)
-            wants_reply = target is not None and target.wants_replies
-            message = self._transmit(row.channel, row.remote, row.content_type, row.body, self.callback_for(row.row_id))
-            if batching:  # medagent hub: extensions allowed (see messages.py)
-                duplicate_of = None if row.duplicate_of is None else self.callback_for(row.duplicate_of)
-                message = dataclasses.replace(message, duplicate_of=duplicate_of, no_reply=not wants_reply or None)
-            if not self._link.send_transmit(message):
-                self._queue.release([r.row_id for r in rows[index:]])
+        index = 0
+        while index < len(rows):
+            end = index
+            while end < len(rows) and _file_of(rows[end]) is None:
+                end += 1
+            sent, waits = self._send_inline(rows, index, end)
+            replies_awaited |= waits
+            if not sent:
                 return replies_awaited
-            self._inflight[row.row_id] = now
-            if wants_reply:
-                self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
-                replies_awaited = True
-            self.sent += 1
+            index = end
+            while end < len(rows) and _file_of(rows[end]) is not None:
+                end += 1
+            if index == end:
+                continue
+            uploaded = await self._upload(rows[index:end])
+            for offset, result in enumerate(uploaded):
+                if result is None:  # this row and every later one go back, in order
+                    self._queue.release([r.row_id for r in rows[index + offset :]])
+                    return replies_awaited
+                if not self._send_row(rows, index + offset, *result):
+                    return replies_awaited
+                replies_awaited |= self._wants_reply(rows[index + offset])
+            index = end
         return replies_awaited
 
+    def _send_inline(self, rows: Sequence[QueuedMessage], start: int, end: int) -> tuple[bool, bool]:
+        waits = False
+        for index in range(start, end):
+            row = rows[index]
+            if not self._send_row(rows, index, row.body, row.content_type):
+                return False, waits
+            waits |= self._wants_reply(row)
+        return True, waits
+
+    def _wants_reply(self, row: QueuedMessage) -> bool:
+        target = self._channel(row.channel)
+        return target is not None and target.wants_replies
+
+    def _send_row(self, rows: Sequence[QueuedMessage], index: int, body: bytes, content_type: str) -> bool:
+        """Send rows[index] with ``body``; on a refused write put it and the rest back; False then."""
+        link = self._require_link()
+        row = rows[index]
+        wants_reply = self._wants_reply(row)
+        message = self._transmit(row.channel, row.remote, content_type, body, self.callback_for(row.row_id))
+        if "batch" in link.features:  # medagent hub: extensions allowed (see messages.py)
+            duplicate_of = None if row.duplicate_of is None else self.callback_for(row.duplicate_of)
+            message = dataclasses.replace(message, duplicate_of=duplicate_of, no_reply=not wants_reply or None)
+        if not link.send_transmit(message):
+            self._queue.release([r.row_id for r in rows[index:]])
+            return False
+        now = time.monotonic()
+        self._sent_at[row.row_id] = now
+        if wants_reply:
+            self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
+        self.sent += 1
+        return True
+
+    async def _upload(self, rows: Sequence[QueuedMessage]) -> list[tuple[bytes, str] | None]:
+        """Upload the rows' files concurrently; per row (body, content type) or None on failure."""
+        results = await asyncio.gather(*(self._upload_one(row) for row in rows))
+        if any(result is None for result in results):
+            backoff = self._upload_backoff
+            self._upload_delay = min(backoff.max_s, self._upload_delay * 2 if self._upload_delay else backoff.first_s)
+        else:
+            self._upload_delay = 0.0
+        return list(results)
+
+    async def _upload_one(self, row: QueuedMessage) -> tuple[bytes, str] | None:
+        payload = _file_of(row)
+        assert payload is not None
+        uploader = file_uploader(row.content_type)
+        if uploader is None or self._hub is None or self._data_dir is None:
+            self.upload_failures += 1
+            log.error("queued message %d: no file uploader for %s; it stays queued", row.row_id, row.content_type)
+            return None
+        async with self._upload_slots:
+            try:
+                result = await uploader(self._hub, self._data_dir / payload.path, payload, row.body)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the row pending for a retry
+                self.upload_failures += 1
+                log.warning("queued message %d: file upload failed (%s); retrying later", row.row_id,
+                            str(exc) or type(exc).__name__)
+                return None
+        self.uploads += 1
+        return result
+
+    def _require_link(self) -> TransmitLink:
+        link = self._link
+        assert link is not None, "attach(link) first"
+        return link
+
     def _transmit(self, channel: str, remote: str, content_type: str, body: bytes, callback: str) -> TransmitRequest:
-        target = self._channels().get(channel)
+        target = self._channel(channel)
         encoding = target.encoding if target is not None else "utf-8"
-        if content_type == CONTENT_TYPE_HL7_V2:
+        if content_type == HL7_V2_CONTENT_TYPE:
             try:
                 text = hl7.decode(body, default=encoding)
             except hl7.Hl7Error:
                 # The channel checked the charset at intake; a changed config must not wedge the queue.
                 text = body.decode("latin-1")
-        else:
-            text = body.hex()
+        elif content_type == OCTET_STREAM_CONTENT_TYPE:
+            text = body.hex()  # Medplum's byte-stream channels send hex (bytestream.ts)
+        else:  # JSON documents (file uploaders' results) are UTF-8; other text is in the channel's encoding
+            json_like = content_type == "application/json" or content_type.endswith("+json")
+            text = body.decode("utf-8" if json_like else encoding, errors="replace")
         return TransmitRequest(remote=remote, content_type=content_type, body=text, channel=channel, callback=callback)
 
+
+def _file_of(row: QueuedMessage) -> Any:
+    """The row's FilePayload, or None (``file`` arrives on QueuedMessage with the queue migration)."""
+    return getattr(row, "file", None)

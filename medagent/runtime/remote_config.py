@@ -4,18 +4,23 @@
 channel's bot reference. Endpoints with status "off" are skipped, as are all channels while the
 Agent's status is "off". The last list that loaded is cached in the data directory, so an agent
 that restarts while the hub is unreachable still opens its listeners and queues what arrives.
+
+A channel whose endpoint cannot be used (bad URL, unknown parameter, a kind this version cannot
+run) is not dropped silently: it is returned in ``DesiredChannels.problems`` with the reason, so
+a reload keeps its running version and answers the hub with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from medagent.channels.endpoint import EndpointError, mllp_options, parse_endpoint
-from medagent.config import DEFAULT_BOT, ChannelConfig
+from medagent.channels.endpoint import EndpointError, parse_endpoint
+from medagent.config import DEFAULT_BOT, ChannelConfig, KindUnavailable, channel_options
+from medagent.runtime.channel_set import DesiredChannels
 
 __all__ = ["fetch_remote_channels", "pool_settings", "CACHE_FILENAME"]
 
@@ -28,7 +33,7 @@ class FhirReader(Protocol):
     async def fetch_json(self, path: str) -> dict[str, Any]: ...
 
 
-async def fetch_remote_channels(reader: FhirReader, agent_id: str, data_dir: Path) -> Sequence[ChannelConfig]:
+async def fetch_remote_channels(reader: FhirReader, agent_id: str, data_dir: Path) -> DesiredChannels:
     cache = data_dir / CACHE_FILENAME
     try:
         entries = await _read_entries(reader, agent_id)
@@ -38,8 +43,17 @@ async def fetch_remote_channels(reader: FhirReader, agent_id: str, data_dir: Pat
         log.warning("cannot read the channel list from the hub (%s); using the cached list", exc)
         entries = json.loads(cache.read_text())
     else:
-        cache.write_text(json.dumps(entries, indent=2))
-    return [channel for channel in (_channel(e) for e in entries) if channel is not None]
+        _write_private(cache, json.dumps(entries, indent=2))
+    channels: list[ChannelConfig] = []
+    problems: dict[str, str] = {}
+    for entry in entries:
+        name = str(entry.get("name", ""))
+        try:
+            channels.append(_channel(entry))
+        except (EndpointError, KindUnavailable, KeyError) as exc:
+            log.error("channel %s from the hub is invalid: %s", name, exc)
+            problems[name] = f"invalid endpoint: {exc}"
+    return DesiredChannels(tuple(channels), problems)
 
 
 def pool_settings(agent: dict[str, Any]) -> dict[str, Any]:
@@ -75,11 +89,14 @@ async def _read_entries(reader: FhirReader, agent_id: str) -> list[dict[str, str
     return entries
 
 
-def _channel(entry: dict[str, str]) -> ChannelConfig | None:
-    try:
-        endpoint = parse_endpoint(entry["address"])
-        options = mllp_options(endpoint) if endpoint.scheme == "mllp" else None
-    except (EndpointError, KeyError) as exc:
-        log.error("channel %s from the hub is invalid: %s", entry.get("name"), exc)
-        return None
-    return ChannelConfig(name=entry["name"], endpoint=endpoint, bot=entry["bot"], mllp=options)
+def _channel(entry: dict[str, str]) -> ChannelConfig:
+    endpoint = parse_endpoint(entry["address"])
+    return ChannelConfig(name=entry["name"], endpoint=endpoint, bot=entry["bot"], options=channel_options(endpoint))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a data file 0600 whatever the umask (DESIGN.md, Defaults and limits)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file may have been created with another mode
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)

@@ -1,16 +1,23 @@
 """Answers the hub's requests to the agent (server -> agent frames), per medplum-protocol.md §2, §6.
 
-* `agent:transmit:request` with an `mllp://` remote: send through the outbound client pool and
-  answer with the device's ACK (200, HL7) or the error text (400, text/plain).
+* `agent:transmit:request` to a device URL (`mllp://host:port?encoding=...`, ...): send the body
+  text through the outbound sender of the URL's scheme (each kind encodes it for its remote, e.g.
+  MLLP in the remote's `encoding`) and answer with the device's reply (200, its content type) or
+  the error text (400, text/plain).
 * `agent:transmit:request` with content type `x-application/ping`: run the OS ping (IPv4 address
   or host name only, like Medplum), answer with its output.
-* `agent:reloadconfig:request`: re-read the channel set and rebind what changed.
+* `agent:reloadconfig:request`: re-read the channel set and apply it as a diff (runtime/channel_set);
+  200 when every channel is as wanted, else `agent:error` naming each failed channel and why
+  (the failed channels keep running as they were).
 * `agent:logs:request`: the last `limit` log records from the in-memory ring.
 * `agent:stats:request`: the runtime's stats.
 * `agent:upgrade:request`: self-upgrade is not implemented in this version -> agent:error.
 
 Every answer echoes the request's callback (the link fills it in); an exception becomes an
 `agent:error` carrying the callback (the link does that too).
+
+The handler gets only what it answers from: the reload operation, a stats provider and the
+outbound senders (not the runtime).
 """
 
 from __future__ import annotations
@@ -20,11 +27,10 @@ import ipaddress
 import logging
 import re
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from medagent.channels.mllp_client import MllpClientError
 from medagent.cloud.messages import (
-    CONTENT_TYPE_HL7_V2,
     CONTENT_TYPE_PING,
     CONTENT_TYPE_TEXT,
     AgentMessage,
@@ -40,9 +46,8 @@ from medagent.cloud.messages import (
     UpgradeRequest,
 )
 from medagent.ops.logs import DEFAULT_LOG_LIMIT, LOG_RING
-
-if TYPE_CHECKING:
-    from medagent.runtime.agent import AgentRuntime
+from medagent.runtime.channel_set import ChangeReport
+from medagent.runtime.outbound import OutboundSenders
 
 __all__ = ["RequestHandler"]
 
@@ -53,8 +58,15 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
 
 class RequestHandler:
-    def __init__(self, runtime: AgentRuntime) -> None:
-        self._runtime = runtime
+    def __init__(
+        self,
+        reload: Callable[[], Awaitable[ChangeReport]],
+        stats: Callable[[], dict[str, Any]],
+        senders: OutboundSenders,
+    ) -> None:
+        self._reload = reload
+        self._stats = stats
+        self._senders = senders
 
     async def handle(self, message: AgentMessage) -> AgentMessage | None:
         if isinstance(message, TransmitRequest):
@@ -62,12 +74,14 @@ class RequestHandler:
                 return await self._ping(message)
             return await self._push(message)
         if isinstance(message, ReloadConfigRequest):
-            await self._runtime.reload_channels()
+            report = await self._reload()
+            if not report.ok:
+                return ErrorMessage(body=f"reload failed: {report.error_text()}")
             return ReloadConfigResponse(status_code=200)
         if isinstance(message, LogsRequest):
             return LogsResponse(status_code=200, logs=LOG_RING.tail(message.limit or DEFAULT_LOG_LIMIT))
         if isinstance(message, StatsRequest):
-            return StatsResponse(status_code=200, stats=self._runtime.stats())
+            return StatsResponse(status_code=200, stats=self._stats())
         if isinstance(message, UpgradeRequest):
             return ErrorMessage(body="Self-upgrade is not supported by this medagent version; upgrade with pip")
         return ErrorMessage(body=f"Unsupported request: {message.TYPE}")
@@ -76,16 +90,13 @@ class RequestHandler:
         if not message.remote:
             raise ValueError("Missing remote address")
         try:
-            reply = await self._runtime.pool.send(message.remote, message.body.encode("utf-8"), message.return_ack)
-        except MllpClientError as exc:
+            sender = self._senders.for_remote(message.remote)
+            reply = await sender.send(message.remote, message.body, message.content_type, return_ack=message.return_ack)
+        except Exception as exc:  # noqa: BLE001 - UnknownDestination and every OutboundError are a 400
             log.warning("outbound to %s failed: %s", message.remote, exc)
-            return _text_reply(message, 400, str(exc))
-        return TransmitResponse(
-            remote=message.remote,
-            content_type=CONTENT_TYPE_HL7_V2,
-            body=reply.decode("utf-8", errors="replace"),
-            status_code=200,
-        )
+            return _text_reply(message, 400, str(exc) or type(exc).__name__)
+        return TransmitResponse(remote=message.remote, content_type=reply.content_type, body=reply.body,
+                                status_code=reply.status_code)
 
     async def _ping(self, message: TransmitRequest) -> TransmitResponse:
         host = message.remote.strip()

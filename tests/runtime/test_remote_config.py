@@ -36,18 +36,23 @@ class StaticFhir:
         return self.documents[path.removeprefix("/fhir/R4/")]
 
 
-async def test_channels_from_the_hub_skip_off_and_invalid_endpoints(tmp_path: Path) -> None:
+async def test_channels_from_the_hub_skip_off_and_report_invalid_endpoints(tmp_path: Path) -> None:
     reader = StaticFhir({"Agent/a1": AGENT, **ENDPOINTS})
-    channels = await fetch_remote_channels(reader, "a1", tmp_path)
+    desired = await fetch_remote_channels(reader, "a1", tmp_path)
+    channels = desired.channels
     assert [c.name for c in channels] == ["adt-in"]
     assert channels[0].mllp is not None and channels[0].mllp.ack_mode.value == "fast"
-    assert (tmp_path / CACHE_FILENAME).exists()
+    assert channels[0].options is channels[0].mllp
+    # The invalid endpoint is reported by name with the reason (a reload answers it), not dropped.
+    assert list(desired.problems) == ["broken"] and "nonsense" in desired.problems["broken"]
+    cache = tmp_path / CACHE_FILENAME
+    assert cache.exists() and cache.stat().st_mode & 0o777 == 0o600
 
 
 async def test_an_unreachable_hub_falls_back_to_the_cached_list(tmp_path: Path) -> None:
     await fetch_remote_channels(StaticFhir({"Agent/a1": AGENT, **ENDPOINTS}), "a1", tmp_path)
-    channels = await fetch_remote_channels(StaticFhir(None), "a1", tmp_path)
-    assert [c.name for c in channels] == ["adt-in"]
+    desired = await fetch_remote_channels(StaticFhir(None), "a1", tmp_path)
+    assert [c.name for c in desired.channels] == ["adt-in"] and list(desired.problems) == ["broken"]
 
 
 async def test_no_hub_and_no_cache_is_a_clear_error(tmp_path: Path) -> None:
@@ -57,7 +62,8 @@ async def test_no_hub_and_no_cache_is_a_clear_error(tmp_path: Path) -> None:
 
 async def test_agent_off_starts_no_channels(tmp_path: Path) -> None:
     reader = StaticFhir({"Agent/a1": {**AGENT, "status": "off"}, **ENDPOINTS})
-    assert await fetch_remote_channels(reader, "a1", tmp_path) == []
+    desired = await fetch_remote_channels(reader, "a1", tmp_path)
+    assert desired.channels == () and not desired.problems
 
 
 @pytest.mark.parametrize(
