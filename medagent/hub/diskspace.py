@@ -58,6 +58,11 @@ class DiskWatermark:
         needed = max(self.min_free_bytes, int(total * self.min_free_percent / 100))
         return st.f_bavail * st.f_frsize + self._free_pages(), needed
 
+    def check_now(self) -> str | None:
+        """Like :meth:`refusal`, without the cache (after the limits or the disk changed)."""
+        self._checked_at = None
+        return self.refusal()
+
     def refusal(self) -> str | None:
         now = self._clock()
         if self._checked_at is not None and now - self._checked_at < CHECK_INTERVAL_S:

@@ -10,8 +10,9 @@ each time, which an unauthenticated client can trigger at will (issue 18, defect
 logger (``AppRunner(..., logger=...)``) and writes instead:
 
 * a client error (``HttpProcessingError``: the client's fault, answered 4xx by aiohttp) as ONE
-  line without traceback — ``HTTP 400 from 10.0.0.9: LineTooLong: Got more than 8190 bytes ...``
-  (the reason cut to 120 characters; request contents are never quoted beyond that);
+  line without traceback — ``HTTP 400 from 10.0.0.9: LineTooLong: Got more than 8190 bytes when
+  reading`` (the reason up to the first quote, at most 120 characters: what aiohttp quotes is the
+  request's own content, which is never logged);
 * any other exception (a defect of the hub, answered 500) with its traceback, because that is
   what a developer needs;
 
@@ -47,7 +48,7 @@ class HttpErrorLog:
     def exception(self, msg: str, *args: Any, exc_info: Any = None, **kw: Any) -> None:
         remote = str(args[0]) if args and "%s" in msg else "unknown"
         if isinstance(exc_info, HttpProcessingError):
-            reason = " ".join(str(exc_info.message or "").split())[:REASON_MAX_CHARS]
+            reason = _reason(str(exc_info.message or ""))
             self._limited.warning(
                 f"client:{type(exc_info).__name__}", "HTTP %d from %s: %s: %s",
                 exc_info.code or 400, remote, type(exc_info).__name__, reason or "bad request",
@@ -60,3 +61,10 @@ class HttpErrorLog:
     # aiohttp only calls debug/exception; these keep the object usable as a logger elsewhere
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging.Logger's name
         return self.logger.isEnabledFor(level)
+
+
+def _reason(message: str) -> str:
+    """aiohttp's reason without what it quotes of the request (``...reading: b'aaaa…'``)."""
+    cut = min((i for i in (message.find("'"), message.find('"')) if i >= 0), default=len(message))
+    head = message[:cut].rstrip(" :b")
+    return " ".join(head.split())[:REASON_MAX_CHARS]

@@ -69,6 +69,7 @@ DEFAULT_BOT = "medagent.hub.bots.ack:handler"
 #: address schemes a channel may use (DESIGN.md "Protocol and compatibility")
 CHANNEL_SCHEMES = ("mllp", "dicom", "astm", "tcp")
 _LOOKUP_CHUNK = 500
+_SQLITE_INT_MAX = 2**63 - 1
 
 
 class StoreError(ValueError):
@@ -372,7 +373,14 @@ class HubStore:
     # -- messages (queries) -----------------------------------------------------------------
 
     def query_messages(self, query: MessageQuery) -> MessagePage:
-        """One keyset page of messages matching ``query``, oldest first."""
+        """One keyset page of messages matching ``query``, oldest first.
+
+        Raises :class:`InvalidValue` for a cursor or instant SQLite cannot hold (a signed 64-bit
+        integer), instead of the OverflowError sqlite3 would raise while binding it.
+        """
+        for name, value in (("after_id", query.after_id), ("since", query.since), ("until", query.until)):
+            if value is not None and not 0 <= value <= _SQLITE_INT_MAX:
+                raise InvalidValue(f"{name} is out of range (0 to {_SQLITE_INT_MAX}), not {value}")
         limit = max(1, min(query.limit, MAX_PAGE))
         where, params = _message_filters(query)
         body = "body" if query.include_body else "NULL"
