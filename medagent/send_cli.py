@@ -129,12 +129,11 @@ def _control_id(message: bytes) -> str:
 
 
 def _describe_ack(ack: bytes) -> dict[str, Any]:
-    code, text = "", ""
-    for segment in hl7.split_segments(ack):
-        if segment.startswith(b"MSA"):
-            fields = segment.decode("latin-1").split(segment[3:4].decode("latin-1") or "|")
-            code = fields[1] if len(fields) > 1 else ""
-            text = fields[3] if len(fields) > 3 else ""
+    try:
+        info = hl7.parse_ack(ack)
+    except hl7.Hl7Error:
+        info = None
+    code, text = (info.code, info.text) if info is not None else ("", "")
     return {"ack_code": code, "ack_text": text, "ack": ack.decode("utf-8", errors="replace")}
 
 

@@ -51,6 +51,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Final, Protocol
 
+from medagent.proto import hl7
+
 __all__ = [
     "ACCEPTED_CODES",
     "LATE_CODES",
@@ -381,21 +383,13 @@ class _Run:
             self.all_closed.set_result(None)
 
 
-def _msa(frame: bytes) -> tuple[bytes, bytes]:
-    """(MSA-1, MSA-2) of an ACK frame's payload, or (b"", b"") when it has no MSA segment."""
-    start = frame.find(b"MSA")
-    while start > 0 and frame[start - 1] not in b"\r\n":
-        start = frame.find(b"MSA", start + 1)
-    if start < 0 or len(frame) < start + 4:
-        return b"", b""
-    separator = frame[start + 3:start + 4]
-    end = len(frame)
-    for terminator in (b"\r", b"\n"):
-        position = frame.find(terminator, start)
-        if 0 <= position < end:
-            end = position
-    fields = frame[start + 4:end].split(separator, 2)
-    return fields[0], fields[1] if len(fields) > 1 else b""
+def _msa(frame: bytes) -> tuple[str, str]:
+    """(MSA-1, MSA-2) of an ACK frame's payload (``proto.hl7.parse_ack``), ("", "") without one."""
+    try:
+        info = hl7.parse_ack(frame)
+    except hl7.Hl7Error:
+        return "", ""
+    return ("", "") if info is None else (info.code, info.control_id)
 
 
 class _Sender(asyncio.Protocol):
@@ -406,6 +400,7 @@ class _Sender(asyncio.Protocol):
         self.prefix = prefix
         self.sequence = 0
         self.expected = b""
+        self.expected_text = ""  # the same control id as parse_ack returns it (latin-1)
         self.sent_ns = 0
         self.in_flight = False
         self.buffer = b""
@@ -442,6 +437,7 @@ class _Sender(asyncio.Protocol):
     def send_next(self) -> None:
         self.sequence += 1
         self.expected = self.prefix + b"%0*d" % (self.run.id_width - len(self.prefix), self.sequence)
+        self.expected_text = self.expected.decode("latin-1")
         self.in_flight = True
         self.sent_ns = time.monotonic_ns()
         assert self.transport is not None
@@ -451,14 +447,14 @@ class _Sender(asyncio.Protocol):
         now = time.monotonic_ns()
         run = self.run
         code, control_id = _msa(frame)
-        if not self.in_flight or control_id != self.expected:
-            if code.decode("latin-1") in run.spec.late_codes:
+        if not self.in_flight or control_id != self.expected_text:
+            if code in run.spec.late_codes:
                 run.result.late_acks += 1
             else:
                 run.result.bad_acks += 1
             return
         self.in_flight = False
-        if code.decode("latin-1") not in run.spec.accept:
+        if code not in run.spec.accept:
             run.result.bad_acks += 1
         self.count(now)
         if run.stopping or now >= run.schedule.end_ns or run.acked >= run.budget:

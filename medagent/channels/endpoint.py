@@ -10,9 +10,11 @@ A channel is described by one URL, the same string a Medplum ``Endpoint.address`
     dicom://0.0.0.0:11112?aet=MEDAGENT
 
 :func:`parse_endpoint` splits it into an :class:`Endpoint` (scheme, host, port, raw query
-parameters), checks the parameter names against the list for that scheme and every value, so
-an :class:`Endpoint` that exists is usable. :func:`mllp_options` (:func:`dicom_options`,
-:func:`bytestream_options`) turns its parameters into typed options. :func:`parse_remote`
+parameters), finds the scheme's channel kind in the registry (``channels.base``), checks the
+parameter names against the kind's list (with a "did you mean" hint) and every value with the
+kind's ``parse_options``, so an :class:`Endpoint` that exists is usable. :func:`mllp_options`
+is the ``mllp`` kind's ``parse_options``; other kinds parse their own options with the public
+value parsers at the end of this module. :func:`parse_remote`
 does the same for the *outbound* address of a device that a hub ``$push`` names (``agent:transmit:request.remote``,
 medplum-protocol.md §6).
 
@@ -51,6 +53,7 @@ Invariants
 from __future__ import annotations
 
 import codecs
+import difflib
 import enum
 import math
 import re
@@ -59,6 +62,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 from urllib.parse import SplitResult, parse_qsl, urlsplit
+
+# The ACK enums are protocol concepts (proto/ackpolicy.py decides with them); re-exported here
+# because endpoint URLs are where users name them.
+from medagent.proto.ackpolicy import AckMode, AppLevelAck, DuplicateBehavior
 
 __all__ = [
     "ACCEPTED_PARAMETERS",
@@ -71,6 +78,7 @@ __all__ = [
     "DuplicateBehavior",
     "Endpoint",
     "EndpointError",
+    "MLLP_PARAMETERS",
     "MllpOptions",
     "RemoteTarget",
     "RetryMode",
@@ -83,49 +91,12 @@ __all__ = [
     "queue_duplicate_policy_name",
     "redact_url",
     "validate_encoding",
+    "bool_param",
+    "int_param",
+    "decimal_param",
+    "choice_param",
+    "encoding_param",
 ]
-
-
-class AckMode(enum.Enum):
-    """What the channel sends the device, and when (DESIGN.md ACK mode table)."""
-
-    ORIGINAL = "original"
-    TWO_PHASE = "two-phase"
-    FAST = "fast"
-    IMMEDIATE = "immediate"
-
-
-class AppLevelAck(enum.Enum):
-    """Which bot application ACKs reach the device in two-phase mode (MSH-16 semantics).
-
-    AL: all; NE: none; ER: only AE/AR; SU: only AA. Ignored in the other modes.
-    """
-
-    AL = "AL"
-    NE = "NE"
-    ER = "ER"
-    SU = "SU"
-
-
-class DuplicateBehavior(enum.Enum):
-    """What a channel does with a message whose (channel, sender, MSH-10) was seen recently.
-
-    FLAG: a byte-identical resend gets the stored ACK again (bot not re-run); a *different*
-    message reusing the control id gets CR/AR. Medplum calls this ``idempotent``, accepted as
-    an alias. REJECT: every duplicate gets CR/AR. DROP: every duplicate is acknowledged again
-    but neither stored nor forwarded. OFF: no duplicate detection.
-    """
-
-    FLAG = "flag"
-    DROP = "drop"
-    REJECT = "reject"
-    OFF = "off"
-
-    @classmethod
-    def _missing_(cls, value: object) -> DuplicateBehavior | None:
-        if isinstance(value, str) and value.lower() == "idempotent":
-            return cls.FLAG
-        return None
 
 
 class RetryMode(enum.Enum):
@@ -160,12 +131,17 @@ class EndpointError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+# DEPRECATED (issue 13): the per-scheme tables below predate the kind registry
+# (channels/base.py). parse_endpoint takes accepted parameters and option checks from the
+# registered kind; these tables serve only schemes whose kind module is not importable yet, and
+# config code and tests that still import them. Delete them when dicom/astm/tcp are registered.
 #: Every channel kind the URL syntax knows (medplum-protocol.md §3.1, §3.3).
 KNOWN_CHANNEL_KINDS: frozenset[str] = frozenset({"mllp", "dicom", "astm", "tcp"})
 #: The channel kinds this version can run; config validation rejects the others by name.
 SUPPORTED_CHANNEL_KINDS: frozenset[str] = frozenset({"mllp"})
 
-_MLLP_PARAMETERS = (
+#: Query parameters of an ``mllp://`` listener (the ``mllp`` kind's ``parameters``).
+MLLP_PARAMETERS: tuple[str, ...] = (
     # Medplum's names (medplum-protocol.md §3.2)
     "encoding",
     "enhanced",
@@ -189,7 +165,7 @@ _MLLP_PARAMETERS = (
 #: Accepted query parameter names per scheme.
 ACCEPTED_PARAMETERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "mllp": _MLLP_PARAMETERS,
+        "mllp": MLLP_PARAMETERS,
         "dicom": ("aet",),
         "astm": (),
         "tcp": ("startChar", "endChar"),
@@ -218,13 +194,18 @@ _E = TypeVar("_E", bound=enum.Enum)
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A parsed endpoint URL. ``params`` is read-only; ``url`` is the string as given."""
+    """A parsed endpoint URL. ``params`` is read-only; ``url`` is the string as given.
+
+    ``path`` is set only for kinds addressed by a device path (``needs_port=False``, e.g.
+    ``serial:///dev/ttyUSB0``: host "", port 0, path "/dev/ttyUSB0").
+    """
 
     scheme: str
     host: str
     port: int
     params: Mapping[str, str] = field(hash=False)
     url: str
+    path: str = ""
 
     @property
     def binds_all_interfaces(self) -> bool:
@@ -253,14 +234,14 @@ class MllpOptions:
     retry_mode: RetryMode = RetryMode.GUARANTEED
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True)  # DEPRECATED: the dicom kind (channels/dicom.py) owns its options
 class DicomOptions:
     """Typed settings of a DICOM listener channel (not runnable in this version)."""
 
     ae_title: str = "MEDAGENT"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True)  # DEPRECATED: the tcp kind (channels/bytestream.py) owns its options
 class ByteStreamOptions:
     """Start/end framing bytes of a ``tcp://`` byte-stream channel (not runnable yet)."""
 
@@ -303,7 +284,7 @@ def redact_url(url: str) -> str:
     return url[:authority_start] + "***@" + url[at + 1 :]
 
 
-def _split(url: str) -> SplitResult:
+def _split(url: str, *, allow_path: bool = False) -> SplitResult:
     if not isinstance(url, str) or not url.strip():
         raise EndpointError(str(url), None, "the address is empty")
     if url != url.strip():
@@ -318,7 +299,7 @@ def _split(url: str) -> SplitResult:
         )
     if parts.username is not None or parts.password is not None:
         raise EndpointError(url, None, "credentials are not allowed in this address")
-    if parts.path not in ("", "/"):
+    if parts.path not in ("", "/") and not allow_path:
         raise EndpointError(
             url, None, f"a path ({parts.path!r}) is not allowed; use scheme://host:port?params"
         )
@@ -361,11 +342,21 @@ def _query(url: str, parts: SplitResult, accepted: tuple[str, ...]) -> dict[str,
             raise EndpointError(url, name, _UNSUPPORTED_MEDPLUM_PARAMETERS[name])
         if name not in accepted:
             listed = ", ".join(accepted) if accepted else "none"
-            raise EndpointError(url, name, f"unknown parameter; accepted parameters are: {listed}")
+            raise EndpointError(url, name, f"unknown parameter{_did_you_mean(name, accepted)}; "
+                                           f"accepted parameters are: {listed}")
         if name in params:
             raise EndpointError(url, name, "given more than once")
         params[name] = value
     return params
+
+
+def _did_you_mean(name: str, accepted: tuple[str, ...]) -> str:
+    """' (did you mean 'ackMode'?)' for a near miss (case first, then difflib), else ''."""
+    for candidate in accepted:
+        if candidate.lower() == name.lower():
+            return f" (did you mean {candidate!r}?)"
+    close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --------------------------------------------------------------------------- value parsers
@@ -486,14 +477,58 @@ def _ack_mode(url: str, params: Mapping[str, str]) -> AckMode:
 def parse_endpoint(url: str) -> Endpoint:
     """Parse a listener URL; check scheme, host, port, parameter names and values.
 
-    Raises EndpointError. The scheme's typed options (:func:`mllp_options`, ...) are built once
-    here to validate, so calling them later on the result cannot fail.
+    The scheme's kind comes from the registry (``channels.base.channel_kind``): its
+    ``parameters`` are the accepted names (an unknown one gets a "did you mean" hint) and its
+    ``parse_options`` checks every value, so building the options later cannot fail. Raises
+    EndpointError. Schemes whose kind module does not exist yet fall back to the deprecated
+    tables above.
     """
-    parts = _split(url)
+    from medagent.channels.base import BUILTIN_KIND_MODULES, UnknownChannelKind, channel_kind, known_schemes
+
+    parts = _split(url, allow_path=True)
     scheme = parts.scheme
-    if scheme not in KNOWN_CHANNEL_KINDS:
-        known = ", ".join(sorted(KNOWN_CHANNEL_KINDS))
+    try:
+        kind = channel_kind(scheme)
+    except UnknownChannelKind:
+        kind = None
+    except ModuleNotFoundError as exc:
+        if exc.name != BUILTIN_KIND_MODULES.get(scheme):
+            raise  # the kind's module exists but cannot import a dependency: a real error
+        kind = None
+    if kind is None:
+        if scheme in ACCEPTED_PARAMETERS:
+            return _parse_legacy(url, parts)
+        if scheme in BUILTIN_KIND_MODULES:
+            raise EndpointError(url, None, f"{scheme}:// channels are not available in this version")
+        known = ", ".join(sorted(set(known_schemes()) | set(ACCEPTED_PARAMETERS)))
         raise EndpointError(url, None, f"unknown scheme {scheme!r}; expected one of: {known}")
+    if kind.needs_port:
+        if parts.path not in ("", "/"):
+            raise EndpointError(url, None, f"a path ({parts.path!r}) is not allowed; use scheme://host:port?params")
+        host, port = _host_and_port(url, parts, allow_port_zero=True)
+        path = ""
+    else:
+        host, port, path = parts.hostname or "", _optional_port(url, parts), parts.path
+        if not path and not host:
+            raise EndpointError(url, None, f"the device is missing (e.g. {scheme}:///dev/ttyUSB0)")
+    params = _query(url, parts, tuple(kind.parameters))
+    endpoint = Endpoint(scheme=scheme, host=host, port=port, params=MappingProxyType(params), url=url, path=path)
+    kind.parse_options(endpoint)
+    return endpoint
+
+
+def _optional_port(url: str, parts: SplitResult) -> int:
+    try:
+        return parts.port or 0
+    except ValueError:
+        raise EndpointError(url, None, "the port must be a number from 0 to 65535") from None
+
+
+def _parse_legacy(url: str, parts: SplitResult) -> Endpoint:
+    """DEPRECATED: parse with this module's own per-scheme tables (kinds not registered yet)."""
+    scheme = parts.scheme
+    if parts.path not in ("", "/"):
+        raise EndpointError(url, None, f"a path ({parts.path!r}) is not allowed; use scheme://host:port?params")
     host, port = _host_and_port(url, parts, allow_port_zero=True)
     params = _query(url, parts, ACCEPTED_PARAMETERS[scheme])
     endpoint = Endpoint(
@@ -559,7 +594,7 @@ def mllp_options(endpoint: Endpoint) -> MllpOptions:
     )
 
 
-def dicom_options(endpoint: Endpoint) -> DicomOptions:
+def dicom_options(endpoint: Endpoint) -> DicomOptions:  # DEPRECATED (see ACCEPTED_PARAMETERS)
     """Typed options of a ``dicom://`` endpoint (``aet``: our AE title, 1-16 chars)."""
     _require_scheme(endpoint, "dicom")
     ae_title = endpoint.params.get("aet", DicomOptions().ae_title)
@@ -587,7 +622,7 @@ def _framing_byte(endpoint: Endpoint, name: str) -> int:
     return ord(raw)
 
 
-def bytestream_options(endpoint: Endpoint) -> ByteStreamOptions:
+def bytestream_options(endpoint: Endpoint) -> ByteStreamOptions:  # DEPRECATED (see ACCEPTED_PARAMETERS)
     """Start/end framing bytes of a ``tcp://`` endpoint (both required, and different)."""
     _require_scheme(endpoint, "tcp")
     start, end = _framing_byte(endpoint, "startChar"), _framing_byte(endpoint, "endChar")

@@ -3,9 +3,13 @@
 Theory of operation
 -------------------
 The hub pushes a message to a device with ``agent:transmit:request`` (medplum-protocol.md §6);
-the runtime calls :meth:`MllpClientPool.send` with the request's ``remote`` URL
+the runtime finds the pool through the registry (``channels.base.outbound_sender("mllp")``,
+registered below) and calls :meth:`MllpClientPool.send` with the request's ``remote`` URL
 (``mllp://host:port?encoding=..&defaultReturnAck=first|application&keepAlive=..``), the
-message bytes and the request's ``returnAck``. The pool:
+message text and the request's ``returnAck``. The text is encoded with the remote's
+``encoding`` (default UTF-8) and the device's reply decoded with its BOM or MSH-18, else with
+that same encoding (issue 13, defect 5). :meth:`MllpClientPool.send_bytes` is the byte-level
+API underneath. The pool:
 
 1. parses the URL (``endpoint.parse_remote``) and reads MSH-10 (``proto.hl7.parse_header``);
    no MSH-10 -> :class:`MllpClientError` ``"MSH.10 is missing but required"``;
@@ -20,7 +24,8 @@ message bytes and the request's ``returnAck``. The pool:
 
    Precedence of the mode: the ``return_ack`` argument > the URL's ``defaultReturnAck`` >
    ``first``. Several sends may be in flight on one connection; replies are correlated by
-   MSA-2 (two in-flight sends with the same MSH-10 are answered in FIFO order).
+   MSA-2 (two in-flight sends with the same MSH-10 are answered in FIFO order). Replies are
+   read with ``proto.hl7.parse_ack`` (MSA values raw, as latin-1, like MSH-10 here).
 
 Replies that match nothing are discarded and counted: ``late`` when their MSA-2 belongs to a
 send that already timed out (the last 1024 per connection are remembered), ``mismatched``
@@ -51,10 +56,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from medagent.channels.ackpolicy import read_msa
+from medagent.channels.base import OutboundReply, register_outbound_sender
 from medagent.channels.endpoint import EndpointError, RemoteTarget, ReturnAck, parse_remote
 from medagent.proto import hl7 as hl7proto
 from medagent.proto.mllp import InvalidPayload, MllpDecoder, encode
+from medagent.records import HL7_V2_CONTENT_TYPE
 
 __all__ = ["MllpClientError", "MllpClientPool"]
 
@@ -166,15 +172,15 @@ class _MllpClient(asyncio.Protocol):
     def _route(self, frame: bytes) -> None:
         stats = self._remote.stats
         try:
-            text = hl7proto.decode(frame, self._remote.target.encoding)
+            info = hl7proto.parse_ack(frame)
         except hl7proto.Hl7Error:
-            text = frame.decode("latin-1")
-        _, code, control_id = read_msa(text)
-        if code is None or control_id is None:
+            info = None
+        if info is None:
             stats.mismatched += 1
             logger.warning("mllp client %s: discarded a reply without an MSA segment (%d bytes)",
                            self._remote.address, len(frame))
             return
+        code, control_id = info.code, info.control_id
         waiting = self._pending.get(control_id)
         if not waiting:
             if control_id in self._timed_out:
@@ -316,7 +322,32 @@ class MllpClientPool:
         except ValueError:
             raise MllpClientError(f"invalid returnAck {return_ack!r}; expected 'first' or 'application'") from None
 
-    async def send(self, remote_url: str, message: bytes, return_ack: str | None = None) -> bytes:
+    async def send(self, remote_url: str, body: str | bytes, content_type: str | None = None, *,
+                   return_ack: str | None = None, timeout: float | None = None) -> OutboundReply:
+        """OutboundSender: send the text `body` to `remote_url` in the remote's encoding.
+
+        The reply is decoded with its BOM or MSH-18, else with the remote's encoding.
+        DEPRECATED form, kept until the runtime calls through the registry: ``send(remote_url,
+        message_bytes, return_ack)`` returns the raw ACK bytes (see :meth:`send_bytes`).
+        """
+        if isinstance(body, (bytes, bytearray)):
+            return await self.send_bytes(remote_url, bytes(body), return_ack if return_ack is not None  # type: ignore[return-value]
+                                         else content_type, timeout=timeout)
+        encoding = self.target(remote_url).encoding
+        try:
+            payload = body.encode(encoding)
+        except UnicodeEncodeError as exc:
+            raise MllpClientError(f"the message cannot be encoded as {encoding} "
+                                  f"(unencodable character at offset {exc.start})") from None
+        reply = await self.send_bytes(remote_url, payload, return_ack, timeout=timeout)
+        try:
+            text = hl7proto.decode(reply, encoding)
+        except hl7proto.Hl7Error:  # not decodable as declared: keep what can be read
+            text = reply.decode(encoding, errors="replace")
+        return OutboundReply(text, HL7_V2_CONTENT_TYPE)
+
+    async def send_bytes(self, remote_url: str, message: bytes, return_ack: str | None = None, *,
+                         timeout: float | None = None) -> bytes:
         """Send `message` to the device at `remote_url`; return the raw ACK payload (see module doc)."""
         if self.closed:
             raise MllpClientError("the MLLP client pool is closed")
@@ -338,13 +369,14 @@ class MllpClientPool:
             stats.errors += 1
             raise
         stats.sent += 1
+        wait = self.response_timeout_s if timeout is None else timeout
         future = client.send(frame, control_id, mode is ReturnAck.APPLICATION)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.response_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(future), wait)
         except TimeoutError:
             client.give_up(control_id, future)
             stats.errors += 1
-            raise MllpClientError(f"no ACK within {self.response_timeout_s:g} s from {remote.address}") from None
+            raise MllpClientError(f"no ACK within {wait:g} s from {remote.address}") from None
         except asyncio.CancelledError:
             client.give_up(control_id, future)
             raise
@@ -395,3 +427,6 @@ class MllpClientPool:
                   "connects": remote.stats.connects}
             for url, remote in self._remotes.items()
         }
+
+
+register_outbound_sender("mllp", MllpClientPool)

@@ -64,6 +64,14 @@ encoded with the message's charset (replacement on unencodable characters; latin
 is empty, ASCII when MSH-18 is unknown); values copied from the message are copied raw. A wide
 message gets a wide ACK (same encoding, with BOM); any other gets bytes in its own encoding.
 
+*Reading an ACK* (ch. 2.14.8 MSA): `parse_ack` finds the message's MSH exactly as
+`parse_header` does (Hl7Error without one), then the first segment that starts with ``MSA`` and
+MSH-1; MSA-1 (code), MSA-2 (the acknowledged MSH-10) and MSA-3 (text) are returned raw (escape
+sequences kept; for ASCII-compatible bytes, the raw bytes as latin-1, like header fields), ""
+when absent. No MSA segment: None. It is the one MSA reader of the package (outbound client,
+bot replies, ``medagent send``, the load generator). It takes text as well as bytes (a bot's
+reply arrives as text); text is read like a decoded message.
+
 *Control ids* are ``PPPPPPQQQQQTn``: PPPPPP = base-36 seconds (mod 36**6) when the generator was
 seeded, QQQQQ = base-36 process id, T = a tag per generator (P here, C in the Cython twin), n =
 a hex counter. At most 20 characters; when the counter would need a ninth hex digit the
@@ -97,6 +105,8 @@ __all__ = [
     "decode",
     "codec_for_charset",
     "build_ack",
+    "AckInfo",
+    "parse_ack",
     "make_control_id",
     "format_timestamp",
     "current_timestamp",
@@ -699,3 +709,55 @@ def build_ack(
         )
     ack = SEGMENT_TERMINATOR.join(segments) + SEGMENT_TERMINATOR
     return encode_wide(ack, msh.wide) if msh.wide else ack.encode("latin-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an ACK (ch. 2.14.8 MSA)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AckInfo:
+    """The MSA segment of an acknowledgment (raw values; "" when absent)."""
+
+    code: str  # MSA-1, as sent (e.g. "AA"; compare after .strip().upper())
+    control_id: str  # MSA-2: the MSH-10 of the message it acknowledges
+    text: str  # MSA-3
+
+
+def _ack_text(message: bytes | bytearray | memoryview | str) -> str:
+    """`message` as text for MSA reading: wide input decoded, other bytes as latin-1."""
+    if isinstance(message, str):
+        return message[1:] if message[:1] == "\ufeff" else message
+    message = as_bytes(message)
+    wide, bom_length = sniff_encoding(message)
+    if wide is None:
+        return message[bom_length:].decode("latin-1")
+    return message[bom_length:].decode(wide, "replace")
+
+
+def parse_ack(message: bytes | bytearray | memoryview | str) -> AckInfo | None:
+    """The first MSA of `message` (see the module docstring); None without one.
+
+    Hl7Error when the message has no readable MSH (it is not HL7 v2).
+    """
+    text = _ack_text(message)
+    begin, end = _first_line(text, 0, _WHITESPACE_TEXT, "\r", "\n")
+    if end - begin < 4 or not text.startswith("MSH", begin) or not is_field_separator(text[begin + 3]):
+        raise no_msh_error(len(message))
+    separator = text[begin + 3]
+    marker = "MSA" + separator
+    position = text.find(marker, end)
+    while position >= 0 and text[position - 1] not in "\r\n":
+        position = text.find(marker, position + 4)
+    if position < 0:
+        return None
+    stop = len(text)
+    for terminator in ("\r", "\n"):
+        found = text.find(terminator, position, stop)
+        if found >= 0:
+            stop = found
+    fields = text[position + 4 : stop].split(separator, 3)
+    fields += [""] * (3 - len(fields))
+    text_field = fields[2]
+    return AckInfo(fields[0], fields[1], text_field)

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-An MLLP listener (:mod:`medagent.channels.hl7`) meets five events per message and asks this
-module what to answer each time; the answer is an :class:`AckDecision` (MSA-1 code, MSA-3
+The per-connection ACK sequencer (:mod:`medagent.proto.hl7_session`, driven by the MLLP
+listener :mod:`medagent.channels.hl7`) meets five events per message and asks this module what
+to answer each time; the answer is an :class:`AckDecision` (MSA-1 code, MSA-3
 text, ERR text) or ``None`` for "send nothing now". Building and writing the bytes is the
 adapter's job (``proto.hl7.build_ack``), deciding is done here so that the whole table can be
 tested exhaustively without sockets.
@@ -12,7 +13,7 @@ tested exhaustively without sockets.
 event          function
 =============  ===================================================================
 receipt        :func:`receipt_ack`      only ``IMMEDIATE`` answers here (AA before storage)
-commit         :func:`commit_ack`       the queue's :class:`~medagent.queue.CommitResult`
+commit         :func:`commit_ack`       the queue's :class:`~medagent.records.CommitResult`
 reject         :func:`reject_ack`       undecodable text, unknown charset, oversize frame
 timeout        :func:`timeout_ack`      ``ORIGINAL`` only: no hub reply in time
 hub reply      :func:`reply_decision`   the bot's ``agent:transmit:response``
@@ -47,10 +48,20 @@ Duplicates (the queue detects by (channel, sender, MSH-10); see ``DuplicateBehav
 Rejections: undecodable text, an unknown MSH-18 charset or an oversize frame with a readable
 MSH get **CR** in TWO_PHASE and **AR** otherwise, the reason in MSA-3 and ERR; nothing is stored.
 
-MSH-15 / MSH-16 (HL7 v2.5 ch. 2, 2.9.3 "Enhanced acknowledgment mode", table 0155):
-commit ACKs (CA/CE/CR) obey MSH-15 *accept acknowledgment type*, application ACKs
-(AA/AE/AR: FAST's AA, ORIGINAL's bot reply, the timeout AR, rejections in non-two-phase
-modes) obey MSH-16 *application acknowledgment type*:
+MSH-15 / MSH-16 (HL7 v2.5 ch. 2, 2.9.3 "Enhanced acknowledgment mode", table 0155): an
+*accept* acknowledgment answers "I have taken responsibility for the message" and obeys MSH-15
+*accept acknowledgment type*; an *application* acknowledgment answers "the receiving
+application processed it" and obeys MSH-16 *application acknowledgment type*
+(DESIGN.md "ACK modes and durability"; defect 2 of issue 13):
+
+* every commit code (CA/CE/CR) is an accept acknowledgment;
+* in FAST and IMMEDIATE modes the channel's own answer (Medplum's ``enhanced=aa`` AA after
+  commit, the immediate AA, and the AR/CE for duplicates, rejections and storage errors) is
+  the accept acknowledgment: it stands for the commit, so it obeys MSH-15. A sender with
+  MSH-15 = AL and MSH-16 = NE gets its AA;
+* in ORIGINAL mode there is no accept level: the channel's AE/AR (storage error, rejection,
+  duplicate, timeout) and the bot's reply are application acknowledgments (MSH-16);
+* the bot's AA/AE/AR in TWO_PHASE and ORIGINAL obeys MSH-16.
 
 ====== ==============================================
 value  send the ACK when
@@ -77,10 +88,13 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from medagent.channels.endpoint import AckMode, AppLevelAck, DuplicateBehavior
-from medagent.queue.records import CommitResult
+from medagent.proto.hl7 import Hl7Error, parse_ack
+from medagent.records import CommitResult
 
 __all__ = [
+    "AckMode",
+    "AppLevelAck",
+    "DuplicateBehavior",
     "AckCode",
     "AckDecision",
     "CommitOutcome",
@@ -99,10 +113,51 @@ __all__ = [
     "reject_ack",
     "timeout_ack",
     "parse_ack_code",
-    "read_msa",
     "classify_reply",
     "reply_decision",
 ]
+
+
+class AckMode(enum.Enum):
+    """What the channel sends the device, and when (DESIGN.md ACK mode table)."""
+
+    ORIGINAL = "original"
+    TWO_PHASE = "two-phase"
+    FAST = "fast"
+    IMMEDIATE = "immediate"
+
+
+class AppLevelAck(enum.Enum):
+    """Which bot application ACKs reach the device in two-phase mode (MSH-16 semantics).
+
+    AL: all; NE: none; ER: only AE/AR; SU: only AA. Ignored in the other modes.
+    """
+
+    AL = "AL"
+    NE = "NE"
+    ER = "ER"
+    SU = "SU"
+
+
+class DuplicateBehavior(enum.Enum):
+    """What a channel does with a message whose dedup key (channel, sender, MSH-10, body
+    digest) was seen recently.
+
+    FLAG: store it flagged and acknowledge it like any message (the hub decides); Medplum calls
+    this ``idempotent``, accepted as an alias. REJECT: a flagged duplicate gets CR/AR. DROP: a
+    duplicate is acknowledged again but neither stored nor forwarded. OFF: no detection.
+    """
+
+    FLAG = "flag"
+    DROP = "drop"
+    REJECT = "reject"
+    OFF = "off"
+
+    @classmethod
+    def _missing_(cls, value: object) -> DuplicateBehavior | None:
+        if isinstance(value, str) and value.lower() == "idempotent":
+            return cls.FLAG
+        return None
 
 
 class AckCode(enum.Enum):
@@ -184,14 +239,30 @@ def condition_allows(condition: str | None, success: bool) -> bool:
     return True  # AL, empty after strip, or unrecognised
 
 
-def ack_allowed(code: AckCode, accept_ack_type: str | None, app_ack_type: str | None) -> bool:
-    """Whether the sender's MSH-15 (commit codes) or MSH-16 (application codes) allows `code`."""
-    condition = accept_ack_type if code in COMMIT_CODES else app_ack_type
+def ack_allowed(code: AckCode, accept_ack_type: str | None, app_ack_type: str | None, *,
+                accept_level: bool = False) -> bool:
+    """Whether the sender's MSH-15 or MSH-16 allows `code`.
+
+    MSH-15 governs commit codes and any ACK that is the accept acknowledgment
+    (``accept_level``: the channel's own answer in FAST/IMMEDIATE mode); MSH-16 the others.
+    """
+    condition = accept_ack_type if accept_level or code in COMMIT_CODES else app_ack_type
     return condition_allows(condition, code in _SUCCESS_CODES)
 
 
-def _gated(decision: AckDecision, accept_ack_type: str | None, app_ack_type: str | None) -> AckDecision | None:
-    return decision if ack_allowed(decision.code, accept_ack_type, app_ack_type) else None
+def is_accept_level(mode: AckMode) -> bool:
+    """True when the channel's own answers in `mode` are accept acknowledgments (MSH-15).
+
+    FAST's AA and IMMEDIATE's AA stand for the commit (HL7 v2.5 2.9.3); TWO_PHASE answers with
+    commit codes anyway; ORIGINAL has only application acknowledgments.
+    """
+    return mode is not AckMode.ORIGINAL
+
+
+def _gated(decision: AckDecision, mode: AckMode, accept_ack_type: str | None,
+           app_ack_type: str | None) -> AckDecision | None:
+    allowed = ack_allowed(decision.code, accept_ack_type, app_ack_type, accept_level=is_accept_level(mode))
+    return decision if allowed else None
 
 
 def _app_level_allows(setting: AppLevelAck, code: AckCode) -> bool:
@@ -231,7 +302,7 @@ def receipt_ack(mode: AckMode, accept_ack_type: str | None, app_ack_type: str | 
     """ACK written as soon as a valid message is parsed: AA in IMMEDIATE mode, else nothing."""
     if mode is not AckMode.IMMEDIATE:
         return None
-    return _gated(AckDecision(AckCode.AA), accept_ack_type, app_ack_type)
+    return _gated(AckDecision(AckCode.AA), mode, accept_ack_type, app_ack_type)
 
 
 def _reject_code(mode: AckMode) -> AckCode:
@@ -266,20 +337,20 @@ def commit_ack(
         decision = AckDecision(AckCode.CA)
     else:  # ORIGINAL, stored: the bot's reply is the ACK
         return None
-    return _gated(decision, accept_ack_type, app_ack_type)
+    return _gated(decision, mode, accept_ack_type, app_ack_type)
 
 
 def reject_ack(
     mode: AckMode, reason: str, accept_ack_type: str | None, app_ack_type: str | None
 ) -> AckDecision | None:
     """ACK for a message refused before storage (undecodable, unknown charset, oversize)."""
-    return _gated(AckDecision(_reject_code(mode), reason, reason), accept_ack_type, app_ack_type)
+    return _gated(AckDecision(_reject_code(mode), reason, reason), mode, accept_ack_type, app_ack_type)
 
 
 def timeout_ack(timeout_s: float, accept_ack_type: str | None, app_ack_type: str | None) -> AckDecision | None:
     """ORIGINAL mode: the AR sent when the hub did not answer within `timeout_s` seconds."""
     text = f"no response from hub within {timeout_s:g} s"
-    return _gated(AckDecision(AckCode.AR, text, text), accept_ack_type, app_ack_type)
+    return _gated(AckDecision(AckCode.AR, text, text), AckMode.ORIGINAL, accept_ack_type, app_ack_type)
 
 
 def parse_ack_code(text: str | None) -> AckCode | None:
@@ -289,34 +360,17 @@ def parse_ack_code(text: str | None) -> AckCode | None:
     return _CODE_BY_TEXT.get(text.strip().upper())
 
 
-_LEADING_NOISE: Final = " \t\r\n\x0b\x0c\ufeff"
-
-
-def read_msa(text: str) -> tuple[bool, str | None, str | None]:
-    """(is HL7, MSA-1, MSA-2) of a message text; MSA values are None without an MSA segment.
-
-    HL7 means: after an optional BOM and whitespace it starts with ``MSH`` and a punctuation
-    field separator. The MSA is the first segment starting with ``MSA`` and that separator.
-    """
-    body = text.lstrip(_LEADING_NOISE)
-    if len(body) < 4 or not body.startswith("MSH"):
-        return False, None, None
-    separator = body[3]
-    if separator.isalnum() or not "!" <= separator <= "~":
-        return False, None, None
-    for segment in body.replace("\n", "\r").split("\r"):
-        if segment.startswith("MSA") and segment[3:4] == separator:
-            fields = segment.split(separator, 3)
-            code = fields[1] if len(fields) > 1 else ""
-            control_id = fields[2] if len(fields) > 2 else ""
-            return True, code, control_id
-    return True, None, None
-
-
 def classify_reply(text: str) -> tuple[bool, AckCode | None]:
-    """(is the bot's reply an HL7 v2 message, its MSA-1 as an AckCode or None)."""
-    is_hl7, code, _ = read_msa(text)
-    return is_hl7, parse_ack_code(code)
+    """(is the bot's reply an HL7 v2 message, its MSA-1 as an AckCode or None).
+
+    HL7 means a readable MSH (``proto.hl7.parse_ack``: after an optional BOM and whitespace,
+    ``MSH`` and a punctuation field separator); the code is that of its first MSA segment.
+    """
+    try:
+        info = parse_ack(text)
+    except Hl7Error:
+        return False, None
+    return True, (None if info is None else parse_ack_code(info.code))
 
 
 def reply_decision(

@@ -8,6 +8,9 @@ This selector module is the only one users import. What it does, in one line eac
 * `codec_for_charset(name) -> str` - Python codec for an HL7 table 0211 name.
 * `build_ack(message, code="AA", text=None, error=None, *, timestamp=None, control_id=None,
   error_code="207") -> bytes` - the MSH/MSA[/ERR] acknowledgment, in the message's encoding.
+* `parse_ack(message) -> AckInfo | None` - MSA-1/2/3 of an acknowledgment (bytes or text); the
+  one MSA parser of the package. Pure only: it reads one small segment per reply, off the
+  inbound hot path, so there is no Cython twin (``parse_ackC`` is None).
 * `make_control_id() -> str` - a new MSH-10, unique in this process (<= 20 characters).
 * `Hl7Error(ValueError)` - no readable MSH, unknown charset, undecodable text.
 
@@ -42,6 +45,7 @@ from medagent.proto._hl7_py import (
     DEFAULT_PROCESSING_ID,
     DEFAULT_VERSION,
     ERROR_CODE_TEXT,
+    AckInfo,
     Header,
     Hl7Error,
     codec_for_charset,
@@ -49,6 +53,7 @@ from medagent.proto._hl7_py import (
 
 __all__ = [
     "ACK_CODES",
+    "AckInfo",
     "DEFAULT_PROCESSING_ID",
     "DEFAULT_VERSION",
     "ERROR_CODE_TEXT",
@@ -69,6 +74,9 @@ __all__ = [
     "build_ack",
     "build_ackPy",
     "build_ackC",
+    "parse_ack",
+    "parse_ackPy",
+    "parse_ackC",
     "make_control_id",
     "make_control_idPy",
     "make_control_idC",
@@ -99,3 +107,7 @@ split_segments = _fast.split_segments if _fast is not None else _hl7_py.split_se
 decode = _fast.decode if _fast is not None else _hl7_py.decode
 build_ack = _fast.build_ack if _fast is not None else _hl7_py.build_ack
 make_control_id = _fast.make_control_id if _fast is not None else _hl7_py.make_control_id
+
+parse_ackPy = _hl7_py.parse_ack
+parse_ackC = None
+parse_ack = _hl7_py.parse_ack

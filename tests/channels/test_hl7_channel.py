@@ -317,13 +317,28 @@ async def test_immediate_mode_acks_before_storage(start: Harness, connect, queue
 # ------------------------------------------------------------------ MSH-15 / MSH-16
 
 
-async def test_fast_mode_honours_msh16(start: Harness, connect) -> None:
+async def test_fast_mode_aa_follows_msh15(start: Harness, connect) -> None:
+    """The fast-mode AA is the accept acknowledgment: MSH-15 decides, MSH-16 does not."""
     channel, _ = await start("ackMode=fast")
     client = await connect(channel)
-    await client.send(msg("N1", msh16="NE"), msg("N2", msh16="ER"), msg("N3", msh16="SU"), msg("N4", msh16="AL"))
-    acks = await client.acks(2)  # N1 (NE) and N2 (ER, success) get nothing
-    assert [msa(a)[:2] for a in acks] == [("AA", "N3"), ("AA", "N4")]
+    await client.send(msg("N1", msh15="NE"), msg("N2", msh15="ER"), msg("N3", msh15="SU"), msg("N4", msh15="AL"),
+                      msg("N5", msh15="AL", msh16="NE"), msg("N6", msh16="NE"))
+    acks = await client.acks(4)  # N1 (NE) and N2 (ER, success) get nothing
+    assert [msa(a)[:2] for a in acks] == [("AA", "N3"), ("AA", "N4"), ("AA", "N5"), ("AA", "N6")]
     assert channel.stats()["acks_suppressed"] == 2
+
+
+@pytest.mark.parametrize("params", ["ackMode=fast", "enhanced=aa", "ackMode=immediate"])
+async def test_defect2_accept_ack_for_msh15_al_msh16_ne(start: Harness, connect, data_dir: Path, params: str) -> None:
+    """Issue 13 defect 2: an ORU^R01 with MSH-15=AL, MSH-16=NE gets its AA (it got nothing)."""
+    body = (data_dir / "oru_r01_200obx.hl7").read_bytes()
+    header = hl7proto.parse_header(body)
+    assert (header.accept_ack_type, header.app_ack_type) == ("AL", "NE")
+    channel, _ = await start(params)
+    client = await connect(channel)
+    await client.send(body)
+    assert msa(await client.ack())[:2] == ("AA", header.control_id)
+    assert channel.stats()["acks_suppressed"] == 0
 
 
 async def test_two_phase_honours_msh15_and_msh16(start: Harness, connect) -> None:

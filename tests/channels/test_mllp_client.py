@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from medagent.channels.ackpolicy import read_msa
 from medagent.channels.mllp_client import MllpClientError, MllpClientPool
 from medagent.proto import hl7 as hl7proto
 from medagent.proto.mllp import MllpDecoderPy, encode
@@ -31,8 +30,8 @@ def ack_for(frame: bytes, code: str = "AA") -> bytes:
 
 
 def msa_of(ack: bytes) -> tuple[str | None, str | None]:
-    _, code, control_id = read_msa(ack.decode("latin-1"))
-    return code, control_id
+    info = hl7proto.parse_ack(ack)
+    return (None, None) if info is None else (info.code, info.control_id)
 
 
 class AckServer:

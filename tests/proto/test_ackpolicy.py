@@ -1,4 +1,4 @@
-"""The ACK decision table of medagent.channels.ackpolicy, exhaustively over its enums."""
+"""The ACK decision table of medagent.proto.ackpolicy, exhaustively over its enums."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import itertools
 
 import pytest
 
-from medagent.channels import ackpolicy as p
-from medagent.channels.ackpolicy import AckCode, AckDecision, CommitOutcome, ReplyAction
-from medagent.channels.endpoint import AckMode, AppLevelAck, DuplicateBehavior
-from medagent.queue.records import CommitResult
+from medagent.proto import ackpolicy as p
+from medagent.proto.ackpolicy import AckCode, AckDecision, AckMode, AppLevelAck, CommitOutcome, DuplicateBehavior, ReplyAction
+from medagent.records import CommitResult
 
 CONDITIONS = ["", "AL", "NE", "ER", "SU", "al", " ne ", "XX"]
 MODES = list(AckMode)
@@ -41,6 +40,23 @@ def test_ack_allowed_uses_msh15_for_commit_codes_and_msh16_for_application_codes
     success = code in (AckCode.AA, AckCode.CA)
     governing = msh15 if code in p.COMMIT_CODES else msh16
     assert p.ack_allowed(code, msh15, msh16) is p.condition_allows(governing, success)
+    # the accept acknowledgment (FAST's and IMMEDIATE's own answers) follows MSH-15 whatever its code
+    assert p.ack_allowed(code, msh15, msh16, accept_level=True) is p.condition_allows(msh15, success)
+
+
+def test_accept_level_modes() -> None:
+    assert {m for m in AckMode if p.is_accept_level(m)} == {AckMode.FAST, AckMode.IMMEDIATE, AckMode.TWO_PHASE}
+
+
+@pytest.mark.parametrize("mode", [AckMode.FAST, AckMode.IMMEDIATE])
+def test_defect2_accept_al_application_ne_gets_its_aa(mode: AckMode) -> None:
+    """Issue 13 defect 2: MSH-15=AL, MSH-16=NE asks for the accept ACK; FAST/IMMEDIATE's AA is it."""
+    if mode is AckMode.FAST:
+        assert p.commit_ack(mode, CommitOutcome.STORED, None, "AL", "NE") == AckDecision(AckCode.AA)
+        assert p.commit_ack(mode, CommitOutcome.STORED, None, "NE", "AL") is None
+    else:
+        assert p.receipt_ack(mode, "AL", "NE") == AckDecision(AckCode.AA)
+        assert p.receipt_ack(mode, "NE", "AL") is None
 
 
 # ------------------------------------------------------------------ commit classification
@@ -88,7 +104,8 @@ def test_commit_table_is_complete() -> None:
 def test_commit_ack(mode: AckMode, outcome: CommitOutcome, msh15: str, msh16: str) -> None:
     reason = "storage error: x" if outcome is CommitOutcome.FAILED else None
     expected = COMMIT_TABLE[(mode, outcome)]
-    if expected is not None and not p.ack_allowed(expected.code, msh15, msh16):
+    accept_level = mode is not AckMode.ORIGINAL
+    if expected is not None and not p.ack_allowed(expected.code, msh15, msh16, accept_level=accept_level):
         expected = None
     assert p.commit_ack(mode, outcome, reason, msh15, msh16) == expected
 
@@ -111,7 +128,7 @@ def test_storage_error_without_reason_still_says_so() -> None:
 @pytest.mark.parametrize("msh15,msh16", list(itertools.product(CONDITIONS[:5], CONDITIONS[:5])))
 def test_receipt_ack(mode: AckMode, msh15: str, msh16: str) -> None:
     decision = p.receipt_ack(mode, msh15, msh16)
-    if mode is AckMode.IMMEDIATE and p.condition_allows(msh16, True):
+    if mode is AckMode.IMMEDIATE and p.condition_allows(msh15, True):  # the accept ACK: MSH-15
         assert decision == AckDecision(AckCode.AA)
     else:
         assert decision is None
@@ -122,7 +139,7 @@ def test_receipt_ack(mode: AckMode, msh15: str, msh16: str) -> None:
 def test_reject_ack(mode: AckMode, msh15: str, msh16: str) -> None:
     decision = p.reject_ack(mode, "unknown character set", msh15, msh16)
     code = AckCode.CR if mode is AckMode.TWO_PHASE else AckCode.AR
-    governing = msh15 if code is AckCode.CR else msh16
+    governing = msh16 if mode is AckMode.ORIGINAL else msh15  # ORIGINAL has no accept level
     if p.condition_allows(governing, False):
         assert decision == AckDecision(code, "unknown character set", "unknown character set")
     else:
@@ -159,8 +176,10 @@ def test_awaits_hub_reply() -> None:
         ("", (False, None, None)),
     ],
 )
-def test_read_msa(text: str, expected: tuple[bool, str | None, str | None]) -> None:
-    assert p.read_msa(text) == expected
+def test_classify_reply_reads_the_msa_with_parse_ack(text: str, expected: tuple[bool, str | None, str | None]) -> None:
+    """The MSA reading itself is proto.hl7.parse_ack's (tests/proto/test_hl7_ack.py)."""
+    is_hl7, code, _ = expected
+    assert p.classify_reply(text) == (is_hl7, p.parse_ack_code(code))
 
 
 def test_classify_reply_and_parse_ack_code() -> None:
