@@ -2,8 +2,13 @@
 
 Theory of operation
 -------------------
-All SQLite work runs in ONE writer thread (a one-thread executor) that owns the `QueueStore`.
-The event loop never touches SQLite; it only appends to lists and reads deques.
+One `QueueStore` (one SQLite connection) does all the queue's SQLite work, one job at a time, in
+job order. Where a job runs depends on the durability: with `durability="normal"` a commit is a
+few write() calls, so jobs run directly on the event loop thread (`inline_writes`; a hand-off to a
+thread cost more than the commit, see __init__); with `durability="fsync"` they run in ONE writer
+thread (a one-thread executor), so the loop keeps serving sockets while the disk syncs. Either
+way completions are handled on the loop, and WAL checkpoints run in a thread of their own
+(`medagent.storage.checkpoint`), never inside a commit.
 
 Intake (group commit). `submit()` appends the record to the current group; the first submit of a
 group schedules `_start_flush` with `loop.call_soon`, so every record accepted during this loop
@@ -31,7 +36,32 @@ Invariants:
   beyond `_memory_high_id` (when `backlog_on_disk`);
 * the ready deque is sorted by row id;
 * one process writes a queue file: the lease is taken at open, renewed every `lease_ttl_s / 3`,
-  released at close.
+  released at close;
+* while storage is not OK no record is inserted, and nothing already committed is given up:
+  pending rows stay pending, held-back confirmations are written once storage works again;
+* the data directory and spool directory are 0700, the database, its -wal/-shm and the reserve
+  file 0600, whatever the umask (issue 18, defect 2).
+
+Storage trouble (issue 18, defect 1). A `StorageHealth` state machine (medagent.storage.health)
+gates intake: OK accepts; LOW_SPACE (free space below the watermark, `min_free_mb` /
+`min_free_percent`, sampled with one statvfs per flush at most every 0.1 s) refuses new records
+with `CommitResult.error` at once, without touching SQLite, but still writes confirmations, so
+delivery continues and frees space; FAILED (a write failed, e.g. "database or disk is full")
+refuses records likewise and holds every other write back. On entering FAILED the queue gives
+back its emergency reserve file (`reserve_mb`, kept allocated while space is plentiful) and asks
+the checkpointer for a TRUNCATE checkpoint; then it probes every `storage_probe_interval_s` with
+one small write (the lease renewal). The first success writes what was held back; intake
+resumes once free space is above the resume level with the reserve allocated again, so the WAL
+cannot eat the freed space before a checkpoint succeeded. Opening on a full disk gives the
+reserve back and tries once more, so a restart starts and delivers what is queued. Every state
+change is one log line; refused records are only counted.
+
+File payloads. A record may reference a file under `<data dir>/spool/` (written and fsynced by
+the channel before submit). The queue stores the reference, hands it out with the row
+(`QueuedMessage.file`), never reads the file, and deletes it after its row's delete committed;
+orphans (a crash between the two, or a channel that died before submitting) are removed by a
+sweep at open and after each retention sweep, if no row references them and they are older than
+`orphan_grace_s`.
 
 Maintenance. A background task renews the lease, runs retention (every `sweep_interval_s`, or
 sooner when an eighth of `retention_max_mb` was written since the last sweep) in small chunks so
@@ -58,9 +88,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from medagent.queue.checkpoint import WalCheckpointer
 from medagent.queue.records import CommitResult, DuplicatePolicy, InboundRecord, QueuedMessage
-from medagent.queue.store import Durability, QueueError, QueueLocked, QueueStore, storage_error_reason
+from medagent.queue.store import SPOOL_DIRNAME, Durability, QueueError, QueueLocked, QueueStore, SchemaTooNew
+from medagent.storage.checkpoint import WalCheckpointer
+from medagent.storage.errors import STORAGE_ERROR_PREFIX, storage_error_reason
+from medagent.storage.files import ensure_private_dir
+from medagent.storage.health import StorageHealth, StorageState, Transition
+from medagent.storage.reserve import ReserveFile
+from medagent.storage.space import DiskSpace, FreeSpaceWatermark, SpaceSampler, disk_space
 
 __all__ = ["DurableQueue", "QueueClosed"]
 
@@ -123,6 +158,12 @@ class _Maintenance:
     store_stats: dict[str, Any] | None
 
 
+@dataclass(frozen=True, slots=True)
+class _SpaceReport:
+    space: DiskSpace
+    reserve_missing: int  # bytes the reserve still has to take back before intake may resume
+
+
 def _row_id(message: QueuedMessage) -> int:
     return message.row_id
 
@@ -155,14 +196,35 @@ class DurableQueue:
         memory_max_rows: int = 20_000,
         memory_max_bytes: int = 64 * _MIB,
         inline_writes: bool | None = None,
+        min_free_mb: float = 50.0,
+        min_free_percent: float = 2.0,
+        reserve_mb: float = 8.0,
+        storage_probe_interval_s: float = 1.0,
+        orphan_grace_s: float = 300.0,
+        data_dir: Path | None = None,
     ) -> None:
+        """Storage limits (issue 18): refuse new records while free space on the queue's file
+        system is below max(`min_free_mb`, `min_free_percent` % of its size) (0 and 0 disable
+        the watermark); keep a `reserve_mb` emergency file (0 disables); probe failed storage
+        every `storage_probe_interval_s`. `data_dir` (default: the database's directory) is
+        where file payload paths start; spool files no row references are removed once older
+        than `orphan_grace_s`."""
         if memory_max_rows < 1 or memory_max_bytes < 1:
             raise ValueError("memory_max_rows and memory_max_bytes must be positive")
+        if reserve_mb < 0 or storage_probe_interval_s <= 0 or orphan_grace_s < 0:
+            raise ValueError("reserve_mb and orphan_grace_s must be >= 0, storage_probe_interval_s > 0")
         self.path = Path(path)
+        self.data_dir = Path(data_dir) if data_dir is not None else self.path.parent
         self.holder = holder or default_holder()
         self._store_options: dict[str, Any] = {
             "durability": durability, "dedup_window_s": dedup_window_s, "max_db_mb": max_db_mb,
+            "data_dir": self.data_dir,
         }
+        self._health = StorageHealth(FreeSpaceWatermark.from_config(min_free_mb, min_free_percent))
+        self._reserve = ReserveFile(self.path.with_name(self.path.name + ".reserve"), int(reserve_mb * _MIB))
+        self._space = SpaceSampler(self.path.parent)
+        self._probe_interval_s = storage_probe_interval_s
+        self._orphan_grace_s = orphan_grace_s
         self._retention = (retention_days, retention_max_mb, failed_retention_days)
         self._sweep_interval_s = sweep_interval_s
         self._sweep_after_bytes = max(1.0, retention_max_mb * _MIB / 8)
@@ -218,6 +280,7 @@ class DurableQueue:
         self._rate_mark = (time.monotonic(), 0)
         self._committed_per_s = 0.0
         self._store_stats: dict[str, Any] = {}
+        self._maintenance_wake = asyncio.Event()  # storage trouble: start probing now
 
     # ================================================================= lifecycle
 
@@ -239,6 +302,10 @@ class DurableQueue:
         self._checkpointer = WalCheckpointer(self.path)
         await self._call(self._require_store().disable_autocheckpoint)
         self._checkpointer.start()
+        # The max_db_mb limit counts only once it was hit (SQLite then says the database is full).
+        report: _SpaceReport = await self._call(self._space_in_writer, False, False)
+        self._space.last = report.space
+        self._on_transition(self._health.observe(report.space, extra_bytes=report.reserve_missing))
         self._phase = _Phase.OPEN
         self._rate_mark = (time.monotonic(), 0)
         self._maintenance_task = self._loop.create_task(self._maintain(), name="medagent-queue-maintenance")
@@ -248,12 +315,31 @@ class DurableQueue:
         )
 
     def _open_in_writer(self) -> int:
+        try:
+            return self._open_store()
+        except (QueueLocked, SchemaTooNew):
+            raise
+        except QueueError as exc:
+            # Maybe the disk is full: opening writes (the lease, and a WAL after a clean
+            # shutdown removed it). The reserve exists for exactly this; give it back, retry once.
+            if not self._reserve.release():
+                raise
+            logger.warning("queue %s: cannot open (%s); released the %d MB storage reserve and retrying",
+                           self.path, exc, self._reserve.size_bytes // _MIB)
+            return self._open_store()
+
+    def _open_store(self) -> int:
         store = QueueStore(self.path, **self._store_options)
         try:
             store.acquire_lease(self.holder, self._lease_ttl_s)
             requeued = store.requeue_sent()
             self._store_stats = store.stats()
             self._requeue_generation = store.requeue_generation()
+            ensure_private_dir(self.data_dir / SPOOL_DIRNAME)
+            store.sweep_orphan_files(self._orphan_grace_s)
+        except OSError as exc:
+            store.close()
+            raise QueueError(f"queue {self.path}: {storage_error_reason(exc)}") from exc
         except BaseException:
             store.close()
             raise
@@ -381,6 +467,9 @@ class DurableQueue:
         if self._phase is not _Phase.OPEN:
             self._reject(on_commit)
             return
+        if not self._health.accepting:  # cheap: no SQLite, no log line; the device gets CE
+            self._refuse(on_commit)
+            return
         self._records.append(record)
         self._dedup.append(dedup)
         self._callbacks.append(on_commit)
@@ -398,6 +487,12 @@ class DurableQueue:
 
         self.submit(record, settle, dedup)
         return await future
+
+    def _refuse(self, on_commit: Callable[[CommitResult], None]) -> None:
+        """Answer a submit while storage is not OK, after submit() returned."""
+        self._counts["refused_storage"] += 1
+        result = CommitResult(None, None, self._health.reason or f"{STORAGE_ERROR_PREFIX}unavailable")
+        self._loop.call_soon(self._run_callback, on_commit, result)  # type: ignore[union-attr]
 
     def _reject(self, on_commit: Callable[[CommitResult], None]) -> None:
         """Answer a submit made while not open, after submit() returned when a loop runs."""
@@ -434,6 +529,17 @@ class DurableQueue:
     def _start_flush(self) -> None:
         self._flush_scheduled = False
         if self._writing or not self._has_writes() or self._phase not in (_Phase.OPEN, _Phase.CLOSING):
+            return
+        if self._records:
+            if self._health.accepting and self._space.due():
+                self._on_transition(self._health.observe(self._space.sample(), extra_bytes=self._reserve.missing_bytes))
+            if not self._health.accepting:  # gathered before storage went wrong: refuse them too
+                callbacks = self._callbacks
+                self._records, self._dedup, self._callbacks = [], [], []
+                for on_commit in callbacks:
+                    self._refuse(on_commit)
+        # While FAILED only the maintenance probe writes; held updates wait (one last try at close).
+        if not (self._health.writable or self._phase is _Phase.CLOSING) or not self._has_writes():
             return
         work = _WriteWork(
             self._records, self._dedup, self._callbacks,
@@ -476,9 +582,15 @@ class DurableQueue:
         if outcome.error is not None:
             logger.error("queue %s: write job failed: %s", self.path, outcome.error)
             failed = CommitResult(None, None, storage_error_reason(outcome.error))
-            written = _WriteOutcome([failed] * len(work.records), str(outcome.error), None)
+            written = _WriteOutcome([failed] * len(work.records), storage_error_reason(outcome.error), None)
         else:
             written = outcome.value
+        storage_failure = written.update_error or next(
+            (r.error for r in written.results if r.error is not None and r.error.startswith(STORAGE_ERROR_PREFIX)),
+            None,
+        )
+        if storage_failure is not None:
+            self._storage_failed(storage_failure)
         self._settle_updates(work, written.update_error)
         if work.rescan and outcome.error is None:
             self._restart_from_disk(written.first_pending_id)
@@ -495,9 +607,9 @@ class DurableQueue:
             self._unpersisted_settled.difference_update(work.confirms)
             self._unpersisted_settled.difference_update(row_id for row_id, _ in work.failures)
             return
-        # Held back until the next maintenance round (storage may recover; retrying at once would
-        # spin). They are idempotent except attempts, which is written last and so was not applied.
-        logger.warning("queue %s: state update failed, will retry: %s", self.path, update_error)
+        # Held back until storage works again (the FAILED state logged it once; retrying at once
+        # would spin). They are idempotent except attempts, which is written last and so was not
+        # applied.
         self._counts["update_errors"] += 1
         self._held_back.append(work)
 
@@ -522,8 +634,17 @@ class DurableQueue:
             if row_id is None:
                 continue
             counts["committed"] += 1
+            if result.control_id_reused:
+                counts["control_id_reused"] += 1
+                # ids are not message bodies: channel, sender and control id only (no PHI)
+                logger.warning(
+                    "queue %s: channel %s sender %r reused control id %r with other content; "
+                    "stored as a new message (row %d)",
+                    self.path, record.channel, record.sender, record.control_id, row_id,
+                )
             size = len(record.body)
             self._bytes_since_sweep += size
+            self._space.wrote(size)
             if self._backlog_on_disk:
                 continue
             if len(self._ready) >= self._memory_max_rows or self._ready_bytes + size > self._memory_max_bytes:
@@ -531,7 +652,7 @@ class DurableQueue:
                 continue
             self._ready.append(QueuedMessage(
                 row_id, record.channel, record.remote, record.control_id, record.message_type,
-                record.body, record.content_type, record.received_at, 0, result.duplicate_of,
+                record.body, record.content_type, record.received_at, 0, result.duplicate_of, record.file,
             ))
             self._ready_bytes += size
             self._memory_high_id = row_id
@@ -685,17 +806,30 @@ class DurableQueue:
 
     async def _maintain(self) -> None:
         interval = max(0.05, self._lease_ttl_s / 3)
+        next_round = time.monotonic() + interval
         next_sweep = time.monotonic()  # sweep once soon after start
+        wake = self._maintenance_wake
         while True:
-            await asyncio.sleep(interval)
+            healthy = self._health.accepting
+            timeout = max(0.0, next_round - time.monotonic()) if healthy else self._probe_interval_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+            wake.clear()
+            if not self._health.accepting:
+                await self._storage_round()
             now = time.monotonic()
+            if now < next_round or not self._health.writable:
+                self._retry_held_updates()
+                continue
+            next_round = now + interval
             sweep_due = now >= next_sweep or self._bytes_since_sweep >= self._sweep_after_bytes
             try:
                 done = await self._maintenance_round(sweep_due)
             except QueueLocked as exc:
-                if not self._lease_lost:
-                    logger.error("queue %s: lease lost, another process may be writing: %s", self.path, exc)
-                self._lease_lost = True
+                self._lease_failed(exc)
+                continue
+            except QueueError as exc:  # storage trouble: one log line per state change, no traceback
+                self._storage_failed(str(exc))
                 continue
             except Exception:
                 logger.exception("queue %s: maintenance failed", self.path)
@@ -704,8 +838,95 @@ class DurableQueue:
             if sweep_due and done:
                 next_sweep = time.monotonic() + self._sweep_interval_s
             self._update_rate()
+            self._retry_held_updates()
+
+    def _retry_held_updates(self) -> None:
+        if self._health.writable:
             self._take_back_held()  # retry state updates a storage error held back
             self._request_flush()
+
+    def _lease_failed(self, exc: QueueLocked) -> None:
+        if not self._lease_lost:
+            logger.error("queue %s: lease lost, another process may be writing: %s", self.path, exc)
+        self._lease_lost = True
+
+    # ================================================================= storage health
+
+    def _storage_failed(self, reason: str) -> None:
+        """A write failed: refuse intake, hold writes back, give back the reserve, probe soon."""
+        if not reason.startswith(STORAGE_ERROR_PREFIX):
+            reason = storage_error_reason(Exception(reason))
+        self._on_transition(self._health.write_failed(reason))
+
+    def _on_transition(self, change: Transition | None) -> None:
+        """One log line per storage state change, plus the actions a new state needs."""
+        if change is None:
+            return
+        self._counts["storage_state_changes"] += 1
+        space = self._space.last
+        free_mb = -1.0 if space is None else space.free_bytes / _MIB
+        if change.new is StorageState.FAILED:
+            released = self._reserve.release()
+            if self._checkpointer is not None:
+                self._checkpointer.request_truncate()  # give the WAL's blocks back once it can
+            logger.error(
+                "queue %s: %s; refusing new messages and probing storage every %.1f s%s",
+                self.path, change.reason, self._probe_interval_s,
+                f" (released the {self._reserve.size_bytes // _MIB} MB reserve)" if released else "",
+            )
+            self._maintenance_wake.set()
+        elif change.new is StorageState.LOW_SPACE:
+            watermark = self._health.watermark
+            total = 0 if space is None else space.total_bytes
+            logger.warning(
+                "queue %s: %s (%.1f MB free, low watermark %.1f MB); refusing new messages until "
+                "%.1f MB are free%s",
+                self.path, change.reason, free_mb, watermark.low_bytes(total) / _MIB,
+                (watermark.resume_bytes(total) + self._reserve.missing_bytes) / _MIB,
+                "; storage is writable again" if change.old is StorageState.FAILED else "",
+            )
+            self._maintenance_wake.set()
+        else:
+            logger.warning("queue %s: storage recovered (%.1f MB free); accepting new messages again",
+                           self.path, free_mb)
+
+    async def _storage_round(self) -> None:
+        """While not OK: probe (FAILED) or re-sample (LOW_SPACE), take the reserve back when it
+        fits, and move the state machine."""
+        failed = self._health.state is StorageState.FAILED
+        try:
+            report: _SpaceReport = await self._call(self._space_in_writer, failed)
+        except QueueLocked as exc:
+            self._lease_failed(exc)
+            return
+        except (QueueError, OSError) as exc:  # still failing: the state already says so
+            self._storage_failed(str(exc) if isinstance(exc, QueueError) else storage_error_reason(exc))
+            return
+        self._space.last = report.space
+        if failed:
+            self._lease_lost = False
+            change = self._health.probe_succeeded(report.space, extra_bytes=report.reserve_missing)
+        else:
+            change = self._health.observe(report.space, extra_bytes=report.reserve_missing)
+        self._on_transition(change)
+        if self._health.writable:
+            self._retry_held_updates()
+
+    def _space_in_writer(self, probe_write: bool, db_limit: bool = True) -> _SpaceReport:
+        """Free space now (after one small write when probing), allocating the reserve first
+        when it fits above the resume level; with `db_limit`, a `max_db_mb` limit counts as the
+        free space when it is tighter than the disk."""
+        store = self._require_store()
+        if probe_write:
+            store.renew_lease(self.holder, self._lease_ttl_s)  # raises StorageError while failing
+        space = disk_space(self.path.parent)
+        reserve = self._reserve
+        if not reserve.held and self._health.watermark.can_resume(space, reserve.size_bytes) and reserve.allocate():
+            space = disk_space(self.path.parent)
+        headroom = store.page_headroom_bytes() if db_limit else None
+        if headroom is not None and headroom < space.free_bytes:  # max_db_mb is the tighter limit
+            space = DiskSpace(headroom, space.total_bytes)
+        return _SpaceReport(space, reserve.missing_bytes)
 
     async def _maintenance_round(self, sweep_due: bool) -> bool:
         """Renew the lease, notice operator retries, and sweep in small writer jobs."""
@@ -736,6 +957,8 @@ class DurableQueue:
             return _Maintenance(store.requeue_generation(), 0, True, None)
         swept = store.sweep(*self._retention, chunk_rows=_SWEEP_CHUNK_ROWS, max_rows=_SWEEP_CHUNK_ROWS)
         done = swept < _SWEEP_CHUNK_ROWS
+        if done:
+            store.sweep_orphan_files(self._orphan_grace_s)
         return _Maintenance(store.requeue_generation(), swept, done, store.stats() if done else None)
 
     def _update_rate(self) -> None:
@@ -754,6 +977,10 @@ class DurableQueue:
             "submitted_waiting": len(self._records),
             "committed": counts["committed"],
             "commit_errors": counts["commit_errors"],
+            # Medplum-style name asked for by issue 13 (defect 3): reused control ids, new content
+            "controlIdReused": counts["control_id_reused"],
+            "refused_storage": counts["refused_storage"],
+            "storage": self._storage_stats(),
             "duplicates_flagged": counts["duplicates_flagged"],
             "duplicates_dropped": counts["duplicates_dropped"],
             "flushes": counts["flushes"],
@@ -773,4 +1000,16 @@ class DurableQueue:
             "committed_per_s": self._committed_per_s,
             "lease_lost": self._lease_lost,
             "store": dict(self._store_stats),
+        }
+
+    def _storage_stats(self) -> dict[str, Any]:
+        space = self._space.last
+        watermark = self._health.watermark
+        return {
+            "state": self._health.state.name.lower(),
+            "reason": self._health.reason,
+            "free_bytes": None if space is None else space.free_bytes,
+            "low_watermark_bytes": None if space is None else watermark.low_bytes(space.total_bytes),
+            "reserve_held": self._reserve.held,
+            "state_changes": self._counts["storage_state_changes"],
         }

@@ -55,6 +55,8 @@ class QueuedMessage:
     """A committed row, as the dispatcher sends it to the hub.
 
     `attempts` counts earlier hand-outs that ended without a confirmation (0 on first delivery).
+    `file` is set for a file payload (then `body` is its metadata document): the path is relative
+    to the agent's data directory; the delivery side reads the file, the queue never does.
     """
 
     row_id: int
@@ -67,3 +69,4 @@ class QueuedMessage:
     received_at: float
     attempts: int
     duplicate_of: int | None
+    file: FilePayload | None = None

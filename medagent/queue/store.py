@@ -17,13 +17,24 @@ DurableQueue's writer thread, or an admin command); it does not lock anything it
 * Row ids are `AUTOINCREMENT`: never reused, even after retention deleted the newest rows, so
   `queue_uuid` + row id names one message for ever (the dispatcher builds websocket callback ids
   from them, and the hub may de-duplicate on them).
-* De-duplication: (channel, sender, control_id) among non-FAILED rows received within
-  `dedup_window_s` of the new message. Messages without a control id are never duplicates.
+* De-duplication (issue 13, defect 3): a duplicate has the same (channel, sender, control_id)
+  AND the same content as a non-FAILED row received within `dedup_window_s` before it. Content
+  is a digest stored with each row: BLAKE2b-128 of an inline body (one pass over a ~600-byte
+  body, about a microsecond), the channel's SHA-256 of a file payload. A reused control id with
+  other content (devices reset their counters) is a new message, inserted as usual and reported
+  with `CommitResult.control_id_reused`. Rows from before the digest column existed are compared
+  by hashing their body on the fly. Messages without a control id are never duplicates.
+* Payloads: a row holds inline bytes (`body`) or a file reference (`file_path` relative to the
+  data directory, always below `spool/`, with `file_size` and `file_sha256`) plus a small
+  metadata body. The store never reads payload files; it deletes a row's file after the
+  transaction deleting the row committed (a crash in between leaves an orphan, which
+  `sweep_orphan_files` removes: only files no row references).
 * Lease: one row naming the process that may write (holder, host, pid, expiry). A live lease of
   another holder makes `acquire_lease` raise `QueueLocked`; a lease whose holder process is dead
   on this host, or whose expiry passed, is taken over.
 * Retention (`sweep`) deletes CONFIRMED rows older than `retention_days` after they were settled,
-  then the oldest CONFIRMED rows while the live data exceeds `retention_max_mb`, and FAILED rows
+  then the oldest CONFIRMED rows while the live data (database pages plus spool files)
+  exceeds `retention_max_mb`, and FAILED rows
   older than `failed_retention_days`. It never deletes RECEIVED or SENT rows. Deletion goes in
   chunks of short transactions so the writer is never held for long.
 
@@ -35,6 +46,8 @@ methods raise `StorageError`; opening raises `QueueError` subclasses with action
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import math
 import os
 import socket
@@ -42,10 +55,12 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from medagent.queue.records import CommitResult, DuplicatePolicy, InboundRecord, QueuedMessage, RowState
+from medagent.queue.records import CommitResult, DuplicatePolicy, FilePayload, InboundRecord, QueuedMessage, RowState
+from medagent.storage.errors import storage_error_reason
+from medagent.storage.files import ensure_private_dir, prepare_private_database
 
 __all__ = [
     "Durability",
@@ -56,8 +71,16 @@ __all__ = [
     "SchemaTooNew",
     "StorageError",
     "QueueStore",
+    "SPOOL_DIRNAME",
+    "content_digest",
+    "spool_path_problem",
     "storage_error_reason",
 ]
+
+log = logging.getLogger(__name__)
+
+#: Directory below the data directory that holds file payloads (one subdirectory per channel).
+SPOOL_DIRNAME = "spool"
 
 Durability = Literal["normal", "fsync"]
 _SYNCHRONOUS: dict[str, str] = {"normal": "NORMAL", "fsync": "FULL"}
@@ -115,38 +138,82 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at REAL NOT NULL
         )""",
     ),
+    (
+        # 1 -> 2: content digest for the dedup key, and file payloads (issue 13). Old rows keep
+        # NULL digests (compared by hashing their body) and NULL file columns (inline payloads).
+        "ALTER TABLE messages ADD COLUMN digest BLOB",
+        "ALTER TABLE messages ADD COLUMN file_path TEXT",
+        "ALTER TABLE messages ADD COLUMN file_size INTEGER",
+        "ALTER TABLE messages ADD COLUMN file_sha256 TEXT",
+        # Partial and covering: only rows with a file are in it, so retention finds the files of
+        # the rows it deletes, and stats sum spool bytes, without reading any body.
+        "CREATE INDEX messages_files ON messages (id, file_path, file_size) WHERE file_path IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PENDING_FILTER = f"state < {int(RowState.CONFIRMED)}"
 _INSERT_SQL = (
     "INSERT INTO messages (channel, remote, sender, control_id, message_type, content_type, body,"
-    " received_at, state, attempts, duplicate_of, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)"
+    " received_at, state, attempts, duplicate_of, updated_at, digest, file_path, file_size, file_sha256)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?)"
 )
-# Earlier non-FAILED rows with the same (channel, sender, control_id) as any record of a chunk.
+# Earlier non-FAILED rows with the same (channel, sender, control_id) as any record of a chunk;
+# the body only for rows older than the digest column (NULL digest).
 _DEDUP_SQL = (
-    "SELECT m.id, m.channel, m.sender, m.control_id, m.received_at FROM (VALUES {values}) AS k"
+    "SELECT m.id, m.channel, m.sender, m.control_id, m.received_at, m.digest,"
+    " CASE WHEN m.digest IS NULL THEN m.body END FROM (VALUES {values}) AS k"
     " JOIN messages AS m ON m.channel = k.column1 AND m.sender = k.column2 AND m.control_id = k.column3"
     f" WHERE m.state != {int(RowState.FAILED)} AND m.received_at >= ? ORDER BY m.id"
 )
 _LOOKUP_CHUNK = 300  # 3 parameters per record: stays under SQLite's historic 999-parameter limit
 _QUEUED_COLUMNS = (
-    "id, channel, remote, control_id, message_type, body, content_type, received_at, attempts, duplicate_of"
+    "id, channel, remote, control_id, message_type, body, content_type, received_at, attempts, duplicate_of,"
+    " file_path, file_size, file_sha256"
 )
 _INFO_COLUMNS = (
     "id, channel, remote, sender, control_id, message_type, content_type, length(body), received_at,"
-    " state, attempts, duplicate_of, last_error, updated_at"
+    " state, attempts, duplicate_of, last_error, updated_at, file_path, file_size"
 )
 _INFO_KEYS = (
     "id", "channel", "remote", "sender", "control_id", "message_type", "content_type", "size",
-    "received_at", "state", "attempts", "duplicate_of", "last_error", "updated_at",
+    "received_at", "state", "attempts", "duplicate_of", "last_error", "updated_at", "file", "file_size",
 )
 REQUEUE_GENERATION_KEY = "requeue_generation"
 
 
-def storage_error_reason(exc: BaseException) -> str:
-    """Short, PHI-free reason for MSA-3 and logs: "storage error: database or disk is full"."""
-    return f"storage error: {exc}"
+def content_digest(record: InboundRecord) -> bytes:
+    """The content part of the dedup key: the file's SHA-256 (hex, 64 bytes) for a file payload,
+    else BLAKE2b-128 of the body (16 bytes); the lengths differ, so the two never compare equal."""
+    if record.file is not None:
+        return record.file.sha256.lower().encode("ascii", "replace")
+    return hashlib.blake2b(record.body, digest_size=16).digest()
+
+
+def _legacy_digest(body: bytes | None) -> bytes | None:
+    return None if body is None else hashlib.blake2b(body, digest_size=16).digest()
+
+
+def spool_path_problem(path: str) -> str | None:
+    """Why `path` is not an acceptable file payload reference, or None.
+
+    It must be relative, POSIX-style, normalized and below ``spool/``: the store deletes these
+    files on retention, so a reference must never reach outside the spool directory.
+    """
+    if not path or "\\" in path or "\x00" in path:
+        return "empty path or one with a backslash or NUL"
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or any(part in ("..", ".") for part in path.split("/")) or str(pure) != path:
+        return "not a normalized relative path"
+    if len(pure.parts) < 2 or pure.parts[0] != SPOOL_DIRNAME:
+        return f"not below {SPOOL_DIRNAME}/"
+    return None
+
+
+def _queued(row: Sequence[Any]) -> QueuedMessage:
+    file_path, file_size, file_sha256 = row[10:13]
+    file = None if file_path is None else FilePayload(file_path, int(file_size), str(file_sha256))
+    return QueuedMessage(*row[:10], file)
 
 
 @contextlib.contextmanager
@@ -189,14 +256,23 @@ class QueueStore:
         max_db_mb: float | None = None,
         busy_timeout_s: float = 5.0,
         create: bool = True,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        """`data_dir` (default: the database's directory) is where file payload paths start."""
         if durability not in _SYNCHRONOUS:
             raise ValueError(f"durability must be 'normal' or 'fsync', not {durability!r}")
         self.path = Path(path)
+        self.data_dir = Path(data_dir) if data_dir is not None else self.path.parent
         self.durability: Durability = durability
         self.dedup_window_s = float(dedup_window_s)
         if not create and not self.path.exists():
             raise QueueError(f"no queue database at {self.path} (has the agent run with this data_dir?)")
+        if create:  # issue 18, defect 2: 0700 directory, 0600 database (SQLite copies it to -wal/-shm)
+            try:
+                ensure_private_dir(self.path.parent)
+                prepare_private_database(self.path)
+            except OSError as exc:
+                raise QueueError(f"cannot open queue database {self.path}: {storage_error_reason(exc)}") from exc
         try:
             self._conn = sqlite3.connect(
                 str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -341,7 +417,10 @@ class QueueStore:
     ) -> list[CommitResult]:
         """Resolve duplicates (one lookup query per chunk, in-batch repeats in Python), then insert
         every kept record with one executemany. Ids are predicted from the AUTOINCREMENT sequence
-        (we hold the write lock, so they are consecutive) and checked after the insert."""
+        (we hold the write lock, so they are consecutive) and checked after the insert.
+
+        A record is a duplicate of the oldest row in its window with the same key and digest; a
+        row with the same key but another digest makes it a reused control id (a new message)."""
         off, drop = DuplicatePolicy.OFF, DuplicatePolicy.DROP
         checks_duplicates = any(policy is not off for policy in dedup)
         earlier = self._earlier_rows(records) if checks_duplicates else {}
@@ -350,25 +429,38 @@ class QueueStore:
         rows: list[tuple[Any, ...]] = []
         results: list[CommitResult] = []
         for record, policy in zip(records, dedup):
+            file = record.file
+            if file is not None and (problem := spool_path_problem(file.path)) is not None:
+                # refused alone: the rest of the group is fine (the path is a channel's bug, not PHI)
+                results.append(CommitResult(None, None, f"invalid file payload path: {problem}"))
+                continue
             duplicate_of: int | None = None
+            reused = False
             key = (record.channel, record.sender, record.control_id)
+            digest = content_digest(record) if record.control_id else None
             if policy is not off and record.control_id:
                 cutoff = record.received_at - window
-                for row_id, received_at in earlier.get(key, ()):
+                for row_id, received_at, row_digest in earlier.get(key, ()):
                     if received_at >= cutoff:
-                        duplicate_of = row_id
-                        break
-                if duplicate_of is not None and policy is drop:
-                    results.append(CommitResult(None, duplicate_of))
-                    continue
+                        if row_digest == digest:
+                            duplicate_of = row_id
+                            break
+                        reused = True
+                if duplicate_of is not None:
+                    reused = False  # an exact resend of one of the earlier messages
+                    if policy is drop:
+                        results.append(CommitResult(None, duplicate_of))
+                        continue
             next_id += 1
             rows.append((
                 record.channel, record.remote, record.sender, record.control_id, record.message_type,
-                record.content_type, record.body, record.received_at, duplicate_of, now,
+                record.content_type, record.body, record.received_at, duplicate_of, now, digest,
+                None if file is None else file.path, None if file is None else file.size,
+                None if file is None else file.sha256,
             ))
-            results.append(CommitResult(next_id, duplicate_of))
+            results.append(CommitResult(next_id, duplicate_of, control_id_reused=reused))
             if checks_duplicates and record.control_id:
-                earlier.setdefault(key, []).append((next_id, record.received_at))
+                earlier.setdefault(key, []).append((next_id, record.received_at, digest))
         if rows:
             self._cursor.executemany(_INSERT_SQL, rows)
             if self._last_assigned_id() != next_id:
@@ -379,10 +471,13 @@ class QueueStore:
         row = self._cursor.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
         return int(row[0]) if row else 0
 
-    def _earlier_rows(self, records: Sequence[InboundRecord]) -> dict[tuple[str, str, str], list[tuple[int, float]]]:
-        """(channel, sender, control_id) -> [(id, received_at), ...] of non-FAILED rows that could
-        be inside the window of some record, in id order; one query per _LOOKUP_CHUNK records."""
-        found: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+    def _earlier_rows(
+        self, records: Sequence[InboundRecord]
+    ) -> dict[tuple[str, str, str], list[tuple[int, float, bytes | None]]]:
+        """(channel, sender, control_id) -> [(id, received_at, digest), ...] of non-FAILED rows
+        that could be inside the window of some record, in id order; one query per
+        _LOOKUP_CHUNK records."""
+        found: dict[tuple[str, str, str], list[tuple[int, float, bytes | None]]] = {}
         seen: set[int] = set()
         oldest = min(record.received_at for record in records) - self.dedup_window_s
         keyed = [r for r in records if r.control_id]
@@ -393,10 +488,11 @@ class QueueStore:
                 params += (record.channel, record.sender, record.control_id)
             params.append(oldest)
             sql = _DEDUP_SQL.format(values=",".join(["(?, ?, ?)"] * len(chunk)))
-            for row_id, channel, sender, control_id, received_at in self._cursor.execute(sql, params):
+            for row_id, channel, sender, control_id, received_at, digest, body in self._cursor.execute(sql, params):
                 if row_id not in seen:  # a key asked twice matches twice
                     seen.add(row_id)
-                    found.setdefault((channel, sender, control_id), []).append((row_id, received_at))
+                    entry = (row_id, received_at, digest if digest is not None else _legacy_digest(body))
+                    found.setdefault((channel, sender, control_id), []).append(entry)
         return found
 
     # ----------------------------------------------------------------- delivery side
@@ -410,7 +506,7 @@ class QueueStore:
             params += (up_to_id,)
         with _reading(self.path):
             rows = self._conn.execute(sql + " ORDER BY id LIMIT ?", params + (limit,)).fetchall()
-        return [QueuedMessage(*row) for row in rows]
+        return [_queued(row) for row in rows]
 
     def _set_state(self, ids: Iterable[int], state: RowState, only_from: str) -> int:
         now = time.time()
@@ -472,6 +568,8 @@ class QueueStore:
     @staticmethod
     def _row_info(row: Sequence[Any]) -> dict[str, Any]:
         info = dict(zip(_INFO_KEYS, row))
+        if info["file"] is None:
+            del info["file"], info["file_size"]
         info["state"] = RowState(info["state"]).name.lower()
         return info
 
@@ -565,8 +663,90 @@ class QueueStore:
         return deleted
 
     def _delete_ids(self, ids: Sequence[int], state: RowState) -> int:
+        """Delete rows (one transaction), then, once that committed, their payload files."""
         sql = f"DELETE FROM messages WHERE id = ? AND state = {int(state)}"
-        return self._write(lambda conn: conn.executemany(sql, [(i,) for i in ids]).rowcount)
+        wanted = set(ids)
+        files_sql = (
+            "SELECT id, file_path FROM messages INDEXED BY messages_files"
+            f" WHERE file_path IS NOT NULL AND id BETWEEN ? AND ? AND state = {int(state)}"
+        )
+
+        def work(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+            files = [path for row_id, path in conn.execute(files_sql, (min(ids), max(ids))) if row_id in wanted]
+            return conn.executemany(sql, [(i,) for i in ids]).rowcount, files
+
+        deleted, files = self._write(work)
+        self._unlink_payloads(files)
+        return deleted
+
+    def _payload_file(self, relative: str) -> Path | None:
+        """Absolute path of a stored file reference, or None if it does not point into the spool."""
+        if spool_path_problem(relative) is not None:
+            return None
+        return self.data_dir.joinpath(*PurePosixPath(relative).parts)
+
+    def _unlink_payloads(self, relatives: Iterable[str]) -> int:
+        removed = 0
+        for relative in relatives:
+            path = self._payload_file(relative)
+            if path is None:
+                log.warning("queue %s: not deleting payload file outside the spool: %r", self.path, relative)
+                continue
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # left as an orphan: the next orphan sweep tries again
+                log.warning("queue %s: cannot delete payload file %s: %s", self.path, relative, exc)
+        return removed
+
+    def referenced_files(self) -> set[str]:
+        """Every file payload path some row references (any state)."""
+        with _reading(self.path):
+            return {
+                path for (path,) in self._conn.execute(
+                    "SELECT file_path FROM messages INDEXED BY messages_files WHERE file_path IS NOT NULL"
+                )
+            }
+
+    def sweep_orphan_files(self, older_than_s: float = 0.0) -> tuple[int, int]:
+        """Delete files below ``<data_dir>/spool`` that no row references and that were last
+        modified more than `older_than_s` ago (a channel may be writing a file it has not
+        submitted yet). Returns (files removed, bytes freed)."""
+        spool = self.data_dir / SPOOL_DIRNAME
+        if not spool.is_dir():
+            return 0, 0
+        referenced = self.referenced_files()
+        cutoff = time.time() - older_than_s
+        removed = freed = 0
+        for directory, _subdirs, names in os.walk(spool):
+            for name in names:
+                path = Path(directory, name)
+                relative = path.relative_to(self.data_dir).as_posix()
+                if relative in referenced:
+                    continue
+                try:
+                    st = path.lstat()
+                    if not os.path.isfile(path) or path.is_symlink() or st.st_mtime > cutoff:
+                        continue
+                    path.unlink()
+                except OSError:
+                    continue
+                removed += 1
+                freed += st.st_size
+        if removed:
+            log.info("queue %s: removed %d orphaned spool files (%d bytes)", self.path, removed, freed)
+        return removed, freed
+
+    def spool_usage(self) -> tuple[int, int]:
+        """(files, bytes) of file payloads referenced by rows."""
+        with _reading(self.path):
+            files, size = self._conn.execute(
+                "SELECT count(*), coalesce(sum(file_size), 0) FROM messages INDEXED BY messages_files"
+                " WHERE file_path IS NOT NULL"
+            ).fetchone()
+        return int(files), int(size)
 
     def used_bytes(self) -> int:
         """Bytes of live data in the database (pages in use, excluding the free list)."""
@@ -575,16 +755,28 @@ class QueueStore:
         pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
         return int(pages * page_size)
 
+    def page_headroom_bytes(self) -> int | None:
+        """Bytes the database may still grow by under `max_db_mb` (None when unlimited): free
+        pages plus pages below the limit. Lets a storage probe see a full *database* as full."""
+        conn = self._conn
+        max_pages = conn.execute("PRAGMA max_page_count").fetchone()[0]
+        page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+        if max_pages >= 0x3FFFFFFF:  # SQLite's default limit (1073741823 pages): effectively unlimited
+            return None
+        free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((max_pages - page_count + free_pages) * conn.execute("PRAGMA page_size").fetchone()[0])
+
     def _trim_to_size(self, max_bytes: float, chunk_rows: int, budget: float = math.inf) -> int:
-        """Delete the oldest CONFIRMED rows while the live data exceeds max_bytes."""
+        """Delete the oldest CONFIRMED rows while the live data (pages plus spool files) exceeds
+        max_bytes."""
         confirmed = int(RowState.CONFIRMED)
         sample = (
-            "SELECT avg(length(body)) FROM (SELECT body FROM messages"
+            "SELECT avg(length(body) + coalesce(file_size, 0)) FROM (SELECT body, file_size FROM messages"
             f" WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT 64)"
         )
         select = f"SELECT id FROM messages WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT ?"
         cursor_id, deleted = 0, 0
-        excess = self.used_bytes() - max_bytes
+        excess = self._live_bytes() - max_bytes
         while excess > 0 and deleted < budget:
             average_body = self._conn.execute(sample, (cursor_id,)).fetchone()[0]
             if average_body is None:  # no CONFIRMED rows left: pending rows are never trimmed
@@ -596,8 +788,11 @@ class QueueStore:
                 break
             deleted += self._delete_ids(ids, RowState.CONFIRMED)
             cursor_id = ids[-1]
-            excess = self.used_bytes() - max_bytes
+            excess = self._live_bytes() - max_bytes
         return deleted
+
+    def _live_bytes(self) -> int:
+        return self.used_bytes() + self.spool_usage()[1]
 
     # ----------------------------------------------------------------- stats
 
@@ -616,6 +811,7 @@ class QueueStore:
         by_state = {state.name.lower(): 0 for state in RowState}
         for state, count in conn.execute("SELECT state, count(*) FROM messages GROUP BY state"):
             by_state[RowState(state).name.lower()] = count
+        spool_files, spool_bytes = self.spool_usage()
         channels = {
             channel: {"pending": count, "oldest_pending_age_s": max(0.0, now - oldest)}
             for channel, count, oldest in conn.execute(
@@ -632,6 +828,8 @@ class QueueStore:
             "channels": channels,
             "db_size_bytes": self._file_bytes(),
             "db_used_bytes": self.used_bytes(),
+            "spool_files": spool_files,
+            "spool_bytes": spool_bytes,
         }
 
     def _file_bytes(self) -> int:
