@@ -427,19 +427,6 @@ class HubStore:
             )]
             return self._purge_ids(conn, ids)
 
-    def purge_oldest_bodies(self, limit: int) -> int:
-        """Blank the bodies of the ``limit`` oldest messages (all channels) that still have one."""
-        with self._write() as conn:
-            candidates: list[tuple[int, int]] = []
-            for channel in self.message_channels():
-                candidates += conn.execute(
-                    "SELECT received_at, id FROM messages INDEXED BY messages_channel_body_age"
-                    " WHERE channel = ? AND body_purged_at IS NULL ORDER BY received_at LIMIT ?",
-                    (channel, limit),
-                ).fetchall()
-            candidates.sort()
-            return self._purge_ids(conn, [i for _, i in candidates[:limit]])
-
     @staticmethod
     def _purge_ids(conn: sqlite3.Connection, ids: list[int]) -> int:
         stamp = now_ms()

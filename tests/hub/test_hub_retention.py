@@ -1,0 +1,114 @@
+"""Issue 18 defect 7: hub retention (age and size, bodies before rows, per channel) and the
+free-space watermark, against a real HubServer and its SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hubtest import SpecAgent, adt, hub_settings, transmit
+
+from medagent.hub import AgentCredentials, HubServer, MessageQuery
+from medagent.hub.records import IncomingMessage, RetentionPolicy
+from medagent.hub.store import HubStore, now_ms
+
+DAY_MS = 86_400_000
+
+
+def put(store: HubStore, channel: str, age_days: float, callback: str, body: str = "x" * 1500) -> None:
+    received = now_ms() - int(age_days * DAY_MS)
+    store.store_incoming([IncomingMessage("agent-1", channel, "10.0.0.1:1", callback, "text/plain", body, received)])
+
+
+def body_of(store: HubStore, callback: str) -> str | None:
+    """The stored body, or None when the row is gone."""
+    rows = store.query_messages(MessageQuery(control_id=None, include_body=True, limit=1000)).messages
+    found = [m for m in rows if m.callback == callback]
+    return found[0].body if found else None
+
+
+@pytest.fixture
+async def retention_hub(tmp_path: Path) -> AsyncIterator[HubServer]:
+    settings = hub_settings(
+        tmp_path, retention=RetentionPolicy(max_age_s=10 * 86400, body_max_age_s=2 * 86400),
+        retention_channels={"keep": RetentionPolicy(max_age_s=None, body_max_age_s=None),
+                            "short": RetentionPolicy(max_age_s=86400, body_max_age_s=3600)},
+        retention_interval_s=3600, retention_batch_rows=7)
+    server = HubServer(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def test_age_retention_purges_bodies_first_then_rows_per_channel(retention_hub: HubServer) -> None:
+    store = retention_hub.store
+    for i in range(20):  # more than a batch (7) of each kind, so the steps repeat
+        put(store, "adt", 11, f"adt-old-{i}")
+        put(store, "adt", 3, f"adt-mid-{i}")
+    put(store, "adt", 0.5, "adt-new")
+    put(store, "keep", 400, "keep-ancient")
+    put(store, "short", 0.5, "short-mid")
+    put(store, "short", 2, "short-old")
+    put(store, "short", 0.01, "short-new")
+    stats = await retention_hub.retention.run_pass()
+    assert body_of(store, "adt-old-0") is None and body_of(store, "adt-old-19") is None  # older than max_age
+    assert body_of(store, "adt-mid-0") == "" and body_of(store, "adt-mid-19") == ""  # body purged, row kept
+    assert body_of(store, "adt-new") == "x" * 1500
+    assert body_of(store, "keep-ancient") == "x" * 1500  # the channel's own policy: keep forever
+    assert (body_of(store, "short-old"), body_of(store, "short-mid"), body_of(store, "short-new")) == (None, "", "x" * 1500)
+    record = store.get_message("adt-mid-3")
+    assert record.reply_body is None and record.body_size == 0 and record.channel == "adt"
+    assert (stats.messages_deleted, stats.bodies_purged) == (21, 42)
+    again = await retention_hub.retention.run_pass()  # idempotent: nothing left to do
+    assert (again.messages_deleted, again.bodies_purged) == (21, 42)
+
+
+async def test_size_budget_deletes_the_oldest_rows_and_their_pages_are_reused(tmp_path: Path) -> None:
+    settings = hub_settings(tmp_path, retention=RetentionPolicy(None, None), retention_interval_s=3600,
+                            retention_max_bytes=1, retention_batch_rows=50)
+    async with HubServer(settings) as hub:
+        for i in range(300):
+            put(hub.store, "adt", 1 - i / 1000, f"m-{i}")
+        size_before = hub.store.live_bytes()
+        hub.retention._max_bytes = size_before // 2  # a budget half of what is stored
+        stats = await hub.retention.run_pass()
+        assert hub.store.live_bytes() <= size_before // 2
+        assert 100 <= stats.messages_deleted <= 200
+        assert body_of(hub.store, "m-0") is None and body_of(hub.store, "m-299") == "x" * 1500  # oldest first
+        free = hub.store.free_page_bytes()
+        for i in range(50):  # new messages go into the freed pages: the file does not grow
+            put(hub.store, "adt", 0, f"new-{i}")
+        assert hub.store.free_page_bytes() < free
+        hub.retention._max_bytes = 1  # below any data: every row goes, oldest first
+        stats = await hub.retention.run_pass()
+        assert hub.store.query_messages(MessageQuery()).messages == ()
+
+
+async def test_low_disk_refuses_intake_without_acking_then_recovers(hub: HubServer, agent: AgentCredentials) -> None:
+    disk = hub.context.dispatcher.disk
+    assert disk is not None and disk.check_now() is None
+    disk.min_free_bytes = 2**62  # more than any disk has: the watermark is crossed
+    assert disk.check_now() is not None
+    client = await SpecAgent.connected(hub, agent)
+    await client.send({"type": "agent:batch", "seq": 7, "messages": [transmit("adt", adt("D1"), "disk-1")]})
+    error = await client.recv_type("agent:error")
+    assert error["callback"] == "disk-1" and error["body"].startswith("Hub storage is nearly full")
+    assert hub.store.query_messages(MessageQuery(agent_id=agent.agent_id)).messages == ()
+    assert disk.refused == 1
+    disk.min_free_bytes = 0
+    assert disk.check_now() is None
+    await client.send({"type": "agent:batch", "seq": 8, "messages": [transmit("adt", adt("D1"), "disk-1")]})
+    ack = await client.recv_type("agent:batch:ack")
+    assert ack["seq"] == 8  # the first ack the agent sees is for the resend: seq 7 was never acked
+    assert (await client.responses(1))[0]["callback"] == "disk-1"
+    await client.close()
+
+
+async def test_bad_retention_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="retention_channels\\['x'\\].max_age_s"):
+        HubServer(hub_settings(tmp_path, retention_channels={"x": RetentionPolicy(max_age_s=0)}))
+    with pytest.raises(ValueError, match="min_free_percent"):
+        HubServer(hub_settings(tmp_path, min_free_percent=100))
