@@ -367,8 +367,7 @@ class AstmChannel:
                 and loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self._serial is not None:
-            await self._serial.stop()
-            self._serial = None
+            await self._serial.stop()  # kept: its stats stay readable ("stopped")
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None

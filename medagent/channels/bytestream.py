@@ -259,8 +259,7 @@ class ByteStreamChannel:
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         if self._serial is not None:
-            await self._serial.stop()
-            self._serial = None
+            await self._serial.stop()  # kept: its stats stay readable ("stopped")
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
