@@ -31,13 +31,24 @@ those; their callbacks are their confirmation). ``seq`` restarts at 1 on each co
 Inside a batch a transmit request may carry ``duplicateOf`` (the agent's queue saw the same
 control id before) and ``noReply: true`` (no device waits for the bot's reply).
 
+This module is the package's one encoder. Besides :func:`encode` / :func:`to_dict` it has the two
+hot-path helpers the agent's session core uses: :func:`encode_transmit` (a transmit request with
+the current ``accessToken`` filled in at send time, as the Medplum agent does in
+``sendToWebSocket``, §1.1, and the medagent extension fields kept only towards a hub that
+advertised them) and :func:`batch_frame` (already encoded messages joined into one
+``agent:batch`` frame without decoding them again). A str that JSON cannot carry (a lone
+surrogate) is encoded with U+FFFD in its place rather than failing the frame.
+
 Invariants: ``decode(encode(m), receiver) == m`` for every message ``m`` whose direction reaches
-that receiver; ``encode`` output never contains keys whose value is ``None``.
+that receiver; ``encode`` output never contains keys whose value is ``None``; a transmit request
+encoded without extensions never carries ``duplicateOf`` or ``noReply``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -73,12 +84,18 @@ __all__ = [
     "BatchAck",
     "MESSAGE_TYPES",
     "encode",
+    "encode_transmit",
+    "batch_frame",
+    "BATCH_FRAME_OVERHEAD",
+    "dumps",
     "to_dict",
     "decode",
     "decode_dict",
     "new_callback",
     "Receiver",
 ]
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE_HL7_V2 = "x-application/hl7-v2+er7"
 CONTENT_TYPE_PING = "x-application/ping"
@@ -333,8 +350,55 @@ def _field_specs(cls: type[AgentMessage]) -> tuple[_FieldSpec, ...]:
 _SPECS: dict[type[AgentMessage], tuple[_FieldSpec, ...]] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
 
 
+def transmit_dict(
+    message: TransmitRequest, access_token: str | None = None, extensions: bool = True
+) -> dict[str, Any]:
+    """The JSON object of a transmit request; the one place its keys are written.
+
+    ``access_token`` (when given) replaces the message's own; ``extensions=False`` leaves out
+    medagent's ``duplicateOf`` and ``noReply``, which only a hub that advertised batching knows.
+    """
+    data: dict[str, Any] = {
+        "type": "agent:transmit:request",
+        "remote": message.remote,
+        "contentType": message.content_type,
+        "body": message.body,
+    }
+    if message.channel is not None:
+        data["channel"] = message.channel
+    if message.callback is not None:
+        data["callback"] = message.callback
+    token = access_token if access_token is not None else message.access_token
+    if token is not None:
+        data["accessToken"] = token
+    if message.return_ack is not None:
+        data["returnAck"] = message.return_ack
+    if extensions:
+        if message.duplicate_of is not None:
+            data["duplicateOf"] = message.duplicate_of
+        if message.no_reply is not None:
+            data["noReply"] = message.no_reply
+    return data
+
+
+def encode_transmit(message: TransmitRequest, access_token: str | None, extensions: bool) -> bytes:
+    """One transmit request as JSON bytes (see :func:`transmit_dict`)."""
+    return dumps(transmit_dict(message, access_token, extensions))
+
+
+#: Bytes of ``{"type":"agent:batch","seq":N,"messages":[]}`` around the joined messages (N < 10**20).
+BATCH_FRAME_OVERHEAD = 64
+
+
+def batch_frame(seq: int, encoded: list[bytes]) -> bytes:
+    """An ``agent:batch`` frame from already encoded messages (same JSON as :func:`encode`)."""
+    return b'{"type":"agent:batch","seq":%d,"messages":[%b]}' % (seq, b",".join(encoded))
+
+
 def to_dict(message: AgentMessage) -> dict[str, Any]:
     """The JSON object of a message (``None`` attributes omitted)."""
+    if type(message) is TransmitRequest:
+        return transmit_dict(message)
     out: dict[str, Any] = {"type": message.TYPE}
     for spec in _SPECS[type(message)]:
         value = getattr(message, spec.attr)
@@ -348,7 +412,30 @@ def to_dict(message: AgentMessage) -> dict[str, Any]:
 
 def encode(message: AgentMessage) -> bytes:
     """UTF-8 JSON for one websocket *text* frame."""
-    return orjson.dumps(to_dict(message))
+    return dumps(to_dict(message))
+
+
+def dumps(data: dict[str, Any]) -> bytes:
+    """orjson, with lone surrogates (invalid in UTF-8 and JSON) replaced by U+FFFD if present."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        # why: a device's bytes decoded with surrogateescape must not stall the link forever
+        log.warning("a %s frame had characters JSON cannot carry; replaced with U+FFFD", data.get("type"))
+        return orjson.dumps(_without_surrogates(data))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_surrogates(v) for v in value]
+    return value
 
 
 def decode(frame: str | bytes | bytearray | memoryview, receiver: Receiver) -> AgentMessage:

@@ -1,22 +1,22 @@
-"""Everything a request handler of the hub needs, in one object (built by :class:`HubServer`)."""
+"""Everything a request handler of the hub needs, in one object (built by :class:`HubServer`).
+
+Connections are typed by the :class:`~medagent.hub.registry.Connection` protocol, not by the
+websocket module's class: ``hub/websocket.py`` imports this module, never the other way round.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from medagent.hub.auth import TokenSigner
 from medagent.hub.botrunner import BotRunner
 from medagent.hub.intake import ChannelDispatcher
-from medagent.hub.registry import AgentRegistry, PendingReplies
+from medagent.hub.registry import AgentRegistry, Connection, PendingReplies
 from medagent.hub.settings import HubSettings
 from medagent.hub.store import HubStore
 from medagent.hub.writer import StoreWriter
-
-if TYPE_CHECKING:
-    from medagent.hub.websocket import AgentConnection
 
 __all__ = ["HubContext", "CTX_KEY", "CONNECTIONS_KEY"]
 
@@ -28,7 +28,7 @@ class HubContext:
     writer: StoreWriter
     signer: TokenSigner
     bots: BotRunner
-    registry: AgentRegistry[AgentConnection]
+    registry: AgentRegistry[Connection]
     pending: PendingReplies
     dispatcher: ChannelDispatcher
     admin_token: str
@@ -36,4 +36,4 @@ class HubContext:
 
 #: the application keys under which HubServer stores the context and the open agent sockets
 CTX_KEY: web.AppKey[HubContext] = web.AppKey("medagent_hub_context", HubContext)
-CONNECTIONS_KEY: web.AppKey[set[AgentConnection]] = web.AppKey("medagent_hub_connections", set)
+CONNECTIONS_KEY: web.AppKey[set[Connection]] = web.AppKey("medagent_hub_connections", set)

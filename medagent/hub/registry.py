@@ -28,11 +28,20 @@ __all__ = ["AgentRegistry", "AgentPresence", "PendingReplies", "Connection"]
 
 
 class Connection(Protocol):
-    agent_id: str | None
+    """What the hub needs of an agent's connection (``hub/websocket.py`` implements it).
+
+    Typed here, beside the registry that holds connections, so that the context and the
+    operations need not import the websocket module (which imports the context).
+    """
+
+    @property
+    def agent_id(self) -> str | None: ...
 
     async def send(self, message: AgentMessage) -> None: ...
 
     async def send_many(self, messages: list[AgentMessage]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 C = TypeVar("C", bound=Connection)

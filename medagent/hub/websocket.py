@@ -1,63 +1,53 @@
-"""The hub side of one agent websocket, ``/ws/agent`` (medplum-protocol.md §1.2, §1.3, §2).
+"""The hub side of one agent websocket, ``/ws/agent``: the I/O skin around the protocol core.
 
 Theory of operation
 -------------------
-A connection starts in ``AWAITING_CONNECT``. The agent's ``agent:connect:request`` is checked
-like Medplum's ``handleConnect``: a missing ``accessToken`` -> ``agent:error "Missing access
-token"``, a missing ``agentId`` -> ``"Missing agent ID"``, a forged, expired or foreign token
-(one whose agent is not ``agentId``), or an unknown agent -> ``"Invalid access token"``. Those
-errors carry no callback and leave the socket open, so the agent may retry. On success the
-connection becomes the agent's current one in the registry, goes ``LIVE``, starts the server
-heartbeat (``agent:heartbeat:request`` every ``heartbeat_interval_s``) and answers
-``agent:connect:response`` with ``features.batch = {maxMessages, maxBytes}`` (the medagent
-batching extension, see :mod:`medagent.cloud.messages`).
+The protocol state — Medplum's connect errors, frames refused before the handshake, heartbeat
+answers, batch sequence and cumulative-ack bookkeeping, error replies to bad frames — is
+:class:`~medagent.proto.agent_session.HubSession` (medplum-protocol.md §1.2, §1.3, §2). This
+module moves frames between it and aiohttp and does what needs the hub's state:
 
-While live: heartbeat requests are answered with the hub version; heartbeat responses record
-the agent version for ``$status``; transmit requests (alone or inside ``agent:batch``) go to the
-:class:`~medagent.hub.intake.IntakePipeline`; responses and ``agent:error`` frames that carry a
-callback resolve the HTTP operation waiting for it. Frames that are not JSON, lack fields, have
-an unknown type, or make no sense towards the hub get ``agent:error`` with the callback when it
-could be read. Text and binary frames are both accepted (UTF-8 JSON).
+* :class:`~medagent.proto.agent_session.ConnectRequested`: the token is verified like Medplum's
+  ``handleConnect`` (a forged, expired or foreign token, or an unknown agent ->
+  ``agent:error "Invalid access token"``, no callback, socket left open). On success the
+  connection becomes the agent's current one in the registry, an intake pipeline starts, and the
+  core answers ``agent:connect:response`` with ``features.batch = {maxMessages, maxBytes}``;
+* transmit requests (alone or in an ``agent:batch``) go to the
+  :class:`~medagent.hub.intake.IntakePipeline`, whose ``agent:batch:ack`` passes through the core
+  (never for a seq not received, never twice);
+* replies and ``agent:error`` frames that carry a callback resolve the HTTP operation waiting for
+  it; heartbeat responses record the agent's version for ``$status``;
+* a ticker drives the core's deadlines: ``agent:heartbeat:request`` every
+  ``heartbeat_interval_s`` while live. aiohttp's websocket pings detect a dead TCP connection.
 
 Invariants: the hub never closes a socket because of a bad frame; a connection registers only
-after a valid handshake and unregisters only itself; nothing logs frame contents.
+after a valid handshake and unregisters only itself; frames leave in the order the core queued
+them; nothing logs frame contents.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-from typing import Any
+import time
 
-import orjson
 from aiohttp import WSMsgType, web
 
 from medagent import __version__
-from medagent.cloud.messages import (
-    AgentMessage,
-    Batch,
-    BatchAck,
-    ConnectRequest,
-    ConnectResponse,
-    ErrorMessage,
-    HeartbeatRequest,
-    HeartbeatResponse,
-    LogsResponse,
-    ProtocolError,
-    ReloadConfigResponse,
-    StatsResponse,
-    TransmitRequest,
-    TransmitResponse,
-    UnknownMessageType,
-    UpgradeResponse,
-    decode_dict,
-    encode,
-)
+from medagent.cloud.messages import AgentMessage, Batch, BatchAck, ErrorMessage
 from medagent.hub.auth import AuthError
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
 from medagent.hub.intake import IntakePipeline
 from medagent.hub.store import NotFound
+from medagent.proto import agent_session as core
+from medagent.proto.agent_session import (
+    INVALID_ACCESS_TOKEN,
+    MISSING_ACCESS_TOKEN,
+    MISSING_AGENT_ID,
+    NOT_CONNECTED,
+    HubSession,
+    SessionState,
+)
 
 __all__ = [
     "AgentConnection",
@@ -66,61 +56,80 @@ __all__ = [
     "MISSING_ACCESS_TOKEN",
     "MISSING_AGENT_ID",
     "INVALID_ACCESS_TOKEN",
+    "NOT_CONNECTED",
 ]
 
 log = logging.getLogger(__name__)
 
-MISSING_ACCESS_TOKEN = "Missing access token"
-MISSING_AGENT_ID = "Missing agent ID"
-INVALID_ACCESS_TOKEN = "Invalid access token"
-NOT_CONNECTED = "Not connected: send agent:connect:request first"
-
-#: replies from the agent that settle an HTTP operation waiting on their callback
-_REPLY_TYPES = (TransmitResponse, ReloadConfigResponse, UpgradeResponse, LogsResponse, StatsResponse, ErrorMessage)
-
-
-class ConnectionState(enum.IntEnum):
-    AWAITING_CONNECT = 0
-    LIVE = 1
-    CLOSED = 2
+#: the connection's protocol state (the core's; kept under its old name)
+ConnectionState = SessionState
 
 
 class AgentConnection:
-    """One agent websocket: handshake, heartbeats, frame dispatch."""
+    """One agent websocket: a :class:`HubSession` plus the hub state it needs."""
 
     def __init__(self, ctx: HubContext, ws: web.WebSocketResponse, peer: str) -> None:
         self._ctx = ctx
         self._ws = ws
         self.peer = peer
-        self.state = ConnectionState.AWAITING_CONNECT
-        self.agent_id: str | None = None
-        #: the agent has sent an agent:batch on this connection, so replies may be batched too
-        self.batching = False
+        self._core = HubSession(version=__version__, now=time.monotonic(),
+                                heartbeat_s=ctx.settings.heartbeat_interval_s)
         self._intake: IntakePipeline | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # frames leave in the order the core queued them
+        self._closing = False
+
+    @property
+    def state(self) -> SessionState:
+        return self._core.state
+
+    @property
+    def agent_id(self) -> str | None:
+        return self._core.agent_id
+
+    @property
+    def batching(self) -> bool:
+        """The agent has sent an agent:batch on this connection, so replies may be batched too."""
+        return self._core.batching
 
     # -- sending ----------------------------------------------------------------------------
 
     async def send(self, message: AgentMessage) -> None:
-        await self._ws.send_frame(encode(message), WSMsgType.TEXT)
+        """Send one message; raises ConnectionError once the connection is closed."""
+        if type(message) is BatchAck:
+            self._core.acknowledge(message.seq)
+        else:
+            self._check_open()
+            self._core.send(message)
+        await self._flush()
 
     async def send_many(self, messages: list[AgentMessage]) -> None:
         """Send replies: one ``agent:batch`` frame per ``batch_max_messages`` when batching."""
-        if not self.batching or len(messages) == 1:
+        self._check_open()
+        session = self._core
+        if not session.batching or len(messages) == 1:
             for message in messages:
-                await self.send(message)
-            return
-        size = self._ctx.settings.batch_max_messages
-        for start in range(0, len(messages), size):
-            await self.send(Batch(tuple(messages[start : start + size])))
+                session.send(message)
+        else:
+            size = self._ctx.settings.batch_max_messages
+            for start in range(0, len(messages), size):
+                session.send(Batch(tuple(messages[start : start + size])))
+        await self._flush()
 
-    async def _error(self, body: str, callback: str | None = None) -> None:
-        await self.send(ErrorMessage(body, callback))
+    def _check_open(self) -> None:
+        if self._core.closed:
+            raise ConnectionError(f"the websocket of agent {self.agent_id} is closed")
+
+    async def _flush(self) -> None:
+        async with self._writing:
+            for frame in self._core.data_to_send():
+                await self._ws.send_frame(frame, WSMsgType.TEXT)
 
     # -- receiving --------------------------------------------------------------------------
 
     async def serve(self) -> None:
         """Read frames until the socket closes, then clean up."""
+        self._ticker = asyncio.create_task(self._tick_loop(), name=f"medagent-hub-ticker-{self.peer}")
         try:
             async for frame in self._ws:
                 if frame.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -132,49 +141,38 @@ class AgentConnection:
             await self.close()
 
     async def _on_frame(self, data: str | bytes) -> None:
-        try:
-            parsed: Any = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            await self._error(f"Invalid message: not JSON ({exc.msg})")
-            return
-        if isinstance(parsed, dict) and parsed.get("type") == ConnectRequest.TYPE:
-            await self._on_connect(parsed)
-            return
-        try:
-            message = decode_dict(parsed, "hub")
-        except UnknownMessageType as exc:
-            await self._error(str(exc), exc.callback)
-            return
-        except ProtocolError as exc:
-            await self._error(f"Invalid message: {exc}", exc.callback)
-            return
-        if self.state is not ConnectionState.LIVE:
-            await self._error(NOT_CONNECTED, getattr(message, "callback", None))
-            return
-        self._ctx.registry.touch(self.agent_id)  # type: ignore[arg-type]
-        await self._dispatch(message)
+        session = self._core
+        events = session.receive_frame(data)
+        if session.live:
+            self._ctx.registry.touch(session.agent_id)  # type: ignore[arg-type]
+        for event in events:
+            kind = type(event)
+            if kind is core.TransmitsReceived:
+                assert self._intake is not None
+                await self._intake.submit(event.requests, event.seq)  # type: ignore[union-attr]
+            elif kind is core.Reply:
+                self._settle(event.message)  # type: ignore[union-attr]
+            elif kind is core.HeartbeatAnswered:
+                self._ctx.registry.touch(session.agent_id, event.version)  # type: ignore
+            elif kind is core.ConnectRequested:
+                self._on_connect(event)  # type: ignore[arg-type]
+            elif kind is core.Violation:
+                log.info("agent %s (%s): %s (%d bytes), answered with agent:error", self.agent_id, self.peer,
+                         event.problem, event.size)  # type: ignore[union-attr]
+        await self._flush()
 
-    async def _on_connect(self, data: dict[str, Any]) -> None:
-        token, agent_id, callback = data.get("accessToken"), data.get("agentId"), data.get("callback")
-        if not token or not isinstance(token, str):
-            await self._error(MISSING_ACCESS_TOKEN)
+    def _on_connect(self, request: core.ConnectRequested) -> None:
+        agent_id = request.agent_id
+        if not self._token_allows(request.access_token, agent_id):
+            self._core.refuse(INVALID_ACCESS_TOKEN)
             return
-        if not agent_id or not isinstance(agent_id, str):
-            await self._error(MISSING_AGENT_ID)
-            return
-        if not self._token_allows(token, agent_id) or (self.agent_id not in (None, agent_id)):
-            await self._error(INVALID_ACCESS_TOKEN)
-            return
-        self.agent_id = agent_id
-        if self.state is not ConnectionState.LIVE:
-            self.state = ConnectionState.LIVE
+        if self._intake is None:
             ctx = self._ctx
             self._intake = IntakePipeline(agent_id, self, ctx.store, ctx.writer, ctx.dispatcher)
-            self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"medagent-hub-heartbeat-{agent_id}")
         self._ctx.registry.register(agent_id, self)
         settings = self._ctx.settings
         features = {"batch": {"maxMessages": settings.batch_max_messages, "maxBytes": settings.batch_max_bytes}}
-        await self.send(ConnectResponse(callback if isinstance(callback, str) else None, features))
+        self._core.accept(agent_id, features, request.callback)
         log.info("agent %s connected from %s", agent_id, self.peer)
 
     def _token_allows(self, token: str, agent_id: str) -> bool:
@@ -184,31 +182,6 @@ class AgentConnection:
         except (AuthError, NotFound):
             return False
         return claims.agent_id == agent_id
-
-    async def _dispatch(self, message: AgentMessage) -> None:
-        if isinstance(message, TransmitRequest):
-            await self._intake_frame((message,), None)
-        elif isinstance(message, Batch):
-            self.batching = True
-            requests = tuple(m for m in message.messages if isinstance(m, TransmitRequest))
-            for other in message.messages:
-                if not isinstance(other, TransmitRequest):
-                    await self._dispatch(other)
-            await self._intake_frame(requests, message.seq)
-        elif isinstance(message, HeartbeatRequest):
-            await self.send(HeartbeatResponse(__version__, message.callback))
-        elif isinstance(message, HeartbeatResponse):
-            self._ctx.registry.touch(self.agent_id, message.version)  # type: ignore[arg-type]
-        elif isinstance(message, _REPLY_TYPES):
-            self._settle(message)
-        elif isinstance(message, BatchAck):
-            pass  # the hub never asks for acks of its own batches
-        else:
-            await self._error(f"Unexpected message type for the hub: {message.TYPE}", getattr(message, "callback", None))
-
-    async def _intake_frame(self, requests: tuple[TransmitRequest, ...], seq: int | None) -> None:
-        assert self._intake is not None
-        await self._intake.submit(requests, seq)
 
     def _settle(self, message: AgentMessage) -> None:
         callback = getattr(message, "callback", None)
@@ -220,23 +193,27 @@ class AgentConnection:
         else:
             log.info("agent %s: %s for an unknown or expired callback dropped", self.agent_id, message.TYPE)
 
-    async def _heartbeats(self) -> None:
-        interval = self._ctx.settings.heartbeat_interval_s
-        while self.state is ConnectionState.LIVE:
-            await asyncio.sleep(interval)
+    async def _tick_loop(self) -> None:
+        session = self._core
+        while not session.closed:
+            delay = session.next_deadline() - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            session.tick(time.monotonic())  # no dead-link limit on the hub: aiohttp pings do that
             try:
-                await self.send(HeartbeatRequest())
+                await self._flush()
             except (ConnectionError, RuntimeError):
                 return
 
     # -- closing ----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        if self.state is ConnectionState.CLOSED:
+        if self._closing:
             return
-        self.state = ConnectionState.CLOSED
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        self._closing = True
+        self._core.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self.agent_id is not None:
             self._ctx.registry.unregister(self.agent_id, self)
             log.info("agent %s disconnected", self.agent_id)

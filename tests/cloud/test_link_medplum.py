@@ -27,7 +27,6 @@ from medagent.cloud.link import (
     LinkConfigError,
     LinkSettings,
     LinkState,
-    _transmit_dict,
     websocket_url,
 )
 
@@ -163,15 +162,15 @@ def test_backoff_grows_with_jitter_caps_and_resets() -> None:
         Backoff(0.0, 1.0)
 
 
-def test_fast_transmit_encoding_matches_messages_module() -> None:
+def test_transmit_encoding_fills_the_token_and_strips_extensions() -> None:
     message = m.TransmitRequest(
         remote="r", content_type="c", body="b\u00e9\r", channel="ch", callback="cb", return_ack="first",
-        duplicate_of="Agent/x-1",
+        duplicate_of="Agent/x-1", no_reply=True,
     )
     expected = {**m.to_dict(message), "accessToken": "tok"}
-    assert _transmit_dict(message, "tok", extensions=True) == expected
-    plain = _transmit_dict(message, "tok", extensions=False)
-    assert plain == {k: v for k, v in expected.items() if k != "duplicateOf"}
+    assert orjson.loads(m.encode_transmit(message, "tok", extensions=True)) == expected
+    plain = orjson.loads(m.encode_transmit(message, "tok", extensions=False))
+    assert plain == {k: v for k, v in expected.items() if k not in ("duplicateOf", "noReply")}
     assert m.decode(orjson.dumps(plain), "hub") == m.TransmitRequest(
         remote="r", content_type="c", body="b\u00e9\r", channel="ch", callback="cb", return_ack="first", access_token="tok"
     )
