@@ -18,6 +18,19 @@ It never advertises ``features``. It records every frame it receives (``frames``
 Test controls: ``silent`` (swallow every frame: a dead link), ``answer_heartbeats``,
 ``transmit_reply``, ``revoke_tokens()``, ``push()`` / ``request()`` (hub -> agent), ``drop_agents()``,
 ``stop()`` / ``restart()`` (same port).
+
+Reload config (medplum-protocol.md §2 ``agent:reloadconfig:request``; an operator's bulk
+``$reload-config`` can reach an agent while it is still starting):
+
+* ``reload_after_connect = True`` (constructor keyword or attribute): on every successful
+  handshake the stand-in sends ``agent:reloadconfig:request`` (with a fresh callback) in the same
+  handler, directly after ``agent:connect:response`` — before the agent can have sent anything
+  else, i.e. while its start-up is still running;
+* ``await reload_config(timeout=5.0)``: send one on demand to the connected agent and return the
+  agent's answer (``agent:reloadconfig:response`` or ``agent:error`` with the same callback);
+* every answer to either kind is recorded in ``reload_replies`` (in arrival order) and
+  ``reload_requests_sent`` counts the requests, so a test can wait for
+  ``len(reload_replies) == reload_requests_sent``.
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ class MedplumStandIn:
         agent_id: str = "agent-1",
         expires_in: int = 3600,
         ssl_context: ssl.SSLContext | None = None,
+        reload_after_connect: bool = False,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -75,6 +89,10 @@ class MedplumStandIn:
         self.silent = False
         self.answer_heartbeats = True
         self.transmit_reply: Literal["response", "error", "none"] = "response"
+        self.reload_after_connect = reload_after_connect
+        self.reload_requests_sent = 0
+        self.reload_replies: list[dict[str, Any]] = []
+        self._reload_callbacks: set[str] = set()
         # internals
         self._valid_tokens: dict[str, float] = {}
         self._token_numbers = itertools.count(1)
@@ -143,6 +161,27 @@ class MedplumStandIn:
                 return await future
         finally:
             self._waiters.pop(callback, None)
+
+    async def reload_config(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Send ``agent:reloadconfig:request`` to the connected agent; return its answer."""
+        ws = self._agent_socket
+        assert ws is not None and not ws.closed, "no agent is connected"
+        callback = self._new_reload_callback(ws)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[callback] = future
+        try:
+            await self._send(ws, {"type": "agent:reloadconfig:request", "callback": callback})
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._waiters.pop(callback, None)
+
+    def _new_reload_callback(self, ws: web.WebSocketResponse) -> str:
+        """Register a reload request's callback (its answer goes to ``reload_replies``)."""
+        callback = f"Agent/{self.agent_id}-{uuid.uuid4()}"
+        self._reload_callbacks.add(callback)
+        self.reload_requests_sent += 1
+        return callback
 
     def revoke_tokens(self) -> None:
         self._valid_tokens.clear()
@@ -219,6 +258,9 @@ class MedplumStandIn:
         self.frames.append(frame)
         message_type = frame.get("type")
         callback = frame.get("callback")
+        if isinstance(callback, str) and callback in self._reload_callbacks:
+            self._reload_callbacks.discard(callback)
+            self.reload_replies.append(frame)
         waiter = self._waiters.get(callback) if isinstance(callback, str) else None
         if waiter is not None and not waiter.done():
             waiter.set_result(frame)
@@ -246,6 +288,9 @@ class MedplumStandIn:
             self._agent_socket = ws
             self.connected_agents += 1
             await self._send(ws, {"type": "agent:connect:response"})
+            if self.reload_after_connect:
+                callback = self._new_reload_callback(ws)
+                await self._send(ws, {"type": "agent:reloadconfig:request", "callback": callback})
 
     async def _on_heartbeat_request(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
         if self.answer_heartbeats:

@@ -501,3 +501,52 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
     )
     with pytest.raises(LinkConfigError, match="missing.pem"):
         AgentLink(settings, RecordingHandler())
+
+
+# -- the stand-in's reload-config option (used by the runtime's "reload during start-up" tests) --
+
+
+class LiveOrderHandler(RecordingHandler):
+    """Also records how many times the link had gone live when each hub request arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lives_at_request: list[int] = []
+
+    async def on_request(self, message: m.AgentMessage) -> m.AgentMessage | None:
+        self.lives_at_request.append(len(self.lives))
+        if isinstance(message, m.ReloadConfigRequest):
+            self.requests.append(message)
+            return m.ReloadConfigResponse(status_code=200)
+        return await super().on_request(message)
+
+
+async def test_standin_sends_reloadconfig_right_after_connect_and_on_demand() -> None:
+    handler = LiveOrderHandler()
+    async with MedplumStandIn(reload_after_connect=True) as hub, running_link(hub, handler):
+        await eventually(lambda: len(hub.reload_replies) == 1, what="answer to the start-up reload")
+        sent = hub.frames_of("agent:reloadconfig:response")
+        assert hub.reload_requests_sent == 1 and hub.reload_replies == sent
+        assert sent[0]["statusCode"] == 200 and sent[0]["callback"].startswith("Agent/agent-1-")
+        # the request came in the same breath as the connect response, yet reached the handler
+        # after on_live (the runtime is told it is live before it is asked to reload)
+        assert [type(r) for r in handler.requests] == [m.ReloadConfigRequest] and handler.lives_at_request == [1]
+
+        hub.reload_after_connect = False
+        answer = await hub.reload_config()
+        assert answer["type"] == "agent:reloadconfig:response" and answer["callback"] != sent[0]["callback"]
+        assert hub.reload_requests_sent == 2 and hub.reload_replies[-1] == answer
+
+        hub.reload_after_connect = True  # every new connection gets one
+        await hub.drop_agents()
+        await eventually(lambda: len(hub.reload_replies) == 3, what="answer after the reconnect")
+        assert handler.lives_at_request == [1, 1, 2]
+    assert hub.violations == []
+
+
+async def test_standin_reload_answered_with_agent_error_is_recorded(hub: MedplumStandIn) -> None:
+    async with running_link(hub) as link:  # RecordingHandler fails every reload
+        await eventually(lambda: link.live, what="live")
+        answer = await hub.reload_config()
+        assert answer["type"] == "agent:error" and "no address" in answer["body"]
+        assert hub.reload_replies == [answer] and hub.reload_requests_sent == 1
