@@ -43,7 +43,7 @@ from pathlib import Path
 
 import orjson
 
-from medagent.hub.private import FILE_MODE, narrow
+from medagent.storage.files import tighten_file
 
 __all__ = [
     "AuthError",
@@ -169,7 +169,7 @@ def load_or_create_secret_file(path: Path, make: bytes) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        narrow(path, FILE_MODE)
+        tighten_file(path)  # made by an older medagent or by hand: never readable by others
         content = path.read_bytes()
         if not content.strip():
             raise ValueError(f"{path} is empty; delete it to have a new secret generated") from None

@@ -11,8 +11,11 @@ the file system's free space (``statvfs`` ``f_bavail``, what an unprivileged wri
 the free pages inside ``hub.sqlite3``, which SQLite reuses before it grows the file — so
 retention deleting rows makes room even though the file does not shrink.
 
-The check is cached for ``CHECK_INTERVAL_S`` (a ``statvfs`` and two PRAGMAs per second, never
-per message). Each change of state (low / recovered) is logged once.
+The watermark and its hysteresis are the shared ones of :mod:`medagent.storage.space` (the
+agent's queue uses the same): refuse below ``max(min_free_bytes, min_free_percent %)``, take
+messages again only above that plus a margin, so a disk hovering at the limit gives one state
+change, not one per message. The check is cached for ``CHECK_INTERVAL_S`` (a ``statvfs`` and
+two PRAGMAs per second, never per message). Each change of state is logged once.
 
 Invariant: :meth:`DiskWatermark.refusal` returns ``None`` or a short reason without PHI; it
 never raises (a failing ``statvfs`` counts as "room", since refusing all intake on a probe
@@ -22,10 +25,11 @@ error would be worse than SQLite's own error path).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from medagent.storage.space import DiskSpace, FreeSpaceWatermark, disk_space
 
 __all__ = ["DiskWatermark", "CHECK_INTERVAL_S", "LOW_DISK_ERROR"]
 
@@ -43,20 +47,17 @@ class DiskWatermark:
     def __init__(self, path: Path, min_free_bytes: int, min_free_percent: float,
                  free_pages: Callable[[], int] = lambda: 0, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
-        self.min_free_bytes = min_free_bytes
-        self.min_free_percent = min_free_percent
+        self.watermark = FreeSpaceWatermark(min_free_bytes, min_free_percent / 100.0)
         self._free_pages = free_pages
         self._clock = clock
         self._checked_at: float | None = None
         self._refusal: str | None = None
         self.refused = 0  #: transmits refused so far (for stats and tests)
 
-    def room(self) -> tuple[int, int]:
-        """``(bytes left for the hub, bytes it needs to keep)``."""
-        st = os.statvfs(self.path)
-        total = st.f_blocks * st.f_frsize
-        needed = max(self.min_free_bytes, int(total * self.min_free_percent / 100))
-        return st.f_bavail * st.f_frsize + self._free_pages(), needed
+    def room(self) -> DiskSpace:
+        """What the hub may still use: the file system's free bytes plus hub.sqlite3's free pages."""
+        space = disk_space(self.path)
+        return DiskSpace(space.free_bytes + self._free_pages(), space.total_bytes)
 
     def check_now(self) -> str | None:
         """Like :meth:`refusal`, without the cache (after the limits or the disk changed)."""
@@ -69,19 +70,17 @@ class DiskWatermark:
             return self._refusal
         self._checked_at = now
         try:
-            left, needed = self.room()
+            room = self.room()
         except OSError as exc:
             log.warning("cannot read the free space of %s (%s); not limiting intake", self.path, exc.strerror)
-            left, needed = 1, 0
-        was = self._refusal
-        if left < needed:
-            self._refusal = (f"{LOW_DISK_ERROR} ({left // _MIB} MiB left, keeps {needed // _MIB} MiB free):"
-                             " message not stored, resend later")
-            if was is None:
-                log.error("hub storage low: %d MiB left under %s, below the %d MiB watermark; refusing new"
-                          " messages until there is room", left // _MIB, self.path, needed // _MIB)
-        else:
+            return self._refusal
+        low = self.watermark.low_bytes(room.total_bytes)
+        if self._refusal is None and self.watermark.is_low(room):
+            self._refusal = (f"{LOW_DISK_ERROR} ({room.free_bytes // _MIB} MiB left, keeps {low // _MIB} MiB"
+                             " free): message not stored, resend later")
+            log.error("hub storage low: %d MiB left under %s, below the %d MiB watermark; refusing new"
+                      " messages until there is room", room.free_bytes // _MIB, self.path, low // _MIB)
+        elif self._refusal is not None and self.watermark.can_resume(room):
             self._refusal = None
-            if was is not None:
-                log.warning("hub storage has room again (%d MiB left); taking messages", left // _MIB)
+            log.warning("hub storage has room again (%d MiB left); taking messages", room.free_bytes // _MIB)
         return self._refusal

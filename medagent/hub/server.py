@@ -14,7 +14,7 @@ acknowledged is lost.
 
 Hardening (issue 18): the data directory is made 0700 and every file the hub keeps there
 (``hub.sqlite3`` and its ``-wal``/``-shm``, ``hub.log``, the signing key, the admin token) 0600,
-whatever the umask (:mod:`medagent.hub.private`); aiohttp's request-error logging goes through
+whatever the umask (:mod:`medagent.storage.files`); aiohttp's request-error logging goes through
 :class:`~medagent.hub.httplog.HttpErrorLog` (one short rate-limited line per client error);
 access tokens are checked against the agent's token generation (revocation); a
 :class:`~medagent.hub.retention.RetentionWorker` bounds the store and a
@@ -47,13 +47,13 @@ from medagent.hub.httplog import HttpErrorLog
 from medagent.hub.intake import ChannelDispatcher
 from medagent.hub.oauth import add_oauth_routes
 from medagent.hub.operations import add_operation_routes
-from medagent.hub.private import FILE_MODE, narrow, private_dir
 from medagent.hub.registry import AgentRegistry, PendingReplies
 from medagent.hub.retention import RetentionWorker
 from medagent.hub.settings import HubSettings
 from medagent.hub.store import HubStore
 from medagent.hub.websocket import AgentConnection, handle_agent_websocket
 from medagent.hub.writer import StoreWriter
+from medagent.storage.files import ensure_private_dir, tighten_file
 
 __all__ = ["HubServer", "HubSettings", "LOG_FILE"]
 
@@ -124,8 +124,8 @@ class HubServer:
     async def start(self) -> None:
         if self._ctx is not None:
             raise RuntimeError("the hub is already started")
-        private_dir(self.data_dir)
-        narrow(self.data_dir / LOG_FILE, FILE_MODE)  # opened by a parent process, maybe under umask 022
+        ensure_private_dir(self.data_dir)
+        tighten_file(self.data_dir / LOG_FILE)  # opened by a parent process, maybe under umask 022
         store = HubStore(self.data_dir)
         try:
             ctx = self._build_context(store)

@@ -57,8 +57,8 @@ from medagent.hub.records import (
     ResourceRecord,
     StoredReply,
 )
-from medagent.hub.private import narrow, private_dir, private_file, FILE_MODE
 from medagent.hub.schema import migrate
+from medagent.storage.files import ensure_private_dir, prepare_private_database
 
 __all__ = ["HubStore", "StoreError", "NotFound", "InvalidValue", "DB_FILE", "MAX_PAGE", "DEFAULT_BOT",
            "CHANNEL_SCHEMES", "now_ms"]
@@ -92,10 +92,9 @@ class HubStore:
     """SQLite-backed store of the hub; safe to use from several threads."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = private_dir(Path(data_dir))
-        self.path = private_file(self.data_dir / DB_FILE)  # SQLite gives -wal/-shm the same mode
-        for companion in ("-wal", "-shm"):
-            narrow(self.path.with_name(DB_FILE + companion), FILE_MODE)
+        self.data_dir = ensure_private_dir(data_dir)  # 0700: message bodies are patient data
+        self.path = self.data_dir / DB_FILE
+        prepare_private_database(self.path)  # 0600, and SQLite gives -wal/-shm the same mode
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()

@@ -15,7 +15,7 @@ per call — cost more than the commit: 3.6k msg/s threaded against 4.6-5.3k inl
 loop thread writes on the hot path, so the hub never contends SQLite's writer lock with itself
 (bots that write through `BotEvent.store` wait on busy_timeout like any writer). WAL
 checkpoints (an fsync each) are kept out of these commits: the loop thread's connection turns
-automatic checkpoints off and a `WalCheckpointer` thread runs them (medagent.queue.checkpoint).
+automatic checkpoints off and a `WalCheckpointer` thread runs them (medagent.storage.checkpoint).
 
 Invariant: a call returns only after the transaction holding its work committed; if that
 transaction fails, every call in it raises the store's exception (nothing was written).
@@ -29,7 +29,7 @@ from typing import Any
 
 from medagent.hub.records import IncomingMessage, IntakeResult, MessageResult
 from medagent.hub.store import HubStore
-from medagent.queue.checkpoint import WalCheckpointer
+from medagent.storage.checkpoint import WalCheckpointer
 
 __all__ = ["StoreWriter"]
 

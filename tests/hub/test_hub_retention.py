@@ -12,6 +12,7 @@ from hubtest import SpecAgent, adt, hub_settings, transmit
 from medagent.hub import AgentCredentials, HubServer, MessageQuery
 from medagent.hub.records import IncomingMessage, RetentionPolicy
 from medagent.hub.store import HubStore, now_ms
+from medagent.storage.space import FreeSpaceWatermark
 
 DAY_MS = 86_400_000
 
@@ -90,7 +91,7 @@ async def test_size_budget_deletes_the_oldest_rows_and_their_pages_are_reused(tm
 async def test_low_disk_refuses_intake_without_acking_then_recovers(hub: HubServer, agent: AgentCredentials) -> None:
     disk = hub.context.dispatcher.disk
     assert disk is not None and disk.check_now() is None
-    disk.min_free_bytes = 2**62  # more than any disk has: the watermark is crossed
+    disk.watermark = FreeSpaceWatermark(2**62, 0.0)  # more than any disk has: the watermark is crossed
     assert disk.check_now() is not None
     client = await SpecAgent.connected(hub, agent)
     await client.send({"type": "agent:batch", "seq": 7, "messages": [transmit("adt", adt("D1"), "disk-1")]})
@@ -98,7 +99,7 @@ async def test_low_disk_refuses_intake_without_acking_then_recovers(hub: HubServ
     assert error["callback"] == "disk-1" and error["body"].startswith("Hub storage is nearly full")
     assert hub.store.query_messages(MessageQuery(agent_id=agent.agent_id)).messages == ()
     assert disk.refused == 1
-    disk.min_free_bytes = 0
+    disk.watermark = FreeSpaceWatermark(0, 0.0)
     assert disk.check_now() is None
     await client.send({"type": "agent:batch", "seq": 8, "messages": [transmit("adt", adt("D1"), "disk-1")]})
     ack = await client.recv_type("agent:batch:ack")
