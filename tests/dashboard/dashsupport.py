@@ -123,7 +123,8 @@ class RuntimeLikeHandler:
         if isinstance(message, m.StatsRequest):
             return m.StatsResponse(status_code=200, stats={
                 "implementation": "cython", "extensionsActive": True, "link": {"last_ping_ms": 1.5, "unconfirmed": 0},
-                "durableQueue": {"channels": {"adt": {"pending": 3, "oldest_pending_age_s": 2.0}}},
+                "durableQueue": {"submitted_waiting": 0, "ready_in_memory": 2, "backlog_on_disk": 0, "inflight": 1,
+                                 "store": {"pending": 3, "channels": {"adt": {"pending": 3, "oldest_pending_age_s": 2.0}}}},
                 "channelStats": {"adt": {"kind": "mllp", "connectionsOpen": 2, "unitsIn": 10, "errors": 0,
                                          "answers": {"AA": 10}, "latencyMs": {"0.5": 8, "1": 1, "5": 1}}},
             })

@@ -130,8 +130,11 @@ async def test_posts_need_the_session_csrf_token(hub: HubServer, agent: object, 
         assert response.status == 403, forged
         assert "CSRF" in await response.text()
         assert response.headers["X-Frame-Options"] == "DENY"
-    cross = await admin.post(f"/dashboard/agents/{agent_id}/reload", headers={"Origin": "https://evil.example"})
-    assert cross.status == 403
+    for origin in ("https://evil.example", "null"):
+        cross = await admin.post(f"/dashboard/agents/{agent_id}/reload", headers={"Origin": origin})
+        assert cross.status == 403 and "Cross-origin" in await cross.text()
+    same = await admin.post(f"/dashboard/agents/{agent_id}/reload", headers={"Origin": hub.url})
+    assert same.status == 502  # the right origin and token: accepted (the agent is not connected)
     login_cross = await admin.http.post(hub.url + "/dashboard/login", data={"password": hub.admin_token},
                                         headers={"Origin": "https://evil.example"}, allow_redirects=False)
     assert login_cross.status == 403

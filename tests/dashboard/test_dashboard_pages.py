@@ -73,6 +73,7 @@ async def test_agent_page_channels_stats_and_operations(hub: HubServer, agent: A
         assert sum(adt["perMinute"]) == 4 and adt["lastMinute"] == 4 and adt["p50"] is not None
         stats = snapshot["stats"]
         assert stats["implementation"] == "cython" and stats["queueDepth"] == 3 and stats["rttMs"] == 1.5
+        assert stats["oldestUnconfirmedS"] == 2.0
         assert stats["channels"]["adt"]["ackP50"] == "≤ 0.5 ms" and stats["channels"]["adt"]["ackP99"] == "≤ 5 ms"
 
         reload_ok = await admin.post(f"/dashboard/agents/{agent.agent_id}/reload")

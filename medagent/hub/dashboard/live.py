@@ -79,12 +79,26 @@ async def agent_snapshot(state: DashboardState, agent_id: str) -> dict[str, Any]
     return {"at": overview["at"], "agent": overview["agents"].get(agent_id), "channels": channels}
 
 
+def queue_depth(queue: dict[str, Any]) -> tuple[int | None, float | None]:
+    """(messages not yet confirmed by the hub, age in s of the oldest) from the agent's
+    ``durableQueue`` stats: the live runtime's counters, or a store snapshot (``pending``)."""
+    store = queue.get("store") if isinstance(queue.get("store"), dict) else queue
+    channels = store.get("channels") or {}
+    oldest = max((c.get("oldest_pending_age_s", 0.0) for c in channels.values()), default=None)
+    if "ready_in_memory" in queue:  # medagent.queue.durable.DurableQueue.stats()
+        depth = sum(int(queue.get(k) or 0) for k in ("submitted_waiting", "ready_in_memory", "backlog_on_disk",
+                                                     "inflight"))
+    elif "pending" in store:
+        depth = int(store["pending"])
+    else:
+        return None, None
+    return depth, (round(oldest, 1) if oldest is not None and depth else None)
+
+
 def summarize_stats(stats: dict[str, Any]) -> dict[str, Any]:
-    """The parts of an agent's ``$stats`` the agent page shows (everything else stays in 'raw')."""
+    """The parts of an agent's ``$stats`` the agent page shows."""
     link = stats.get("link") or {}
-    queue = stats.get("durableQueue") or {}
-    pending = queue.get("channels") or {}
-    oldest = max((c.get("oldest_pending_age_s", 0.0) for c in pending.values()), default=None)
+    depth, oldest = queue_depth(stats.get("durableQueue") or {})
     channels = {}
     for name, figures in (stats.get("channelStats") or {}).items():
         histogram = figures.get("latencyMs") or {}
@@ -93,11 +107,12 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, Any]:
             "unitsIn": figures.get("unitsIn"), "errors": figures.get("errors"), "answers": figures.get("answers"),
             "ackP50": histogram_percentile(histogram, 0.50), "ackP99": histogram_percentile(histogram, 0.99),
         }
+    rtt = link.get("last_ping_ms")
     return {
         "implementation": stats.get("implementation"), "extensionsActive": stats.get("extensionsActive"),
-        "rttMs": link.get("last_ping_ms"), "unconfirmed": link.get("unconfirmed"),
-        "queueDepth": sum(c.get("pending", 0) for c in pending.values()) if pending else queue.get("pending"),
-        "oldestUnconfirmedS": oldest, "uptimeS": stats.get("uptimeSeconds"), "channels": channels,
+        "rttMs": round(rtt, 2) if isinstance(rtt, (int, float)) else None, "unconfirmed": link.get("unconfirmed"),
+        "queueDepth": depth, "oldestUnconfirmedS": oldest, "uptimeS": stats.get("uptimeSeconds"),
+        "channels": channels,
     }
 
 

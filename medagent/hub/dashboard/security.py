@@ -17,7 +17,7 @@ Theory of operation
 * **Headers** on every dashboard response (:data:`SECURITY_HEADERS`): a CSP that allows only
   this origin's scripts, styles and connections and no inline script (CSP Level 3),
   ``frame-ancestors 'none'`` plus ``X-Frame-Options: DENY`` (no framing, RFC 7034),
-  ``nosniff``, no referrer, and ``Cache-Control: no-store`` for pages (PHI must not be cached).
+  ``nosniff``, referrers only within the site, and ``Cache-Control: no-store`` for pages (PHI must not be cached).
 
 Invariants: no password, token or cookie value is logged; a request without a valid session
 never reaches a page handler; every refused POST is answered (401/403/429) with a log line.
@@ -54,7 +54,9 @@ SECURITY_HEADERS = {
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer Chromium sends "Origin: null" on the
+    # dashboard's own form posts, which the Origin check must refuse. URLs never leave the site.
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
@@ -110,7 +112,8 @@ class LoginLimiter:
 
 
 def same_origin(request: web.Request) -> bool:
-    """False when the request names a foreign ``Origin`` (absent or ``null`` from a form is checked by CSRF)."""
+    """False when the request names another ``Origin`` (or ``null``: a sandboxed or privacy-stripped
+    context); a request without ``Origin`` (older clients, scripts) relies on the CSRF token alone."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True
