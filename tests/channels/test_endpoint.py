@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
+from medagent.channels import base
 from medagent.channels.endpoint import (
     ACCEPTED_PARAMETERS,
+    MLLP_PARAMETERS,
     SUPPORTED_CHANNEL_KINDS,
     AckMode,
     AppLevelAck,
@@ -15,8 +19,13 @@ from medagent.channels.endpoint import (
     MllpOptions,
     RetryMode,
     ReturnAck,
+    bool_param,
     bytestream_options,
+    choice_param,
+    decimal_param,
     dicom_options,
+    encoding_param,
+    int_param,
     mllp_options,
     parse_endpoint,
     parse_remote,
@@ -328,10 +337,22 @@ def test_unusable_encodings_are_refused(name: str, fragment: str) -> None:
 
 
 def test_only_mllp_is_supported_in_this_version() -> None:
-    assert SUPPORTED_CHANNEL_KINDS == {"mllp"}
+    assert SUPPORTED_CHANNEL_KINDS == {"mllp"}  # deprecated table, kept for its importers
 
 
-def test_dicom_endpoint() -> None:
+# The dicom/tcp/astm options below are the DEPRECATED fallback of parse_endpoint for schemes whose
+# kind module is not importable; `legacy` makes a scheme's module absent to exercise it. The
+# kinds' own options are tested with their modules (tests/dicom, tests/astm, ...).
+
+
+@pytest.fixture
+def legacy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for scheme in ("dicom", "tcp", "astm"):
+        monkeypatch.setitem(base.BUILTIN_KIND_MODULES, scheme, f"medagent.channels._absent_{scheme}")  # type: ignore[index]
+        monkeypatch.delitem(base._KINDS, scheme, raising=False)
+
+
+def test_dicom_endpoint(legacy: None) -> None:
     endpoint = parse_endpoint("dicom://0.0.0.0:11112?aet=MEDAGENT")
     assert endpoint.scheme == "dicom" and dicom_options(endpoint).ae_title == "MEDAGENT"
     assert dicom_options(parse_endpoint("dicom://0.0.0.0:11112")).ae_title == "MEDAGENT"
@@ -343,7 +364,7 @@ def test_dicom_endpoint() -> None:
         parse_endpoint("dicom://h:1?encoding=utf-8")
 
 
-def test_tcp_bytestream_endpoint_decodes_framing_characters() -> None:
+def test_tcp_bytestream_endpoint_decodes_framing_characters(legacy: None) -> None:
     endpoint = parse_endpoint("tcp://0.0.0.0:9000?startChar=%02&endChar=%03")
     framing = bytestream_options(endpoint)
     assert (framing.start_byte, framing.end_byte) == (0x02, 0x03)
@@ -364,23 +385,106 @@ def test_tcp_bytestream_endpoint_decodes_framing_characters() -> None:
         ("startChar=%02&endChar=%03&encoding=utf-8", "encoding"),
     ],
 )
-def test_bad_tcp_framing_is_refused(query: str, parameter: str) -> None:
+def test_bad_tcp_framing_is_refused(legacy: None, query: str, parameter: str) -> None:
     with pytest.raises(EndpointError) as info:
         parse_endpoint(f"tcp://h:1?{query}")
     assert info.value.parameter == parameter
 
 
-def test_astm_endpoint_takes_no_parameters() -> None:
+def test_astm_endpoint_takes_no_parameters(legacy: None) -> None:
     assert parse_endpoint("astm://0.0.0.0:5000").scheme == "astm"
     with pytest.raises(EndpointError, match="accepted parameters are: none"):
         parse_endpoint("astm://0.0.0.0:5000?encoding=latin1")
 
 
-def test_options_functions_check_the_scheme() -> None:
+def test_options_functions_check_the_scheme(legacy: None) -> None:
     with pytest.raises(EndpointError, match="mllp://"):
         mllp_options(parse_endpoint("astm://h:1"))
     with pytest.raises(EndpointError, match="dicom://"):
         dicom_options(parse_endpoint(BASE))
+
+
+# --------------------------------------------------------------------------- the kind registry
+
+
+@dataclass(frozen=True)
+class _ProbeOptions:
+    level: int
+
+
+def _probe_options(endpoint: Endpoint) -> _ProbeOptions:
+    return _ProbeOptions(int_param(endpoint, "level", 1, minimum=1))
+
+
+@pytest.fixture
+def probe_kind(monkeypatch: pytest.MonkeyPatch) -> base.ChannelKind:
+    """A plug-in kind registered for the test (the registry's documented use), removed after."""
+    kind = base.ChannelKind(scheme="x-probe", parameters=("level", "deviceName"), parse_options=_probe_options,
+                            create=lambda *args: None)  # type: ignore[arg-type,return-value]
+    monkeypatch.setitem(base._KINDS, "x-probe", kind)
+    serial = base.ChannelKind(scheme="x-serial", parameters=("baud",), parse_options=lambda e: None,
+                              create=lambda *args: None, needs_port=False)  # type: ignore[arg-type,return-value]
+    monkeypatch.setitem(base._KINDS, "x-serial", serial)
+    return kind
+
+
+def test_parse_endpoint_takes_names_and_checks_from_the_registered_kind(probe_kind: base.ChannelKind) -> None:
+    endpoint = parse_endpoint("x-probe://h:7?level=3")
+    assert (endpoint.scheme, endpoint.host, endpoint.port, dict(endpoint.params)) == ("x-probe", "h", 7, {"level": "3"})
+    with pytest.raises(EndpointError) as info:  # the kind's parse_options checks the value
+        parse_endpoint("x-probe://h:7?level=0")
+    assert info.value.parameter == "level"
+    with pytest.raises(EndpointError) as info:  # names come from kind.parameters
+        parse_endpoint("x-probe://h:7?encoding=utf-8")
+    assert info.value.parameter == "encoding" and "level, deviceName" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        (f"{BASE}?ackmode=fast", "did you mean 'ackMode'?"),
+        (f"{BASE}?enhancd=true", "did you mean 'enhanced'?"),
+        (f"{BASE}?maxFrameSise=10", "did you mean 'maxFrameSize'?"),
+        ("x-probe://h:1?devicename=a", "did you mean 'deviceName'?"),
+        ("x-probe://h:1?lvl=2", "did you mean 'level'?"),
+    ],
+)
+def test_unknown_parameter_gets_a_did_you_mean_hint(probe_kind: base.ChannelKind, url: str, hint: str) -> None:
+    with pytest.raises(EndpointError) as info:
+        parse_endpoint(url)
+    assert hint in str(info.value) and "unknown parameter" in str(info.value)
+
+
+def test_no_hint_for_a_name_far_from_every_parameter() -> None:
+    assert "did you mean" not in str(refused(f"{BASE}?zzz=1"))
+
+
+def test_kinds_addressed_by_a_device_path(probe_kind: base.ChannelKind) -> None:
+    endpoint = parse_endpoint("x-serial:///dev/ttyUSB0?baud=9600")
+    assert (endpoint.host, endpoint.port, endpoint.path) == ("", 0, "/dev/ttyUSB0")
+    with pytest.raises(EndpointError, match="device is missing"):
+        parse_endpoint("x-serial://")
+    assert parse_endpoint(BASE).path == ""
+
+
+def test_mllp_is_the_registered_kind_and_mllps_is_not_available() -> None:
+    kind = base.channel_kind("mllp")
+    assert kind.parameters == MLLP_PARAMETERS and kind.parse_options is mllp_options
+    with pytest.raises(EndpointError, match="not available in this version"):
+        parse_endpoint("mllps://h:1")
+    with pytest.raises(EndpointError, match="unknown scheme 'gopher'; expected one of: .*mllp"):
+        parse_endpoint("gopher://h:1")
+
+
+def test_public_value_parsers_name_the_url_and_parameter() -> None:
+    endpoint = parse_endpoint(f"{BASE}?encoding=latin1&assignSeqNo=true")
+    assert bool_param(endpoint, "assignSeqNo", False) is True
+    assert int_param(endpoint, "missing", 5) == 5 and decimal_param(endpoint, "missing", 1.5) == 1.5
+    assert choice_param(endpoint, "missing", AckMode, AckMode.FAST) is AckMode.FAST
+    assert encoding_param(endpoint) == "iso8859-1"
+    with pytest.raises(EndpointError) as info:
+        bool_param(endpoint, "encoding", False)
+    assert info.value.parameter == "encoding" and BASE in str(info.value)
 
 
 # --------------------------------------------------------------------------- remotes
