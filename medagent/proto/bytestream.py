@@ -36,6 +36,7 @@ Invariants
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -136,6 +137,8 @@ class ByteStreamFramer:
         self._window = bytearray()
         self._window_size = max((len(rule.pattern) for rule in config.auto_respond), default=0)
         self._rules = config.auto_respond
+        special = {config.start_byte, config.end_byte} | {rule.pattern[-1] for rule in config.auto_respond}
+        self._special = re.compile(b"[" + b"".join(re.escape(bytes((b,))) for b in sorted(special)) + b"]")
         self.discarded_bytes = 0
 
     @property
@@ -143,12 +146,46 @@ class ByteStreamFramer:
         return len(self._frame) if self._frame is not None else 0
 
     def feed(self, data: bytes) -> list[Event]:
-        if not self._rules and not self._oversize:
+        if not self._rules:
             return self._feed_fast(data)
+        return self._feed_rules(data)
+
+    def _feed_rules(self, data: bytes) -> list[Event]:
+        """The per-byte rules, with runs of "plain" bytes handled in bulk.
+
+        A pattern can only complete at its last byte, and only the start and end chars change
+        the framing state, so any run of bytes that are none of these just extends the window
+        and the open frame (or is discarded outside one).
+        """
         out: list[Event] = []
-        for index in range(len(data)):
-            self._byte(data[index], out)
+        find = self._special.search
+        pos, n = 0, len(data)
+        while pos < n:
+            match = find(data, pos)
+            stop = match.start() if match is not None else n
+            if stop > pos:
+                self._plain_run(data[pos:stop], out)
+            if stop < n:
+                self._byte(data[stop], out)
+            pos = stop + 1
         return out
+
+    def _plain_run(self, run: bytes, out: list[Event]) -> None:
+        window = self._window
+        window += run
+        if len(window) > self._window_size:
+            del window[: len(window) - self._window_size]
+        frame = self._frame
+        if frame is None:
+            self.discarded_bytes += len(run)
+            return
+        # the run's byte that brings the frame to max_frame_size without ending it
+        trigger = max(self.config.max_frame_size - len(frame) - 1, 0)
+        if trigger < len(run):
+            self._too_large(out)
+            self.discarded_bytes += len(run) - trigger - 1
+        else:
+            frame += run
 
     def _byte(self, byte: int, out: list[Event]) -> None:
         if self._window_size:

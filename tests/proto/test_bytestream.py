@@ -151,3 +151,18 @@ def test_fast_path_equals_per_byte_path(data: bytes, limit: int) -> None:
         slow._byte(byte, slow_events)
     assert fast.feed(data) == slow_events
     assert fast.discarded_bytes == slow.discarded_bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(st.sampled_from([b"\x02", b"\x03", b"a", b"b", b"ab", b"xyz"]), max_size=60).map(b"".join),
+       limit=st.integers(1, 10))
+def test_rules_path_equals_per_byte_path(data: bytes, limit: int) -> None:
+    """With autoRespond the framer handles plain runs in bulk; it must match the per-byte rules."""
+    rules = (AutoRespondRule(b"ab", b"1"), AutoRespondRule(b"\x03", b"2"), AutoRespondRule(b"b\x02a", b"3"))
+    bulk = ByteStreamFramer(ByteStreamConfig(STX, ETX, auto_respond=rules, max_frame_size=limit))
+    slow = ByteStreamFramer(ByteStreamConfig(STX, ETX, auto_respond=rules, max_frame_size=limit))
+    slow_events: list[Any] = []
+    for byte in data:
+        slow._byte(byte, slow_events)
+    assert bulk.feed(data) == slow_events
+    assert (bulk.discarded_bytes, bulk.pending_bytes) == (slow.discarded_bytes, slow.pending_bytes)
