@@ -8,11 +8,15 @@ does on `agent:transmit:response`.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from medagent.channels.base import Channel, ChannelContext, channel_kind
 from medagent.channels.endpoint import mllp_options, parse_endpoint
 from medagent.channels.hl7 import MAX_CONSECUTIVE_FRAMING_ERRORS, Hl7Channel
 from medagent.proto import hl7 as hl7proto
@@ -630,3 +634,109 @@ async def test_throttled_oversize_reject_keeps_its_place(start: Harness, connect
     client = await connect(channel)
     await client.send(msg("A1"), msg("BIG", trailer="X" * 5000), msg("A2"))
     assert [msa(a)[:2] for a in await client.acks(3)] == [("AA", "A1"), ("AR", "BIG"), ("AA", "A2")]
+
+
+# ------------------------------------------------------------------ the mllp kind on the channel seam (issue 13)
+
+
+async def test_registry_builds_the_channel_from_a_context(connect, queue: DurableQueue, tmp_path: Path) -> None:
+    kind = channel_kind("mllp")
+    endpoint = parse_endpoint("mllp://127.0.0.1:0?ackMode=two-phase&encoding=latin1")
+    options = kind.parse_options(endpoint)
+    sink = QueueSink(queue)
+    channel = kind.create("lab-in", endpoint, options, ChannelContext(sink=sink, data_dir=tmp_path))
+    assert isinstance(channel, Channel) and isinstance(channel, Hl7Channel)
+    assert (channel.kind, channel.wants_replies, channel.encoding) == ("mllp", True, "iso8859-1")
+    await channel.start()
+    try:
+        client = await connect(channel)
+        await client.send(msg("K1"))
+        assert msa(await client.ack())[:2] == ("CA", "K1")
+        assert sink.accepted[0].channel == "lab-in"
+    finally:
+        await channel.stop(drain_timeout=1.0)
+    assert channel.listening_sockets() == []
+
+
+@pytest.mark.parametrize("params,wants", [("", True), ("ackMode=two-phase", True), ("ackMode=fast", False),
+                                          ("ackMode=immediate", False)])
+def test_wants_replies_per_mode(params: str, wants: bool, tmp_path: Path) -> None:
+    endpoint = parse_endpoint("mllp://127.0.0.1:0" + (f"?{params}" if params else ""))
+    channel = channel_kind("mllp").create("c", endpoint, mllp_options(endpoint),
+                                          ChannelContext(sink=QueueSink(None), data_dir=tmp_path))
+    assert channel.wants_replies is wants
+
+
+async def test_start_on_a_handed_over_socket_keeps_the_port(connect, queue: DurableQueue, tmp_path: Path) -> None:
+    """A reload/upgrade hands the listening socket on: the new channel serves the same port."""
+    endpoint = parse_endpoint("mllp://127.0.0.1:0?ackMode=fast")
+    context = ChannelContext(sink=QueueSink(queue), data_dir=tmp_path)
+    old = Hl7Channel("adt-in", endpoint, mllp_options(endpoint), context)
+    await old.start()
+    new = Hl7Channel("adt-in", endpoint, mllp_options(endpoint), context)
+    try:
+        [listening] = old.listening_sockets()
+        port = listening.getsockname()[1]
+        handed = socket.socket(fileno=os.dup(listening.fileno()))
+        await new.start(sock=handed)
+        await old.stop(drain_timeout=1.0)
+        assert new.port == port
+        client = await connect(new)
+        await client.send(msg("H1"))
+        assert msa(await client.ack())[:2] == ("AA", "H1")
+        assert new.stats()["unitsIn"] == 1 and old.stats()["unitsIn"] == 0
+    finally:
+        await old.stop(drain_timeout=1.0)
+        await new.stop(drain_timeout=1.0)
+
+
+async def test_start_on_a_socket_bound_elsewhere(connect, queue: DurableQueue, tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    endpoint = parse_endpoint("mllp://127.0.0.1:1?ackMode=fast")  # the handed socket wins over the URL's port
+    channel = Hl7Channel("adt-in", endpoint, mllp_options(endpoint), ChannelContext(QueueSink(queue), tmp_path))
+    await channel.start(sock=sock)
+    try:
+        assert channel.port == sock.getsockname()[1]
+        client = await connect(channel)
+        await client.send(msg("S1"))
+        assert msa(await client.ack())[:2] == ("AA", "S1")
+    finally:
+        await channel.stop(drain_timeout=1.0)
+
+
+async def test_stats_have_the_shared_shape_plus_the_hl7_counters(start: Harness, connect) -> None:
+    channel, _ = await start("ackMode=fast")
+    client = await connect(channel)
+    await client.send(msg("A1"), msg("A2"), msg("K1", charset="KLINGON-8"), b"junk")
+    assert len(await client.acks(3)) == 3
+    await wait_until(lambda: channel.stats()["framing_errors"] == 1)
+    stats = channel.stats()
+    assert stats["kind"] == "mllp"
+    assert (stats["connectionsOpen"], stats["connectionsTotal"], stats["unitsIn"], stats["unitsOut"]) == (1, 1, 2, 3)
+    assert stats["answers"] == {"AA": 2, "AR": 1} and sum(stats["latencyMs"].values()) == 3
+    assert set(stats["latencyMs"]) <= {"0.5", "1", "2", "5", "10", "50", "100", "500", "1000", "5000", "+Inf"}
+    assert stats["errors"] == 2 and stats["bytesIn"] == stats["bytes_received"] > 0
+    assert stats["bytesOut"] == stats["bytes_sent"] > 0 and stats["controlIdReused"] == 0
+    # today's HL7 keys stay for existing consumers
+    assert stats["acks_positive"] == 2 and stats["acks_negative"] == 1 and stats["connections_open"] == 1
+    assert stats["ack_mode"] == "fast" and stats["acks_pending"] == 0
+
+
+@pytest.mark.parametrize("log_phi", [False, True])
+async def test_bodies_are_logged_only_with_log_phi(connect, queue: DurableQueue, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture, log_phi: bool) -> None:
+    endpoint = parse_endpoint("mllp://127.0.0.1:0?ackMode=fast")
+    channel = channel_kind("mllp").create("adt-in", endpoint, mllp_options(endpoint),
+                                          ChannelContext(QueueSink(queue), tmp_path, log_phi=log_phi))
+    caplog.set_level(logging.DEBUG, logger="medagent")
+    await channel.start()
+    try:
+        client = await connect(channel)
+        await client.send(msg("P1", pid_name="SECRET^PATIENT"), msg("P2", charset="KLINGON-8", pid_name="SECRET^TWO"))
+        assert len(await client.acks(2)) == 2
+    finally:
+        await channel.stop(drain_timeout=1.0)
+    assert ("SECRET" in caplog.text) is log_phi
+    assert "SECRET^TWO" not in caplog.text  # a rejected body is never logged

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from medagent.channels.base import OutboundReply, outbound_sender
 from medagent.channels.mllp_client import MllpClientError, MllpClientPool
 from medagent.proto import hl7 as hl7proto
 from medagent.proto.mllp import MllpDecoderPy, encode
+from medagent.records import HL7_V2_CONTENT_TYPE
 
 BOUND_S = 5.0
 
@@ -297,3 +299,58 @@ async def test_keep_alive_keeps_connections(setup: Setup, pool_keep_alive: bool,
     assert pool.stats()[url]["clients"] == 1
     await pool.send(url, order("K2"))
     assert server.connections == 1
+
+
+# ------------------------------------------------------------------ the OutboundSender seam (issue 13)
+
+
+async def answer_in_cp1252(server: AckServer, frame: bytes, writer: asyncio.StreamWriter) -> None:
+    """A windows-1252 device: reads the order as cp1252 and answers with non-ASCII text in cp1252."""
+    text = frame.decode("cp1252")  # raises (and the test fails) if it is not cp1252
+    control_id = text.split("\r")[0].split("|")[9]
+    reply = f"MSH|^~\\&|LIS|LAB|MEDAGENT|CLOUD|20240101||ACK^O01|R{control_id}|P|2.5.1\rMSA|AA|{control_id}|reçu €\r"
+    writer.write(encode(reply.encode("cp1252")))
+
+
+async def test_defect5_push_uses_the_remotes_encoding_both_ways(setup: Setup) -> None:
+    """Issue 13 defect 5: mllp://...?encoding=windows-1252 encodes the push and decodes the reply."""
+    _, server, url = await setup(answer_in_cp1252, "encoding=windows-1252")
+    sender = outbound_sender("mllp")(max_clients_per_remote=2, keep_alive=False)
+    assert isinstance(sender, MllpClientPool)
+    try:
+        body = order("E1").decode().replace("DOE^JANE", "MÜLLER^RENÉ€")
+        reply = await asyncio.wait_for(sender.send(url, body, HL7_V2_CONTENT_TYPE, return_ack="first"), BOUND_S)
+    finally:
+        await sender.close()
+    assert server.received == [body.encode("cp1252")]  # € is 0x80 in windows-1252, 3 bytes in UTF-8
+    assert isinstance(reply, OutboundReply) and reply.content_type == HL7_V2_CONTENT_TYPE
+    assert reply.body.endswith("MSA|AA|E1|reçu €\r")
+
+
+async def test_reply_with_its_own_msh18_is_decoded_with_it(setup: Setup) -> None:
+    async def answer_utf8_declared(server: AckServer, frame: bytes, writer: asyncio.StreamWriter) -> None:
+        ack = "MSH|^~\\&|LIS|LAB|ME|CL|2024||ACK|R1|P|2.5.1||||||UNICODE UTF-8\rMSA|AA|U1|Grüße\r"
+        writer.write(encode(ack.encode("utf-8")))
+
+    pool, _, url = await setup(answer_utf8_declared, "encoding=latin1")
+    reply = await asyncio.wait_for(pool.send(url, order("U1").decode(), HL7_V2_CONTENT_TYPE), BOUND_S)
+    assert reply.body.endswith("MSA|AA|U1|Grüße\r")
+
+
+async def test_unencodable_push_is_refused_without_sending(setup: Setup) -> None:
+    pool, server, url = await setup(answer_aa, "encoding=latin1")
+    with pytest.raises(MllpClientError, match="cannot be encoded as iso8859-1"):
+        await pool.send(url, order("X1").decode().replace("JANE", "李"), HL7_V2_CONTENT_TYPE)
+    assert server.connections == 0 and "李" not in str(pool.stats())
+
+
+async def test_send_timeout_argument_overrides_the_pool_default(setup: Setup) -> None:
+    pool, _, url = await setup(never_answer, response_timeout_s=BOUND_S)
+    with pytest.raises(MllpClientError, match="no ACK within 0.1 s"):
+        await pool.send(url, order("T9").decode(), HL7_V2_CONTENT_TYPE, timeout=0.1)
+
+
+async def test_deprecated_bytes_form_still_returns_the_raw_ack(setup: Setup) -> None:
+    pool, _, url = await setup(answer_ca_then_aa)
+    ack = await asyncio.wait_for(pool.send(url, order("B1"), "application"), BOUND_S)  # type: ignore[arg-type]
+    assert isinstance(ack, bytes) and msa_of(ack) == ("AA", "B1")
