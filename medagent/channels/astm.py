@@ -19,9 +19,11 @@ its other events into actions:
 
 Outbound (host -> instrument: orders, host-query answers, LIS02-A2 §6): the hub's message goes
 to a connected instrument with :meth:`AstmChannel.send_to` (the channel takes the sender role
-on that line and contends correctly), or, for an instrument that listens itself, through the
-``astm`` :class:`~medagent.channels.base.OutboundSender` (:class:`AstmOutboundSender`), which
-connects to ``astm://host:port``, sends, and disconnects. Both report the link's outcome: a
+on that line and contends correctly). Hub pushes arrive through the ``astm`` / ``astm+serial``
+:class:`~medagent.channels.base.OutboundSender` (:class:`AstmOutboundSender`): a push to
+``astm://ip:port`` naming a connected instrument (the ``remote`` of its own transmits), or to
+``astm+serial:///dev/ttyUSB0``, goes out on that line; a push to any other ``astm://host:port``
+connects to an instrument that listens itself, sends, and disconnects. Both report the link's outcome: a
 :class:`~medagent.channels.base.OutboundReply` on success, :class:`AstmSendError` with the
 reason (NAKed 6 times, no answer, busy, connection lost) on failure.
 
@@ -354,13 +356,15 @@ class AstmChannel:
         if self.options.serial is not None:
             self._serial = SerialPortLine(self.name, self.kind, self.options.serial, self._new_session)
             await self._serial.start()
-            return
-        self._listener = TcpListener(self.name, "astm", self.endpoint.host, self.endpoint.port, self._new_session,
-                                     max_connections=self.options.max_connections)
-        await self._listener.start(sock)
+        else:
+            self._listener = TcpListener(self.name, "astm", self.endpoint.host, self.endpoint.port,
+                                         self._new_session, max_connections=self.options.max_connections)
+            await self._listener.start(sock)
+        _LIVE_CHANNELS.add(self)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         # Messages awaiting their commit are answered when it lands (within the drain time).
+        _LIVE_CHANNELS.discard(self)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         while any(s.link.state is core.LinkState.COMMITTING for s in self.sessions.values()) \
@@ -422,15 +426,45 @@ class AstmChannel:
 # --------------------------------------------------------------------------- outbound sender
 
 
+#: Running ASTM channels, so a hub push can reach an instrument connected to one of them.
+_LIVE_CHANNELS: set[AstmChannel] = set()
+
+
+def _connected_line(remote: str) -> tuple[AstmChannel, str] | None:
+    """The running channel holding the line named by a push's remote, if any.
+
+    ``astm://ip:port`` names an instrument *connected to us* when a session has that remote (the
+    ``remote`` of the instrument's own transmits); ``astm+serial:///dev/ttyUSB0`` names a
+    serial channel's port.
+    """
+    parts = urlsplit(remote)
+    key = parts.path if parts.scheme == "astm+serial" else parts.netloc
+    for channel in _LIVE_CHANNELS:
+        if key in channel.sessions:
+            return channel, key
+    return None
+
+
 class AstmOutboundSender:
-    """``astm://host:port`` remotes: connect to an instrument that listens, send, disconnect."""
+    """Hub pushes to ``astm://host:port`` or ``astm+serial:///dev/...``.
+
+    The line of a running channel is used when it matches (an instrument connected to an
+    ``astm://`` listener, named by its ``ip:port``; a serial channel's device); otherwise, for
+    ``astm://``, the sender connects to an instrument that listens, sends, and disconnects.
+    """
 
     def __init__(self, **_settings: Any) -> None:
         self._options = AstmOptions()
 
     async def send(self, remote: str, body: str, content_type: str, *, return_ack: str | None = None,
                    timeout: float | None = None) -> OutboundReply:
+        connected = _connected_line(remote)
+        if connected is not None:
+            channel, key = connected
+            return await channel.send_to(key, body, content_type, timeout=timeout)
         parts = urlsplit(remote)
+        if parts.scheme == "astm+serial":
+            raise AstmSendError(f"no running astm+serial channel has the port {parts.path!r}")
         if parts.scheme != "astm" or not parts.hostname or not parts.port:
             raise AstmSendError(f"{remote!r} is not an astm://host:port address")
         loop = asyncio.get_running_loop()
@@ -512,3 +546,4 @@ ASTM_SERIAL_KIND: Final = register_kind(ChannelKind(
     description="ASTM E1381/E1394 over a serial port (pyserial)",
 ))
 register_outbound_sender("astm", AstmOutboundSender)
+register_outbound_sender("astm+serial", AstmOutboundSender)

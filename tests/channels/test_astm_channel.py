@@ -384,3 +384,16 @@ async def test_stop_closes_connections_and_listener(sink: QueueSink, tmp_path: P
     assert ch.sessions == {} and ch.listening_sockets() == []
     assert await asyncio.wait_for(p.reader.read(1), 2) == b""  # closed by the channel
     await p.close()
+
+
+async def test_hub_push_reaches_connected_instrument_through_the_outbound_sender(
+        channel: AstmChannel, peer: TcpPeer) -> None:
+    assert await until(lambda: len(channel.sessions) == 1)
+    remote = next(iter(channel.sessions))  # what the instrument's own transmits carry as remote
+    sender = outbound_sender("astm")()
+    push = asyncio.create_task(sender.send(f"astm://{remote}", "\n".join(ORDER), ASTM_CONTENT_TYPE, timeout=5))
+    got = await instrument_receives(peer, len(ORDER))
+    assert got == frames(ORDER) and await peer.read(1) == EOT
+    assert (await asyncio.wait_for(push, 5)).body == "ACK"
+    with pytest.raises(AstmSendError, match="no running astm\\+serial channel"):
+        await outbound_sender("astm+serial")().send("astm+serial:///dev/nonexistent", "L|1", ASTM_CONTENT_TYPE)

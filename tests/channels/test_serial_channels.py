@@ -29,7 +29,7 @@ from test_astm_peers import (
     until,
 )
 
-from medagent.channels.base import ChannelContext, channel_kind
+from medagent.channels.base import ChannelContext, channel_kind, outbound_sender
 from medagent.channels.endpoint import EndpointError, parse_endpoint
 from medagent.queue import DurableQueue
 from medagent.records import ASTM_CONTENT_TYPE, OCTET_STREAM_CONTENT_TYPE
@@ -84,7 +84,9 @@ async def test_astm_order_to_instrument_over_serial(pty: PtyPeer, sink: QueueSin
     order = ["H|\\^&|||LIS", "O|1|S0001||^^^GLU|R", "L|1|N"]
     try:
         assert await until(lambda: channel.stats()["serial"]["state"] == "open")
-        send = asyncio.create_task(channel.send_to(pty.path, "\n".join(order)))
+        # a hub push naming the port: the astm+serial outbound sender uses the channel's line
+        sender = outbound_sender("astm+serial")()
+        send = asyncio.create_task(sender.send(f"astm+serial://{pty.path}", "\n".join(order), ASTM_CONTENT_TYPE))
         assert await pty.read(1) == ENQ
         pty.write(ACK)
         for expected in frames(order):
