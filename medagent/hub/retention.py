@@ -6,13 +6,16 @@ Every ``interval_s`` a pass runs on the event loop thread (the thread whose stor
 also does the intake's group commits, so retention never waits on SQLite's writer lock and
 intake never waits on retention's). A pass is a sequence of *steps*; each step is ONE short
 transaction over at most ``batch_rows`` rows, and the pass yields to the event loop between
-steps, so a pass never holds the loop longer than one step (measured: see docs/hub.md,
-"Retention and disk use"). Steps, in order:
+steps — for as long as the step took (at most 50 ms), so retention uses at most half of the
+loop and its WAL writes leave the checkpointer time to keep the WAL short. A pass never holds
+the loop longer than one step (measured: see docs/hub.md, "Retention and disk use"). Steps, in
+order:
 
-1. **age, bodies**: for each channel with stored messages, blank the message and reply bodies
-   (the PHI) of messages older than its policy's ``body_max_age_s``
-   (``retention_channels[name]``, else the hub-wide ``retention``);
-2. **age, rows**: delete that channel's messages older than its ``max_age_s``;
+1. **age, rows**: for each channel with stored messages, delete its messages older than its
+   policy's ``max_age_s`` (``retention_channels[name]``, else the hub-wide ``retention``);
+2. **age, bodies**: blank the message and reply bodies (the PHI) of that channel's remaining
+   messages older than ``body_max_age_s`` (rows first, so no body is blanked just before its
+   row goes: that halved a pass's writes; a body is still never kept longer than its row);
 3. **size**: while the live size of ``hub.sqlite3`` (its pages less the free ones) exceeds
    ``retention_max_bytes``, delete the oldest rows (all channels). Not bodies first here: a
    blanked body does not give its page back (rows stay in their b-tree leaf, and new rows go to
@@ -48,7 +51,9 @@ __all__ = ["RetentionWorker", "RetentionStats"]
 log = logging.getLogger(__name__)
 
 #: upper bound of steps in one pass (with 500-row steps: 1M rows); the next pass continues
-MAX_STEPS_PER_PASS = 2000
+MAX_STEPS_PER_PASS = 5000
+#: the longest rest between two steps (a rest as long as the step: retention takes <= half the loop)
+_MAX_REST_S = 0.05
 
 
 @dataclass(slots=True)
@@ -111,14 +116,14 @@ class RetentionWorker:
         now = self._clock()
         for channel in self._store.message_channels():
             policy = self.policy_of(channel)
-            if policy.body_max_age_s is not None:
-                cutoff = now - int(policy.body_max_age_s * 1000)
-                self.stats.bodies_purged += await self._drain(
-                    lambda c=channel, t=cutoff: self._store.purge_bodies(c, t, self._batch), budget)
             if policy.max_age_s is not None:
                 cutoff = now - int(policy.max_age_s * 1000)
-                self.stats.messages_deleted += await self._drain(
-                    lambda c=channel, t=cutoff: self._store.delete_messages(c, t, self._batch), budget)
+                await self._drain(lambda c=channel, t=cutoff: self._store.delete_messages(c, t, self._batch),
+                                  "messages_deleted", budget)
+            if policy.body_max_age_s is not None:
+                cutoff = now - int(policy.body_max_age_s * 1000)
+                await self._drain(lambda c=channel, t=cutoff: self._store.purge_bodies(c, t, self._batch),
+                                  "bodies_purged", budget)
         if self._max_bytes is not None:
             await self._enforce_size(budget)
         self.stats.passes += 1
@@ -133,25 +138,22 @@ class RetentionWorker:
     async def _enforce_size(self, budget: list[int]) -> None:
         assert self._max_bytes is not None
         while budget[0] > 0 and self._store.live_bytes() > self._max_bytes:
-            done = await self._step(lambda: self._store.delete_oldest_messages(self._batch), budget)
+            done = await self._step(lambda: self._store.delete_oldest_messages(self._batch), "messages_deleted", budget)
             if not done:
                 return  # nothing left to remove: the budget is below what the schema itself takes
-            self.stats.messages_deleted += done
 
-    async def _drain(self, step: Callable[[], int], budget: list[int]) -> int:
-        """Repeat ``step`` until it changes fewer rows than a batch; returns the rows changed."""
-        total = 0
-        while budget[0] > 0:
-            done = await self._step(step, budget)
-            total += done
-            if done < self._batch:
-                break
-        return total
+    async def _drain(self, step: Callable[[], int], counter: str, budget: list[int]) -> None:
+        """Repeat ``step`` until it changes fewer rows than a batch."""
+        while budget[0] > 0 and await self._step(step, counter, budget) >= self._batch:
+            pass
 
-    async def _step(self, step: Callable[[], int], budget: list[int]) -> int:
+    async def _step(self, step: Callable[[], int], counter: str, budget: list[int]) -> int:
+        """One transaction; its row count goes to ``stats.<counter>`` at once, then a rest."""
         budget[0] -= 1
         started = time.perf_counter()
         done = step()
-        self.stats.longest_step_s = max(self.stats.longest_step_s, time.perf_counter() - started)
-        await asyncio.sleep(0)  # let the intake's reads and commits run between steps
+        took = time.perf_counter() - started
+        setattr(self.stats, counter, getattr(self.stats, counter) + done)
+        self.stats.longest_step_s = max(self.stats.longest_step_s, took)
+        await asyncio.sleep(min(took, _MAX_REST_S))  # intake runs meanwhile; the WAL gets checkpointed
         return done

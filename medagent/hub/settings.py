@@ -50,7 +50,7 @@ class HubSettings:
     retention_channels: Mapping[str, RetentionPolicy] = field(default_factory=dict)
     retention_max_bytes: int | None = None
     retention_interval_s: float = 10.0
-    retention_batch_rows: int = 500
+    retention_batch_rows: int = 200
     #: free-space watermark: intake is refused (agent:error, nothing stored) while the data
     #: directory's file system has less than max(min_free_bytes, min_free_percent of its size)
     min_free_bytes: int = 50 * 1024 * 1024
