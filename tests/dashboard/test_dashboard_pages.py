@@ -196,3 +196,29 @@ async def test_hub_stop_ends_open_event_streams(hub: HubServer, agent: AgentCred
     async with asyncio.timeout(15):  # shutdown would otherwise wait 60 s for the stream handler
         await hub.stop()
     response.close()
+
+
+async def test_dicom_series_are_listed_with_their_dicomweb_url(hub: HubServer, admin: DashboardClient) -> None:
+    from medagent.dicom.files import InstanceInfo
+    from medagent.hub.dicomweb.store import DicomStore
+
+    assert "No DICOM instance stored yet" in await admin.page("/dashboard/dicom")
+    store = DicomStore(hub.data_dir)
+    store.open()
+    try:
+        for n in (1, 2):
+            info = InstanceInfo(
+                study_uid="1.2.826.0.1.3680043.8.498.1", series_uid="1.2.826.0.1.3680043.8.498.1.1",
+                sop_uid=f"1.2.826.0.1.3680043.8.498.1.1.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                transfer_syntax="1.2.840.10008.1.2.1", modality="OT", patient_id="PHI-PATIENT-ID",
+                patient_name="DOE^PHI", study_date="20240101", study_time="120000", accession_number="A1",
+                study_description="", series_description="", series_number=1, instance_number=n,
+                number_of_frames=1,
+            )
+            assert store.add(info, 1024 * 1024, "0" * 64, {})
+    finally:
+        store.close()
+    page = await admin.page("/dashboard/dicom")
+    url = f"{hub.url}/dicomweb/studies/1.2.826.0.1.3680043.8.498.1/series/1.2.826.0.1.3680043.8.498.1.1"
+    assert f'<a href="{url}">' in page and "<td>OT</td>" in page and '<td class="num">2</td>' in page
+    assert "PHI" not in page  # no patient name or id

@@ -17,7 +17,8 @@ Routes: ``GET /`` -> ``/dashboard/``; ``GET|POST /dashboard/login``; ``POST /das
 ``GET /dashboard/`` (agents); ``GET /dashboard/agents/{id}``; ``POST /dashboard/agents/{id}/
 {logs|reload|push|upgrade}``; ``GET /dashboard/messages``; ``GET /dashboard/messages/{id}``;
 ``POST /dashboard/messages/{id}/body``; ``POST /dashboard/messages/{id}/retry``;
-``GET /dashboard/audit``; ``GET /dashboard/events`` (SSE); ``GET /static/dashboard/…``.
+``GET /dashboard/dicom`` (stored series with their DICOMweb URLs); ``GET /dashboard/audit``;
+``GET /dashboard/events`` (SSE); ``GET /static/dashboard/…``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def add_dashboard_routes(app: web.Application) -> None:
     router.add_get("/dashboard/messages/{id}", guarded(pages.message_page))
     router.add_post("/dashboard/messages/{id}/body", guarded(pages.message_body))
     router.add_post("/dashboard/messages/{id}/retry", guarded(pages.message_retry))
+    router.add_get("/dashboard/dicom", guarded(pages.dicom_page))
     router.add_get("/dashboard/audit", guarded(pages.audit_page))
     router.add_get("/dashboard/events", guarded(live.events, page=False))
     router.add_static("/static/dashboard", STATIC_DIR, append_version=False, show_index=False)

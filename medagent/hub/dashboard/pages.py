@@ -37,7 +37,7 @@ from medagent.hub.records import AgentRecord, MessageStatus
 from medagent.hub.store import NotFound
 
 __all__ = ["login_form", "login", "logout", "overview", "agent_page", "agent_action", "messages_page",
-           "message_page", "message_body", "message_retry", "audit_page", "root"]
+           "message_page", "message_body", "message_retry", "dicom_page", "audit_page", "root"]
 
 STATIC = "/static/dashboard"
 LOG_LIMIT_MAX = 1000
@@ -54,7 +54,7 @@ def _page(request: web.Request | None, title: str, body: Markup, *, status: int 
     if session is not None:
         nav = render(
             '<nav><a href="/dashboard/">Agents</a><a href="/dashboard/messages">Messages</a>'
-            '<a href="/dashboard/audit">Audit log</a></nav>'
+            '<a href="/dashboard/dicom">DICOM</a><a href="/dashboard/audit">Audit log</a></nav>'
             '<span class="who">{user}</span>'
             '<form method="post" action="/dashboard/logout" class="inline">'
             '<input type="hidden" name="csrf" value="{csrf}"><button type="submit">Log out</button></form>',
@@ -512,6 +512,34 @@ async def message_retry(request: web.Request) -> web.StreamResponse:
                                          after.error or "")
     audit(request, "retry", f"message {row.id}", after.status)
     return await _message_view(request, result=result)
+
+
+# -- DICOM ------------------------------------------------------------------------------
+
+async def dicom_page(request: web.Request) -> web.StreamResponse:
+    """Stored DICOM series, newest first, each with its DICOMweb (WADO-RS) URL."""
+    state = state_of(request)
+    series = await state.reader.run(state.reader.dicom_series)
+    if series is None:
+        return _page(request, "DICOM", Markup('<p class="hint">This hub has no DICOM store.</p>'))
+    base = f"{request.scheme}://{request.host}/dicomweb"
+    rows = join(render(
+        '<tr><td><code>{study}</code></td><td><code>{series}</code></td><td>{modality}</td><td>{date}</td>'
+        '<td class="num">{count}</td><td class="num">{size}</td><td>{stored}</td>'
+        '<td><a href="{url}">{url}</a></td></tr>',
+        study=s.study_uid, series=s.series_uid, modality=s.modality or "—", date=s.study_date or "—",
+        count=s.instances, size=f"{s.size / 2**20:.1f} MiB", stored=instant(s.last_stored * 1000),
+        url=f"{base}/studies/{s.study_uid}/series/{s.series_uid}",
+    ) for s in series)
+    body = render(
+        '<p class="hint">DICOMweb URLs answer QIDO-RS / WADO-RS clients that send the admin token or an agent'
+        ' token as a bearer token.</p>'
+        '<table class="dicom"><thead><tr><th>Study UID</th><th>Series UID</th><th>Modality</th><th>Study date</th>'
+        '<th>Instances</th><th>Size</th><th>Last stored</th><th>DICOMweb (WADO-RS)</th></tr></thead>'
+        '<tbody>{rows}</tbody></table>{empty}',
+        rows=rows, empty=Markup('<p class="hint">No DICOM instance stored yet.</p>') if not series else Markup(""),
+    )
+    return _page(request, "DICOM", body)
 
 
 # -- audit --------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from medagent.hub.records import MessageStatus
 
-__all__ = ["HubReader", "MessageFilter", "MessageRow", "AgentCounts", "ChannelMinute", "INDEXES", "PAGE"]
+__all__ = ["HubReader", "MessageFilter", "MessageRow", "AgentCounts", "ChannelMinute", "DicomSeries", "INDEXES", "PAGE"]
 
 PAGE = 50
 INDEXES = (
@@ -105,13 +105,28 @@ _ROW_COLUMNS = (
 )
 
 
-class HubReader:
-    """One thread with one read connection to the hub's database."""
+@dataclass(frozen=True, slots=True)
+class DicomSeries:
+    """One stored DICOM series (no patient name or id: those are PHI)."""
 
-    def __init__(self, db_path: Path) -> None:
+    study_uid: str
+    series_uid: str
+    modality: str
+    study_date: str
+    instances: int
+    size: int
+    last_stored: float
+
+
+class HubReader:
+    """One thread with one read connection to the hub's database (and one to the DICOM index)."""
+
+    def __init__(self, db_path: Path, dicom_path: Path | None = None) -> None:
         self._path = Path(db_path)
+        self._dicom_path = dicom_path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medagent-dashboard-reader")
         self._conn: sqlite3.Connection | None = None
+        self._dicom: sqlite3.Connection | None = None
 
     async def start(self) -> None:
         await self.run(self._open)
@@ -128,9 +143,10 @@ class HubReader:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self.run(self._conn.close)
-            self._conn = None
+        for conn in (self._conn, self._dicom):
+            if conn is not None:
+                await self.run(conn.close)
+        self._conn = self._dicom = None
         self._executor.shutdown(wait=True)
 
     @property
@@ -223,6 +239,21 @@ class HubReader:
         return [r[0] for r in self.conn.execute(
             "SELECT DISTINCT channel FROM messages WHERE agent_id = ? AND received_at >= ?",
             (agent_id, int(time.time() * 1000) - 3_600_000))]
+
+
+    def dicom_series(self, limit: int = 200) -> list[DicomSeries] | None:
+        """The most recently stored series (``None`` when this hub has no DICOM index)."""
+        if self._dicom is None:
+            if self._dicom_path is None or not self._dicom_path.exists():
+                return None
+            self._dicom = sqlite3.connect(f"file:{self._dicom_path}?mode=ro", uri=True, check_same_thread=False)
+            self._dicom.execute("PRAGMA busy_timeout=5000")
+        rows = self._dicom.execute(
+            "SELECT study_uid, series_uid, max(modality), max(study_date), count(*), sum(size), max(stored_at)"
+            " FROM instances GROUP BY study_uid, series_uid ORDER BY 7 DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [DicomSeries(*r) for r in rows]
 
 
 def percentile(values: list[int], fraction: float) -> int | None:

@@ -14,11 +14,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
 
 from medagent.hub.context import CTX_KEY, HubContext
+from medagent.hub.dicomweb.store import DB_FILE as DICOM_DB_FILE
 from medagent.hub.dashboard import security
 from medagent.hub.dashboard.accounts import DashboardDB, Session
 from medagent.hub.dashboard.queries import HubReader
@@ -49,7 +51,7 @@ _SESSION_KEY: web.RequestKey[Session] = web.RequestKey("medagent_dashboard_sessi
 
 async def dashboard_lifecycle(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CTX_KEY]
-    reader = HubReader(ctx.store.path)
+    reader = HubReader(ctx.store.path, Path(ctx.settings.data_dir) / DICOM_DB_FILE)
     await reader.start()
     db = DashboardDB(ctx.settings.data_dir)
     app[STATE_KEY] = DashboardState(ctx, db, reader)
