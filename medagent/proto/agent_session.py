@@ -114,6 +114,7 @@ MAX_NOT_LIVE_TICKS: Final = 2
 BATCH_FRAME_TARGET_BYTES: Final = 96 * 1024
 
 _HEARTBEAT_REQUEST_FRAME: Final = m.encode(m.HeartbeatRequest())
+_NOT_JSON: Final = object()  # _parse's answer for bytes that are not JSON (JSON null is None)
 
 
 class SessionState(enum.IntEnum):
@@ -324,14 +325,14 @@ class _Session:
         return True
 
     def _parse(self, frame: bytes | bytearray | memoryview | str) -> Any:
-        """JSON of a frame, or None after answering it (not JSON) with ``agent:error``."""
+        """JSON of a frame, or :data:`_NOT_JSON` after answering it with ``agent:error``."""
         self.frames_received += 1
         self.outstanding_heartbeats = 0  # any traffic proves the link alive
         try:
             return orjson.loads(frame)
         except orjson.JSONDecodeError as exc:
             self._malformed(self._json_problem(exc), None)
-            return None
+            return _NOT_JSON
 
     def _json_problem(self, exc: orjson.JSONDecodeError) -> str:
         return f"invalid JSON: {exc}"  # the wording of messages.decode, which the agent used
@@ -460,7 +461,12 @@ class AgentSession(_Session):
         self._awaiting.discard(callback)
 
     def unconfirmed_count(self) -> int:
+        """Transmits written (returned by data_to_send) and not confirmed yet."""
         return len(self._unconfirmed) + sum(len(cbs) for _, cbs in self._unacked)
+
+    def queued_transmits(self) -> int:
+        """Transmits accepted by send_transmit and not yet written."""
+        return len(self._transmits)
 
     def backlog(self) -> int:
         return len(self._transmits) + len(self._outbox)
@@ -488,7 +494,7 @@ class AgentSession(_Session):
         if self.state is SessionState.CLOSED:
             return events
         data = self._parse(frame)
-        if data is None:
+        if data is _NOT_JSON:
             events.append(Violation("invalid JSON", len(frame)))
             return events
         message = self._decode(data, len(frame), events)
@@ -657,7 +663,7 @@ class HubSession(_Session):
         if self.state is SessionState.CLOSED:
             return events
         data = self._parse(frame)
-        if data is None:
+        if data is _NOT_JSON:
             events.append(Violation("invalid JSON", len(frame)))
             return events
         if type(data) is dict and data.get("type") == m.ConnectRequest.TYPE:
