@@ -35,11 +35,29 @@ from medagent import __version__
 from medagent.hub.access import require_admin
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY
 from medagent.hub.fhir_json import error_response
-from medagent.hub.records import AgentRecord, AgentStatus, ChannelRecord, MessageQuery, MessageRecord, MessageStatus
+from medagent.hub.records import (
+    AgentRecord,
+    AgentStatus,
+    ChannelRecord,
+    MessageQuery,
+    MessageRecord,
+    MessageStatus,
+)
 from medagent.hub.store import DEFAULT_BOT, MAX_PAGE, NotFound, StoreError
 
-__all__ = ["add_admin_routes", "parse_instant_ms", "parse_int", "message_query", "BadQuery", "message_json",
-           "agent_json", "channel_json", "MAX_ID", "MAX_INSTANT_MS", "close_agent_connections"]
+__all__ = [
+    "MAX_ID",
+    "MAX_INSTANT_MS",
+    "BadQuery",
+    "add_admin_routes",
+    "agent_json",
+    "channel_json",
+    "close_agent_connections",
+    "message_json",
+    "message_query",
+    "parse_instant_ms",
+    "parse_int",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +91,7 @@ def parse_instant_ms(value: str, name: str) -> int:
         try:
             moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
             if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=datetime.timezone.utc)
+                moment = moment.replace(tzinfo=datetime.UTC)
             instant = int(moment.timestamp() * 1000)
         except (ValueError, OverflowError):
             raise BadQuery(f"{name} must be epoch milliseconds or an ISO 8601 time, not {value!r}") from None

@@ -46,16 +46,16 @@ import orjson
 from medagent.storage.files import tighten_file
 
 __all__ = [
-    "AuthError",
-    "AccessToken",
-    "TokenSigner",
-    "hash_secret",
-    "verify_secret",
-    "new_client_secret",
-    "load_or_create_secret_file",
-    "bearer_token",
-    "SIGNING_KEY_FILE",
     "ADMIN_TOKEN_FILE",
+    "SIGNING_KEY_FILE",
+    "AccessToken",
+    "AuthError",
+    "TokenSigner",
+    "bearer_token",
+    "hash_secret",
+    "load_or_create_secret_file",
+    "new_client_secret",
+    "verify_secret",
 ]
 
 SIGNING_KEY_FILE = "hub-signing-key"

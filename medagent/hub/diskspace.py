@@ -31,7 +31,7 @@ from pathlib import Path
 
 from medagent.storage.space import DiskSpace, FreeSpaceWatermark, disk_space
 
-__all__ = ["DiskWatermark", "CHECK_INTERVAL_S", "LOW_DISK_ERROR"]
+__all__ = ["CHECK_INTERVAL_S", "LOW_DISK_ERROR", "DiskWatermark"]
 
 log = logging.getLogger(__name__)
 

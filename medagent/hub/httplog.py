@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from medagent.ops.logs import RateLimitedLog
 
-__all__ = ["HttpErrorLog", "REASON_MAX_CHARS"]
+__all__ = ["REASON_MAX_CHARS", "HttpErrorLog"]
 
 REASON_MAX_CHARS = 120
 
@@ -59,7 +59,7 @@ class HttpErrorLog:
                           remote, exc_info=error)
 
     # aiohttp only calls debug/exception; these keep the object usable as a logger elsewhere
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging.Logger's name
+    def isEnabledFor(self, level: int) -> bool:
         return self.logger.isEnabledFor(level)
 
 

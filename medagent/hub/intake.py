@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from medagent.cloud.messages import (
+    CONTENT_TYPE_HL7_V2,
     AgentMessage,
     BatchAck,
-    CONTENT_TYPE_HL7_V2,
     ErrorMessage,
     TransmitRequest,
     TransmitResponse,
@@ -70,7 +70,7 @@ from medagent.hub.writer import StoreWriter
 if TYPE_CHECKING:
     from medagent.proto.hl7 import Header
 
-__all__ = ["IntakePipeline", "ChannelDispatcher", "Backlog", "AGENT_OFF_ERROR", "CHANNEL_NOT_FOUND"]
+__all__ = ["AGENT_OFF_ERROR", "CHANNEL_NOT_FOUND", "Backlog", "ChannelDispatcher", "IntakePipeline"]
 
 log = logging.getLogger(__name__)
 

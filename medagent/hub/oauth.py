@@ -34,7 +34,7 @@ from medagent.hub.context import CTX_KEY
 from medagent.hub.ratelimit import RateLimiter
 from medagent.ops.logs import RateLimitedLog
 
-__all__ = ["token_endpoint", "add_oauth_routes", "TOKEN_LIMITS_KEY", "TokenLimits"]
+__all__ = ["TOKEN_LIMITS_KEY", "TokenLimits", "add_oauth_routes", "token_endpoint"]
 
 log = logging.getLogger(__name__)
 _limited_log = RateLimitedLog(log)

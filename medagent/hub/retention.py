@@ -7,7 +7,9 @@ also does the intake's group commits, so retention never waits on SQLite's write
 intake never waits on retention's). A pass is a sequence of *steps*; each step is ONE short
 transaction over at most ``batch_rows`` rows, and the pass yields to the event loop between
 steps — for as long as the step took (at most 50 ms), so retention uses at most half of the
-loop and its WAL writes leave the checkpointer time to keep the WAL short. A pass never holds
+loop and its WAL writes leave the checkpointer time to keep the WAL short. The rows per step
+adapt to the time a step takes (halved above ``TARGET_STEP_S`` = 10 ms, grown back up to
+``retention_batch_rows`` when fast), so a slow disk or a busy machine gets smaller steps. A pass never holds
 the loop longer than one step (measured: see docs/hub.md, "Retention and disk use"). Steps, in
 order:
 
@@ -46,12 +48,15 @@ from medagent.hub.records import RetentionPolicy
 from medagent.hub.store import HubStore, now_ms
 from medagent.ops.logs import RateLimitedLog
 
-__all__ = ["RetentionWorker", "RetentionStats"]
+__all__ = ["RetentionStats", "RetentionWorker"]
 
 log = logging.getLogger(__name__)
 
 #: upper bound of steps in one pass (with 500-row steps: 1M rows); the next pass continues
 MAX_STEPS_PER_PASS = 5000
+#: what one step should cost the event loop, and the fewest rows a step may take
+TARGET_STEP_S = 0.010
+MIN_BATCH_ROWS = 20
 #: the longest rest between two steps (a rest as long as the step: retention takes <= half the loop)
 _MAX_REST_S = 0.05
 
@@ -63,6 +68,9 @@ class RetentionStats:
     messages_deleted: int = 0
     #: the longest single step (one transaction, the longest the loop was held), seconds
     longest_step_s: float = 0.0
+    steps: int = 0
+    #: the sum of every step's time (mean step = step_time_s / steps)
+    step_time_s: float = 0.0
     last_pass_s: float = 0.0
 
 
@@ -77,7 +85,9 @@ class RetentionWorker:
         self._channels = dict(channels)
         self._max_bytes = max_bytes
         self._interval_s = interval_s
-        self._batch = batch_rows
+        self._max_batch = batch_rows
+        #: rows per step now (adapted between MIN_BATCH_ROWS and batch_rows, see _step)
+        self.batch = batch_rows
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._failures = RateLimitedLog(log, 600.0)
@@ -118,11 +128,11 @@ class RetentionWorker:
             policy = self.policy_of(channel)
             if policy.max_age_s is not None:
                 cutoff = now - int(policy.max_age_s * 1000)
-                await self._drain(lambda c=channel, t=cutoff: self._store.delete_messages(c, t, self._batch),
+                await self._drain(lambda n, c=channel, t=cutoff: self._store.delete_messages(c, t, n),
                                   "messages_deleted", budget)
             if policy.body_max_age_s is not None:
                 cutoff = now - int(policy.body_max_age_s * 1000)
-                await self._drain(lambda c=channel, t=cutoff: self._store.purge_bodies(c, t, self._batch),
+                await self._drain(lambda n, c=channel, t=cutoff: self._store.purge_bodies(c, t, n),
                                   "bodies_purged", budget)
         if self._max_bytes is not None:
             await self._enforce_size(budget)
@@ -138,22 +148,34 @@ class RetentionWorker:
     async def _enforce_size(self, budget: list[int]) -> None:
         assert self._max_bytes is not None
         while budget[0] > 0 and self._store.live_bytes() > self._max_bytes:
-            done = await self._step(lambda: self._store.delete_oldest_messages(self._batch), "messages_deleted", budget)
+            done, _ = await self._step(self._store.delete_oldest_messages, "messages_deleted", budget)
             if not done:
                 return  # nothing left to remove: the budget is below what the schema itself takes
 
-    async def _drain(self, step: Callable[[], int], counter: str, budget: list[int]) -> None:
-        """Repeat ``step`` until it changes fewer rows than a batch."""
-        while budget[0] > 0 and await self._step(step, counter, budget) >= self._batch:
+    async def _drain(self, step: Callable[[int], int], counter: str, budget: list[int]) -> None:
+        """Repeat ``step`` until it changes fewer rows than it was allowed to."""
+        while budget[0] > 0 and (await self._step(step, counter, budget))[1]:
             pass
 
-    async def _step(self, step: Callable[[], int], counter: str, budget: list[int]) -> int:
-        """One transaction; its row count goes to ``stats.<counter>`` at once, then a rest."""
+    async def _step(self, step: Callable[[int], int], counter: str, budget: list[int]) -> tuple[int, bool]:
+        """One transaction of at most ``self.batch`` rows; ``(rows changed, was the batch full)``.
+
+        The batch adapts to the step's time: halved when a step took longer than
+        ``TARGET_STEP_S`` (a slow disk, a busy machine), doubled back up to the configured size
+        when it took under a quarter of that; so a step holds the loop about ``TARGET_STEP_S``.
+        """
         budget[0] -= 1
+        limit = self.batch
         started = time.perf_counter()
-        done = step()
+        done = step(limit)
         took = time.perf_counter() - started
         setattr(self.stats, counter, getattr(self.stats, counter) + done)
         self.stats.longest_step_s = max(self.stats.longest_step_s, took)
+        self.stats.steps += 1
+        self.stats.step_time_s += took
+        if took > TARGET_STEP_S:
+            self.batch = max(MIN_BATCH_ROWS, limit // 2)
+        elif took < TARGET_STEP_S / 4:
+            self.batch = min(self._max_batch, limit * 2)
         await asyncio.sleep(min(took, _MAX_REST_S))  # intake runs meanwhile; the WAL gets checkpointed
-        return done
+        return done, done >= limit

@@ -36,7 +36,12 @@ from aiohttp import web
 
 from medagent import __version__
 from medagent.hub.admin import add_admin_routes
-from medagent.hub.auth import ADMIN_TOKEN_FILE, SIGNING_KEY_FILE, TokenSigner, load_or_create_secret_file
+from medagent.hub.auth import (
+    ADMIN_TOKEN_FILE,
+    SIGNING_KEY_FILE,
+    TokenSigner,
+    load_or_create_secret_file,
+)
 from medagent.hub.botrunner import BotRunner
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
 from medagent.hub.dashboard import add_dashboard_routes
@@ -55,7 +60,7 @@ from medagent.hub.websocket import AgentConnection, handle_agent_websocket
 from medagent.hub.writer import StoreWriter
 from medagent.storage.files import ensure_private_dir, tighten_file
 
-__all__ = ["HubServer", "HubSettings", "LOG_FILE"]
+__all__ = ["LOG_FILE", "HubServer", "HubSettings"]
 
 log = logging.getLogger(__name__)
 

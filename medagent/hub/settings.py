@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medagent.hub.records import RetentionPolicy
 
-__all__ = ["HubSettings", "DEFAULT_PORT", "DEFAULT_DATA_DIR"]
+__all__ = ["DEFAULT_DATA_DIR", "DEFAULT_PORT", "HubSettings"]
 
 DEFAULT_PORT = 8103
 DEFAULT_DATA_DIR = Path("medagent-data") / "hub"

@@ -60,8 +60,17 @@ from medagent.hub.records import (
 from medagent.hub.schema import migrate
 from medagent.storage.files import ensure_private_dir, prepare_private_database
 
-__all__ = ["HubStore", "StoreError", "NotFound", "InvalidValue", "DB_FILE", "MAX_PAGE", "DEFAULT_BOT",
-           "CHANNEL_SCHEMES", "now_ms"]
+__all__ = [
+    "CHANNEL_SCHEMES",
+    "DB_FILE",
+    "DEFAULT_BOT",
+    "MAX_PAGE",
+    "HubStore",
+    "InvalidValue",
+    "NotFound",
+    "StoreError",
+    "now_ms",
+]
 
 DB_FILE = "hub.sqlite3"
 MAX_PAGE = 1000

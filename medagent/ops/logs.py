@@ -19,10 +19,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["LogRing", "RateLimitedLog", "setup_logging", "LOG_RING", "MAX_LOG_LIMIT", "DEFAULT_LOG_LIMIT"]
+__all__ = ["DEFAULT_LOG_LIMIT", "LOG_RING", "MAX_LOG_LIMIT", "LogRing", "RateLimitedLog", "setup_logging"]
 
 DEFAULT_LOG_LIMIT = 20
 MAX_LOG_LIMIT = 1000
@@ -40,7 +40,7 @@ class LogRing(logging.Handler):
         entry = {
             "level": record.levelname,
             "msg": record.getMessage(),
-            "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "logger": record.name,
         }
         with self._guard:

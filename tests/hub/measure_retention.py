@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hubtest import SpecAgent, adt, hub_settings, transmit  # noqa: E402
+from hubtest import SpecAgent, adt, hub_settings, transmit
 
-from medagent.hub import HubServer  # noqa: E402
-from medagent.hub.records import IncomingMessage, RetentionPolicy  # noqa: E402
-from medagent.hub.store import now_ms  # noqa: E402
+from medagent.hub import HubServer
+from medagent.hub.records import IncomingMessage, RetentionPolicy
+from medagent.hub.store import now_ms
 
 BATCH = 200
 
@@ -71,7 +71,8 @@ async def run(old: int, seconds: float, retention_on: bool) -> None:
             rows = hub.store._conn().execute("SELECT count(*) FROM messages").fetchone()[0]
             print(f"retention {'on ' if retention_on else 'off'}: {sent / elapsed:8.0f} msg/s round trip,"
                   f" worst loop stall {worst[0] * 1000:6.1f} ms, retention longest step"
-                  f" {stats.longest_step_s * 1000:5.1f} ms, deleted {stats.messages_deleted} old rows,"
+                  f" {stats.longest_step_s * 1000:5.1f} ms (mean {stats.step_time_s / max(stats.steps, 1) * 1000:4.1f} ms"
+                  f" over {stats.steps} steps), deleted {stats.messages_deleted} old rows,"
                   f" {rows} rows left, {hub.store.live_bytes() / max(rows, 1):6.0f} bytes/message")
 
 

@@ -3,6 +3,7 @@ free-space watermark, against a real HubServer and its SQLite store."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -113,3 +114,24 @@ async def test_bad_retention_settings_are_refused(tmp_path: Path) -> None:
         HubServer(hub_settings(tmp_path, retention_channels={"x": RetentionPolicy(max_age_s=0)}))
     with pytest.raises(ValueError, match="min_free_percent"):
         HubServer(hub_settings(tmp_path, min_free_percent=100))
+
+
+async def test_a_pass_running_beside_intake_loses_nothing(retention_hub: HubServer, agent: AgentCredentials) -> None:
+    store = retention_hub.store
+    stamp = now_ms() - 20 * DAY_MS
+    for start in range(0, 3000, 500):
+        store.store_incoming([IncomingMessage("agent-1", "adt", "r", f"exp-{i}", "text/plain", "y" * 700, stamp)
+                              for i in range(start, start + 500)])
+    client = await SpecAgent.connected(retention_hub, agent)
+    sweep = asyncio.create_task(retention_hub.retention.run_pass())  # steps of 7 rows: ~430 steps
+    for seq in range(1, 6):
+        frames = [transmit("adt", adt(f"L{seq}-{i}"), f"live-{seq}-{i}") for i in range(100)]
+        await client.send({"type": "agent:batch", "seq": seq, "messages": frames})
+    responses = await client.responses(500, timeout=30)
+    stats = await asyncio.wait_for(sweep, 60)
+    assert {r["callback"] for r in responses} == {f"live-{s}-{i}" for s in range(1, 6) for i in range(100)}
+    live = store.query_messages(MessageQuery(agent_id=agent.agent_id, limit=1000)).messages
+    assert len(live) == 500 and all(m.body_size > 0 for m in live)
+    assert stats.messages_deleted == 3000
+    assert store.query_messages(MessageQuery(agent_id="agent-1")).messages == ()
+    await client.close()
