@@ -84,10 +84,6 @@ log = logging.getLogger(__name__)
 
 #: Largest frame accepted from the hub.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
-#: Re-exported for callers of the old names.
-INVALID_TOKEN_ERROR = core.INVALID_ACCESS_TOKEN
-BATCH_FRAME_TARGET_BYTES = core.BATCH_FRAME_TARGET_BYTES
-MAX_NOT_LIVE_TICKS = core.MAX_NOT_LIVE_TICKS
 #: How long a graceful websocket close may take before the socket is aborted.
 _CLOSE_TIMEOUT_S = 2.0
 #: Error bodies from the hub are logged up to this length (they are error texts, not messages).
