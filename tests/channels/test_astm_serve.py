@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from serve_harness import ServeProcess, serve_factory  # noqa: E402,F401  (fixture)
 from test_astm_peers import ACK, ENQ, EOT, RESULT, frames  # noqa: E402
 
+from medagent.hub.store import CHANNEL_SCHEMES  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="process groups")]
 
 ORDER = ["H|\\^&|||LIS", "P|1||PID001", "O|1|S0001||^^^GLU|R", "L|1|N"]
@@ -121,3 +123,42 @@ def test_analyzer_results_reach_bot_and_orders_reach_analyzer(serve_factory, mon
         assert "ACK" in outcome[0][1]
     finally:
         analyzer.close()
+
+
+def _pty_read(master: int, n: int, timeout: float = 20.0) -> bytes:
+    import select
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < n:
+        ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"pty: wanted {n} bytes, have {data!r}")
+        data += os.read(master, n - len(data))
+    return data
+
+
+@pytest.mark.skipif("astm+serial" not in CHANNEL_SCHEMES,
+                    reason="the hub store refuses astm+serial:// channel addresses (medagent/hub/store.py "
+                           "CHANNEL_SCHEMES lacks astm+serial and serial)")
+def test_analyzer_on_a_serial_port_reaches_bot(serve_factory, monkeypatch) -> None:  # noqa: F811
+    """The same analyzer on a pseudo-terminal: ``astm+serial://`` through ``medagent serve``."""
+    here = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH", "")])))
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    os.close(slave)
+    try:
+        serve = serve_factory(f'[[channel]]\nname = "lab-serial"\nendpoint = "astm+serial://{path}?baud=9600"\n'
+                              'bot = "test_astm_bots:lab_results"\n')
+        os.write(master, ENQ)
+        assert _pty_read(master, 1) == ACK
+        for data in frames(RESULT):
+            os.write(master, data)
+            assert _pty_read(master, 1) == ACK
+        os.write(master, EOT)
+        messages = hub_messages(serve, 1)
+        assert len(messages) == 1 and "R|1|^^^GLU|5.4" in json.dumps(messages[0]), messages
+        assert '\\"value\\": \\"5.4\\"' in json.dumps(messages[0]) or '"value": "5.4"' in json.dumps(messages[0])
+    finally:
+        os.close(master)
