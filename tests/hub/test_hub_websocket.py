@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hubtest import SpecAgent, get_token, hub_settings, wait_for
+from hubtest import SpecAgent, adt, get_token, hub_settings, transmit, wait_for
 
 from medagent import __version__
 from medagent.hub import AgentCredentials, HubServer
 from medagent.hub.auth import SIGNING_KEY_FILE, TokenSigner
+from medagent.hub.records import MessageQuery
 
 
 async def test_connect_errors_keep_the_socket_open(hub: HubServer, agent: AgentCredentials) -> None:
@@ -117,3 +118,18 @@ async def test_disconnect_unregisters(hub: HubServer, agent: AgentCredentials) -
     assert hub.context.registry.presence(agent.agent_id).connected
     await client.close()
     await wait_for(lambda: not hub.context.registry.presence(agent.agent_id).connected)
+
+
+async def test_batch_seq_must_climb_and_acks_follow_storage(hub: HubServer, agent: AgentCredentials) -> None:
+    client = await SpecAgent.connected(hub, agent)
+    await client.send({"type": "agent:batch", "seq": 2, "messages": [transmit("adt", adt("S1"), "seq-1")]})
+    assert await client.recv_type("agent:batch:ack") == {"type": "agent:batch:ack", "seq": 2}
+    # a replayed or reordered seq on the same connection is refused, not stored, not acked
+    await client.send({"type": "agent:batch", "seq": 2, "messages": [transmit("adt", adt("S2"), "seq-2")]})
+    error = await client.recv_type("agent:error")
+    assert error == {"type": "agent:error", "body": "agent:batch seq 2 is not above 2"}
+    await client.send({"type": "agent:batch", "seq": 3, "messages": [transmit("adt", adt("S3"), "seq-3")]})
+    assert await client.recv_type("agent:batch:ack") == {"type": "agent:batch:ack", "seq": 3}
+    stored = {m.callback for m in hub.store.query_messages(MessageQuery(agent_id=agent.agent_id)).messages}
+    assert stored == {"seq-1", "seq-3"}
+    await client.close()
