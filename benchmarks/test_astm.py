@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import astm_load  # noqa: E402
+import astm_load
 
-from medagent.proto.astm import AstmLink, MessageReceived  # noqa: E402
-from medagent.proto.bytestream import AutoRespondRule, ByteStreamConfig, ByteStreamFramer  # noqa: E402
+from medagent.proto.astm import AstmLink, MessageReceived
+from medagent.proto.bytestream import AutoRespondRule, ByteStreamConfig, ByteStreamFramer
 
 SECONDS = 5.0
 

@@ -50,7 +50,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
@@ -65,8 +65,19 @@ from medagent.channels.base import (
     register_kind,
     register_outbound_sender,
 )
-from medagent.channels.endpoint import Endpoint, EndpointError, bool_param, encoding_param, int_param
-from medagent.channels.serialport import SERIAL_PARAMETERS, SerialPortLine, SerialSettings, serial_settings
+from medagent.channels.endpoint import (
+    Endpoint,
+    EndpointError,
+    bool_param,
+    encoding_param,
+    int_param,
+)
+from medagent.channels.serialport import (
+    SERIAL_PARAMETERS,
+    SerialPortLine,
+    SerialSettings,
+    serial_settings,
+)
 from medagent.channels.stream_listener import Line, TcpListener
 from medagent.proto import astm as core
 from medagent.records import ASTM_CONTENT_TYPE, DuplicatePolicy, InboundRecord
@@ -101,7 +112,7 @@ class AstmSendError(Exception):
 @dataclass(frozen=True, slots=True)
 class AstmOptions:
     encoding: str = "utf-8"
-    timers: core.AstmTimers = core.AstmTimers()
+    timers: core.AstmTimers = field(default_factory=core.AstmTimers)
     max_frame_size: int = 64 * 1024
     max_message_size: int = 8 * 1024 * 1024
     max_attempts: int = 6
@@ -187,6 +198,8 @@ class AstmSession:
         self._apply(self.link.feed(data, self._loop.time()))
 
     def line_lost(self, exc: Exception | None) -> None:
+        if self.line is None:
+            return  # already lost (stop() and the transport's own callback both report it)
         self.counters.stats.connections_open -= 1
         if self.channel is not None and self.channel.sessions.get(self.remote) is self:
             del self.channel.sessions[self.remote]
@@ -477,7 +490,7 @@ class AstmOutboundSender:
             return _ClientLine(session)
 
         try:
-            transport, line = await asyncio.wait_for(
+            transport, _line = await asyncio.wait_for(
                 loop.create_connection(factory, parts.hostname, parts.port), timeout or 15.0)
         except (OSError, TimeoutError) as exc:
             raise AstmSendError(f"cannot connect to {parts.hostname}:{parts.port}: {exc}") from exc

@@ -57,19 +57,31 @@ from medagent.channels.base import (
     register_kind,
 )
 from medagent.channels.endpoint import Endpoint, EndpointError, bool_param, choice_param, int_param
-from medagent.channels.serialport import SERIAL_PARAMETERS, SerialPortLine, SerialSettings, serial_settings
+from medagent.channels.serialport import (
+    SERIAL_PARAMETERS,
+    SerialPortLine,
+    SerialSettings,
+    serial_settings,
+)
 from medagent.channels.stream_listener import Line, TcpListener
-from medagent.proto.bytestream import AutoRespondRule, ByteStreamConfig, ByteStreamFramer, Frame, FrameTooLarge, Respond
+from medagent.proto.bytestream import (
+    AutoRespondRule,
+    ByteStreamConfig,
+    ByteStreamFramer,
+    Frame,
+    FrameTooLarge,
+    Respond,
+)
 from medagent.records import OCTET_STREAM_CONTENT_TYPE, CommitResult, DuplicatePolicy, InboundRecord
 
 __all__ = [
     "BYTESTREAM_PARAMETERS",
+    "SERIAL_KIND",
+    "TCP_KIND",
     "BodyEncoding",
     "ByteStreamChannel",
     "ByteStreamOptions",
     "ByteStreamSession",
-    "SERIAL_KIND",
-    "TCP_KIND",
     "bytestream_options",
 ]
 
@@ -201,6 +213,8 @@ class ByteStreamSession:
                                channel.name, self.remote, event.size)
 
     def line_lost(self, exc: Exception | None) -> None:
+        if self.line is None:
+            return
         channel = self.channel
         channel.shared.connections_open -= 1
         channel.discarded_bytes += self.framer.discarded_bytes + self.framer.pending_bytes

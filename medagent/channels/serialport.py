@@ -169,7 +169,7 @@ class SerialPortLine:
         self._reopen = None
         if self.state == "stopped":
             return
-        import serial  # pyserial: imported only by agents with serial channels
+        import serial  # type: ignore[import-untyped]  # pyserial: only agents with serial channels import it
 
         s = self.settings
         try:

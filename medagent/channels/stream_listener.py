@@ -120,7 +120,7 @@ class TcpListener:
         self.connections_total = 0
         self.connections_refused = 0
         self.paused = False
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -87,7 +87,7 @@ import enum
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final
 
 __all__ = [
     "ACK",
@@ -209,7 +209,7 @@ class Notice:
     detail: str = ""
 
 
-Event = Union[Write, MessageReceived, MessageDiscarded, SendResult, Notice]
+Event = Write | MessageReceived | MessageDiscarded | SendResult | Notice
 
 
 def checksum(body: bytes) -> bytes:

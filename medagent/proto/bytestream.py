@@ -39,7 +39,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 __all__ = [
     "AutoRespondRule",
@@ -102,7 +101,7 @@ class FrameTooLarge:
     size: int
 
 
-Event = Union[Respond, Frame, FrameTooLarge]
+Event = Respond | Frame | FrameTooLarge
 
 
 def filter_frame(frame: bytes, strip_sequences: Sequence[bytes], strip_control_chars: bool,

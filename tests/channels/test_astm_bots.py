@@ -14,7 +14,7 @@ from medagent.proto.astm import header_identity, parse_records
 from medagent.records import ASTM_CONTENT_TYPE
 
 
-def lab_results(event):  # noqa: ANN001, ANN201 - the hub's BotEvent
+def lab_results(event):
     if event.content_type != ASTM_CONTENT_TYPE:
         raise ValueError(f"expected {ASTM_CONTENT_TYPE}, got {event.content_type}")
     records = parse_records(event.input)

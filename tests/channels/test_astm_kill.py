@@ -54,7 +54,7 @@ CHILD = textwrap.dedent("""
 
 async def test_acked_transmission_survives_kill_9(tmp_path: Path) -> None:
     db = tmp_path / "queue.sqlite"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
     try:
         assert child.stdout is not None
         port = int(await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+
 import pytest
 from test_astm_peers import ACK, RESULT, QueueSink, TcpPeer, frames, queue, until  # noqa: F401
 

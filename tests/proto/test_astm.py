@@ -281,7 +281,7 @@ def test_commit_slower_than_reply_timer_naks_and_ignores_late_outcome() -> None:
 
 def test_sender_establishment_timeout_sends_eot_and_retries() -> None:
     link = AstmLink(timers=AstmTimers(establishment=15.0, busy_retry=10.0))
-    message_id, events = link.send(RESULT, 0.0)
+    _message_id, events = link.send(RESULT, 0.0)
     assert writes(events) == B_ENQ and link.deadline == 15.0
     events = link.on_timer(15.0)
     assert writes(events) == B_EOT and kinds(events) == ["timeout"] and link.deadline == 25.0
@@ -360,7 +360,7 @@ def test_busy_receiver_nak_retries_after_ten_seconds() -> None:
 
 def test_contention_computer_system_yields_to_instrument() -> None:
     host = AstmLink()
-    message_id, _ = host.send(b"H|\\^&\rO|1|S1||^^^GLU\rL|1|N\r", 0.0)
+    _message_id, _ = host.send(b"H|\\^&\rO|1|S1||^^^GLU\rL|1|N\r", 0.0)
     events = host.feed(B_ENQ, 0.5)  # the instrument's ENQ crossed ours
     assert kinds(events) == ["contention"] and writes(events) == b""
     assert host.state is LinkState.NEUTRAL and host.deadline == 20.5
