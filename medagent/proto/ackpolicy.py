@@ -35,13 +35,15 @@ Modes (DESIGN.md "ACK modes and durability", medplum-protocol.md §4.3):
 * ``IMMEDIATE``: **AA** on receipt, before anything is stored (opt-in; promises nothing).
   The bot's later reply is suppressed.
 
-Duplicates (the queue detects by (channel, sender, MSH-10); see ``DuplicateBehavior``):
+Duplicates (the queue detects by (channel, sender, MSH-10, body digest) inside its window; a
+reused MSH-10 with other content is a new message, stored and delivered, and only counted:
+``CommitResult.control_id_reused``; see ``DuplicateBehavior``):
 
 * ``DROP``: the earlier copy is durable, so the message *is* stored: the sender gets the
   positive answer of its mode with MSA-3 ``"duplicate: already received"`` (FAST and ORIGINAL:
   AA, since no bot reply will come for a dropped copy; TWO_PHASE: CA, and no app ACK follows).
 * ``REJECT``: a flagged duplicate gets **CR** (TWO_PHASE) or **AR** (other modes) with MSA-3
-  ``"duplicate of an earlier message with the same MSH-10"``. The row is kept, flagged.
+  ``"duplicate of an earlier message (same MSH-10 and content)"``. The row is kept, flagged.
 * ``FLAG`` / ``OFF``: a flagged duplicate is acknowledged like any stored message (the hub sees
   ``duplicate_of`` and decides).
 
@@ -179,7 +181,7 @@ _SUCCESS_CODES: Final = frozenset({AckCode.AA, AckCode.CA})
 _CODE_BY_TEXT: Final = {code.value: code for code in AckCode}
 
 DUPLICATE_DROPPED_TEXT: Final = "duplicate: already received"
-DUPLICATE_REJECTED_TEXT: Final = "duplicate of an earlier message with the same MSH-10"
+DUPLICATE_REJECTED_TEXT: Final = "duplicate of an earlier message (same MSH-10 and content)"
 
 
 @dataclass(frozen=True, slots=True)
