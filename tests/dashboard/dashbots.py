@@ -10,7 +10,7 @@ from medagent.hub.bots import ack
 FAIL_WHILE_ENV = "MEDAGENT_TEST_FAIL_WHILE"
 
 
-def flaky(event):  # noqa: ANN001, ANN201 - the bot signature is the hub's BotEvent
+def flaky(event):
     marker = os.environ.get(FAIL_WHILE_ENV)
     if marker and os.path.exists(marker):
         raise RuntimeError("the downstream system is unavailable")

@@ -117,10 +117,10 @@ async def test_operator_account_login_logout_and_session_end(hub: HubServer, cli
 async def test_a_stolen_cookie_value_is_useless_after_logout(hub: HubServer, admin: DashboardClient) -> None:
     cookie = next(c.value for c in admin.http.cookie_jar if c.key == "medagent_dashboard")
     await admin.post("/dashboard/logout")
-    async with aiohttp.ClientSession() as other:
-        async with other.get(hub.url + "/dashboard/", headers={"Cookie": f"medagent_dashboard={cookie}"},
-                             allow_redirects=False) as response:
-            assert response.status == 303
+    async with aiohttp.ClientSession() as other, other.get(
+        hub.url + "/dashboard/", headers={"Cookie": f"medagent_dashboard={cookie}"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303
 
 
 async def test_posts_need_the_session_csrf_token(hub: HubServer, agent: object, admin: DashboardClient) -> None:
@@ -163,17 +163,17 @@ def test_add_user_cli(tmp_path: Path) -> None:
     data_dir = tmp_path / "hub"
     base = [sys.executable, "-m", "medagent.hub.dashboard.cli", "add-user"]
     run = subprocess.run([*base, "dave", "--password-stdin", "--data-dir", str(data_dir), "--json"],
-                         input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)
+                         input=PASSWORD + "\n", capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == '{"user":"dave","created":true}'
     again = subprocess.run([*base, "dave", "--password-stdin", "--data-dir", str(data_dir)],
-                           input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)
+                           input=PASSWORD + "\n", capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 1 and "already exists" in again.stderr
     weak = subprocess.run([*base, "erin", "--password-stdin", "--data-dir", str(data_dir)],
-                          input="short\n", capture_output=True, text=True, timeout=60)
+                          input="short\n", capture_output=True, text=True, timeout=60, check=False)
     assert weak.returncode == 1 and "at least 12" in weak.stderr
     replaced = subprocess.run([*base, "dave", "--password-stdin", "--replace", "--data-dir", str(data_dir)],
-                              input="another long password\n", capture_output=True, text=True, timeout=60)
+                              input="another long password\n", capture_output=True, text=True, timeout=60, check=False)
     assert replaced.returncode == 0 and "updated" in replaced.stdout
     db = DashboardDB(data_dir)
     try:
@@ -182,5 +182,5 @@ def test_add_user_cli(tmp_path: Path) -> None:
     finally:
         db.close()
     no_tty = subprocess.run([*base, "frank", "--data-dir", str(data_dir)], input="", capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     assert no_tty.returncode == 2 and "--password-stdin" in no_tty.stderr

@@ -25,9 +25,8 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS_DIR / "runtime"))
-from serve_harness import MllpClient, ServeProcess, ack_fields, hl7_message, start_serve  # noqa: E402
-
-from dashbots import FAIL_WHILE_ENV  # noqa: E402
+from dashbots import FAIL_WHILE_ENV
+from serve_harness import MllpClient, ServeProcess, ack_fields, hl7_message, start_serve
 
 CHROMIUM = os.environ.get("MEDAGENT_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -113,7 +113,7 @@ async def test_messages_search_detail_body_on_click_and_audited(hub: HubServer, 
     assert older is not None
     rest = await admin.page(older.group(1).replace("&amp;", "&"))
     assert len(re.findall(r'<a href="/dashboard/messages/(\d+)">', rest)) == 12
-    failed = await admin.page(f"/dashboard/messages?agent=lab&status=error")
+    failed = await admin.page("/dashboard/messages?agent=lab&status=error")
     assert len(re.findall(r'<a href="/dashboard/messages/\d+">', failed)) == 2
     by_control = await admin.page("/dashboard/messages?control_id=MSG00007&type=ADT")
     assert len(re.findall(r'<a href="/dashboard/messages/\d+">', by_control)) == 1

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["add_dashboard_routes", "STATIC_DIR"]
+__all__ = ["STATIC_DIR", "add_dashboard_routes"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 

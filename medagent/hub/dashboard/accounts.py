@@ -38,8 +38,17 @@ from pathlib import Path
 
 from medagent.hub.auth import hash_secret, verify_secret
 
-__all__ = ["DashboardDB", "Session", "AuditEntry", "AccountError", "DB_FILE", "MIN_PASSWORD",
-           "ADMIN_USER", "IDLE_S", "MAX_AGE_S"]
+__all__ = [
+    "ADMIN_USER",
+    "DB_FILE",
+    "IDLE_S",
+    "MAX_AGE_S",
+    "MIN_PASSWORD",
+    "AccountError",
+    "AuditEntry",
+    "DashboardDB",
+    "Session",
+]
 
 DB_FILE = "dashboard.sqlite3"
 MIN_PASSWORD = 12
@@ -51,12 +60,18 @@ MAX_AGE_S = 12 * 3600
 _TOUCH_EVERY_S = 60
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
-    " created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS sessions (token_hash TEXT PRIMARY KEY, user TEXT NOT NULL,"
-    " csrf TEXT NOT NULL, created_at REAL NOT NULL, last_used REAL NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, user TEXT NOT NULL,"
-    " remote TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, outcome TEXT NOT NULL)",
+    (
+        "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
+        " created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)"
+    ),
+    (
+        "CREATE TABLE IF NOT EXISTS sessions (token_hash TEXT PRIMARY KEY, user TEXT NOT NULL,"
+        " csrf TEXT NOT NULL, created_at REAL NOT NULL, last_used REAL NOT NULL)"
+    ),
+    (
+        "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, user TEXT NOT NULL,"
+        " remote TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, outcome TEXT NOT NULL)"
+    ),
 )
 
 

@@ -30,12 +30,25 @@ from medagent.hub import hl7text
 from medagent.hub.context import HubContext
 from medagent.hub.dashboard.queries import HubReader, MessageRow
 from medagent.hub.intake import BotJob
-from medagent.hub.operations import OperationError, op_fetch_logs, op_push, op_reload_config, op_stats
+from medagent.hub.operations import (
+    OperationError,
+    op_fetch_logs,
+    op_push,
+    op_reload_config,
+    op_stats,
+)
 from medagent.hub.records import ChannelStatus, IncomingMessage, MessageStatus
 from medagent.hub.store import NotFound
 
-__all__ = ["OperationResult", "retry_message", "RetryError", "reload_config", "fetch_logs", "push_message",
-           "agent_stats"]
+__all__ = [
+    "OperationResult",
+    "RetryError",
+    "agent_stats",
+    "fetch_logs",
+    "push_message",
+    "reload_config",
+    "retry_message",
+]
 
 #: how often a retry's outcome is polled for (bounded by the bot timeout + RETRY_GRACE_S)
 _POLL_S = 0.05

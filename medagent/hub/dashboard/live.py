@@ -36,7 +36,7 @@ from medagent.hub.dashboard.security import secure_headers
 from medagent.hub.dashboard.state import DashboardState, state_of
 from medagent.hub.store import NotFound
 
-__all__ = ["events", "overview_snapshot", "agent_snapshot", "TICK_S"]
+__all__ = ["TICK_S", "agent_snapshot", "events", "overview_snapshot"]
 
 TICK_S = 1.0
 STATS_EVERY = 5
@@ -68,7 +68,7 @@ async def overview_snapshot(state: DashboardState) -> dict[str, Any]:
 
 
 async def agent_snapshot(state: DashboardState, agent_id: str) -> dict[str, Any]:
-    ctx, reader = state.ctx, state.reader
+    reader = state.reader
     overview = await overview_snapshot(state)
     minutes = await reader.run(reader.channel_minutes, agent_id)
     channels = {
@@ -82,7 +82,8 @@ async def agent_snapshot(state: DashboardState, agent_id: str) -> dict[str, Any]
 def queue_depth(queue: dict[str, Any]) -> tuple[int | None, float | None]:
     """(messages not yet confirmed by the hub, age in s of the oldest) from the agent's
     ``durableQueue`` stats: the live runtime's counters, or a store snapshot (``pending``)."""
-    store = queue.get("store") if isinstance(queue.get("store"), dict) else queue
+    nested = queue.get("store")
+    store: dict[str, Any] = nested if isinstance(nested, dict) else queue
     channels = store.get("channels") or {}
     oldest = max((c.get("oldest_pending_age_s", 0.0) for c in channels.values()), default=None)
     if "ready_in_memory" in queue:  # medagent.queue.durable.DurableQueue.stats()

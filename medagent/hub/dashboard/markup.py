@@ -17,7 +17,7 @@ import html
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Markup", "escape", "render", "join", "instant", "age"]
+__all__ = ["Markup", "age", "escape", "instant", "join", "render"]
 
 
 class Markup(str):
@@ -41,11 +41,11 @@ def join(parts: Iterable[Markup]) -> Markup:
     return Markup("".join(escape(p) for p in parts))
 
 
-def instant(epoch_ms: int | float | None) -> str:
+def instant(epoch_ms: float | None) -> str:
     """``2026-11-30 08:22:58Z`` (UTC, second precision), or an em dash."""
     if epoch_ms is None:
         return "—"
-    moment = datetime.datetime.fromtimestamp(epoch_ms / 1000, datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(epoch_ms / 1000, datetime.UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 

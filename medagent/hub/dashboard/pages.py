@@ -22,9 +22,10 @@ from medagent.hub.admin import BadQuery, parse_instant_ms
 from medagent.hub.dashboard import actions
 from medagent.hub.dashboard.accounts import ADMIN_USER, constant_time_equal
 from medagent.hub.dashboard.live import overview_snapshot
-from medagent.hub.dashboard.markup import Markup, age, escape, instant, join, render
+from medagent.hub.dashboard.markup import Markup, age, instant, join, render
 from medagent.hub.dashboard.queries import PAGE, MessageFilter, MessageRow
 from medagent.hub.dashboard.security import (
+    COOKIE,
     CSRF_FIELD,
     clear_session_cookie,
     client_address,
@@ -36,8 +37,21 @@ from medagent.hub.dashboard.state import audit, redirect, session_of, state_of
 from medagent.hub.records import AgentRecord, MessageStatus
 from medagent.hub.store import NotFound
 
-__all__ = ["login_form", "login", "logout", "overview", "agent_page", "agent_action", "messages_page",
-           "message_page", "message_body", "message_retry", "dicom_page", "audit_page", "root"]
+__all__ = [
+    "agent_action",
+    "agent_page",
+    "audit_page",
+    "dicom_page",
+    "login",
+    "login_form",
+    "logout",
+    "message_body",
+    "message_page",
+    "message_retry",
+    "messages_page",
+    "overview",
+    "root",
+]
 
 STATIC = "/static/dashboard"
 LOG_LIMIT_MAX = 1000
@@ -119,7 +133,9 @@ def _login_page(next_path: str, error: str = "", status: int = 200) -> web.Respo
         ' the hub data directory (<code>admin-token</code>).</p>',
         message=message, next=next_path,
     )
-    return secure_headers(_page(None, "Log in", body, status=status))
+    response = _page(None, "Log in", body, status=status)
+    secure_headers(response)
+    return response
 
 
 async def root(request: web.Request) -> web.StreamResponse:
@@ -163,7 +179,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
-    cookie = request.cookies.get("medagent_dashboard", "")
+    cookie = request.cookies.get(COOKIE, "")
     audit(request, "logout", "dashboard", "ok")
     state.db.close_session(cookie)
     response = redirect("/dashboard/login")

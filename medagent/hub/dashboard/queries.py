@@ -10,12 +10,15 @@ with the hub's writer thread for a connection.
 Indexes (created idempotently at dashboard start, ``CREATE INDEX IF NOT EXISTS``; the hub's
 own schema has ``messages_agent (agent_id, id)`` and ``messages_control_id``):
 
-* ``dashboard_messages_agent_time (agent_id, received_at)`` — per-agent counts of the last
-  minute/hour (overview) and per-minute channel rates over the last hour (agent page) read only
-  the rows of that window;
+* ``dashboard_messages_agent_time (agent_id, received_at)`` — one agent's recent rows (bot
+  reply latencies of the last 5 minutes, searches by agent and time);
 * ``dashboard_messages_failed (agent_id, id) WHERE status = 'error'`` — a *partial* index: it
   holds only failed messages, so counting and listing failures is cheap and a message that
   succeeds costs the hub's insert path nothing extra for it.
+
+Counts of the last minute and hour (overview, live ticks, per-channel charts) come from
+:class:`~medagent.hub.dashboard.window.RecentWindow`, which reads each new row once instead of
+re-counting the hour on every request.
 
 Message search is keyset-paginated newest first (``id < before``), at most ``PAGE`` rows.
 Nothing here writes to the hub's tables.
@@ -32,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from medagent.hub.dashboard.window import RecentWindow
 from medagent.hub.records import MessageStatus
 
-__all__ = ["HubReader", "MessageFilter", "MessageRow", "AgentCounts", "ChannelMinute", "DicomSeries", "INDEXES", "PAGE"]
+__all__ = ["INDEXES", "PAGE", "AgentCounts", "ChannelMinute", "DicomSeries", "HubReader", "MessageFilter", "MessageRow"]
 
 PAGE = 50
 INDEXES = (
@@ -127,6 +131,8 @@ class HubReader:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medagent-dashboard-reader")
         self._conn: sqlite3.Connection | None = None
         self._dicom: sqlite3.Connection | None = None
+        #: last-hour counts, used on the reader thread only
+        self.window = RecentWindow()
 
     async def start(self) -> None:
         await self.run(self._open)
@@ -137,6 +143,7 @@ class HubReader:
         for statement in INDEXES:
             conn.execute(statement)
         conn.execute("PRAGMA query_only=ON")  # from here on this connection cannot write
+        self.window.bootstrap(conn, _now_ms())
         self._conn = conn
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -158,18 +165,13 @@ class HubReader:
     # -- queries (run them with ``await reader.run(reader.<name>, ...)``) ------------------
 
     def agent_counts(self, agent_ids: list[str], now_ms: int | None = None) -> dict[str, AgentCounts]:
-        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        now_ms = now_ms if now_ms is not None else _now_ms()
         conn = self.conn
+        self.window.refresh(conn, now_ms)
+        minute = self.window.last_minute(now_ms)
+        hour = self.window.hour_total
         failed = dict(conn.execute("SELECT agent_id, count(*) FROM messages WHERE status = 'error' GROUP BY agent_id"))
-        out: dict[str, AgentCounts] = {}
-        for agent_id in agent_ids:
-            hour, minute = conn.execute(
-                "SELECT count(*), coalesce(sum(received_at >= ?), 0) FROM messages"
-                " WHERE agent_id = ? AND received_at >= ?",
-                (now_ms - 60_000, agent_id, now_ms - 3_600_000),
-            ).fetchone()
-            out[agent_id] = AgentCounts(minute, hour, failed.get(agent_id, 0))
-        return out
+        return {a: AgentCounts(minute.get(a, 0), hour.get(a, 0), failed.get(a, 0)) for a in agent_ids}
 
     def stored_total(self) -> int:
         """Messages stored (the largest id: rows are never deleted by this hub version)."""
@@ -177,18 +179,15 @@ class HubReader:
 
     def channel_minutes(self, agent_id: str, now_ms: int | None = None) -> dict[str, ChannelMinute]:
         """Per channel: messages per minute over the last hour, errors, and bot latencies of the last minutes."""
-        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-        start = now_ms - 3_600_000
-        channels: dict[str, ChannelMinute] = {}
-        rows = self.conn.execute(
-            "SELECT channel, (received_at - ?) / 60000, count(*), sum(status = 'error') FROM messages"
-            " WHERE agent_id = ? AND received_at >= ? GROUP BY 1, 2",
-            (start, agent_id, start),
-        )
-        for channel, minute, count, errors in rows:
-            figures = channels.setdefault(channel, ChannelMinute())
-            figures.counts[min(59, max(0, int(minute)))] += count
-            figures.errors += errors or 0
+        now_ms = now_ms if now_ms is not None else _now_ms()
+        self.window.refresh(self.conn, now_ms)
+        channels = {name: ChannelMinute(counts) for name, counts in self.window.per_minute(agent_id, now_ms).items()}
+        for channel, errors in self.conn.execute(  # the partial index of failures: reads failed rows only
+            "SELECT channel, count(*) FROM messages WHERE agent_id = ? AND status = 'error' AND received_at >= ?"
+            " GROUP BY channel",
+            (agent_id, now_ms - 3_600_000),
+        ):
+            channels.setdefault(channel, ChannelMinute()).errors = errors
         # Latency percentiles from the last 5 minutes, at most 20,000 rows (newest first).
         for channel, received, processed in self.conn.execute(
             "SELECT channel, received_at, processed_at FROM messages WHERE agent_id = ? AND received_at >= ?"
@@ -200,7 +199,8 @@ class HubReader:
 
     def search(self, f: MessageFilter, limit: int = PAGE) -> tuple[list[MessageRow], int | None]:
         """A page of messages newest first, and the ``before`` id of the next page (or ``None``)."""
-        where, params = ["id < ?"], [f.before_id if f.before_id is not None else 2**62]
+        where: list[str] = ["id < ?"]
+        params: list[Any] = [f.before_id if f.before_id is not None else 2**62]
         for column, value in (("agent_id", f.agent_id), ("channel", f.channel), ("control_id", f.control_id)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -234,12 +234,6 @@ class HubReader:
         row = self.conn.execute("SELECT body, reply_body FROM messages WHERE id = ?", (message_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def channels_of(self, agent_id: str) -> list[str]:
-        """Channel names that have stored messages of ``agent_id`` (configured or not)."""
-        return [r[0] for r in self.conn.execute(
-            "SELECT DISTINCT channel FROM messages WHERE agent_id = ? AND received_at >= ?",
-            (agent_id, int(time.time() * 1000) - 3_600_000))]
-
 
     def dicom_series(self, limit: int = 200) -> list[DicomSeries] | None:
         """The most recently stored series (``None`` when this hub has no DICOM index)."""
@@ -254,6 +248,10 @@ class HubReader:
             (limit,),
         ).fetchall()
         return [DicomSeries(*r) for r in rows]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def percentile(values: list[int], fraction: float) -> int | None:

@@ -35,8 +35,19 @@ from aiohttp import web
 
 from medagent.hub.dashboard.accounts import Session
 
-__all__ = ["LoginLimiter", "SECURITY_HEADERS", "COOKIE", "CSRF_FIELD", "CSRF_HEADER", "secure_headers",
-           "same_origin", "csrf_ok", "set_session_cookie", "clear_session_cookie", "client_address"]
+__all__ = [
+    "COOKIE",
+    "CSRF_FIELD",
+    "CSRF_HEADER",
+    "SECURITY_HEADERS",
+    "LoginLimiter",
+    "clear_session_cookie",
+    "client_address",
+    "csrf_ok",
+    "same_origin",
+    "secure_headers",
+    "set_session_cookie",
+]
 
 log = logging.getLogger(__name__)
 

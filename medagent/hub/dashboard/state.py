@@ -20,13 +20,19 @@ from urllib.parse import quote
 from aiohttp import web
 
 from medagent.hub.context import CTX_KEY, HubContext
-from medagent.hub.dicomweb.store import DB_FILE as DICOM_DB_FILE
 from medagent.hub.dashboard import security
 from medagent.hub.dashboard.accounts import DashboardDB, Session
 from medagent.hub.dashboard.queries import HubReader
-from medagent.hub.dashboard.security import LoginLimiter, client_address, csrf_ok, same_origin, secure_headers
+from medagent.hub.dashboard.security import (
+    LoginLimiter,
+    client_address,
+    csrf_ok,
+    same_origin,
+    secure_headers,
+)
+from medagent.hub.dicomweb.store import DB_FILE as DICOM_DB_FILE
 
-__all__ = ["DashboardState", "STATE_KEY", "guarded", "state_of", "session_of", "dashboard_lifecycle", "dashboard_shutdown", "audit", "redirect"]
+__all__ = ["STATE_KEY", "DashboardState", "audit", "dashboard_lifecycle", "dashboard_shutdown", "guarded", "redirect", "session_of", "state_of"]
 
 log = logging.getLogger(__name__)
 
