@@ -25,7 +25,7 @@ import collections
 import sqlite3
 from collections.abc import Iterable
 
-__all__ = ["RecentWindow", "BUCKET_MS", "WINDOW_MS"]
+__all__ = ["BUCKET_MS", "WINDOW_MS", "RecentWindow"]
 
 BUCKET_MS = 10_000
 WINDOW_MS = 3_600_000
