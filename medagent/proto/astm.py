@@ -304,6 +304,11 @@ class AstmLink:
         """Bytes from the line. Returns what to write and what happened."""
         out: list[Event] = []
         self._in += data
+        if self.state is LinkState.COMMITTING and len(self._in) > self.max_frame_size + 16:
+            # A sender must wait for our answer; one that keeps talking cannot make us buffer
+            # without bound. Its excess is line noise.
+            self.noise_bytes += len(self._in) - self.max_frame_size - 16
+            del self._in[self.max_frame_size + 16 :]
         self._pump(now, out)
         return out
 
@@ -368,7 +373,7 @@ class AstmLink:
     def connection_lost(self, now: float) -> list[Event]:
         """The line is gone: fail queued sends, discard an incomplete message."""
         out: list[Event] = []
-        if self._text or self._pending_final:
+        if self._text and self.state is not LinkState.COMMITTING:  # (a committing message is in the sink)
             out.append(MessageDiscarded("connection lost", self._record_count()))
         self._text.clear()
         self._pending_final = b""

@@ -34,3 +34,16 @@ def test_lab_results_bot_summarises_records() -> None:
     reply = lab_results(Event())
     assert json.loads(reply.body) == {"types": "HPORL", "sender": "Cobas", "controlId": "C1",
                                       "results": [{"test": "GLU", "value": "5.4", "units": "mmol/L"}]}
+
+
+def reading_ack(event):  # noqa: ANN001, ANN201 - the hub's BotEvent
+    """A byte-stream bot: Medplum sends the frame as hex; answer ACK (0x06) + the frame's length, hex."""
+    frame = bytes.fromhex(event.input)
+    return BotReply((b"\x06" + str(len(frame)).encode()).hex(), content_type="application/octet-stream")
+
+
+def test_reading_ack_bot() -> None:
+    class Event:
+        input = b"\x02T=37\x03".hex()
+
+    assert bytes.fromhex(reading_ack(Event()).body) == b"\x066"

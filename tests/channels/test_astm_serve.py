@@ -163,3 +163,22 @@ def test_analyzer_on_a_serial_port_reaches_bot(serve_factory, monkeypatch) -> No
         assert '\\"value\\": \\"5.4\\"' in json.dumps(messages[0]) or '"value": "5.4"' in json.dumps(messages[0])
     finally:
         os.close(master)
+
+
+def test_byte_stream_frame_reaches_hub_as_hex_and_bot_reply_returns(serve_factory, monkeypatch) -> None:  # noqa: F811
+    """Medplum's tcp:// semantics end to end: the frame travels as hex, the bot's hex reply is
+    written back to the device's connection."""
+    here = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH", "")])))
+    serve = serve_factory('[[channel]]\nname = "meters"\nendpoint = "tcp://127.0.0.1:0?startChar=%02&endChar=%03"\n'
+                          'bot = "test_astm_bots:reading_ack"\n')
+    port = next(int(m.group(1)) for line in serve.output
+                if (m := re.search(r"channel meters\s+tcp://[\d.]+:(\d+)", line)))
+    device = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        device.sendall(b"noise\x02T=37.2\x03")
+        assert read_exactly(device, 2) == b"\x068"  # the bot's reply: ACK + len(frame)
+        messages = hub_messages(serve, 1)
+        assert len(messages) == 1 and b"\x02T=37.2\x03".hex() in json.dumps(messages[0]), messages
+    finally:
+        device.close()

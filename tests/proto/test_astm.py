@@ -470,3 +470,18 @@ def test_header_identity() -> None:
     records = parse_records(b"H|\\^&|CTRL42||Cobas^8000|||||||P|1\nL|1|N")
     assert astm.header_identity(records) == ("Cobas", "CTRL42")
     assert astm.header_identity(parse_records(b"R|1")) == ("", "")
+
+
+def test_connection_lost_while_committing_is_not_a_discard() -> None:
+    link = AstmLink()
+    events = link.feed(session(), 0.0)
+    assert of(events, MessageReceived)
+    assert of(link.connection_lost(1.0), MessageDiscarded) == []
+
+
+def test_input_while_committing_is_bounded() -> None:
+    link = AstmLink(max_frame_size=100)
+    link.feed(B_ENQ + b"".join(frames_for_message(RESULT)), 0.0)
+    assert link.state is LinkState.COMMITTING
+    link.feed(b"x" * 10_000, 0.0)
+    assert link.noise_bytes == 10_000 - 116
