@@ -89,7 +89,15 @@ from pathlib import Path
 from typing import Any
 
 from medagent.queue.records import CommitResult, DuplicatePolicy, InboundRecord, QueuedMessage
-from medagent.queue.store import SPOOL_DIRNAME, Durability, QueueError, QueueLocked, QueueStore, SchemaTooNew
+from medagent.queue.store import (
+    SPOOL_DIRNAME,
+    Durability,
+    QueueError,
+    QueueLocked,
+    QueueStore,
+    SchemaTooNew,
+    StorageError,
+)
 from medagent.storage.checkpoint import WalCheckpointer
 from medagent.storage.errors import STORAGE_ERROR_PREFIX, storage_error_reason
 from medagent.storage.files import ensure_private_dir
@@ -162,6 +170,13 @@ class _Maintenance:
 class _SpaceReport:
     space: DiskSpace
     reserve_missing: int  # bytes the reserve still has to take back before intake may resume
+
+
+def _reason(exc: BaseException) -> str:
+    """The short reason of a storage failure (StorageError keeps one without the path)."""
+    if isinstance(exc, StorageError):
+        return exc.reason
+    return str(exc) if isinstance(exc, QueueError) else storage_error_reason(exc)
 
 
 def _row_id(message: QueuedMessage) -> int:
@@ -573,7 +588,7 @@ class DurableQueue:
             if work.rescan:
                 first_pending = store.first_pending_id()
         except QueueError as exc:
-            update_error = str(exc)
+            update_error = _reason(exc)
         return _WriteOutcome(results, update_error, first_pending)
 
     def _flush_done(self, work: _WriteWork, outcome: _Outcome) -> None:
@@ -829,7 +844,7 @@ class DurableQueue:
                 self._lease_failed(exc)
                 continue
             except QueueError as exc:  # storage trouble: one log line per state change, no traceback
-                self._storage_failed(str(exc))
+                self._storage_failed(_reason(exc))
                 continue
             except Exception:
                 logger.exception("queue %s: maintenance failed", self.path)
@@ -879,15 +894,15 @@ class DurableQueue:
             watermark = self._health.watermark
             total = 0 if space is None else space.total_bytes
             logger.warning(
-                "queue %s: %s (%.1f MB free, low watermark %.1f MB); refusing new messages until "
-                "%.1f MB are free%s",
+                "queue %s: %s (%.2f MB free, low watermark %.2f MB); refusing new messages until "
+                "%.2f MB are free%s",
                 self.path, change.reason, free_mb, watermark.low_bytes(total) / _MIB,
                 (watermark.resume_bytes(total) + self._reserve.missing_bytes) / _MIB,
                 "; storage is writable again" if change.old is StorageState.FAILED else "",
             )
             self._maintenance_wake.set()
         else:
-            logger.warning("queue %s: storage recovered (%.1f MB free); accepting new messages again",
+            logger.warning("queue %s: storage recovered (%.2f MB free); accepting new messages again",
                            self.path, free_mb)
 
     async def _storage_round(self) -> None:
@@ -900,14 +915,17 @@ class DurableQueue:
             self._lease_failed(exc)
             return
         except (QueueError, OSError) as exc:  # still failing: the state already says so
-            self._storage_failed(str(exc) if isinstance(exc, QueueError) else storage_error_reason(exc))
+            self._storage_failed(_reason(exc))
             return
         self._space.last = report.space
+        # Accept again only after the TRUNCATE checkpoint asked for on failure ran: else new
+        # commits would grow the WAL into the freed space before any checkpoint succeeded.
+        ready = self._checkpointer is None or not self._checkpointer.truncate_pending
         if failed:
             self._lease_lost = False
-            change = self._health.probe_succeeded(report.space, extra_bytes=report.reserve_missing)
+            change = self._health.probe_succeeded(report.space, extra_bytes=report.reserve_missing, ready=ready)
         else:
-            change = self._health.observe(report.space, extra_bytes=report.reserve_missing)
+            change = self._health.observe(report.space, extra_bytes=report.reserve_missing, ready=ready)
         self._on_transition(change)
         if self._health.writable:
             self._retry_held_updates()

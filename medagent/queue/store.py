@@ -102,7 +102,14 @@ class SchemaTooNew(QueueError):
 
 
 class StorageError(QueueError):
-    """SQLite failed a write (disk full, read-only file, I/O error, lock timeout)."""
+    """SQLite failed a write (disk full, read-only file, I/O error, lock timeout).
+
+    ``reason`` is the short PHI-free part ("storage error: database or disk is full") without
+    the database path, for answers to devices and state-change log lines."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 # Forward-only migrations: MIGRATIONS[i] takes user_version i to i + 1 in one transaction.
@@ -222,7 +229,8 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        raise StorageError(f"queue database {path}: {storage_error_reason(exc)}") from exc
+        reason = storage_error_reason(exc)
+        raise StorageError(f"queue database {path}: {reason}", reason) from exc
 
 
 def _pid_is_dead(pid: int) -> bool:
@@ -372,7 +380,8 @@ class QueueStore:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise StorageError(f"queue database {self.path}: {storage_error_reason(exc)}") from exc
+            reason = storage_error_reason(exc)
+            raise StorageError(f"queue database {self.path}: {reason}", reason) from exc
         except BaseException:
             self._rollback_quietly()
             raise

@@ -42,6 +42,7 @@ class WalCheckpointer:
         self.truncations = 0
         self.errors = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and request_truncate(): no waiting out the interval
         self._truncate_requested = threading.Event()
         self._thread = threading.Thread(target=self._run, name="medagent-wal-checkpoint", daemon=True)
 
@@ -50,6 +51,7 @@ class WalCheckpointer:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -60,6 +62,12 @@ class WalCheckpointer:
         cutting the file to zero bytes returns that space before intake resumes.
         """
         self._truncate_requested.set()
+        self._wake.set()
+
+    @property
+    def truncate_pending(self) -> bool:
+        """True from request_truncate() until a TRUNCATE checkpoint ran to the end."""
+        return self._truncate_requested.is_set()
 
     def _run(self) -> None:
         try:
@@ -69,7 +77,11 @@ class WalCheckpointer:
             return
         wal = Path(f"{self.path}-wal")
         try:
-            while not self._stop.wait(self.interval_s):
+            while True:
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
                 self._checkpoint(conn, "PASSIVE")
                 try:
                     oversized = wal.stat().st_size > self.truncate_above_bytes

@@ -72,24 +72,26 @@ class StorageHealth:
         self.changes += 1
         return change
 
-    def observe(self, space: DiskSpace, *, extra_bytes: int = 0) -> Transition | None:
+    def observe(self, space: DiskSpace, *, extra_bytes: int = 0, ready: bool = True) -> Transition | None:
         """A free-space sample; ``extra_bytes`` is space the owner still has to take back (its
-        reserve) before it may accept again."""
+        reserve) before it may accept again; ``ready`` is False while the owner's own
+        precondition for accepting again is missing (e.g. the WAL checkpoint it asked for)."""
         if self.state is StorageState.FAILED:
             return None
         if self.state is StorageState.OK:
             return self._move(StorageState.LOW_SPACE, LOW_SPACE_REASON) if self.watermark.is_low(space) else None
-        if self.watermark.can_resume(space, extra_bytes):
+        if ready and self.watermark.can_resume(space, extra_bytes):
             return self._move(StorageState.OK, None)
         return None
 
     def write_failed(self, reason: str) -> Transition | None:
         return self._move(StorageState.FAILED, reason)
 
-    def probe_succeeded(self, space: DiskSpace, *, extra_bytes: int = 0) -> Transition | None:
-        """A write worked again: leave FAILED for OK, or LOW_SPACE while space is still short."""
+    def probe_succeeded(self, space: DiskSpace, *, extra_bytes: int = 0, ready: bool = True) -> Transition | None:
+        """A write worked again: leave FAILED for OK, or LOW_SPACE while space is still short
+        (or the owner is not ``ready``)."""
         if self.state is not StorageState.FAILED:
-            return self.observe(space, extra_bytes=extra_bytes)
-        if self.watermark.can_resume(space, extra_bytes) and not self.watermark.is_low(space):
+            return self.observe(space, extra_bytes=extra_bytes, ready=ready)
+        if ready and self.watermark.can_resume(space, extra_bytes) and not self.watermark.is_low(space):
             return self._move(StorageState.OK, None)
         return self._move(StorageState.LOW_SPACE, LOW_SPACE_REASON)

@@ -8,7 +8,8 @@ lease renewals all need a little room themselves. So an owner of durable data sa
 space (``statvfs``: blocks available to an unprivileged process, the conservative figure) and
 refuses *new* data while it is below the low watermark: ``max(min_free_bytes,
 min_free_fraction * total)`` (defaults 50 MiB and 2 %, the issue's figures). It accepts again
-only above the resume level, the low watermark plus a margin (a tenth of it, at least 1 MiB),
+only above the resume level, the low watermark plus a margin (a tenth of it, but at least
+1 MiB or the watermark itself if that is smaller; 1 MiB when the watermark is disabled),
 so a disk hovering at the watermark gives one state change, not one per message.
 
 Sampling costs one system call (about a microsecond); owners throttle it (see
@@ -65,7 +66,9 @@ class FreeSpaceWatermark:
 
     def resume_bytes(self, total_bytes: int) -> int:
         low = self.low_bytes(total_bytes)
-        return low + max(_MIB, low // 10) if low else 0
+        if low == 0:  # no watermark: still never resume at zero bytes free after a failure
+            return _MIB
+        return low + max(low // 10, min(low, _MIB))
 
     def is_low(self, space: DiskSpace) -> bool:
         return space.free_bytes < self.low_bytes(space.total_bytes)
