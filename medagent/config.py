@@ -54,10 +54,6 @@ from medagent.channels.endpoint import (
     parse_endpoint,
     redact_url,
 )
-from medagent.runtime import interim_kinds
-
-# INTERIM: registers the mllp kind until channels/hl7.py registers its own (see that module).
-interim_kinds.ensure_registered()
 
 __all__ = [
     "DEFAULT_BOT",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from medagent.channels.endpoint import AckMode, AppLevelAck
+from medagent.channels.endpoint import AckMode, AppLevelAck, Endpoint
 from medagent.config import (
     DEFAULT_BOT,
     DEFAULT_CHANNEL,
@@ -16,6 +17,8 @@ from medagent.config import (
     ConfigError,
     Durability,
     HubSection,
+    KindUnavailable,
+    channel_options,
     default_config_toml,
     load_config,
 )
@@ -133,9 +136,19 @@ def _fields(section: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- TOML parsing
 
 
-def test_design_example_refuses_the_dicom_channel_by_name(tmp_path: Path) -> None:
-    problem = file_error(tmp_path, DESIGN_EXAMPLE, "channel[1].endpoint")
-    assert "channel 'pacs-in': dicom channels are not available in this version" in problem
+def test_design_example_loads_every_channel_kind_through_the_registry(tmp_path: Path) -> None:
+    config = load(tmp_path, DESIGN_EXAMPLE)
+    assert [(c.name, c.endpoint.scheme) for c in config.channels] == [("adt-in", "mllp"), ("pacs-in", "dicom")]
+    # Options are the kind's own typed options (channel_kind(scheme).parse_options).
+    assert config.channels[1].options.aet == "MEDAGENT" and config.channels[1].mllp is None
+    assert config.channels[0].options is config.channels[0].mllp
+
+
+def test_a_kind_without_a_registration_is_named_as_unavailable() -> None:
+    # E.g. a built-in kind whose optional dependency is missing: nothing registers the scheme.
+    endpoint = Endpoint(scheme="nokind", host="127.0.0.1", port=1, params=MappingProxyType({}), url="nokind://127.0.0.1:1")
+    with pytest.raises(KindUnavailable, match="nokind channels are not available in this version .supported: .*mllp"):
+        channel_options(endpoint)
 
 
 def test_design_example_without_dicom_loads(tmp_path: Path) -> None:
@@ -474,14 +487,14 @@ def channel_file(*tables: str) -> str:
         ),
         (["name = 'a'\nendpoint = 'mllp://127.0.0.1:8103'"], "channel[0].endpoint", "embedded hub"),
         (
-            ["name = 'a'\nendpoint = 'tcp://127.0.0.1:9?startChar=%02&endChar=%03'"],
+            ["name = 'a'\nendpoint = 'tcp://127.0.0.1:9'"],
             "channel[0].endpoint",
-            "tcp channels are not available in this version",
+            "channel 'a': endpoint 'tcp://127.0.0.1:9': parameter 'startChar': required",
         ),
         (
-            ["name = 'a'\nendpoint = 'astm://127.0.0.1:9'"],
+            ["name = 'a'\nendpoint = 'astm://127.0.0.1:9?nonsense=1'"],
             "channel[0].endpoint",
-            "astm channels are not available",
+            "parameter 'nonsense': unknown parameter",
         ),
     ],
 )

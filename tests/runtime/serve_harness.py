@@ -93,15 +93,24 @@ class ServeProcess:
         return (self.hub_dir / "admin-token").read_text().strip()
 
     def hub_messages(self, **filters: str) -> list[dict]:
-        """Every message the hub stored (through the hub CLI, pages followed)."""
-        args = [sys.executable, "-m", "medagent", "hub", "messages", "--data-dir", str(self.hub_dir),
-                "--json", "--limit", "100000"]
-        for key, value in filters.items():
-            args += [f"--{key.replace('_', '-')}", value]
-        out = subprocess.run(args, capture_output=True, text=True, timeout=60, env=child_env())
-        assert out.returncode == 0, out.stderr
-        document = json.loads(out.stdout)
-        return document["messages"] if isinstance(document, dict) else document
+        """Every message the hub stored (through the hub CLI, pages of 1000 followed by cursor)."""
+        messages: list[dict] = []
+        after = 0
+        for _ in range(1000):  # bounded: a million messages at most
+            args = [sys.executable, "-m", "medagent", "hub", "messages", "--data-dir", str(self.hub_dir),
+                    "--json", "--limit", "1000", "--after", str(after)]
+            for key, value in filters.items():
+                args += [f"--{key.replace('_', '-')}", value]
+            out = subprocess.run(args, capture_output=True, text=True, timeout=60, env=child_env())
+            assert out.returncode == 0, out.stderr
+            document = json.loads(out.stdout)
+            if not isinstance(document, dict):
+                return messages + document
+            messages += document["messages"]
+            if document.get("next") is None:
+                return messages
+            after = int(document["next"])
+        raise AssertionError("too many pages of hub messages")
 
     def wait_for_hub_messages(self, count: int, timeout: float = 30.0) -> list[dict]:
         """All stored messages once `count` distinct originals (not flagged resends) are there."""
