@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from medagent.queue.records import RowState
-from medagent.queue.store import QueueError, QueueStore
+from medagent.queue.store import SPOOL_DIRNAME, QueueError, QueueStore
+from medagent.storage.space import disk_space
 
 __all__ = ["QUEUE_FILENAME", "PURGEABLE_STATES", "queue_path", "queue_stats", "list_failed", "retry_failed", "purge"]
 
@@ -53,11 +54,27 @@ def _open_store(data_dir: str | os.PathLike[str]) -> Iterator[QueueStore]:
 
 def queue_stats(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Counts by state, per-channel pending depth and age, sizes, queue_uuid, and the lease
-    (who is writing: holder, host, pid, expiry) or None."""
+    (who is writing: holder, host, pid, expiry) or None. Spool: `spool_files`/`spool_bytes`
+    are the file payloads rows reference; `spool_disk_bytes` is everything under
+    `<data_dir>/spool` (orphans and files being written included), `free_bytes` what the file
+    system has left."""
     with _open_store(data_dir) as store:
         stats = store.stats()
         stats["lease"] = store.lease_info()
-        return stats
+    stats["spool_disk_bytes"] = _tree_bytes(Path(data_dir) / SPOOL_DIRNAME)
+    stats["free_bytes"] = disk_space(data_dir).free_bytes
+    return stats
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for directory, _subdirs, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except OSError:  # removed meanwhile
+                pass
+    return total
 
 
 def list_failed(data_dir: str | os.PathLike[str], limit: int = 100) -> list[dict[str, Any]]:

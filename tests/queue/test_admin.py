@@ -12,7 +12,7 @@ import pytest
 
 from medagent.queue import admin
 from medagent.queue.durable import DurableQueue
-from medagent.queue.records import DuplicatePolicy, InboundRecord
+from medagent.queue.records import DuplicatePolicy, FilePayload, InboundRecord
 from medagent.queue.store import QueueError, QueueStore
 
 
@@ -107,3 +107,18 @@ async def test_admin_works_beside_a_running_agent(tmp_path: Path) -> None:
     finally:
         await queue.close()
     assert admin.queue_stats(tmp_path)["lease"] is None
+
+
+def test_stats_count_spool_bytes_referenced_and_on_disk(tmp_path: Path) -> None:
+    spool = tmp_path / "spool" / "pacs"
+    spool.mkdir(parents=True)
+    (spool / "a.dcm").write_bytes(b"a" * 3000)
+    (spool / "orphan.dcm").write_bytes(b"o" * 500)
+    store = QueueStore(admin.queue_path(tmp_path))
+    rec = InboundRecord("pacs", "127.0.0.1:1", "MODALITY", "1.2.3", "CT", b"{}", time.time(),
+                        "application/dicom", FilePayload("spool/pacs/a.dcm", 3000, "ab" * 32))
+    assert store.insert_batch([rec], [DuplicatePolicy.FLAG])[0].ok
+    store.close()
+    stats = admin.queue_stats(tmp_path)
+    assert (stats["spool_files"], stats["spool_bytes"], stats["spool_disk_bytes"]) == (1, 3000, 3500)
+    assert stats["free_bytes"] > 0
