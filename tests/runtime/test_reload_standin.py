@@ -1,10 +1,11 @@
 """Issue 13, defect 1: reloads from a Medplum-protocol server during start-up and during traffic.
 
-The agent runs in-process (AgentRuntime) against the Medplum stand-in (tests/cloud), which here
-also serves the Agent's channel list as Medplum does (Agent.channel -> Endpoint.address), can hold
-the Agent read back until it has pushed a reload (so the reload arrives while start-up is still
-reading its channel list: the original failure), and sends ``agent:reloadconfig:request`` right
-after ``agent:connect:response``. Real sockets, real queue, real websocket; both event loops.
+The agent runs in-process (AgentRuntime) against the Medplum stand-in (tests/cloud), which sends
+``agent:reloadconfig:request`` right after ``agent:connect:response`` (``reload_after_connect``).
+Here it also serves the Agent's channel list as Medplum does (Agent.channel -> Endpoint.address)
+and can hold the Agent read back until it has pushed that reload, so the reload arrives while
+start-up is still reading its channel list: the original failure. Real sockets, real queue, real
+websocket; both event loops.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from medplum_standin import MedplumStandIn  # noqa: E402
 from medagent.config import load_config  # noqa: E402
 from medagent.runtime.agent import AgentRuntime, StartupError  # noqa: E402
 
-RELOAD = "agent:reloadconfig:request"
 WAIT_S = 10.0
 
 
@@ -33,10 +33,8 @@ class ChannelListStandIn(MedplumStandIn):
     """The stand-in plus Medplum's channel list, and a reload pushed right after connect."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(reload_after_connect=True, **kwargs)
         self.addresses: dict[str, str] = {}
-        self.reload_on_connect = True
-        self.reload_pushed = asyncio.Event()
         self.hold_agent_reads_until_reload = True
 
     async def start(self) -> None:
@@ -54,7 +52,7 @@ class ChannelListStandIn(MedplumStandIn):
 
     async def _agent_resource(self, request: web.Request) -> web.Response:
         if self.hold_agent_reads_until_reload:
-            await asyncio.wait_for(self.reload_pushed.wait(), WAIT_S)
+            await until(lambda: self.reload_requests_sent > 0, "the reload after connect")
         response = await super()._agent_resource(request)
         if response.status != 200:
             return response
@@ -66,17 +64,6 @@ class ChannelListStandIn(MedplumStandIn):
         if address is None:
             return web.json_response({"resourceType": "OperationOutcome"}, status=404)
         return web.json_response({"resourceType": "Endpoint", "status": "active", "address": address})
-
-    async def _on_connect_then_reload(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
-        await MedplumStandIn._on_connect(self, ws, frame)
-        if self.reload_on_connect and self._agent_socket is ws:
-            await self._send(ws, {"type": RELOAD, "callback": f"Agent/{self.agent_id}-reload-on-connect"})
-            self.reload_pushed.set()
-
-    _HANDLERS = {**MedplumStandIn._HANDLERS, "agent:connect:request": _on_connect_then_reload}
-
-    def answers_to_reload_on_connect(self) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f.get("callback") == f"Agent/{self.agent_id}-reload-on-connect"]
 
 
 @pytest.fixture
@@ -122,8 +109,8 @@ async def test_a_reload_right_after_connect_during_start_up_does_not_kill_the_ag
     runtime = AgentRuntime(agent_config(standin, tmp_path / "data"))
     await runtime.start()  # the original defect: "cannot listen on ...: address already in use"
     try:
-        await until(lambda: standin.answers_to_reload_on_connect(), "the answer to the reload")
-        [answer] = standin.answers_to_reload_on_connect()
+        await until(lambda: standin.reload_replies, "the answer to the reload")
+        [answer] = standin.reload_replies
         assert answer["type"] == "agent:reloadconfig:response" and answer["statusCode"] == 200
         assert list(runtime.channels) == ["adt-in"]
         client = await AsyncMllpClient.connect(port)
@@ -154,7 +141,7 @@ async def test_reloads_during_traffic_lose_no_message_and_keep_the_connection(st
         traffic = asyncio.ensure_future(sender())
         answers = []
         for _ in range(8):
-            answers.append(await standin.request({"type": RELOAD}, timeout=WAIT_S))
+            answers.append(await standin.reload_config(timeout=WAIT_S))
             await asyncio.sleep(0.01)
         reloads_done.set()
         await asyncio.wait_for(traffic, 60)
@@ -170,7 +157,7 @@ async def test_reloads_during_traffic_lose_no_message_and_keep_the_connection(st
 
 async def test_hub_side_changes_restart_the_channel_and_bad_ones_answer_agent_error(standin, tmp_path) -> None:
     standin.hold_agent_reads_until_reload = False
-    standin.reload_on_connect = False
+    standin.reload_after_connect = False
     port = free_port()
     standin.addresses["adt-in"] = f"mllp://127.0.0.1:{port}?ackMode=fast"
     runtime = AgentRuntime(agent_config(standin, tmp_path / "data"))
@@ -182,7 +169,7 @@ async def test_hub_side_changes_restart_the_channel_and_bad_ones_answer_agent_er
 
         # A bad endpoint: agent:error naming the channel; the running channel and its connection stay.
         standin.addresses["adt-in"] = f"mllp://127.0.0.1:{port}?ackMode=fast&nonsense=1"
-        answer = await standin.request({"type": RELOAD}, timeout=WAIT_S)
+        answer = await standin.reload_config(timeout=WAIT_S)
         assert answer["type"] == "agent:error"
         assert answer["body"].startswith("reload failed: channel adt-in: invalid endpoint") and "nonsense" in answer["body"]
         assert msa(await client.roundtrip(hl7("DURING"))) == ("AA", "DURING")
@@ -192,7 +179,7 @@ async def test_hub_side_changes_restart_the_channel_and_bad_ones_answer_agent_er
         try:
             taken = occupied.getsockname()[1]
             standin.addresses["adt-in"] = f"mllp://127.0.0.1:{taken}?ackMode=fast"
-            answer = await standin.request({"type": RELOAD}, timeout=WAIT_S)
+            answer = await standin.reload_config(timeout=WAIT_S)
         finally:
             occupied.close()
         assert answer["type"] == "agent:error"
@@ -201,7 +188,7 @@ async def test_hub_side_changes_restart_the_channel_and_bad_ones_answer_agent_er
 
         # A good change on the same address: restarted on the same port, new options in force.
         standin.addresses["adt-in"] = f"mllp://127.0.0.1:{port}?ackMode=two-phase"
-        answer = await standin.request({"type": RELOAD}, timeout=WAIT_S)
+        answer = await standin.reload_config(timeout=WAIT_S)
         assert answer["type"] == "agent:reloadconfig:response" and answer["statusCode"] == 200
         await client.close()
         client = await AsyncMllpClient.connect(port)
@@ -210,7 +197,7 @@ async def test_hub_side_changes_restart_the_channel_and_bad_ones_answer_agent_er
 
         # Removed at the hub: the listener closes, the agent keeps running.
         del standin.addresses["adt-in"]
-        answer = await standin.request({"type": RELOAD}, timeout=WAIT_S)
+        answer = await standin.reload_config(timeout=WAIT_S)
         assert answer["statusCode"] == 200 and dict(runtime.channels) == {}
         await until(lambda: {"BEFORE", "DURING", "STILL", "AFTER"} <= transmitted_control_ids(standin),
                     "every message at the hub")
