@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medagent.config import ConfigError, Config, load_config
+from medagent.config import Config, ConfigError, load_config
 
-__all__ = ["register", "run_serve", "run_event_loop"]
+__all__ = ["register", "run_event_loop", "run_serve"]
 
 log = logging.getLogger("medagent.serve")
 
@@ -88,7 +88,7 @@ async def _serve(config: Config) -> int:
     except (StartupError, HubStartError) as exc:
         print(f"medagent: cannot start: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - any other failure to start is reported, not dumped
+    except Exception as exc:
         log.exception("startup failed")
         print(f"medagent: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -47,7 +47,7 @@ from typing import Any
 from medagent import __version__, _compat
 from medagent.channels.base import Channel, ChannelContext
 from medagent.cloud.link import AgentLink, LinkSettings
-from medagent.config import EMBEDDED_HUB, Config
+from medagent.config import EMBEDDED_HUB, Config, Durability
 from medagent.queue import QUEUE_FILENAME, DurableQueue
 from medagent.runtime.channel_set import ChannelSet, DesiredChannels
 from medagent.runtime.dispatcher import Dispatcher
@@ -99,7 +99,7 @@ class AgentRuntime:
         agent = self.config.agent
         self.queue = DurableQueue(
             self.data_dir / QUEUE_FILENAME,
-            durability=str(agent.durability),
+            durability="fsync" if agent.durability is Durability.FSYNC else "normal",
             dedup_window_s=agent.dedup_window_s,
             retention_days=agent.retention_days,
             retention_max_mb=agent.retention_max_mb,

@@ -46,7 +46,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -302,7 +302,7 @@ class ChannelSet:
     async def _stop(self, running: _Running) -> None:
         try:
             await running.channel.stop(self._drain_timeout_s)
-        except Exception:  # noqa: BLE001 - a channel that fails to stop must not end the agent
+        except Exception:
             log.exception("channel %s: error while stopping", running.config.name)
 
     def _remember(self, config: ChannelConfig, channel: Channel) -> None:

@@ -176,7 +176,7 @@ class EmbeddedHub:
     async def _wait_healthy(self) -> None:
         assert self._process is not None
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
-        ssl_check = False if self._tls else None
+        ssl_check = not self._tls  # our own self-signed hub: no verification of its health check
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while True:
                 if self._process.returncode is not None:

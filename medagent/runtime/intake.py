@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from medagent.runtime.channel_set import ChannelSet
     from medagent.runtime.dispatcher import Dispatcher
 
-__all__ = ["Intake", "BACKPRESSURE_HIGH", "BACKPRESSURE_LOW"]
+__all__ = ["BACKPRESSURE_HIGH", "BACKPRESSURE_LOW", "Intake"]
 
 log = logging.getLogger("medagent.agent")
 

@@ -22,7 +22,7 @@ from medagent.channels.endpoint import EndpointError, parse_endpoint
 from medagent.config import DEFAULT_BOT, ChannelConfig, KindUnavailable, channel_options
 from medagent.runtime.channel_set import DesiredChannels
 
-__all__ = ["fetch_remote_channels", "pool_settings", "CACHE_FILENAME"]
+__all__ = ["CACHE_FILENAME", "fetch_remote_channels", "pool_settings"]
 
 log = logging.getLogger("medagent.config")
 
@@ -37,7 +37,7 @@ async def fetch_remote_channels(reader: FhirReader, agent_id: str, data_dir: Pat
     cache = data_dir / CACHE_FILENAME
     try:
         entries = await _read_entries(reader, agent_id)
-    except Exception as exc:  # noqa: BLE001 - network, HTTP or shape problems all fall back to the cache
+    except Exception as exc:
         if not cache.exists():
             raise RuntimeError(f"cannot read the channel list from the hub ({exc}) and no cached list exists") from exc
         log.warning("cannot read the channel list from the hub (%s); using the cached list", exc)

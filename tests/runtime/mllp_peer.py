@@ -18,7 +18,7 @@ IO_TIMEOUT_S = 10.0
 
 def hl7(control_id: str, text: str = "DOE^JOHN") -> bytes:
     return (f"MSH|^~\\&|SENDAPP|SENDFAC|RECVAPP|RECVFAC|20240101120000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\r"
-            f"EVN|A01|20240101120000\rPID|1||{control_id}^^^HOSP^MR||{text}||19700101|M\r").encode("utf-8")
+            f"EVN|A01|20240101120000\rPID|1||{control_id}^^^HOSP^MR||{text}||19700101|M\r").encode()
 
 
 def msa(ack: bytes) -> tuple[str, str]:

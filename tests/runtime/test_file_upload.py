@@ -23,12 +23,12 @@ import pytest
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cloud"))
-from medplum_standin import MedplumStandIn  # noqa: E402
+from medplum_standin import MedplumStandIn
 
-from medagent.channels.base import HubClient, register_file_uploader  # noqa: E402
-from medagent.config import load_config  # noqa: E402
-from medagent.records import CommitResult, DuplicatePolicy, FilePayload, InboundRecord  # noqa: E402
-from medagent.runtime.agent import AgentRuntime  # noqa: E402
+from medagent.channels.base import HubClient, register_file_uploader
+from medagent.config import load_config
+from medagent.records import CommitResult, DuplicatePolicy, FilePayload, InboundRecord
+from medagent.runtime.agent import AgentRuntime
 
 TEST_FILE_TYPE = "application/x-medagent-test-file"
 WAIT_S = 10.0

@@ -21,10 +21,10 @@ from aiohttp import web
 from mllp_peer import AsyncMllpClient, blocker, free_port, hl7, msa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cloud"))
-from medplum_standin import MedplumStandIn  # noqa: E402
+from medplum_standin import MedplumStandIn
 
-from medagent.config import load_config  # noqa: E402
-from medagent.runtime.agent import AgentRuntime, StartupError  # noqa: E402
+from medagent.config import load_config
+from medagent.runtime.agent import AgentRuntime, StartupError
 
 WAIT_S = 10.0
 
