@@ -11,7 +11,10 @@ submits, the final ASTM ACK waits for the commit) and prints its port. ``drive_a
 * byte stream: one ``STX ... ETX`` frame of ~200 bytes with ``autoRespond=%03:%06``, the ACK
   awaited (autoRespond is a reflex before the commit, so this measures framing + intake).
 
-Used by benchmarks/test_astm.py; also runnable by hand (``drive`` prints the rate).
+``python benchmarks/astm_load.py baseline`` is the same-sitting ceiling: a server that answers ACK
+to every chunk (no framing, no checksum, no queue), driven by the same instruments.
+
+Used by benchmarks/test_astm.py.
 """
 
 from __future__ import annotations
@@ -129,8 +132,37 @@ async def _serve(url: str, db: Path) -> None:
         await queue.close()
 
 
+class _AckEverything(asyncio.Protocol):
+    """The baseline: answer ACK to every chunk except a lone EOT; no parsing, no queue."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if data != EOT:
+            self.transport.write(ACK)  # type: ignore[attr-defined]
+
+
+async def _serve_baseline() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_AckEverything, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    try:
+        await loop.run_in_executor(None, sys.stdin.read)
+    finally:
+        server.close()
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "serve":
         asyncio.run(_serve(sys.argv[2], Path(sys.argv[3])))
+    elif len(sys.argv) == 2 and sys.argv[1] == "baseline":
+        asyncio.run(_serve_baseline())
     else:
-        raise SystemExit("usage: astm_load.py serve <endpoint-url> <queue.sqlite>")
+        raise SystemExit("usage: astm_load.py serve <endpoint-url> <queue.sqlite> | baseline")

@@ -4,6 +4,8 @@
   ``astm://`` channel in its own process over a real DurableQueue; a transmission is ENQ, five
   frames (a 5-record result: H P O R L), EOT, each step answered, the final ACK after the commit.
 * ``test_bytestream_throughput[1|10]``: ``tcp://`` frames of ~200 bytes, ``autoRespond`` ACK.
+* ``test_baseline_ack_server[1|10]``: the same instruments against a server that ACKs every chunk
+  (no parsing, no queue): the ceiling of this sitting, to read the channel's figures against.
 * ``test_core_*``: the pure cores alone (pytest-benchmark), per transmission / per frame.
 
 There is no Cython twin for these cores: ``test_core_astm_session`` shows the link layer costs
@@ -38,8 +40,8 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     children: list[subprocess.Popen[str]] = []
 
     def start(url: str) -> int:
-        child = subprocess.Popen([sys.executable, str(Path(astm_load.__file__)), "serve", url,
-                                  str(tmp_path / f"q{len(children)}.sqlite")],
+        args = ["baseline"] if url == "baseline" else ["serve", url, str(tmp_path / f"q{len(children)}.sqlite")]
+        child = subprocess.Popen([sys.executable, str(Path(astm_load.__file__)), *args],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(child)
         assert child.stdout is not None
@@ -71,6 +73,16 @@ def test_bytestream_throughput(serve: Any, instruments: int, benchmark: Any) -> 
     rate = benchmark.pedantic(astm_load.drive_bytestream, args=(port, instruments, SECONDS), rounds=1, iterations=1)
     benchmark.extra_info["frames_per_s"] = rate
     print(f"\nbyte stream over TCP, {instruments} connection(s): {rate:,.0f} frames/s")
+    assert rate > 0
+
+
+@pytest.mark.parametrize("instruments", [1, 10])
+def test_baseline_ack_server(serve: Any, instruments: int, benchmark: Any) -> None:
+    """The same ASTM instruments against a server that ACKs every chunk: the sitting's ceiling."""
+    port = serve("baseline")
+    rate = benchmark.pedantic(astm_load.drive_astm, args=(port, instruments, SECONDS), rounds=1, iterations=1)
+    benchmark.extra_info["transmissions_per_s"] = rate
+    print(f"\nbaseline (ACK every chunk), {instruments} instrument(s): {rate:,.0f} transmissions/s")
     assert rate > 0
 
 

@@ -14,7 +14,8 @@ body is the frame's bytes. The transmit's text is those bytes as ``bodyEncoding`
 
 Unlike Medplum, the frame goes through the durable queue (no answer depends on the commit:
 byte streams have no ACK beyond autoRespond, which is a link-level reflex, so a storage error is
-logged and counted, not answered) and a frame is capped at ``maxFrameSize`` (default 1 MiB;
+logged and counted, not answered) and a frame is capped at ``maxFrameSize`` (default 16 MiB, the
+team-wide frame limit;
 an oversize frame is dropped, logged and counted, and the stream resynchronises at the next
 start char).
 
@@ -26,7 +27,7 @@ Bot replies: a bot's response to a frame is written back to the line it came fro
 Parameters: ``startChar``, ``endChar`` (required, one character each, the byte value of its code
 point, URL-encoded: ``%02``), ``autoRespond=<pattern>:<response>[,...]``, ``stripSequence=<seq>[,...]``,
 ``stripControlChars`` (false), ``keepControlChars`` (bytes exempt from it), ``bodyEncoding``
-(``hex`` | ``utf-8``), ``ignoreResponse`` (false), ``maxFrameSize`` (1048576), ``maxConnections``
+(``hex`` | ``utf-8``), ``ignoreResponse`` (false), ``maxFrameSize`` (16777216), ``maxConnections``
 (100, TCP); serial endpoints add the line settings of :mod:`medagent.channels.serialport`.
 Medplum ignores a malformed entry with a warning; medagent refuses the URL (EndpointError names
 the parameter), like every other kind. ``,`` and ``:`` cannot occur in a sequence (Medplum's
@@ -169,7 +170,7 @@ def bytestream_options(endpoint: Endpoint) -> ByteStreamOptions:
     framing = ByteStreamConfig(
         start_byte=start, end_byte=end, auto_respond=_auto_respond(endpoint), strip_sequences=strip,
         strip_control_chars=strip_control, keep_control_chars=keep,
-        max_frame_size=int_param(endpoint, "maxFrameSize", 1024 * 1024, 2),
+        max_frame_size=int_param(endpoint, "maxFrameSize", 16 * 1024 * 1024, 2),
     )
     return ByteStreamOptions(
         framing=framing,
