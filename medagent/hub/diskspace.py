@@ -5,8 +5,9 @@ Theory of operation
 When the file system under the data directory fills, SQLite fails commits with "database or
 disk is full" and the hub can no longer write replies or checkpoint its WAL. So intake stops
 *before* that: while the room left is below ``max(min_free_bytes, min_free_percent % of the file
-system)``, every transmit is answered ``agent:error`` (nothing stored, no ``agent:batch:ack``, so
-the agent keeps the messages in its own durable queue and resends them). The room left counts
+system)``, intake holds the transmits it received (nothing stored, nothing acknowledged, the
+agent's socket no longer read once the backlog is full: the agent keeps the messages in its own
+durable queue) until there is room again; see :mod:`medagent.hub.intake`. The room left counts
 the file system's free space (``statvfs`` ``f_bavail``, what an unprivileged writer may use) plus
 the free pages inside ``hub.sqlite3``, which SQLite reuses before it grows the file — so
 retention deleting rows makes room even though the file does not shrink.
@@ -52,7 +53,7 @@ class DiskWatermark:
         self._clock = clock
         self._checked_at: float | None = None
         self._refusal: str | None = None
-        self.refused = 0  #: transmits refused so far (for stats and tests)
+        self.held = 0  #: transmits held back for want of room so far (for stats and tests)
 
     def room(self) -> DiskSpace:
         """What the hub may still use: the file system's free bytes plus hub.sqlite3's free pages."""
@@ -77,7 +78,7 @@ class DiskWatermark:
         low = self.watermark.low_bytes(room.total_bytes)
         if self._refusal is None and self.watermark.is_low(room):
             self._refusal = (f"{LOW_DISK_ERROR} ({room.free_bytes // _MIB} MiB left, keeps {low // _MIB} MiB"
-                             " free): message not stored, resend later")
+                             " free)")
             log.error("hub storage low: %d MiB left under %s, below the %d MiB watermark; refusing new"
                       " messages until there is room", room.free_bytes // _MIB, self.path, low // _MIB)
         elif self._refusal is not None and self.watermark.can_resume(room):

@@ -7,9 +7,14 @@ requests of each frame (one, or all of an ``agent:batch``); a single task drains
 received meanwhile and, per drained group:
 
 1. checks ``Agent.status`` (``off`` -> ``agent:error "Agent.status is currently set to off"``
-   for each message, nothing stored — medplum-protocol.md §2) and the free-space watermark
-   (:class:`~medagent.hub.diskspace.DiskWatermark`: while the disk is nearly full every message
-   gets ``agent:error`` and the group is NOT acknowledged, so the agent keeps and resends it);
+   for each message, nothing stored — medplum-protocol.md §2), then the free-space watermark
+   (:class:`~medagent.hub.diskspace.DiskWatermark`): while the disk is nearly full the group
+   *waits* — not stored, not acknowledged, not failed — and, the backlog filling, the socket
+   reader stops and TCP flow control holds the agent (like any backpressure). The agent is told
+   once per episode with an ``agent:error`` *without* callback ("Hub storage is nearly full
+   ..."; agents only log those), because an error carrying a transmit's callback makes an agent
+   give that message up (ours fails the queue row, Medplum's drops it). When there is room
+   again the waiting group is stored and acknowledged as usual: nothing is lost or failed;
 2. refuses a message for a channel the sending agent does not have with ``agent:error
    "Channel not found"`` (Medplum's ``handleTransmit`` does the same), nothing stored — an agent
    can never write into another agent's channel (issue 18, defect 6); then stores every other
@@ -53,7 +58,7 @@ from medagent.cloud.messages import (
 )
 from medagent.hub import hl7text
 from medagent.hub.botrunner import BotEvent, BotRunner, failure_outcome
-from medagent.hub.diskspace import DiskWatermark
+from medagent.hub.diskspace import CHECK_INTERVAL_S, DiskWatermark
 from medagent.hub.records import (
     AgentStatus,
     ChannelStatus,
@@ -261,22 +266,26 @@ class IntakePipeline:
         requests = [r for frame, _ in group for r in frame]
         seqs = [seq for _, seq in group if seq is not None]
         committed, replies = True, []
-        disk = self._dispatcher.disk
-        refusal = disk.refusal() if disk is not None and requests else None
         if requests and not self._agent_active():
             replies = [ErrorMessage(AGENT_OFF_ERROR, r.callback) for r in requests]
             self._backlog.release(len(requests))
-        elif refusal is not None:
-            assert disk is not None
-            disk.refused += len(requests)
-            committed, replies = False, [ErrorMessage(refusal, r.callback) for r in requests]
-            self._backlog.release(len(requests))
         elif requests:
+            await self._wait_for_room(len(requests))
             committed, replies = await self._store_group(requests)
         if seqs and committed:
             await self._connection.send(BatchAck(max(seqs)))
         if replies:
             await self._connection.send_many(replies)
+
+    async def _wait_for_room(self, count: int) -> None:
+        """Hold this group while the disk is under the watermark (see the module docstring)."""
+        disk = self._dispatcher.disk
+        if disk is None or (reason := disk.refusal()) is None:
+            return
+        disk.held += count
+        await self._connection.send(ErrorMessage(f"{reason}; intake paused until there is room"))
+        while disk.refusal() is not None:  # ends with room, or when close() cancels this task
+            await asyncio.sleep(CHECK_INTERVAL_S)
 
     def _agent_active(self) -> bool:
         now = time.monotonic()

@@ -89,23 +89,30 @@ async def test_size_budget_deletes_the_oldest_rows_and_their_pages_are_reused(tm
         assert hub.store.query_messages(MessageQuery()).messages == ()
 
 
-async def test_low_disk_refuses_intake_without_acking_then_recovers(hub: HubServer, agent: AgentCredentials) -> None:
+async def test_low_disk_holds_intake_without_storing_or_acking_then_resumes(
+        hub: HubServer, agent: AgentCredentials) -> None:
     disk = hub.context.dispatcher.disk
     assert disk is not None and disk.check_now() is None
     disk.watermark = FreeSpaceWatermark(2**62, 0.0)  # more than any disk has: the watermark is crossed
     assert disk.check_now() is not None
     client = await SpecAgent.connected(hub, agent)
     await client.send({"type": "agent:batch", "seq": 7, "messages": [transmit("adt", adt("D1"), "disk-1")]})
-    error = await client.recv_type("agent:error")
-    assert error["callback"] == "disk-1" and error["body"].startswith("Hub storage is nearly full")
+    notice = await client.recv_type("agent:error")
+    # no callback: agents only log it, and do not give the message up
+    assert "callback" not in notice or notice["callback"] is None
+    assert notice["body"].startswith("Hub storage is nearly full") and "intake paused" in notice["body"]
+    await client.send({"type": "agent:heartbeat:request", "callback": "hb-1"})
+    seen: list[str] = []
+    await client.recv_until(lambda f: seen.append(f["type"]) or f["type"] == "agent:heartbeat:response")
+    assert "agent:batch:ack" not in seen and "agent:transmit:response" not in seen  # held, not acked
     assert hub.store.query_messages(MessageQuery(agent_id=agent.agent_id)).messages == ()
-    assert disk.refused == 1
+    assert disk.held == 1
     disk.watermark = FreeSpaceWatermark(0, 0.0)
-    assert disk.check_now() is None
-    await client.send({"type": "agent:batch", "seq": 8, "messages": [transmit("adt", adt("D1"), "disk-1")]})
+    assert disk.check_now() is None  # room again: the held group is stored and acknowledged, no resend
     ack = await client.recv_type("agent:batch:ack")
-    assert ack["seq"] == 8  # the first ack the agent sees is for the resend: seq 7 was never acked
+    assert ack["seq"] == 7
     assert (await client.responses(1))[0]["callback"] == "disk-1"
+    assert hub.store.get_message("disk-1").control_id == "D1"
     await client.close()
 
 
