@@ -241,6 +241,8 @@ async def open_websocket(
             await asyncio.shield(client._handshake)
         except BaseException:
             client.abort()
+            if not client._handshake.done():
+                client._handshake.cancel()  # nobody will await it any more
             raise
     return client
 

@@ -121,6 +121,8 @@ class AgentConnection:
             raise ConnectionError(f"the websocket of agent {self.agent_id} is closed")
 
     async def _flush(self) -> None:
+        if not self._core.has_data():
+            return  # most frames (transmits waiting for storage) need no answer yet
         async with self._writing:
             for frame in self._core.data_to_send():
                 await self._ws.send_frame(frame, WSMsgType.TEXT)

@@ -200,3 +200,21 @@ async def test_no_proxy_and_refusing_proxy(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:1")
         with pytest.raises(ProxyError, match="only http"):
             await open_websocket(f"ws://127.0.0.1:{p.port}/ws/agent", on_message=lambda _: None)
+
+
+async def test_a_server_that_never_answers_the_handshake_times_out() -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accept TCP, read the upgrade request, never answer
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(TimeoutError):
+            await open_websocket(f"ws://127.0.0.1:{port}/ws/agent", on_message=lambda _: None, open_timeout=0.3)
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
