@@ -397,3 +397,46 @@ async def test_hub_push_reaches_connected_instrument_through_the_outbound_sender
     assert (await asyncio.wait_for(push, 5)).body == "ACK"
     with pytest.raises(AstmSendError, match="no running astm\\+serial channel"):
         await outbound_sender("astm+serial")().send("astm+serial:///dev/nonexistent", "L|1", ASTM_CONTENT_TYPE)
+
+
+async def test_start_on_a_handed_over_socket(sink: QueueSink, tmp_path: Path) -> None:
+    """An upgrade or reload hands the listening socket over: the channel serves on it."""
+    import socket as socketlib
+
+    listener = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    endpoint = parse_endpoint(f"astm://127.0.0.1:{port}")
+    kind = channel_kind("astm")
+    ch = kind.create("lab", endpoint, kind.parse_options(endpoint), ChannelContext(sink=sink, data_dir=tmp_path))
+    await ch.start(listener)
+    try:
+        assert [s.getsockname()[1] for s in ch.listening_sockets()] == [port]
+        p = await TcpPeer.connect(port)
+        assert await send_session(p, RESULT) == ACK * 6
+        await p.close()
+    finally:
+        await ch.stop(drain_timeout=0.5)
+
+
+async def test_pause_and_resume_reading(channel: AstmChannel, peer: TcpPeer, sink: QueueSink) -> None:
+    assert await until(lambda: len(channel.sessions) == 1)
+    channel.pause_reading()  # runtime backpressure
+    peer.write(ENQ)
+    assert await peer.silent(0.1)  # not read, so not answered
+    channel.resume_reading()
+    assert await peer.read(1) == ACK
+
+
+async def test_lab_channels_implement_the_channel_protocol(sink: QueueSink, tmp_path: Path) -> None:
+    from medagent.channels.base import Channel, known_schemes
+
+    for url in ("astm://127.0.0.1:0", "astm+serial:///dev/ttyUSB9", "tcp://127.0.0.1:0?startChar=%02&endChar=%03",
+                "serial:///dev/ttyUSB9?startChar=%02&endChar=%03"):
+        endpoint = parse_endpoint(url)
+        kind = channel_kind(endpoint.scheme)
+        built = kind.create("c", endpoint, kind.parse_options(endpoint), ChannelContext(sink=sink, data_dir=tmp_path))
+        assert isinstance(built, Channel) and built.kind == endpoint.scheme
+        assert kind.needs_port is (endpoint.scheme in ("astm", "tcp"))
+        assert endpoint.scheme in known_schemes()
