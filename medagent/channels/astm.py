@@ -52,7 +52,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from medagent.channels.base import (
     ChannelContext,
@@ -418,7 +418,7 @@ class AstmChannel:
             session = next(iter(self.sessions.values()))
         if session is None:
             raise AstmSendError(f"astm channel {self.name}: no instrument connected as {remote or '(any)'}")
-        result = await session.send(body.encode(self.options.encoding),
+        result = await session.send(_encode(body, self.options.encoding),
                                     timeout if timeout is not None else self.options.send_timeout_s)
         if not result.ok:
             raise AstmSendError(result.reason)
@@ -458,6 +458,14 @@ def _connected_line(remote: str) -> tuple[AstmChannel, str] | None:
     return None
 
 
+def _encode(body: str, encoding: str) -> bytes:
+    """An outbound message's bytes; a text the instrument's encoding cannot carry is refused."""
+    try:
+        return body.encode(encoding)
+    except (UnicodeEncodeError, LookupError) as exc:
+        raise AstmSendError(f"the message cannot be encoded as {encoding}: {exc}") from None
+
+
 class AstmOutboundSender:
     """Hub pushes to ``astm://host:port`` or ``astm+serial:///dev/...``.
 
@@ -480,6 +488,12 @@ class AstmOutboundSender:
             raise AstmSendError(f"no running astm+serial channel has the port {parts.path!r}")
         if parts.scheme != "astm" or not parts.hostname or not parts.port:
             raise AstmSendError(f"{remote!r} is not an astm://host:port address")
+        query = dict(parse_qsl(parts.query))
+        unknown = sorted(set(query) - {"encoding"})
+        if unknown:
+            raise AstmSendError(f"{remote!r}: unknown parameter {unknown[0]!r} (accepted: encoding)")
+        encoding = query.get("encoding", self._options.encoding)
+        data = _encode(body, encoding)
         loop = asyncio.get_running_loop()
         counters = _Counters()
         session_box: list[AstmSession] = []
@@ -495,7 +509,7 @@ class AstmOutboundSender:
         except (OSError, TimeoutError) as exc:
             raise AstmSendError(f"cannot connect to {parts.hostname}:{parts.port}: {exc}") from exc
         try:
-            result = await session_box[0].send(body.encode(self._options.encoding), timeout or 120.0)
+            result = await session_box[0].send(data, timeout or 120.0)
         finally:
             transport.close()
         if not result.ok:

@@ -356,6 +356,10 @@ async def test_outbound_sender_connects_to_a_listening_instrument() -> None:
         assert reply.status_code == 200 and received == frames(ORDER)
         with pytest.raises(AstmSendError, match="not an astm://"):
             await sender.send("mllp://127.0.0.1:1", "L|1", ASTM_CONTENT_TYPE)
+        with pytest.raises(AstmSendError, match="unknown parameter 'baud'"):
+            await sender.send(f"astm://127.0.0.1:{port}?baud=1", "L|1", ASTM_CONTENT_TYPE)
+        with pytest.raises(AstmSendError, match="cannot be encoded as ascii"):
+            await sender.send(f"astm://127.0.0.1:{port}?encoding=ascii", "P|1||Müller", ASTM_CONTENT_TYPE)
     finally:
         await sender.close()
         server.close()
