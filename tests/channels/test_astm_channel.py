@@ -444,3 +444,17 @@ async def test_lab_channels_implement_the_channel_protocol(sink: QueueSink, tmp_
         assert isinstance(built, Channel) and built.kind == endpoint.scheme
         assert kind.needs_port is (endpoint.scheme in ("astm", "tcp"))
         assert endpoint.scheme in known_schemes()
+
+
+async def test_two_orders_reach_the_instrument_in_push_order(channel: AstmChannel, peer: TcpPeer) -> None:
+    assert await until(lambda: len(channel.sessions) == 1)
+    first = ORDER
+    second = ["H|\\^&|||LIS", "P|2||PID002", "O|1|S0002||^^^NA|R", "L|1|N"]
+    sends = [asyncio.create_task(channel.send_to("", "\n".join(first))),
+             asyncio.create_task(channel.send_to("", "\n".join(second)))]
+    got_first = await instrument_receives(peer, len(first))
+    assert await peer.read(1) == EOT
+    got_second = await instrument_receives(peer, len(second))  # a new session: ENQ, frames 1..4
+    assert await peer.read(1) == EOT
+    assert (got_first, got_second) == (frames(first), frames(second))
+    assert [r.status_code for r in await asyncio.gather(*sends)] == [200, 200]
