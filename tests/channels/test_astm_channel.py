@@ -458,3 +458,19 @@ async def test_two_orders_reach_the_instrument_in_push_order(channel: AstmChanne
     assert await peer.read(1) == EOT
     assert (got_first, got_second) == (frames(first), frames(second))
     assert [r.status_code for r in await asyncio.gather(*sends)] == [200, 200]
+
+
+async def test_order_waits_for_the_instruments_transmission(channel: AstmChannel, peer: TcpPeer,
+                                                            sink: QueueSink) -> None:
+    """A push during the instrument's session: the host stays receiver until EOT (LIS01-A2 §6.2)."""
+    peer.write(ENQ)
+    assert await peer.read(1) == ACK
+    send = asyncio.create_task(channel.send_to("", "\n".join(ORDER)))
+    for data in frames(RESULT):
+        peer.write(data)
+        assert await peer.read(1) == ACK  # answers only; no ENQ in the middle of the session
+    peer.write(EOT)
+    got = await instrument_receives(peer, len(ORDER))  # then the host's own session
+    assert got == frames(ORDER) and await peer.read(1) == EOT
+    await asyncio.wait_for(send, 5)
+    assert len(await sink.rows(1)) == 1
