@@ -222,6 +222,9 @@ class AstmSession:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
+            # withdraw it, so a message reported as failed is never delivered later
+            self._sends.pop(message_id, None)
+            self._apply(self.link.cancel(message_id, self._loop.time()))
             return core.SendResult(message_id, False, f"not sent within {timeout:g} s")
         finally:
             self._sends.pop(message_id, None)

@@ -322,6 +322,23 @@ class AstmLink:
         self._maybe_establish(now, out)
         return message_id, out
 
+    def cancel(self, message_id: int, now: float) -> list[Event]:
+        """Withdraw a queued message (the caller stopped waiting). One being sent is aborted
+        with EOT (§6.3.5.3: the sender may end the transfer); either way a SendResult follows."""
+        out: list[Event] = []
+        position = next((i for i, (mid, _) in enumerate(self._outbox) if mid == message_id), None)
+        if position is None:
+            return out
+        if position == 0 and self.state in (LinkState.ESTABLISHING, LinkState.SENDING):
+            self._abort_send(now, out, "cancelled")
+            return out
+        del self._outbox[position]
+        out.append(SendResult(message_id, False, "cancelled"))
+        if not self._outbox and self.state is LinkState.NEUTRAL:
+            self._retry_at = None
+            self.deadline = None
+        return out
+
     def commit_done(self, token: int, ok: bool, now: float) -> list[Event]:
         """The outcome of committing the MessageReceived with ``token``."""
         out: list[Event] = []

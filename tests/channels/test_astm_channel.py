@@ -474,3 +474,16 @@ async def test_order_waits_for_the_instruments_transmission(channel: AstmChannel
     assert got == frames(ORDER) and await peer.read(1) == EOT
     await asyncio.wait_for(send, 5)
     assert len(await sink.rows(1)) == 1
+
+
+@astm_query("sendTimeoutMs=150")
+async def test_send_timeout_withdraws_the_message(channel: AstmChannel, peer: TcpPeer) -> None:
+    assert await until(lambda: len(channel.sessions) == 1)
+    send = asyncio.create_task(channel.send_to("", "\n".join(ORDER)))
+    assert await peer.read(1) == ENQ
+    peer.write(ACK)
+    first = frames(ORDER)[0]
+    assert await peer.read(len(first)) == first  # the instrument then stays silent
+    with pytest.raises(AstmSendError, match="not sent within"):
+        await asyncio.wait_for(send, 5)
+    assert await peer.read(1) == EOT  # aborted on the line: it will never arrive later

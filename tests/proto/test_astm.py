@@ -485,3 +485,15 @@ def test_input_while_committing_is_bounded() -> None:
     assert link.state is LinkState.COMMITTING
     link.feed(b"x" * 10_000, 0.0)
     assert link.noise_bytes == 10_000 - 116
+
+
+def test_cancel_queued_and_in_progress_messages() -> None:
+    link = AstmLink()
+    first, _ = link.send(RESULT, 0.0)
+    second, _ = link.send(RESULT, 0.0)
+    assert link.cancel(second, 0.0) == [SendResult(second, False, "cancelled")]
+    link.feed(B_ACK, 0.0)  # ENQ accepted; frame 1 on the wire
+    events = link.cancel(first, 1.0)
+    assert writes(events) == B_EOT and of(events, SendResult) == [SendResult(first, False, "cancelled")]
+    assert link.state is LinkState.NEUTRAL and link.pending_sends == 0 and link.deadline is None
+    assert link.cancel(first, 2.0) == []
