@@ -685,8 +685,10 @@ def _frame_stop(buf: bytearray, start: int) -> tuple[int, bool]:
 
 def _ends_with_terminator(accepted: bytearray, text: bytes) -> bool:
     """Does the record stream ending with ``text`` end with an L record (LIS02-A2 §6.12)?"""
-    whole = bytes(accepted[-4096:]) + text
-    records = split_records(whole)
+    # the last record starts after the last record separator before it (not at a fixed window,
+    # which could start inside a long record)
+    start = max(accepted.rfind(b"\r"), accepted.rfind(b"\n")) + 1
+    records = split_records(bytes(accepted[start:]) + text)
     return bool(records) and records[-1][:1] in (b"L", b"l")
 
 

@@ -497,3 +497,20 @@ def test_cancel_queued_and_in_progress_messages() -> None:
     assert writes(events) == B_EOT and of(events, SendResult) == [SendResult(first, False, "cancelled")]
     assert link.state is LinkState.NEUTRAL and link.pending_sends == 0 and link.deadline is None
     assert link.cancel(first, 2.0) == []
+
+
+def test_a_long_record_with_an_l_inside_does_not_end_the_message() -> None:
+    """Message completion looks at the start of the last record, however long it is: put an
+    'L' at every offset a fixed look-back window could start at."""
+    header = b"H|\\^&\r"
+    size = 9100
+    last_piece = (size + 1) % 240 or 240  # the record's CR is part of its last frame
+    accepted = len(header) + size + 1 - last_piece
+    body = bytearray(b"x" * size)
+    body[:6] = b"C|1|I|"
+    for window in (1024, 2048, 4096, 8192):
+        body[accepted - window - len(header)] = ord("L")
+    frames = frames_for_message(header + bytes(body) + b"\rL|1|N\r")
+    events = receive_all(AstmLink(), B_ENQ + b"".join(frames) + B_EOT)
+    (message,) = of(events, MessageReceived)
+    assert message.records == 3
