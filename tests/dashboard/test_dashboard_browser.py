@@ -221,6 +221,8 @@ def test_reload_the_agent_and_see_the_result(serve: ServeProcess, page: Page) ->
     page.locator("table.agents tbody tr a").first.click()
     expect(page.locator("h1")).to_have_text(re.compile(r"^Agent "))
     expect(page.locator("[data-live='stats.implementation']")).not_to_have_text("—")  # live $stats arrived
+    expect(page.locator("[data-live='channels.adt-in.lastMinute']")).not_to_have_text("—")
+    shot(page, "agent-live")
     page.click("#op-reload")
     expect(page.locator("#result")).to_contain_text("Reload done")
     expect(page.locator("#op-upgrade")).to_be_disabled()

@@ -10,8 +10,9 @@ with the hub's writer thread for a connection.
 Indexes (created idempotently at dashboard start, ``CREATE INDEX IF NOT EXISTS``; the hub's
 own schema has ``messages_agent (agent_id, id)`` and ``messages_control_id``):
 
-* ``dashboard_messages_agent_time (agent_id, received_at)`` — one agent's recent rows (bot
-  reply latencies of the last 5 minutes, searches by agent and time);
+* ``dashboard_messages_agent_time (agent_id, received_at, channel)`` — one agent's recent rows
+  (bot reply latencies of the last 5 minutes, searches by agent and time) and, covering, the
+  one-off count of the last hour at start (:meth:`RecentWindow.bootstrap`);
 * ``dashboard_messages_failed (agent_id, id) WHERE status = 'error'`` — a *partial* index: it
   holds only failed messages, so counting and listing failures is cheap and a message that
   succeeds costs the hub's insert path nothing extra for it.
@@ -27,6 +28,7 @@ Nothing here writes to the hub's tables.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -40,9 +42,11 @@ from medagent.hub.records import MessageStatus
 
 __all__ = ["INDEXES", "PAGE", "AgentCounts", "ChannelMinute", "DicomSeries", "HubReader", "MessageFilter", "MessageRow"]
 
+log = logging.getLogger(__name__)
+
 PAGE = 50
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS dashboard_messages_agent_time ON messages (agent_id, received_at)",
+    "CREATE INDEX IF NOT EXISTS dashboard_messages_agent_time ON messages (agent_id, received_at, channel)",
     "CREATE INDEX IF NOT EXISTS dashboard_messages_failed ON messages (agent_id, id) WHERE status = 'error'",
 )
 
@@ -133,9 +137,14 @@ class HubReader:
         self._dicom: sqlite3.Connection | None = None
         #: last-hour counts, used on the reader thread only
         self.window = RecentWindow()
+        self._bootstrap: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
+        """Open (creating the indexes: before the hub listens, as building one on a big table holds
+        the database's write lock), then count the last hour in the background (read-only): the
+        reader thread runs jobs in order, so every later query finds the window ready."""
         await self.run(self._open)
+        self._bootstrap = asyncio.get_running_loop().run_in_executor(self._executor, self._bootstrap_window)
 
     def _open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -143,13 +152,21 @@ class HubReader:
         for statement in INDEXES:
             conn.execute(statement)
         conn.execute("PRAGMA query_only=ON")  # from here on this connection cannot write
-        self.window.bootstrap(conn, _now_ms())
         self._conn = conn
+
+    def _bootstrap_window(self) -> None:
+        try:
+            self.window.bootstrap(self.conn, _now_ms())
+        except sqlite3.Error:  # the live counts then start from now; searches are unaffected
+            log.exception("counting the last hour of messages failed")
+            self.window.last_id = self.conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def close(self) -> None:
+        if self._bootstrap is not None:
+            await self._bootstrap
         for conn in (self._conn, self._dicom):
             if conn is not None:
                 await self.run(conn.close)
@@ -183,7 +200,8 @@ class HubReader:
         self.window.refresh(self.conn, now_ms)
         channels = {name: ChannelMinute(counts) for name, counts in self.window.per_minute(agent_id, now_ms).items()}
         for channel, errors in self.conn.execute(  # the partial index of failures: reads failed rows only
-            "SELECT channel, count(*) FROM messages WHERE agent_id = ? AND status = 'error' AND received_at >= ?"
+            "SELECT channel, count(*) FROM messages INDEXED BY dashboard_messages_failed"
+            " WHERE agent_id = ? AND status = 'error' AND received_at >= ?"
             " GROUP BY channel",
             (agent_id, now_ms - 3_600_000),
         ):

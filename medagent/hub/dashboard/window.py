@@ -10,9 +10,8 @@ adds them to 10-second buckets per (agent, channel); buckets older than an hour 
 their counts subtracted from the running per-agent totals. So the last-hour total of an agent
 is a dictionary lookup, the last minute six buckets, and a channel's per-minute chart sixty sums.
 
-Start-up (:meth:`RecentWindow.bootstrap`) finds the first row of the last hour by binary search
-over ids (``received_at`` is the hub's clock at intake, so it grows with the id; a margin of
-``BOOTSTRAP_MARGIN_MS`` absorbs small clock steps), then refreshes from there.
+Start-up (:meth:`RecentWindow.bootstrap`) lets SQLite count the last hour per (agent, channel,
+bucket) from a covering index, once; from then on only new rows are read.
 
 Invariants: every row is counted at most once (``last_id`` only grows); a row counts only while
 its ``received_at`` is within the last hour; ``hour_total[agent]`` always equals the sum of the
@@ -29,7 +28,6 @@ __all__ = ["BUCKET_MS", "WINDOW_MS", "RecentWindow"]
 
 BUCKET_MS = 10_000
 WINDOW_MS = 3_600_000
-BOOTSTRAP_MARGIN_MS = 60_000
 _REFRESH_CHUNK = 100_000
 
 #: one bucket: agent_id -> channel -> count
@@ -91,21 +89,27 @@ class RecentWindow:
                 break
 
     def bootstrap(self, conn: sqlite3.Connection, now_ms: int) -> None:
-        """Start counting at the first row of the last hour (binary search over ids), then refresh."""
-        low, high = conn.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM messages").fetchone()
-        since = now_ms - WINDOW_MS - BOOTSTRAP_MARGIN_MS
-        for _ in range(64):  # bounded: ids are 64-bit
-            if low >= high:
-                break
-            middle = (low + high) // 2
-            row = conn.execute("SELECT id, received_at FROM messages WHERE id >= ? ORDER BY id LIMIT 1",
-                               (middle,)).fetchone()
-            if row is None or row[1] >= since:
-                high = middle
-            else:
-                low = row[0] + 1
-        self.last_id = max(0, low - 1)
-        self.refresh(conn, now_ms)
+        """Count the last hour once, aggregated by SQLite (the rows never reach Python one by one).
+
+        The newest id is read first (rows stored meanwhile are left to :meth:`refresh`); then,
+        per agent, the rows of the hour up to that id are counted per (channel, bucket) from the
+        index ``(agent_id, received_at, channel)`` alone, without reading the table's rows.
+        """
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        agents = [r[0] for r in conn.execute("SELECT id FROM agents")]
+        for agent_id in agents:  # one covering range scan of the index per agent
+            for channel, start, count in conn.execute(
+                "SELECT channel, received_at - received_at % ?, count(*) FROM messages"
+                " WHERE agent_id = ? AND received_at >= ? AND received_at <= ? AND id <= ? GROUP BY 1, 2",
+                (BUCKET_MS, agent_id, now_ms - WINDOW_MS, now_ms + WINDOW_MS, newest),
+            ):
+                bucket = self._buckets.setdefault(start, {})
+                channels = bucket.setdefault(agent_id, {})
+                channels[channel] = channels.get(channel, 0) + count
+                self.hour_total[agent_id] += count
+        self._buckets = collections.OrderedDict(sorted(self._buckets.items()))
+        self.last_id = max(self.last_id, newest)
+        self.expire(now_ms)
 
     # -- reading ----------------------------------------------------------------------------
 
