@@ -684,6 +684,7 @@ def _check_channel_set(
     channels: Iterable[ChannelConfig], source: str, hub: HubSection | None
 ) -> None:
     seen_names: dict[str, int] = {}
+    seen_devices: dict[str, str] = {}  # serial device path -> channel name
     seen_addresses: list[tuple[str, tuple[str, int]]] = []
     if hub is not None:
         seen_addresses.append(("the embedded hub (hub.host/hub.port)", (hub.host, hub.port)))
@@ -695,6 +696,16 @@ def _check_channel_set(
                 f"{channel.name!r} is already used by channel[{seen_names[channel.name]}]",
             )
         seen_names[channel.name] = index
+        device = getattr(channel.endpoint, "path", "")
+        if device:  # a device-path kind (serial): one channel per device
+            if device in seen_devices:
+                raise ConfigError(
+                    source,
+                    f"channel[{index}].endpoint",
+                    f"channel {channel.name!r} uses {device}, already used by channel {seen_devices[device]!r}",
+                )
+            seen_devices[device] = channel.name
+            continue
         address = (channel.endpoint.host, channel.endpoint.port)
         for owner, other in seen_addresses:
             if _addresses_overlap(address, other):

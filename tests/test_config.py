@@ -496,6 +496,14 @@ def channel_file(*tables: str) -> str:
             "channel[0].endpoint",
             "parameter 'nonsense': unknown parameter",
         ),
+        (
+            [
+                "name = 'a'\nendpoint = 'serial:///dev/ttyUSB0?startChar=%02&endChar=%03'",
+                "name = 'b'\nendpoint = 'astm+serial:///dev/ttyUSB0'",
+            ],
+            "channel[1].endpoint",
+            "channel 'b' uses /dev/ttyUSB0, already used by channel 'a'",
+        ),
     ],
 )
 def test_channel_errors_name_the_channel_key(

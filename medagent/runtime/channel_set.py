@@ -117,12 +117,15 @@ class _Running:
 
 def channel_address(channel: Channel) -> str:
     """``scheme://host:port`` the channel really listens on (the bound port for port 0)."""
+    endpoint = channel.endpoint
     sockets = channel.listening_sockets()
     if sockets:
         host, port = sockets[0].getsockname()[:2]
-    else:
-        host, port = channel.endpoint.host, channel.endpoint.port
-    return f"{channel.endpoint.scheme}://{host}:{port}"
+        return f"{endpoint.scheme}://{host}:{port}"
+    path = getattr(endpoint, "path", "")
+    if path:  # a device path (serial:///dev/ttyUSB0)
+        return f"{endpoint.scheme}://{path}"
+    return f"{endpoint.scheme}://{endpoint.host}:{endpoint.port}"
 
 
 class ChannelSet:
@@ -204,8 +207,8 @@ class ChannelSet:
             self._started.set_exception(RuntimeError("the agent is stopping"))
             self._started.exception()
         async with self._lock:
-            for name in list(self._running):
-                await self._stop(self._forget(name))
+            # All at once: each drains for at most drain_timeout_s, so stopping takes that long at most.
+            await asyncio.gather(*(self._stop(self._forget(name)) for name in list(self._running)))
 
     # -- backpressure ----------------------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -289,7 +292,7 @@ class ChannelSet:
                 _close(sock)
                 if exc.errno != errno.EADDRINUSE or held is not None or attempt == self._bind_attempts:
                     raise _StartFailed(_listen_problem(config, exc)) from None
-                log.debug("channel %s: %s in use, bind attempt %d", config.name, _address(config), attempt)
+                log.debug("channel %s: address in use, bind attempt %d", config.name, attempt)
                 await asyncio.sleep(delay)
                 delay *= 2
             except Exception as exc:  # noqa: BLE001 - a kind's failure to start is reported, not raised
@@ -314,8 +317,10 @@ class ChannelSet:
         return self._running.pop(name)
 
 
-def _address(config: ChannelConfig) -> tuple[str, int]:
-    return config.endpoint.host, config.endpoint.port
+def _address(config: ChannelConfig) -> tuple[str, int, str]:
+    """What a channel occupies: host and port, or a device path (serial kinds)."""
+    endpoint = config.endpoint
+    return endpoint.host, endpoint.port, getattr(endpoint, "path", "")
 
 
 def _held_socket(current: _Running, config: ChannelConfig) -> socket.socket | None:
