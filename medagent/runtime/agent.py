@@ -57,6 +57,7 @@ from medagent.runtime.intake import Intake
 from medagent.runtime.outbound import OutboundSenders
 from medagent.runtime.remote_config import fetch_remote_channels, pool_settings
 from medagent.runtime.requests import RequestHandler
+from medagent.storage.files import ensure_private_dir
 
 __all__ = ["AgentRuntime", "StartupError"]
 
@@ -94,7 +95,7 @@ class AgentRuntime:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self.started_at = time.time()
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)
         log.info("medagent %s starting (%s)", __version__, _compat.implementation_summary())
         agent = self.config.agent
         self.queue = DurableQueue(

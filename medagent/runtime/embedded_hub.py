@@ -27,8 +27,9 @@ from pathlib import Path
 import aiohttp
 
 from medagent.config import Config
+from medagent.storage.files import ensure_private_dir, write_private_file
 
-__all__ = ["EmbeddedHub", "HubCredentials", "HubStartError", "EMBEDDED_AGENT_NAME"]
+__all__ = ["EMBEDDED_AGENT_NAME", "EmbeddedHub", "HubCredentials", "HubStartError"]
 
 log = logging.getLogger("medagent.embedded_hub")
 
@@ -79,7 +80,7 @@ class EmbeddedHub:
         return self.data_dir / LOG_FILENAME
 
     async def start(self) -> HubCredentials:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)
         if self.port == 0:
             self.port = _free_port(self.host)
         elif _port_in_use(self.host, self.port):
@@ -135,7 +136,7 @@ class EmbeddedHub:
         else:
             creds = store.add_agent(EMBEDDED_AGENT_NAME)  # type: ignore[attr-defined]
         document = {"agent_id": creds.agent_id, "client_id": creds.client_id, "client_secret": creds.client_secret}
-        _write_private(path, json.dumps(document, indent=2))
+        write_private_file(path, json.dumps(document, indent=2).encode())
         return creds.agent_id, creds.client_id, creds.client_secret
 
     def _sync_channels(self, store: object, agent_id: str) -> None:
@@ -167,7 +168,9 @@ class EmbeddedHub:
         env = dict(os.environ)
         if self._config.hub.admin_token:
             env["MEDAGENT_HUB_ADMIN_TOKEN"] = self._config.hub.admin_token
-        with open(self.log_path, "ab") as log_file:
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # data files 0600 whatever the umask (an older log may be wider)
+        with os.fdopen(fd, "ab") as log_file:
             self._process = await asyncio.create_subprocess_exec(
                 *self._command(), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
@@ -225,12 +228,6 @@ def _die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
 
 
 def _port_in_use(host: str, port: int) -> bool:

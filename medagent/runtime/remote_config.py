@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from medagent.channels.endpoint import EndpointError, parse_endpoint
 from medagent.config import DEFAULT_BOT, ChannelConfig, KindUnavailable, channel_options
 from medagent.runtime.channel_set import DesiredChannels
+from medagent.storage.files import write_private_file
 
 __all__ = ["CACHE_FILENAME", "fetch_remote_channels", "pool_settings"]
 
@@ -43,7 +43,7 @@ async def fetch_remote_channels(reader: FhirReader, agent_id: str, data_dir: Pat
         log.warning("cannot read the channel list from the hub (%s); using the cached list", exc)
         entries = json.loads(cache.read_text())
     else:
-        _write_private(cache, json.dumps(entries, indent=2))
+        write_private_file(cache, json.dumps(entries, indent=2).encode(), fsync=False)
     channels: list[ChannelConfig] = []
     problems: dict[str, str] = {}
     for entry in entries:
@@ -93,10 +93,3 @@ def _channel(entry: dict[str, str]) -> ChannelConfig:
     endpoint = parse_endpoint(entry["address"])
     return ChannelConfig(name=entry["name"], endpoint=endpoint, bot=entry["bot"], options=channel_options(endpoint))
 
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a data file 0600 whatever the umask (DESIGN.md, Defaults and limits)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an older file may have been created with another mode
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
