@@ -35,6 +35,7 @@ class ChannelListStandIn(MedplumStandIn):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(reload_after_connect=True, **kwargs)
         self.addresses: dict[str, str] = {}
+        self.settings: list[dict[str, Any]] = []  # Agent.setting[] (keepAlive, maxClientsPerRemote)
         self.hold_agent_reads_until_reload = True
 
     async def start(self) -> None:
@@ -57,7 +58,8 @@ class ChannelListStandIn(MedplumStandIn):
         if response.status != 200:
             return response
         channels = [{"name": name, "endpoint": {"reference": f"Endpoint/{name}"}} for name in self.addresses]
-        return web.json_response({"resourceType": "Agent", "id": self.agent_id, "status": "active", "channel": channels})
+        return web.json_response({"resourceType": "Agent", "id": self.agent_id, "status": "active",
+                                  "channel": channels, "setting": self.settings})
 
     async def _endpoint_resource(self, request: web.Request) -> web.Response:
         address = self.addresses.get(request.match_info["id"])
@@ -218,3 +220,20 @@ async def test_a_channel_that_cannot_listen_at_first_start_is_one_clear_startup_
     finally:
         occupied.close()
     assert str(caught.value) == f"channel adt-in: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+async def test_agent_settings_from_the_hub_configure_the_outbound_senders_on_start_and_reload(standin, tmp_path) -> None:
+    standin.hold_agent_reads_until_reload = False
+    standin.reload_after_connect = False
+    standin.settings = [{"name": "keepAlive", "valueBoolean": True}]
+    runtime = AgentRuntime(agent_config(standin, tmp_path / "data"))
+    await runtime.start()
+    try:
+        assert runtime.senders.settings == {"keep_alive": True, "max_clients_per_remote": 1}
+        await until(lambda: standin.connected_agents > 0, "the agent's connection")
+        standin.settings = [{"name": "maxClientsPerRemote", "valueInteger": 3}]
+        answer = await standin.reload_config(timeout=WAIT_S)
+        assert answer["type"] == "agent:reloadconfig:response"
+        assert runtime.senders.settings == {"keep_alive": False, "max_clients_per_remote": 3}
+    finally:
+        await runtime.stop()
