@@ -5,10 +5,15 @@ sends to is a 400 with the reason. The request handler is exercised directly (no
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from medagent.channels.base import OutboundReply, register_outbound_sender
-from medagent.cloud.messages import ErrorMessage, ReloadConfigRequest, ReloadConfigResponse, TransmitRequest
+from medagent.cloud.messages import (
+    ErrorMessage,
+    ReloadConfigRequest,
+    ReloadConfigResponse,
+    TransmitRequest,
+)
 from medagent.runtime.channel_set import ChangeReport
 from medagent.runtime.outbound import OutboundSenders
 from medagent.runtime.requests import RequestHandler
@@ -19,7 +24,7 @@ SCHEME = "medagent-test-echo"
 class EchoSender:
     """A plugin kind's sender: answers with the body reversed; records how it was built."""
 
-    built: list[EchoSender] = []
+    built: ClassVar[list[EchoSender]] = []
 
     def __init__(self, *, keep_alive: bool = False) -> None:
         self.keep_alive = keep_alive
@@ -47,7 +52,7 @@ async def no_reload() -> ChangeReport:
 
 
 def handler(senders: OutboundSenders, reload: Any = no_reload) -> RequestHandler:
-    return RequestHandler(reload, lambda: {}, senders)
+    return RequestHandler(reload, dict, senders)
 
 
 async def test_a_push_goes_to_the_sender_of_its_scheme_with_the_text_body() -> None:
