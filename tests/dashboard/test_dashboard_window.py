@@ -5,6 +5,7 @@ The SQL parts run on a real SQLite file with the hub's schema (medagent.hub.stor
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from pathlib import Path
@@ -99,3 +100,27 @@ def test_bootstrap_of_an_empty_store(tmp_path: Path) -> None:
     window.bootstrap(conn, NOW)
     assert window.last_id == 0 and not window.hour_total
     conn.close()
+
+
+async def test_counts_are_unknown_until_the_start_up_count_is_done(tmp_path: Path) -> None:
+    from medagent.hub.dashboard.queries import HubReader
+
+    store = HubStore(tmp_path)
+    agent = store.add_agent("a").agent_id
+    store.close()
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3", isolation_level=None)
+    conn.executemany("INSERT INTO messages (agent_id, channel, remote, callback, content_type, body, received_at,"
+                     " status) VALUES (?, 'adt', 'r', ?, 'text/plain', 'x', ?, ?)",
+                     [(agent, f"cb{i}", NOW, "error" if i < 2 else "processed") for i in range(5)])
+    conn.close()
+    reader = HubReader(tmp_path / "hub.sqlite3")
+    await reader.run(reader._open)  # opened, the last hour not counted yet
+    try:
+        counts = await reader.run(reader.agent_counts, [agent], NOW)
+        assert (counts[agent].last_hour, counts[agent].last_minute, counts[agent].failed) == (None, None, 2)
+        minutes = await reader.run(reader.channel_minutes, agent, NOW)
+        assert minutes["adt"].errors == 2 and sum(minutes["adt"].counts) == 0  # failures known, counts not yet
+        await asyncio.to_thread(reader._bootstrap_window)
+        assert reader.window is not None and reader.window.last_id == 5
+    finally:
+        await reader.close()

@@ -218,7 +218,7 @@ async def overview(request: web.Request) -> web.StreamResponse:
             '<td class="num"><a href="/dashboard/messages?agent={id}&amp;status=error" data-live="agents.{id}.failed">{failed}</a></td>'
             '<td class="num" data-live="agents.{id}.backlog">{backlog}</td></tr>',
             id=a.id, name=a.name, status=a.status.value, badge=_badge(s["online"]), version=s["version"] or "—",
-            seen=age(s["lastSeenS"]), minute=s["minute"], hour=s["hour"], failed=s["failed"], backlog=s["backlog"],
+            seen=age(s["lastSeenS"]), minute=_count(s["minute"]), hour=_count(s["hour"]), failed=s["failed"], backlog=s["backlog"],
         ))
     options = join(render('<option value="{v}"{sel}>{label}</option>', v=v, label=label,
                           sel=Markup(" selected") if v == status_filter else Markup(""))
@@ -240,6 +240,10 @@ async def overview(request: web.Request) -> web.StreamResponse:
         empty=Markup('<p class="hint">No agent matches.</p>') if not rows else Markup(""),
     )
     return _page(request, "Agents", body, stream="/dashboard/events")
+
+
+def _count(value: int | None) -> str:
+    return "—" if value is None else str(value)  # None: the start-up count is still running
 
 
 def _kind(address: str) -> str:

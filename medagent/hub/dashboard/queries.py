@@ -93,8 +93,10 @@ class MessageRow:
 
 @dataclass(frozen=True, slots=True)
 class AgentCounts:
-    last_minute: int = 0
-    last_hour: int = 0
+    """``None``: not known yet (the start-up count of the last hour is still running)."""
+
+    last_minute: int | None = 0
+    last_hour: int | None = 0
     failed: int = 0
 
 
@@ -135,16 +137,17 @@ class HubReader:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medagent-dashboard-reader")
         self._conn: sqlite3.Connection | None = None
         self._dicom: sqlite3.Connection | None = None
-        #: last-hour counts, used on the reader thread only
-        self.window = RecentWindow()
+        #: last-hour counts, used on the reader thread only; ``None`` until the start-up count is done
+        self.window: RecentWindow | None = None
         self._bootstrap: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Open (creating the indexes: before the hub listens, as building one on a big table holds
-        the database's write lock), then count the last hour in the background (read-only): the
-        reader thread runs jobs in order, so every later query finds the window ready."""
+        the database's write lock), then count the last hour on a thread and connection of its own
+        (read-only, a few seconds on a very busy store); until it is done, pages show the counts
+        of the last hour as unknown instead of waiting."""
         await self.run(self._open)
-        self._bootstrap = asyncio.get_running_loop().run_in_executor(self._executor, self._bootstrap_window)
+        self._bootstrap = asyncio.ensure_future(asyncio.to_thread(self._bootstrap_window))
 
     def _open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -155,11 +158,18 @@ class HubReader:
         self._conn = conn
 
     def _bootstrap_window(self) -> None:
+        window = RecentWindow()
+        conn = sqlite3.connect(self._path, check_same_thread=False)
         try:
-            self.window.bootstrap(self.conn, _now_ms())
+            conn.execute("PRAGMA query_only=ON")
+            window.bootstrap(conn, _now_ms())
         except sqlite3.Error:  # the live counts then start from now; searches are unaffected
             log.exception("counting the last hour of messages failed")
-            self.window.last_id = self.conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+            window = RecentWindow()
+            window.last_id = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        finally:
+            conn.close()
+        self.window = window  # one assignment: the reader thread sees no window or a whole one
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -184,11 +194,13 @@ class HubReader:
     def agent_counts(self, agent_ids: list[str], now_ms: int | None = None) -> dict[str, AgentCounts]:
         now_ms = now_ms if now_ms is not None else _now_ms()
         conn = self.conn
-        self.window.refresh(conn, now_ms)
-        minute = self.window.last_minute(now_ms)
-        hour = self.window.hour_total
         failed = dict(conn.execute("SELECT agent_id, count(*) FROM messages WHERE status = 'error' GROUP BY agent_id"))
-        return {a: AgentCounts(minute.get(a, 0), hour.get(a, 0), failed.get(a, 0)) for a in agent_ids}
+        window = self.window
+        if window is None:  # still counting the last hour at start-up
+            return {a: AgentCounts(None, None, failed.get(a, 0)) for a in agent_ids}
+        window.refresh(conn, now_ms)
+        minute = window.last_minute(now_ms)
+        return {a: AgentCounts(minute.get(a, 0), window.hour_total.get(a, 0), failed.get(a, 0)) for a in agent_ids}
 
     def stored_total(self) -> int:
         """Messages stored (the largest id: rows are never deleted by this hub version)."""
@@ -197,8 +209,11 @@ class HubReader:
     def channel_minutes(self, agent_id: str, now_ms: int | None = None) -> dict[str, ChannelMinute]:
         """Per channel: messages per minute over the last hour, errors, and bot latencies of the last minutes."""
         now_ms = now_ms if now_ms is not None else _now_ms()
-        self.window.refresh(self.conn, now_ms)
-        channels = {name: ChannelMinute(counts) for name, counts in self.window.per_minute(agent_id, now_ms).items()}
+        window = self.window
+        channels: dict[str, ChannelMinute] = {}
+        if window is not None:
+            window.refresh(self.conn, now_ms)
+            channels = {name: ChannelMinute(counts) for name, counts in window.per_minute(agent_id, now_ms).items()}
         for channel, errors in self.conn.execute(  # the partial index of failures: reads failed rows only
             "SELECT channel, count(*) FROM messages INDEXED BY dashboard_messages_failed"
             " WHERE agent_id = ? AND status = 'error' AND received_at >= ?"
