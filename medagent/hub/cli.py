@@ -6,7 +6,7 @@ configuration error). :func:`main` runs the same parser standalone
 (``python -m medagent.hub.cli hub add-agent lab --json``). ``serve`` takes the admin token from
 ``MEDAGENT_HUB_ADMIN_TOKEN`` when set, else from ``<data-dir>/admin-token``.
 
-Subcommands: ``serve`` (the default), ``add-agent NAME``, ``add-channel AGENT NAME ADDRESS``,
+Subcommands: ``serve`` (the default), ``add-agent NAME``, ``add-channel AGENT NAME ADDRESS``, ``add-user NAME``,
 ``list-agents``, ``messages``. Management commands work on the data directory directly, so they
 work with or without a running hub. With ``--json`` a command prints exactly one JSON document.
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from medagent.hub.dashboard.cli import add_user_parser, run_add_user
 from medagent.hub.admin import BadQuery, agent_json, channel_json, message_json, parse_instant_ms
 from medagent.hub.records import MessageQuery, MessageStatus
 from medagent.hub.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, HubSettings
@@ -83,6 +84,8 @@ def register(subparsers: Any) -> None:
 
     list_agents = sub.add_parser("list-agents", parents=[common], help="list agents and their channels")
     list_agents.add_argument("--json", action="store_true", help="print one JSON document")
+
+    add_user_parser(sub, parents=[common]).set_defaults(func=run, handler=run)  # through _COMMANDS
 
     messages = sub.add_parser("messages", parents=[common], help="list stored messages (one page)")
     messages.add_argument("--agent", help="agent id or name")
@@ -339,7 +342,14 @@ def _messages(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_user(args: argparse.Namespace) -> int:
+    """Dashboard operator accounts live beside the hub's data: refuse a directory with none."""
+    _open_store(args).close()
+    return run_add_user(args)
+
+
 _COMMANDS = {
+    "add-user": _add_user,
     "serve": _serve,
     "add-agent": _add_agent,
     "add-channel": _add_channel,
