@@ -238,8 +238,9 @@ class Dispatcher:
     # -- immediate mode ------------------------------------------------------------------------
     def send_immediate(self, record: InboundRecord) -> None:
         link = self._require_link()
+        target = self._channel(record.channel)
         message = self._transmit(record.channel, record.remote, record.content_type, record.body,
-                                 f"{self._immediate_prefix}{uuid.uuid4()}")
+                                 f"{self._immediate_prefix}{uuid.uuid4()}", target.encoding if target else "utf-8")
         if "batch" in link.features:
             message = dataclasses.replace(message, no_reply=True)  # the device had its AA already
         if link.live and not self._immediate and link.send_transmit(message):
@@ -325,9 +326,10 @@ class Dispatcher:
                 if result is None:  # this row and every later one go back, in order
                     self._queue.release([r.row_id for r in rows[index + offset :]])
                     return replies_awaited
-                if not self._send_row(rows, index + offset, *result):
+                reply_wanted = self._send_row(rows, index + offset, *result)
+                if reply_wanted is None:
                     return replies_awaited
-                replies_awaited |= self._wants_reply(rows[index + offset])
+                replies_awaited |= reply_wanted
             index = end
         return replies_awaited
 
@@ -335,33 +337,33 @@ class Dispatcher:
         waits = False
         for index in range(start, end):
             row = rows[index]
-            if not self._send_row(rows, index, row.body, row.content_type):
+            sent = self._send_row(rows, index, row.body, row.content_type)
+            if sent is None:
                 return False, waits
-            waits |= self._wants_reply(row)
+            waits |= sent
         return True, waits
 
-    def _wants_reply(self, row: QueuedMessage) -> bool:
-        target = self._channel(row.channel)
-        return target is not None and target.wants_replies
-
-    def _send_row(self, rows: Sequence[QueuedMessage], index: int, body: bytes, content_type: str) -> bool:
-        """Send rows[index] with ``body``; on a refused write put it and the rest back; False then."""
+    def _send_row(self, rows: Sequence[QueuedMessage], index: int, body: bytes, content_type: str) -> bool | None:
+        """Send rows[index] with ``body``: whether a device waits for its reply, or None when the
+        link refused the write (then it and every later row went back to the queue)."""
         link = self._require_link()
         row = rows[index]
-        wants_reply = self._wants_reply(row)
-        message = self._transmit(row.channel, row.remote, content_type, body, self.callback_for(row.row_id))
+        target = self._channel(row.channel)
+        wants_reply = target is not None and target.wants_replies
+        encoding = target.encoding if target is not None else "utf-8"
+        message = self._transmit(row.channel, row.remote, content_type, body, self.callback_for(row.row_id), encoding)
         if "batch" in link.features:  # medagent hub: extensions allowed (see messages.py)
             duplicate_of = None if row.duplicate_of is None else self.callback_for(row.duplicate_of)
             message = dataclasses.replace(message, duplicate_of=duplicate_of, no_reply=not wants_reply or None)
         if not link.send_transmit(message):
             self._queue.release([r.row_id for r in rows[index:]])
-            return False
+            return None
         now = time.monotonic()
         self._sent_at[row.row_id] = now
         if wants_reply:
             self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
         self.sent += 1
-        return True
+        return wants_reply
 
     async def _upload(self, rows: Sequence[QueuedMessage]) -> list[tuple[bytes, str] | None]:
         """Upload the rows' files concurrently; per row (body, content type) or None on failure."""
@@ -399,9 +401,10 @@ class Dispatcher:
         assert link is not None, "attach(link) first"
         return link
 
-    def _transmit(self, channel: str, remote: str, content_type: str, body: bytes, callback: str) -> TransmitRequest:
-        target = self._channel(channel)
-        encoding = target.encoding if target is not None else "utf-8"
+    @staticmethod
+    def _transmit(channel: str, remote: str, content_type: str, body: bytes, callback: str,
+                  encoding: str) -> TransmitRequest:
+        """The transmit of one unit; ``encoding`` is its channel's text encoding."""
         if content_type == HL7_V2_CONTENT_TYPE:
             try:
                 text = hl7.decode(body, default=encoding)
