@@ -490,7 +490,7 @@ async def _message_view(request: web.Request, *, show_body: bool = False,
         '<tr><th>Callback</th><td><code>{callback}</code></td></tr>'
         '<tr><th>Content type</th><td>{content_type}</td></tr><tr><th>Size</th><td>{size} bytes</td></tr>'
         '<tr><th>Received</th><td>{received}</td></tr><tr><th>Processed</th><td>{processed}</td></tr>'
-        '<tr><th>Bot reply time</th><td>{latency}</td></tr>'
+        '<tr><th>Received → processed</th><td>{latency}</td></tr>'
         '<tr><th>Reply</th><td>status {reply_status}, {reply_type}</td></tr>'
         '<tr><th>Resends seen</th><td>{dup}</td></tr>{header}</table>{retry}{bodies}',
         result=_result_box(result) if result else Markup(""), status=_status_cell(row.status), error=row.error or "—",
