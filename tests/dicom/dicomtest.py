@@ -116,3 +116,129 @@ def _frames(frames: int, frame_bytes: int) -> Iterator[bytes]:
 
 def hub_server(tmp_path: Path) -> HubServer:
     return HubServer(HubSettings(data_dir=tmp_path / "hub", port=0, heartbeat_interval_s=30.0))
+
+
+# --------------------------------------------------------------------------- agent-side helpers
+
+import asyncio  # noqa: E402
+import ssl  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from types import MappingProxyType  # noqa: E402
+from urllib.parse import urlencode  # noqa: E402
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_context  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
+
+from medagent.channels.base import ChannelContext, file_uploader  # noqa: E402
+from medagent.channels.dicom import DicomChannel, dicom_options  # noqa: E402
+from medagent.channels.endpoint import Endpoint  # noqa: E402
+from medagent.queue import DurableQueue  # noqa: E402
+from medagent.records import CommitResult, DuplicatePolicy, InboundRecord  # noqa: E402
+
+CALL_TIMEOUT_S = 30.0
+
+
+def dicom_endpoint(port: int = 0, **params: str) -> Endpoint:
+    query = urlencode(params)
+    return Endpoint(scheme="dicom", host="127.0.0.1", port=port, params=MappingProxyType(dict(params)),
+                    url=f"dicom://127.0.0.1:{port}" + (f"?{query}" if query else ""))
+
+
+class AdminHubClient:
+    """The HubClient protocol (channels/base.py) for a test hub, with its admin token."""
+
+    def __init__(self, hub: HubServer) -> None:
+        self._hub = hub
+
+    @property
+    def base_url(self) -> str:
+        return self._hub.url
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return None
+
+    async def authorization(self) -> str:
+        return f"Bearer {self._hub.admin_token}"
+
+
+class QueueSink:
+    """The runtime stand-in: durable records go to the real queue."""
+
+    def __init__(self, queue: DurableQueue) -> None:
+        self.queue = queue
+        self.accepted: list[InboundRecord] = []
+
+    def accept(self, record: InboundRecord, *, durable: bool, dedup: DuplicatePolicy,
+               on_commit: Callable[[CommitResult], None] | None) -> None:
+        assert durable and on_commit is not None
+        self.accepted.append(record)
+        self.queue.submit(record, on_commit, dedup)
+
+
+class FailingSink(QueueSink):
+    """Reports the queue's documented disk-full result for every record."""
+
+    def accept(self, record: InboundRecord, *, durable: bool, dedup: DuplicatePolicy,
+               on_commit: Callable[[CommitResult], None] | None) -> None:
+        assert on_commit is not None
+        self.accepted.append(record)
+        asyncio.get_running_loop().call_soon(on_commit, CommitResult(None, None, "storage error: database or disk is full"))
+
+
+async def start_channel(data_dir: Path, sink: object, hub: HubServer | None = None, name: str = "pacs",
+                        **params: str) -> DicomChannel:
+    endpoint = dicom_endpoint(**params)
+    context = ChannelContext(sink=sink, data_dir=data_dir, hub=AdminHubClient(hub) if hub else None)  # type: ignore[arg-type]
+    channel = DicomChannel(name, endpoint, dicom_options(endpoint), context)
+    await channel.start()
+    return channel
+
+
+async def deliver(queue: DurableQueue, hub: HubServer, data_dir: Path, limit: int = 100) -> list[dict]:
+    """What the runtime's dispatcher does with DICOM rows: upload the file, build the transmit."""
+    import orjson
+
+    transmits = []
+    for message in await queue.next_batch(limit):
+        assert message.file is not None
+        uploader = file_uploader(message.content_type)
+        assert uploader is not None
+        body, content_type = await uploader(AdminHubClient(hub), data_dir / message.file.path, message.file, message.body)
+        assert content_type == "application/json"
+        transmits.append(orjson.loads(body))
+        queue.confirm([message.row_id])
+    return transmits
+
+
+def scu_store(port: int, datasets: list[Dataset], *, calling: str = "MODALITY", called: str = "ANY") -> list[int | None]:
+    """A modality: one association, one C-STORE per dataset; the statuses (None: no answer)."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = CALL_TIMEOUT_S
+    # one presentation context per (SOP class, transfer syntax): the acceptor picks one syntax
+    # per context (PS3.8 §9.3.2.2), and each dataset must go in its own
+    pairs = sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    assoc = ae.associate("127.0.0.1", port, ae_title=called,
+                         contexts=[build_context(cls, ts) for cls, ts in pairs])
+    if not assoc.is_established:
+        return [None] * len(datasets)
+    try:
+        statuses = []
+        for ds in datasets:
+            answer = assoc.send_c_store(ds)
+            statuses.append(int(answer.Status) if "Status" in answer else None)
+        return statuses
+    finally:
+        assoc.release()
+
+
+def scu_echo(port: int, *, calling: str = "MODALITY", called: str = "ANY") -> tuple[bool, int | None]:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = CALL_TIMEOUT_S
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, contexts=[build_context(Verification, ALL_TRANSFER_SYNTAXES[:2])])
+    if not assoc.is_established:
+        return False, None
+    try:
+        return True, int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
