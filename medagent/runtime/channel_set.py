@@ -265,8 +265,12 @@ class ChannelSet:
                 await self._start(new, config, held)
             except _StartFailed as exc:
                 # Put the running configuration back as it was, on the same socket when held.
-                old = self._build(current.config)
-                await self._start(old, current.config, held)
+                try:
+                    old = self._build(current.config)
+                    await self._start(old, current.config, held)
+                except _StartFailed as restore:
+                    raise _StartFailed(f"{exc}; the previous configuration could not be restarted "
+                                       f"either ({restore}): the channel is stopped") from None
                 self._remember(current.config, old)
                 raise _StartFailed(f"{exc} (the previous configuration keeps running)") from None
             self._remember(config, new)
