@@ -1,6 +1,7 @@
 """medagent.cloud.wsclient against a real websockets server and a real CONNECT proxy on 127.0.0.1.
 
-Every server binds port 0 and is closed by its context manager; every wait is bounded.
+Every server binds port 0 and is closed by its context manager; every wait is bounded. The last
+test feeds frames built by websockets' own server protocol through random TCP chunkings.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Response
@@ -218,3 +221,83 @@ async def test_a_server_that_never_answers_the_handshake_times_out() -> None:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+# -- random TCP chunking (hypothesis) -----------------------------------------------------------
+
+
+class RecordingTransport(asyncio.Transport):
+    """Stands in for the kernel socket: keeps what the client writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def close(self) -> None:
+        self.closing = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+MESSAGES = st.lists(st.tuples(st.sampled_from(["text", "binary", "fragmented", "ping"]),
+                              st.binary(min_size=0, max_size=300)), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages=MESSAGES, cuts=st.lists(st.integers(1, 64), min_size=1, max_size=40))
+def test_messages_survive_any_tcp_chunking(messages: list[tuple[str, bytes]], cuts: list[int]) -> None:
+    from websockets.client import ClientProtocol
+    from websockets.frames import Opcode
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+    from websockets.uri import parse_uri
+
+    async def run() -> None:
+        server = ServerProtocol(state=State.OPEN)
+        expected: list[bytes] = []
+        pings = 0
+        for kind, payload in messages:
+            if kind == "text":
+                server.send_text(payload)
+            elif kind == "binary":
+                server.send_binary(payload)
+            elif kind == "fragmented":
+                half = len(payload) // 2
+                server.send_text(payload[:half], fin=False)
+                server.send_continuation(payload[half:], fin=True)
+            else:
+                server.send_ping(payload[:125])  # RFC 6455 §5.5: control payloads <= 125 bytes
+                pings += 1
+                continue
+            expected.append(payload)
+        stream = b"".join(server.data_to_send())
+        received: list[bytes] = []
+        client = WebSocketClient(ClientProtocol(parse_uri("ws://127.0.0.1/ws/agent"), state=State.OPEN),
+                                 lambda data: received.append(bytes(data)), close_timeout=1.0)
+        transport = RecordingTransport()
+        client.connection_made(transport)
+        position, index = 0, 0
+        while position < len(stream):  # bounded: every step consumes at least one byte
+            size = cuts[index % len(cuts)]
+            client.data_received(stream[position : position + size])
+            position, index = position + size, index + 1
+        assert received == expected
+        server.receive_data(bytes(transport.written))  # the client answered every ping with a pong
+        pongs = [e for e in server.events_received() if getattr(e, "opcode", None) is Opcode.PONG]
+        assert len(pongs) == pings
+
+    asyncio.run(run())
