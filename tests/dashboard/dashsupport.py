@@ -73,17 +73,23 @@ class DashboardClient:
 
     async def first_event(self, path: str = "/dashboard/events") -> dict[str, Any]:
         """The first snapshot of an event stream (the stream is closed afterwards)."""
+        return (await self.events(path, lambda _: True))
+
+    async def events(self, path: str, wanted: Callable[[dict[str, Any]], bool], limit: int = 15) -> dict[str, Any]:
+        """The first snapshot for which ``wanted`` holds, among the first ``limit`` (one per second)."""
         import orjson
 
         async with self.http.get(self.hub.url + path) as response:
             assert response.status == 200, response.status
             assert response.headers["Content-Type"].startswith("text/event-stream")
-            async with asyncio.timeout(10):
-                for _ in range(10):
+            async with asyncio.timeout(limit + 10):
+                for _ in range(limit * 4):
                     line = await response.content.readline()
                     if line.startswith(b"data: "):
-                        return orjson.loads(line[6:])
-        raise AssertionError("no snapshot event")
+                        snapshot = orjson.loads(line[6:])
+                        if wanted(snapshot):
+                            return snapshot
+        raise AssertionError("no wanted snapshot event")
 
 
 class RuntimeLikeHandler:
@@ -93,6 +99,7 @@ class RuntimeLikeHandler:
         self.requests: list[m.AgentMessage] = []
         self.confirmed: list[str] = []
         self.reload_error: str | None = None
+        self.stats_calls = 0
 
     def on_live(self, features: Mapping[str, Any]) -> None:
         pass
@@ -121,12 +128,14 @@ class RuntimeLikeHandler:
         if isinstance(message, m.LogsRequest):
             return m.LogsResponse(status_code=200, logs=[{"level": "INFO", "msg": f"line {i}"} for i in range(3)])
         if isinstance(message, m.StatsRequest):
+            self.stats_calls += 1
+            k = self.stats_calls  # cumulative counters grow by 8 + 1 + 1 answers per request
             return m.StatsResponse(status_code=200, stats={
                 "implementation": "cython", "extensionsActive": True, "link": {"last_ping_ms": 1.5, "unconfirmed": 0},
                 "durableQueue": {"submitted_waiting": 0, "ready_in_memory": 2, "backlog_on_disk": 0, "inflight": 1,
                                  "store": {"pending": 3, "channels": {"adt": {"pending": 3, "oldest_pending_age_s": 2.0}}}},
                 "channelStats": {"adt": {"kind": "mllp", "connectionsOpen": 2, "unitsIn": 10, "errors": 0,
-                                         "answers": {"AA": 10}, "latencyMs": {"0.5": 8, "1": 1, "5": 1}}},
+                                         "answers": {"AA": 10 * k}, "latencyMs": {"0.5": 8 * k, "1": k, "5": k}}},
             })
         return None
 

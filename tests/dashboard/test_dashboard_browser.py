@@ -12,6 +12,7 @@ Every wait has a bound (Playwright timeouts, bounded loops).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shutil
@@ -133,6 +134,19 @@ def send(serve: ServeProcess, channel: str, control_ids: list[str]) -> None:
         client.close()
 
 
+def send_until(serve: ServeProcess, channel: str, stop: threading.Event) -> int:
+    """Send one message every 50 ms until ``stop`` is set (at most 1,000); returns how many."""
+    client = MllpClient(serve.channel_ports[channel])
+    try:
+        for n in range(1000):
+            if stop.wait(0.05):
+                return n
+            assert ack_fields(client.roundtrip(hl7_message(f"BUSY{n:04d}")))[0] == "AA"
+        return 1000
+    finally:
+        client.close()
+
+
 def test_refused_without_login(serve: ServeProcess, page: Page) -> None:
     page.goto(serve.hub_url + "/")
     expect(page).to_have_url(re.compile(r"/dashboard/login\?next=/dashboard/$"))
@@ -221,7 +235,15 @@ def test_reload_the_agent_and_see_the_result(serve: ServeProcess, page: Page) ->
     page.locator("table.agents tbody tr a").first.click()
     expect(page.locator("h1")).to_have_text(re.compile(r"^Agent "))
     expect(page.locator("[data-live='stats.implementation']")).not_to_have_text("—")  # live $stats arrived
-    expect(page.locator("[data-live='channels.adt-in.lastMinute']")).not_to_have_text("—")
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(send_until, serve, "adt-in", stop)
+        try:  # a sender keeps the agent busy while the ACK-latency chart gets three 5 s points
+            expect(page.locator("[data-live='channels.adt-in.lastMinute']")).to_have_text(re.compile(r"^[1-9]\d*$"))
+            expect(page.locator("#ack-chart")).to_have_attribute("data-points", re.compile(r"^([3-9]|\d\d+)$"))
+        finally:
+            stop.set()
+        assert sent.result(30) > 0
     shot(page, "agent-live")
     page.click("#op-reload")
     expect(page.locator("#result")).to_contain_text("Reload done")

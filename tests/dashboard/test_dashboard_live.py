@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from medagent.hub.dashboard.live import histogram_percentile, queue_depth, summarize_stats
+from medagent.hub.dashboard.live import (
+    ack_point,
+    histogram_percentile,
+    queue_depth,
+    summarize_stats,
+)
 from medagent.hub.dashboard.markup import age
 from medagent.hub.dashboard.queries import percentile
 
@@ -38,3 +43,14 @@ def test_nearest_rank_percentile_and_ages() -> None:
     values = list(range(1, 101))
     assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile(values, 1.0) == 100
     assert [age(None), age(4.9), age(61), age(7200), age(90000)] == ["—", "4 s", "1 min", "2 h", "1 d"]
+
+
+def test_ack_points_are_the_percentiles_of_each_interval() -> None:
+    previous: dict[str, dict[str, int]] = {}
+    first = {"adt": {"latencyMs": {"0.5": 100, "2": 0}}, "lab": {"latencyMs": {"1": 10}}}
+    assert ack_point(previous, first) == (1.0, 1.0)  # the worst channel (lab: 1 ms)
+    assert ack_point(previous, first) == (None, None)  # nothing answered since
+    later = {"adt": {"latencyMs": {"0.5": 100, "2": 50, "+Inf": 1}}, "lab": {"latencyMs": {"1": 10}}}
+    assert ack_point(previous, later) == (2.0, 10_000.0)  # only the 51 new answers count
+    restarted = {"adt": {"latencyMs": {"0.5": 3}}, "lab": {"latencyMs": {"1": 0}}}
+    assert ack_point(previous, restarted) == (0.5, 0.5)  # counters went down: the agent restarted

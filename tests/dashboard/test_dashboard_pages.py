@@ -65,7 +65,7 @@ async def test_agent_page_channels_stats_and_operations(hub: HubServer, agent: A
     async with running_link(hub, agent, handler) as link:
         await _send(hub, link, agent, "adt", 4)
         page = await admin.page(f"/dashboard/agents/{agent.agent_id}")
-        for text in ("adt", "broken", "mllp://0.0.0.0:2575", 'id="op-upgrade" disabled', 'data-chart="rate"'):
+        for text in ("adt", "broken", "mllp://0.0.0.0:2575", 'id="op-upgrade" disabled', 'data-chart="rate"', 'data-chart="ack"'):
             assert text in page
         snapshot = await admin.first_event(f"/dashboard/events?agent={agent.agent_id}")
         assert snapshot["agent"]["online"] is True
@@ -75,6 +75,9 @@ async def test_agent_page_channels_stats_and_operations(hub: HubServer, agent: A
         assert stats["implementation"] == "cython" and stats["queueDepth"] == 3 and stats["rttMs"] == 1.5
         assert stats["oldestUnconfirmedS"] == 2.0
         assert stats["channels"]["adt"]["ackP50"] == "≤ 0.5 ms" and stats["channels"]["adt"]["ackP99"] == "≤ 5 ms"
+        assert snapshot["ackHistory"] == []  # the first $stats sample is the baseline
+        later = await admin.events(f"/dashboard/events?agent={agent.agent_id}", lambda s: bool(s["ackHistory"]))
+        assert [point[1:] for point in later["ackHistory"]] == [[0.5, 5.0]]  # the interval's ACKs
 
         reload_ok = await admin.post(f"/dashboard/agents/{agent.agent_id}/reload")
         assert reload_ok.status == 200 and "Reload done" in await reload_ok.text()

@@ -15,7 +15,9 @@ so the pages update without reloads. Each stream reads on the dashboard's reader
   last hour and the bot's reply latency p50/p99 over the last 5 minutes (from the stored rows),
   and, every ``STATS_EVERY`` ticks while the agent is connected, its own ``$stats`` (kernels,
   link round-trip, queue depth and oldest unconfirmed age, per-channel connections, errors,
-  answers by code and its ACK-latency histogram).
+  answers by code and its ACK-latency histogram). The difference between two samples of those
+  cumulative histograms gives the ACK latency p50/p99 of the interval (:func:`ack_point`); the
+  hub keeps the last hour of those points per agent (``ackHistory``), for the chart.
 
 A stream ends when the browser goes away (the write fails) or the hub shuts down (the
 ``closing`` event, set from ``on_shutdown`` so shutdown never waits for a stream).
@@ -24,7 +26,9 @@ A stream ends when the browser goes away (the write fails) or the hub shuts down
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -40,6 +44,10 @@ __all__ = ["TICK_S", "agent_snapshot", "events", "overview_snapshot"]
 
 TICK_S = 1.0
 STATS_EVERY = 5
+#: ACK latency samples kept per agent: one hour at one sample per STATS_EVERY ticks
+ACK_HISTORY = int(3600 / (STATS_EVERY * TICK_S))
+#: where the open last histogram bucket (> 5000 ms) is drawn
+OPEN_BUCKET_MS = 10_000.0
 #: a stream lives at most this long; the browser's EventSource reconnects by itself
 MAX_STREAM_S = 3600.0
 
@@ -117,20 +125,53 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def histogram_percentile(histogram: dict[str, int], fraction: float) -> str | None:
-    """The upper bound (ms) of the histogram bucket holding the ``fraction`` percentile."""
-    def bound(key: str) -> float:
-        return float("inf") if key == "+Inf" else float(key)
+def _bound(key: str) -> float:
+    return float("inf") if key == "+Inf" else float(key)
 
+
+def histogram_bound(histogram: Mapping[str, int], fraction: float) -> float | None:
+    """The upper bound (ms) of the bucket holding the ``fraction`` percentile (inf: the last bucket)."""
     total = sum(histogram.values())
     if total <= 0:
         return None
     seen = 0
-    for key in sorted(histogram, key=bound):
+    for key in sorted(histogram, key=_bound):
         seen += histogram[key]
         if seen >= fraction * total:
-            return f"≤ {key} ms" if key != "+Inf" else "> 5000 ms"
+            return _bound(key)
     return None
+
+
+def histogram_percentile(histogram: Mapping[str, int], fraction: float) -> str | None:
+    """:func:`histogram_bound` as text: ``≤ 2 ms`` (``> 5000 ms`` for the open last bucket)."""
+    value = histogram_bound(histogram, fraction)
+    if value is None:
+        return None
+    return "> 5000 ms" if value == float("inf") else f"≤ {value:g} ms"
+
+
+def ack_point(previous: dict[str, dict[str, int]], channel_stats: Mapping[str, Any]
+              ) -> tuple[float | None, float | None]:
+    """ACK latency p50/p99 (ms, the worst channel) of the answers given since the previous sample.
+
+    The agent's histograms count since it started; the difference from the previous sample is
+    the histogram of the interval. A count that went down means the agent restarted: then the
+    current histogram is the interval's. ``previous`` is updated in place.
+    """
+    worst: dict[float, float | None] = {0.50: None, 0.99: None}
+    for name, figures in channel_stats.items():
+        current = {k: int(v) for k, v in (figures.get("latencyMs") or {}).items()}
+        before = previous.get(name, {})
+        delta = {k: current[k] - before.get(k, 0) for k in current}
+        if any(v < 0 for v in delta.values()):
+            delta = current
+        previous[name] = current
+        for fraction, so_far in worst.items():
+            value = histogram_bound(delta, fraction)
+            if value is not None:
+                value = min(value, OPEN_BUCKET_MS)
+                worst[fraction] = value if so_far is None else max(so_far, value)
+    return worst[0.50], worst[0.99]
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -156,8 +197,16 @@ async def events(request: web.Request) -> web.StreamResponse:
             online = bool(snapshot["agent"] and snapshot["agent"]["online"])
             if online and tick % STATS_EVERY == 0:
                 raw = await agent_stats(state.ctx, agent_id)
-                stats = summarize_stats(raw) if raw is not None else stats
+                if raw is not None:
+                    stats = summarize_stats(raw)
+                    history = state.ack_history.setdefault(agent_id, collections.deque(maxlen=ACK_HISTORY))
+                    previous = state.ack_previous.setdefault(agent_id, {})
+                    first = not previous
+                    p50, p99 = ack_point(previous, raw.get("channelStats") or {})
+                    if not first:  # the first sample only sets the baseline
+                        history.append((snapshot["at"], p50, p99))
             snapshot["stats"] = stats if online else None
+            snapshot["ackHistory"] = list(state.ack_history.get(agent_id, ()))
         try:
             await response.write(b"event: snapshot\ndata: " + orjson.dumps(snapshot) + b"\n\n")
         except (ConnectionError, RuntimeError):

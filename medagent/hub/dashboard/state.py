@@ -11,6 +11,7 @@ the handler returns — including refusals and errors.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ class DashboardState:
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
     #: set when the hub shuts down, so open event streams end at once
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    #: per agent: (epoch ms, ACK p50 ms, ACK p99 ms) samples of the last hour (see live.ack_point)
+    ack_history: dict[str, collections.deque[tuple[int, float | None, float | None]]] = field(default_factory=dict)
+    #: per agent: the channel histograms of the previous $stats sample
+    ack_previous: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def secure_cookies(self) -> bool:

@@ -2,7 +2,6 @@
 // Loaded as a file (the CSP forbids inline script); the pages work without it, minus live updates.
 "use strict";
 (function () {
-  var LATENCY_POINTS = 3600; // one hour of one-second samples
   var COLORS = ["#1f6feb", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"];
 
   // Forms marked data-confirm ask before they are sent.
@@ -61,7 +60,8 @@
     for (var g = 0; g <= 4; g++) {
       var y = h - pad + 4 - (h - pad) * g / 4;
       ctx.beginPath(); ctx.moveTo(pad, y); ctx.lineTo(w, y); ctx.stroke();
-      ctx.fillText(String(Math.round(max * g / 4)), 0, y + 3);
+      var label = max * g / 4;
+      ctx.fillText(max >= 8 ? String(Math.round(label)) : label.toFixed(1), 0, y + 3);
     }
     series.forEach(function (s, index) {
       if (!s.length) { return; }
@@ -79,22 +79,18 @@
     });
   }
 
-  var latency = { p50: [], p99: [] };
   function updateCharts(snapshot) {
     var rate = document.querySelector("canvas[data-chart=rate]");
-    var lat = document.querySelector("canvas[data-chart=latency]");
-    if (!rate || !snapshot.channels) { return; }
-    var names = Object.keys(snapshot.channels).sort();
-    drawLines(rate, names.map(function (n) { return snapshot.channels[n].perMinute; }), names);
-    var p50 = null, p99 = null;
-    names.forEach(function (n) {
-      var c = snapshot.channels[n];
-      if (c.p50 !== null && (p50 === null || c.p50 > p50)) { p50 = c.p50; }
-      if (c.p99 !== null && (p99 === null || c.p99 > p99)) { p99 = c.p99; }
-    });
-    latency.p50.push(p50); latency.p99.push(p99);
-    if (latency.p50.length > LATENCY_POINTS) { latency.p50.shift(); latency.p99.shift(); }
-    if (lat) { drawLines(lat, [latency.p50, latency.p99], ["p50", "p99"]); }
+    var ack = document.querySelector("canvas[data-chart=ack]");
+    if (rate && snapshot.channels) {
+      var names = Object.keys(snapshot.channels).sort();
+      drawLines(rate, names.map(function (n) { return snapshot.channels[n].perMinute; }), names);
+    }
+    if (ack && snapshot.ackHistory) {
+      drawLines(ack, [snapshot.ackHistory.map(function (p) { return p[1]; }),
+                      snapshot.ackHistory.map(function (p) { return p[2]; })], ["p50", "p99"]);
+      ack.setAttribute("data-points", String(snapshot.ackHistory.length));
+    }
   }
 
   var main = document.querySelector("main[data-stream]");
