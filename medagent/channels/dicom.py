@@ -54,13 +54,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
 import orjson
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -89,7 +89,13 @@ from medagent.dicom.retrieve import HubQueryRetrieve
 from medagent.dicom.scu import DicomStoreSender
 from medagent.dicom.uids import transfer_syntax_uid
 from medagent.dicom.upload import STORAGE_KEY, upload_instance
-from medagent.records import DICOM_CONTENT_TYPE, CommitResult, DuplicatePolicy, FilePayload, InboundRecord
+from medagent.records import (
+    DICOM_CONTENT_TYPE,
+    CommitResult,
+    DuplicatePolicy,
+    FilePayload,
+    InboundRecord,
+)
 
 __all__ = ["DICOM_KIND", "DICOM_PARAMETERS", "DicomChannel", "DicomOptions", "Storage", "dicom_options"]
 
@@ -206,7 +212,8 @@ class _Server(ThreadedAssociationServer):
         if self._handed is None:
             super().server_bind()
             return
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
         self.socket = self._handed
         self.server_address = self._handed.getsockname()
 
@@ -293,7 +300,8 @@ class DicomChannel:
         return int(self._server.server_address[1])
 
     def listening_sockets(self) -> list[socket.socket]:
-        return [self._server.socket] if self._server is not None else []
+        server = self._server
+        return [server.socket] if server is not None and server.socket is not None else []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -322,7 +330,8 @@ class DicomChannel:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         # scu_role/scp_role True: accept the roles a C-GET requestor proposes (PS3.7 §D.3.3.4)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
         for model in (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
                       PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
                       PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove):
@@ -340,7 +349,7 @@ class DicomChannel:
         self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.spool, 0o700)
         ae = self._build_ae()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_GET, self._on_get), (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_RELEASED, self._on_closed),
@@ -353,7 +362,7 @@ class DicomChannel:
         except OSError as exc:
             where = "the handed-over socket" if sock is not None else f"{self.endpoint.host}:{self.endpoint.port}"
             raise OSError(exc.errno, f"dicom channel {self.name}: cannot listen on {where}: {exc.strerror or exc}") from exc
-        self._ae, self._server = ae, server
+        self._ae, self._server = ae, cast(_Server, server)
         if self.context.hub is not None:
             self._session = aiohttp.ClientSession()
             web = HubDicomWeb(self.context.hub, self._session)
@@ -511,7 +520,7 @@ class DicomChannel:
         def submit() -> None:
             try:
                 self.sink.accept(record, durable=True, dedup=DuplicatePolicy.DROP, on_commit=settle)
-            except Exception as exc:  # the sink refused outright: same as a failed commit
+            except Exception as exc:  # noqa: BLE001 - any refusal by the sink is a failed commit
                 settle(CommitResult(None, None, f"storage error: {exc}"))
 
         assert self._loop is not None
@@ -540,10 +549,10 @@ class DicomChannel:
         with self._lock:
             self._counters.moves += 1
         assert self._qr is not None
-        destination = event.move_destination
+        destination: str | bytes | None = event.move_destination
         if isinstance(destination, bytes):
             destination = destination.decode("ascii", "replace")
-        yield from self._qr.move(event.identifier, destination, lambda: event.is_cancelled)
+        yield from self._qr.move(event.identifier, destination or "", lambda: event.is_cancelled)
 
     # ------------------------------------------------------------------ stats
 

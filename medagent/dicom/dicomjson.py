@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-__all__ = ["INLINE_BINARY_LIMIT", "BULK_TAGS", "dataset_json", "without_bulk_data"]
+__all__ = ["BULK_TAGS", "INLINE_BINARY_LIMIT", "dataset_json", "without_bulk_data"]
 
 #: Binary values up to this size stay inline (file meta version, small LUTs); longer are bulk.
 INLINE_BINARY_LIMIT = 1024

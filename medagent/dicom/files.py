@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from medagent.dicom.uids import is_uid
 
-__all__ = ["InvalidInstance", "InstanceInfo", "read_header", "instance_info", "digest_file", "durable_move"]
+__all__ = ["InstanceInfo", "InvalidInstance", "digest_file", "durable_move", "instance_info", "read_header"]
 
 _BLOCK = 1 << 20
 #: values longer than this are not loaded by read_header (read on access, from the file)

@@ -48,7 +48,7 @@ class HubDicomWeb:
         """QIDO-RS at ``level`` (study|series|instance) across the whole store."""
         path = {"study": "/studies", "series": "/series", "instance": "/instances"}[level]
         async with self.session.get(self.base + path, params=params, headers=await self._headers("application/dicom+json"),
-                                    ssl=self.hub.ssl_context, timeout=self.timeout) as response:
+                                    ssl=self.hub.ssl_context or True, timeout=self.timeout) as response:
             if response.status == 204:
                 return []
             if response.status != 200:
@@ -63,7 +63,7 @@ class HubDicomWeb:
         if not url.startswith(("http://", "https://")):
             url = self.base + "/" + url.lstrip("/")
         files: list[Path] = []
-        async with self.session.get(url, headers=await self._headers(_ACCEPT_DICOM), ssl=self.hub.ssl_context,
+        async with self.session.get(url, headers=await self._headers(_ACCEPT_DICOM), ssl=self.hub.ssl_context or True,
                                     timeout=self.timeout) as response:
             if response.status != 200:
                 raise HubDicomWebError(f"WADO-RS: HTTP {response.status}")

@@ -25,8 +25,17 @@ from pydicom.dataset import Dataset
 
 from medagent.dicom.uids import is_uid
 
-__all__ = ["Level", "Query", "QueryError", "parse_qido", "glob_pattern", "date_range",
-           "qido_from_identifier", "response_identifier", "tag_hex"]
+__all__ = [
+    "Level",
+    "Query",
+    "QueryError",
+    "date_range",
+    "glob_pattern",
+    "parse_qido",
+    "qido_from_identifier",
+    "response_identifier",
+    "tag_hex",
+]
 
 Level = str  # "study" | "series" | "instance"
 LEVELS = ("study", "series", "instance")

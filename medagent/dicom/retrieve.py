@@ -24,23 +24,25 @@ reason in ErrorComment), 0xFE00 on cancel.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import aiohttp
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import build_context
 from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import build_context
 
-from medagent.dicom.hubweb import HubDicomWeb
+from medagent.dicom.hubweb import HubDicomWeb, HubDicomWebError
 from medagent.dicom.query import QueryError, qido_from_identifier, response_identifier
 
-__all__ = ["HubQueryRetrieve", "STATUS_UNABLE", "STATUS_BAD_IDENTIFIER", "STATUS_UNKNOWN_DESTINATION"]
+__all__ = ["STATUS_BAD_IDENTIFIER", "STATUS_UNABLE", "STATUS_UNKNOWN_DESTINATION", "HubQueryRetrieve"]
 
 log = logging.getLogger("medagent.channels.dicom")
 
@@ -49,7 +51,10 @@ STATUS_CANCEL = 0xFE00
 STATUS_BAD_IDENTIFIER = 0xA900
 STATUS_UNABLE = 0xC001
 STATUS_UNKNOWN_DESTINATION = 0xA801
-_T = TypeVar("_T")
+
+
+#: what a hub request can fail with (network, HTTP status, timeout, an answer of the wrong shape)
+_HUB_TROUBLE = (HubDicomWebError, aiohttp.ClientError, RuntimeError, OSError, ValueError, KeyError, IndexError)
 
 
 def _failure(status: int, reason: str) -> Dataset:
@@ -90,7 +95,7 @@ class HubQueryRetrieve:
             return
         try:
             results: list[dict[str, Any]] = self._run(lambda web: web.search(level, params))
-        except Exception as exc:  # the hub is down, refused, or answered nonsense
+        except _HUB_TROUBLE as exc:  # the hub is down, refused, or answered nonsense
             log.warning("C-FIND could not query the hub: %s", exc)
             yield _failure(STATUS_UNABLE, f"hub query failed: {exc}"), None
             return
@@ -126,11 +131,11 @@ class HubQueryRetrieve:
                     return
                 url = match["00081190"]["Value"][0]
                 try:
-                    files = self._run(lambda web, url=url: web.download(url, work))
+                    files = self._run(functools.partial(HubDicomWeb.download, url=url, directory=work))
                     dataset = dcmread(str(files[0]))
                     for path in files:
                         path.unlink(missing_ok=True)
-                except Exception as exc:
+                except _HUB_TROUBLE as exc:
                     log.warning("retrieve: could not fetch an instance from the hub: %s", exc)
                     yield STATUS_UNABLE, None  # counted as a failed sub-operation
                     continue
@@ -145,7 +150,7 @@ class HubQueryRetrieve:
             yield 0
             yield _failure(STATUS_BAD_IDENTIFIER, str(exc)), None
             return
-        except Exception as exc:
+        except _HUB_TROUBLE as exc:
             log.warning("C-GET could not query the hub: %s", exc)
             yield 0
             return
@@ -160,7 +165,7 @@ class HubQueryRetrieve:
             return
         try:
             matches = self._locate(identifier)
-        except Exception as exc:
+        except _HUB_TROUBLE as exc:
             log.warning("C-MOVE could not query the hub: %s", exc)
             yield address[0], address[1]
             yield 0

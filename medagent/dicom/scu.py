@@ -41,7 +41,7 @@ from medagent.dicom.files import InvalidInstance, read_header
 if TYPE_CHECKING:
     from medagent.channels.base import HubClient, OutboundReply
 
-__all__ = ["DicomStoreSender", "DicomPushError", "parse_dicom_remote"]
+__all__ = ["DicomPushError", "DicomStoreSender", "parse_dicom_remote"]
 
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
-__all__ = ["is_uid", "TRANSFER_SYNTAX_NAMES", "transfer_syntax_uid"]
+__all__ = ["TRANSFER_SYNTAX_NAMES", "is_uid", "transfer_syntax_uid"]
 
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 

@@ -68,7 +68,7 @@ async def _stow(session: aiohttp.ClientSession, hub: HubClient, path: Path, sop_
     headers = {"Authorization": await hub.authorization(), "Accept": "application/dicom+json",
                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
     url = hub.base_url.rstrip("/") + "/dicomweb/studies"
-    async with session.post(url, data=_stow_body(path, boundary), headers=headers, ssl=hub.ssl_context,
+    async with session.post(url, data=_stow_body(path, boundary), headers=headers, ssl=hub.ssl_context or True,
                             timeout=_TIMEOUT) as response:
         text = await response.read()
         if response.status not in (200, 202, 409):
@@ -90,7 +90,7 @@ async def _binary(session: aiohttp.ClientSession, hub: HubClient, path: Path) ->
             while block := f.read(_CHUNK):
                 yield block
 
-    async with session.post(url, data=body(), headers=headers, ssl=hub.ssl_context, timeout=_TIMEOUT) as response:
+    async with session.post(url, data=body(), headers=headers, ssl=hub.ssl_context or True, timeout=_TIMEOUT) as response:
         if response.status not in (200, 201):
             raise UploadError(f"Binary upload to the hub: HTTP {response.status}")
         resource = await response.json(content_type=None)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 
-def instance_seen(event):  # noqa: ANN001, ANN201 - the hub's BotEvent
+def instance_seen(event):
     """Accept Medplum's DICOM JSON document; fail loudly if it is not one."""
     document = json.loads(event.input)
     if "association" not in document or "dataset" not in document:
         raise ValueError("not a DICOM instance document")
-    return None

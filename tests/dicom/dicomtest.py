@@ -15,14 +15,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     RLELossless,
     generate_uid,
 )
 
 from medagent.hub import HubServer, HubSettings
 
-__all__ = ["ct_dataset", "write_multiframe", "hub_server", "study_uids"]
+__all__ = ["ct_dataset", "hub_server", "study_uids", "write_multiframe"]
 
 
 def _base(study_uid: str, series_uid: str, sop_uid: str, patient_id: str, modality: str) -> Dataset:
@@ -120,20 +119,20 @@ def hub_server(tmp_path: Path) -> HubServer:
 
 # --------------------------------------------------------------------------- agent-side helpers
 
-import asyncio  # noqa: E402
-import ssl  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from types import MappingProxyType  # noqa: E402
-from urllib.parse import urlencode  # noqa: E402
+import asyncio
+import ssl
+from collections.abc import Callable
+from types import MappingProxyType
+from urllib.parse import urlencode
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_context  # noqa: E402
-from pynetdicom.sop_class import Verification  # noqa: E402
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_context
+from pynetdicom.sop_class import Verification
 
-from medagent.channels.base import ChannelContext, file_uploader  # noqa: E402
-from medagent.channels.dicom import DicomChannel, dicom_options  # noqa: E402
-from medagent.channels.endpoint import Endpoint  # noqa: E402
-from medagent.queue import DurableQueue  # noqa: E402
-from medagent.records import CommitResult, DuplicatePolicy, InboundRecord  # noqa: E402
+from medagent.channels.base import ChannelContext, file_uploader
+from medagent.channels.dicom import DicomChannel, dicom_options
+from medagent.channels.endpoint import Endpoint
+from medagent.queue import DurableQueue
+from medagent.records import CommitResult, DuplicatePolicy, InboundRecord
 
 CALL_TIMEOUT_S = 30.0
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dicomtest import QueueSink, start_channel  # noqa: E402
+from dicomtest import QueueSink, start_channel
 
-from medagent.channels.base import file_uploader  # noqa: E402
-from medagent.queue import DurableQueue  # noqa: E402
-from medagent.records import DICOM_CONTENT_TYPE  # noqa: E402
+from medagent.channels.base import file_uploader
+from medagent.queue import DurableQueue
+from medagent.records import DICOM_CONTENT_TYPE
 
 WAIT_S = 300.0
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 from dicomtest import ct_dataset
 from dicomweb_client.api import DICOMwebClient
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 

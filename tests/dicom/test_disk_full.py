@@ -26,13 +26,13 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
     spool = tmp_path / "agent" / "spool"
     spool.mkdir(parents=True, mode=0o700)
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k,mode=0700", "tmpfs", str(spool)],
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=30, check=False)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     try:
         yield spool
     finally:
-        subprocess.run(["umount", "-l", str(spool)], capture_output=True, timeout=30)
+        subprocess.run(["umount", "-l", str(spool)], capture_output=True, timeout=30, check=False)
 
 
 @pytest.fixture
@@ -56,7 +56,8 @@ async def test_spool_full_answers_a700_then_recovers(tmp_path: Path, small_spool
         assert len(list((small_spool / "pacs").iterdir())) == 3  # the partial copy was removed
         assert channel.stats()["answers"] == {"0x0000": 3, "0xA700": 1}
 
-        subprocess.run(["mount", "-o", "remount,size=8m", str(small_spool)], check=True, timeout=30)
+        await asyncio.to_thread(subprocess.run, ["mount", "-o", "remount,size=8m", str(small_spool)],
+                                check=True, timeout=30)
         assert await asyncio.to_thread(scu_store, channel.port, [datasets[3]]) == [0]
     finally:
         await channel.stop()

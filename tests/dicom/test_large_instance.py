@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from dicomtest import write_multiframe
-from pynetdicom import AE, _config, build_context
 from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config, build_context
 
 from medagent.hub import HubServer
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from pydicom import dcmread
 from dicomtest import QueueSink, ct_dataset, scu_store, start_channel
+from pydicom import dcmread
 
 from medagent.channels.base import file_uploader
 from medagent.queue import DurableQueue

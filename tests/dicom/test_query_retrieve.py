@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -230,7 +231,7 @@ async def test_push_base64_and_wado_urls_to_a_scp(hub: HubServer, store_scp: Sto
         assert reply.status_code == 200
         assert '"status":"0x0000"' in reply.body and single.SOPInstanceUID in reply.body
         study_url = f"studies/{ct[0].StudyInstanceUID}"
-        reply = await sender.send(remote, '{"retrieveUrls": ["%s"]}' % study_url, "application/json")
+        reply = await sender.send(remote, json.dumps({"retrieveUrls": [study_url]}), "application/json")
         assert reply.status_code == 200 and reply.body.count('"0x0000"') == 2
     finally:
         await sender.close()

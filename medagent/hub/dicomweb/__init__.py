@@ -15,11 +15,11 @@ from aiohttp import web
 from medagent.hub.context import CTX_KEY
 from medagent.hub.dicomweb.common import PREFIX, STORE_KEY
 from medagent.hub.dicomweb.qido import handle_qido
-from medagent.hub.dicomweb.stow import handle_stow
 from medagent.hub.dicomweb.store import DicomStore
+from medagent.hub.dicomweb.stow import handle_stow
 from medagent.hub.dicomweb.wado import handle_frames, handle_metadata, handle_retrieve
 
-__all__ = ["add_dicomweb_routes", "STORE_KEY"]
+__all__ = ["STORE_KEY", "add_dicomweb_routes"]
 
 
 async def _store_lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ from medagent.dicom.uids import is_uid
 from medagent.hub.access import principal
 from medagent.hub.dicomweb.store import DicomStore
 
-__all__ = ["STORE_KEY", "DICOM_JSON", "authorize", "dicom_json_response", "error", "service_url", "path_uids"]
+__all__ = ["DICOM_JSON", "STORE_KEY", "authorize", "dicom_json_response", "error", "path_uids", "service_url"]
 
 STORE_KEY: web.AppKey[DicomStore] = web.AppKey("medagent_dicom_store", DicomStore)
 DICOM_JSON = "application/dicom+json"

@@ -15,7 +15,13 @@ from typing import Any
 from aiohttp import web
 
 from medagent.dicom.query import Query, QueryError, parse_qido
-from medagent.hub.dicomweb.common import authorize, dicom_json_response, error, path_uids, service_url
+from medagent.hub.dicomweb.common import (
+    authorize,
+    dicom_json_response,
+    error,
+    path_uids,
+    service_url,
+)
 
 __all__ = ["handle_qido"]
 

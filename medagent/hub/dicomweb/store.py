@@ -36,7 +36,7 @@ from medagent.dicom.files import InstanceInfo
 from medagent.dicom.query import Query
 from medagent.dicom.uids import is_uid
 
-__all__ = ["DicomStore", "StoredInstance", "DB_FILE", "FILES_DIR"]
+__all__ = ["DB_FILE", "FILES_DIR", "DicomStore", "StoredInstance"]
 
 DB_FILE = "dicom.sqlite3"
 FILES_DIR = "dicom"

@@ -25,8 +25,20 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from medagent.dicom.dicomjson import dataset_json
-from medagent.dicom.files import InstanceInfo, InvalidInstance, durable_move, instance_info, read_header
-from medagent.hub.dicomweb.common import authorize, dicom_json_response, error, path_uids, service_url
+from medagent.dicom.files import (
+    InstanceInfo,
+    InvalidInstance,
+    durable_move,
+    instance_info,
+    read_header,
+)
+from medagent.hub.dicomweb.common import (
+    authorize,
+    dicom_json_response,
+    error,
+    path_uids,
+    service_url,
+)
 from medagent.hub.dicomweb.store import DicomStore
 
 __all__ = ["handle_stow"]

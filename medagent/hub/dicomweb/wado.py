@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -25,7 +26,7 @@ from pydicom.uid import UID
 from medagent.hub.dicomweb.common import authorize, dicom_json_response, error, path_uids
 from medagent.hub.dicomweb.store import StoredInstance
 
-__all__ = ["handle_retrieve", "handle_metadata", "handle_frames"]
+__all__ = ["handle_frames", "handle_metadata", "handle_retrieve"]
 
 _READ = 1 << 20
 
@@ -56,7 +57,7 @@ def _selected(request: web.Request) -> list[StoredInstance]:
     return found
 
 
-async def _stream_multipart(request: web.Request, parts: list[tuple[str, Path | bytes, int]], media: str) -> web.StreamResponse:
+async def _stream_multipart(request: web.Request, parts: Sequence[tuple[str, Path | bytes, int]], media: str) -> web.StreamResponse:
     boundary = secrets.token_hex(16)
     heads = [f"--{boundary}\r\nContent-Type: {ctype}\r\nContent-Length: {size}\r\n\r\n".encode()
              for ctype, _, size in parts]
