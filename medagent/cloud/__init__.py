@@ -47,7 +47,21 @@ _WHERE = {
     "UnknownMessageType": "messages",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "AgentLink",
+    "AgentMessage",
+    "AuthError",
+    "HubRequestError",
+    "HubUnavailableError",
+    "LinkConfigError",
+    "LinkHandler",
+    "LinkSettings",
+    "LinkState",
+    "ProtocolError",
+    "TokenClient",
+    "UnknownMessageType",
+    "websocket_url",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -189,7 +189,7 @@ class Backoff:
 class _Connection:
     """One websocket connection: its session core, its socket and the writer's wake-up."""
 
-    __slots__ = ("core", "client", "wake", "ended", "abort", "live_since")
+    __slots__ = ("abort", "client", "core", "ended", "live_since", "wake")
 
     def __init__(self, session: AgentSession) -> None:
         self.core = session
@@ -428,7 +428,7 @@ class AgentLink:
                 max_size=MAX_FRAME_BYTES,
                 user_agent=f"medagent/{self._version}",
             )
-        except Exception as exc:  # OSError, TLS, InvalidHandshake, TimeoutError, proxy errors...
+        except Exception as exc:  # noqa: BLE001 - OSError, TLS, InvalidHandshake, TimeoutError, proxy...
             reason = f"cannot open {self._url}: {type(exc).__name__}: {exc}"
             log.warning("%s", reason)
             return reason
@@ -452,8 +452,8 @@ class AgentLink:
                 asyncio.create_task(self._tick_loop(conn), name="medagent-link-ticker"),
             ]
             try:
-                await asyncio.wait([*tasks, conn.ended, client.closed],
-                                   return_when=asyncio.FIRST_COMPLETED)
+                waits: list[asyncio.Future[Any]] = [*tasks, conn.ended, client.closed]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for task in tasks:
                     task.cancel()

@@ -30,6 +30,7 @@ import socket
 import ssl as ssl_module
 import urllib.request
 from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.client import ClientProtocol
@@ -39,7 +40,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-__all__ = ["WebSocketClient", "open_websocket", "ProxyError"]
+__all__ = ["ProxyError", "WebSocketClient", "open_websocket"]
 
 #: Frames joined into one socket write (bounds one write's buffer to a few MiB).
 _FRAMES_PER_WRITE = 256
@@ -92,7 +93,7 @@ class WebSocketClient(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
         if not self._can_write.is_set():
-            waiter = asyncio.ensure_future(self._can_write.wait())
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(self._can_write.wait())
             await asyncio.wait([waiter, self.closed], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if self.closed.done():
@@ -119,7 +120,7 @@ class WebSocketClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
-        transport.set_write_buffer_limits(high=2**20)
+        self._transport.set_write_buffer_limits(high=2**20)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         self.protocol.receive_data(data)
@@ -261,7 +262,7 @@ def _proxy_for(host: str, secure: bool) -> str | None:
     """The proxy URL for a websocket to ``host`` from the environment, or None (direct)."""
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get("https" if secure else "http") or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):
+    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
         return None
     return proxy
 

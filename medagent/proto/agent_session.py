@@ -75,10 +75,16 @@ import orjson
 from medagent.cloud import messages as m
 
 __all__ = [
+    "BATCH_FRAME_TARGET_BYTES",
+    "INVALID_ACCESS_TOKEN",
+    "MAX_NOT_LIVE_TICKS",
+    "MISSING_ACCESS_TOKEN",
+    "MISSING_AGENT_ID",
+    "NOT_CONNECTED",
     "AgentSession",
     "BatchSettings",
-    "ConnectRequested",
     "Confirmed",
+    "ConnectRequested",
     "EndKind",
     "Event",
     "HeartbeatAnswered",
@@ -93,12 +99,6 @@ __all__ = [
     "TransmitFailed",
     "TransmitsReceived",
     "Violation",
-    "INVALID_ACCESS_TOKEN",
-    "MISSING_ACCESS_TOKEN",
-    "MISSING_AGENT_ID",
-    "NOT_CONNECTED",
-    "MAX_NOT_LIVE_TICKS",
-    "BATCH_FRAME_TARGET_BYTES",
 ]
 
 #: Medplum server's connect errors (server ``agent/websockets.ts`` ``handleConnect``).
@@ -590,8 +590,9 @@ def _batch_limits(features: Mapping[str, Any], ours: BatchSettings) -> tuple[int
 
     def limit(key: str, own: int) -> int:
         theirs = advertised.get(key)
-        ok = isinstance(theirs, int) and not isinstance(theirs, bool) and theirs > 0
-        return min(own, theirs) if ok else own
+        if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs > 0:
+            return min(own, theirs)
+        return own
 
     return limit("maxMessages", ours.max_messages), limit("maxBytes", ours.max_bytes)
 

@@ -83,7 +83,7 @@ async def test_many_frames_in_one_write_arrive_in_order_as_text() -> None:
             client.send_text_frames(b'{"n":%d}' % n for n in range(600))  # spans several writes
             await client.drain()
             await eventually(lambda: len(p.received) == 600)
-        assert p.received == ['{"n":%d}' % n for n in range(600)]  # str: TEXT frames
+        assert p.received == [f'{{"n":{n}}}' for n in range(600)]  # str: TEXT frames
         assert p.user_agents == ["medagent/test"]
 
 

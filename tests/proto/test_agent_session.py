@@ -108,9 +108,9 @@ def test_features_decide_the_mode_and_the_smaller_limits_win() -> None:
     assert limited.batch_limits == (3, 2048)
 
 
-@pytest.mark.parametrize("bad", [dict(heartbeat_s=0), dict(max_missed_heartbeats=0),
-                                 dict(batching=BatchSettings(max_messages=0)),
-                                 dict(batching=BatchSettings(max_bytes=100))])
+@pytest.mark.parametrize("bad", [{"heartbeat_s": 0}, {"max_missed_heartbeats": 0},
+                                 {"batching": BatchSettings(max_messages=0)},
+                                 {"batching": BatchSettings(max_bytes=100)}])
 def test_impossible_settings_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         AgentSession(version="v", now=0.0, **bad)
