@@ -70,6 +70,7 @@ from medagent.proto.ackpolicy import AckMode, AppLevelAck, DuplicateBehavior
 __all__ = [
     "ACCEPTED_PARAMETERS",
     "KNOWN_CHANNEL_KINDS",
+    "MLLP_PARAMETERS",
     "SUPPORTED_CHANNEL_KINDS",
     "AckMode",
     "AppLevelAck",
@@ -78,24 +79,23 @@ __all__ = [
     "DuplicateBehavior",
     "Endpoint",
     "EndpointError",
-    "MLLP_PARAMETERS",
     "MllpOptions",
     "RemoteTarget",
     "RetryMode",
     "ReturnAck",
+    "bool_param",
     "bytestream_options",
+    "choice_param",
+    "decimal_param",
     "dicom_options",
+    "encoding_param",
+    "int_param",
     "mllp_options",
     "parse_endpoint",
     "parse_remote",
     "queue_duplicate_policy_name",
     "redact_url",
     "validate_encoding",
-    "bool_param",
-    "int_param",
-    "decimal_param",
-    "choice_param",
-    "encoding_param",
 ]
 
 
@@ -483,7 +483,12 @@ def parse_endpoint(url: str) -> Endpoint:
     EndpointError. Schemes whose kind module does not exist yet fall back to the deprecated
     tables above.
     """
-    from medagent.channels.base import BUILTIN_KIND_MODULES, UnknownChannelKind, channel_kind, known_schemes
+    from medagent.channels.base import (
+        BUILTIN_KIND_MODULES,
+        UnknownChannelKind,
+        channel_kind,
+        known_schemes,
+    )
 
     parts = _split(url, allow_path=True)
     scheme = parts.scheme

@@ -84,8 +84,14 @@ from medagent.proto.hl7_session import (
 from medagent.proto.mllp import FrameTooLarge, MllpDecoder
 from medagent.records import CommitResult, DuplicatePolicy
 
-__all__ = ["InboundSink", "Hl7Channel", "Hl7Connection", "MLLP_KIND", "MAX_CONSECUTIVE_FRAMING_ERRORS",
-           "MAX_JUNK_BYTES"]
+__all__ = [
+    "MAX_CONSECUTIVE_FRAMING_ERRORS",
+    "MAX_JUNK_BYTES",
+    "MLLP_KIND",
+    "Hl7Channel",
+    "Hl7Connection",
+    "InboundSink",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +136,10 @@ class Hl7Connection(asyncio.Protocol):
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
         self._session.remote = self.remote
         if not self._channel.admit(self):
-            transport.abort()
+            self._transport.abort()
             return
         self.registered = True
-        _tune_socket(transport)
+        _tune_socket(self._transport)
         self._last_activity = self._loop.time()
         self._arm_idle_timer()
         self.update_reading()
@@ -250,7 +256,7 @@ class Hl7Connection(asyncio.Protocol):
         try:
             channel.sink.accept(record, durable=durable, dedup=channel.dedup_policy,
                                 on_commit=slot.committed if durable else None)
-        except Exception as exc:  # the runtime refused: answer as a storage error
+        except Exception as exc:  # noqa: BLE001 (any refusal of the runtime is answered as a storage error)
             self._counters.sink_errors += 1
             logger.error("hl7 channel %s: sink refused message %s from %s: %s",
                          channel.name, record.control_id, self.remote, exc)
@@ -289,8 +295,6 @@ class Hl7Connection(asyncio.Protocol):
         """Write the completed prefix of the session's FIFO in one transport.write."""
         self._flush_handle = None
         session = self._session
-        if not session.writable:
-            return
         transport = self._transport
         now = self._loop.time()
         if transport is None or self.closed or transport.is_closing():
@@ -466,8 +470,8 @@ class Hl7Channel:
 
     def listening_sockets(self) -> list[socket.socket]:
         """The listening sockets (asyncio's TransportSocket views: fileno(), getsockname())."""
-        server = self._server
-        return list(server.sockets) if server is not None else []  # type: ignore[arg-type]
+        server: Any = self._server  # asyncio.Server or uvloop's: both have .sockets
+        return list(server.sockets) if server is not None else []
 
     @property
     def host(self) -> str:
@@ -479,8 +483,9 @@ class Hl7Channel:
         return int(self._first_sockname()[1]) if self._server is not None else self.endpoint.port
 
     def _first_sockname(self) -> Any:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()
+        server: Any = self._server
+        assert server is not None
+        return server.sockets[0].getsockname()
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Stop accepting; wait up to `drain_timeout` s for outstanding ACKs; close everything.

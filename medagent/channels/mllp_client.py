@@ -86,7 +86,7 @@ class _RemoteStats:
 
 
 class _Pending:
-    __slots__ = ("future", "application")
+    __slots__ = ("application", "future")
 
     def __init__(self, future: asyncio.Future[bytes], application: bool) -> None:
         self.future = future

@@ -94,23 +94,23 @@ from typing import Final, NamedTuple
 
 __all__ = [
     "ACK_CODES",
-    "DEFAULT_VERSION",
     "DEFAULT_PROCESSING_ID",
+    "DEFAULT_VERSION",
     "ERROR_CODE_TEXT",
-    "Hl7Error",
+    "AckInfo",
     "Header",
+    "Hl7Error",
     "Separators",
+    "build_ack",
+    "codec_for_charset",
+    "current_timestamp",
+    "decode",
+    "format_timestamp",
+    "make_control_id",
+    "new_control_id_prefix",
+    "parse_ack",
     "parse_header",
     "split_segments",
-    "decode",
-    "codec_for_charset",
-    "build_ack",
-    "AckInfo",
-    "parse_ack",
-    "make_control_id",
-    "format_timestamp",
-    "current_timestamp",
-    "new_control_id_prefix",
 ]
 
 
@@ -606,7 +606,7 @@ def new_control_id_prefix(not_before: int = 0) -> tuple[str, int]:
 class ControlIdGenerator:
     """Per-process unique MSH-10 values ``<prefix><tag><hex counter>`` (<= 20 characters)."""
 
-    __slots__ = ("_tag", "_state", "_lock")
+    __slots__ = ("_lock", "_state", "_tag")
 
     def __init__(self, tag: str) -> None:
         self._tag = tag

@@ -94,29 +94,29 @@ from medagent.proto.hl7 import Hl7Error, parse_ack
 from medagent.records import CommitResult
 
 __all__ = [
-    "AckMode",
-    "AppLevelAck",
-    "DuplicateBehavior",
-    "AckCode",
-    "AckDecision",
-    "CommitOutcome",
-    "ReplyAction",
-    "ReplyDecision",
-    "COMMIT_CODES",
     "APPLICATION_CODES",
+    "COMMIT_CODES",
     "DUPLICATE_DROPPED_TEXT",
     "DUPLICATE_REJECTED_TEXT",
-    "condition_allows",
+    "AckCode",
+    "AckDecision",
+    "AckMode",
+    "AppLevelAck",
+    "CommitOutcome",
+    "DuplicateBehavior",
+    "ReplyAction",
+    "ReplyDecision",
     "ack_allowed",
-    "classify_commit",
     "awaits_hub_reply",
-    "receipt_ack",
-    "commit_ack",
-    "reject_ack",
-    "timeout_ack",
-    "parse_ack_code",
+    "classify_commit",
     "classify_reply",
+    "commit_ack",
+    "condition_allows",
+    "parse_ack_code",
+    "receipt_ack",
+    "reject_ack",
     "reply_decision",
+    "timeout_ack",
 ]
 
 
@@ -193,6 +193,10 @@ class AckDecision:
     error: str | None = None
 
 
+_AA: Final = AckDecision(AckCode.AA)  # shared: decisions are frozen
+_CA: Final = AckDecision(AckCode.CA)
+
+
 class CommitOutcome(enum.Enum):
     """What the queue did with a message, as far as the ACK is concerned."""
 
@@ -263,8 +267,13 @@ def is_accept_level(mode: AckMode) -> bool:
 
 def _gated(decision: AckDecision, mode: AckMode, accept_ack_type: str | None,
            app_ack_type: str | None) -> AckDecision | None:
-    allowed = ack_allowed(decision.code, accept_ack_type, app_ack_type, accept_level=is_accept_level(mode))
-    return decision if allowed else None
+    """`decision` when MSH-15/16 let it out: ``ack_allowed(..., accept_level=is_accept_level(mode))``,
+    inlined because it runs once per message (an empty condition is AL: no table lookup)."""
+    code = decision.code
+    condition = accept_ack_type if mode is not AckMode.ORIGINAL or code in COMMIT_CODES else app_ack_type
+    if not condition:
+        return decision
+    return decision if condition_allows(condition, code in _SUCCESS_CODES) else None
 
 
 def _app_level_allows(setting: AppLevelAck, code: AckCode) -> bool:
@@ -304,7 +313,7 @@ def receipt_ack(mode: AckMode, accept_ack_type: str | None, app_ack_type: str | 
     """ACK written as soon as a valid message is parsed: AA in IMMEDIATE mode, else nothing."""
     if mode is not AckMode.IMMEDIATE:
         return None
-    return _gated(AckDecision(AckCode.AA), mode, accept_ack_type, app_ack_type)
+    return _gated(_AA, mode, accept_ack_type, app_ack_type)
 
 
 def _reject_code(mode: AckMode) -> AckCode:
@@ -334,9 +343,9 @@ def commit_ack(
         code = AckCode.CA if mode is AckMode.TWO_PHASE else AckCode.AA
         decision = AckDecision(code, DUPLICATE_DROPPED_TEXT)
     elif mode is AckMode.FAST:
-        decision = AckDecision(AckCode.AA)
+        decision = _AA
     elif mode is AckMode.TWO_PHASE:
-        decision = AckDecision(AckCode.CA)
+        decision = _CA
     else:  # ORIGINAL, stored: the bot's reply is the ACK
         return None
     return _gated(decision, mode, accept_ack_type, app_ack_type)

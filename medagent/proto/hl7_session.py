@@ -87,7 +87,6 @@ MAX_CONSECUTIVE_FRAMING_ERRORS: Final = 10
 #: Two-phase: bot replies awaited per session; beyond it the oldest entry is forgotten.
 MAX_AWAITED_REPLIES: Final = 10_000
 
-_POSITIVE_CODES: Final = frozenset({"AA", "CA"})
 
 
 class SlotState(enum.IntEnum):
@@ -96,6 +95,9 @@ class SlotState(enum.IntEnum):
     AWAIT_COMMIT = 0
     AWAIT_REPLY = 1  # ORIGINAL: committed, waiting for the bot's reply (or the timeout)
     READY = 2  # completed: `ack` is sent when every earlier slot is ready (None: nothing)
+
+
+READY: Final = SlotState.READY  # a module global: read per slot on the hot path
 
 
 class ReplyResult(enum.IntEnum):
@@ -144,26 +146,60 @@ class Hl7Counters:
     latencies (ms) per bucket of ``latency_bounds`` (the last bound should be infinity).
     """
 
-    __slots__ = (
+    #: The integer counters (what :meth:`as_dict` reports), in report order.
+    INTEGER_FIELDS: Final = (
         "connections_total", "connections_refused", "connections_closed_for_errors", "connections_idle_closed",
-        "messages_received", "messages_rejected", "framing_errors", "acks_positive", "acks_negative",
+        "messages_received", "messages_rejected", "framing_errors",
         "acks_suppressed", "acks_lost", "replies_other", "bytes_received", "bytes_sent", "replies_delivered",
         "replies_suppressed", "replies_late", "replies_no_connection", "replies_timed_out",
         "seq_no_skipped", "discarded_bytes", "missing_cr", "truncated_frames", "sink_errors",
-        "control_id_reused", "answers", "latency", "latency_bounds",
+        "control_id_reused",
     )
-    #: The integer counters (what :meth:`as_dict` reports).
-    INTEGER_FIELDS: Final = __slots__[:-3]
+    __slots__ = (*INTEGER_FIELDS, "answers", "latency", "latency_bounds")
 
     def __init__(self, latency_bounds: tuple[float, ...] = (float("inf"),)) -> None:
-        for name in self.INTEGER_FIELDS:
-            setattr(self, name, 0)
+        self.connections_total = 0
+        self.connections_refused = 0
+        self.connections_closed_for_errors = 0
+        self.connections_idle_closed = 0
+        self.messages_received = 0
+        self.messages_rejected = 0
+        self.framing_errors = 0
+        self.acks_suppressed = 0
+        self.acks_lost = 0
+        self.replies_other = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.replies_delivered = 0
+        self.replies_suppressed = 0
+        self.replies_late = 0
+        self.replies_no_connection = 0
+        self.replies_timed_out = 0
+        self.seq_no_skipped = 0
+        self.discarded_bytes = 0
+        self.missing_cr = 0
+        self.truncated_frames = 0
+        self.sink_errors = 0
+        self.control_id_reused = 0
         self.answers: dict[str, int] = {}
         self.latency_bounds = latency_bounds
         self.latency = [0] * len(latency_bounds)
 
+    @property
+    def acks_positive(self) -> int:
+        """ACKs written with AA or CA."""
+        answers = self.answers
+        return answers.get("AA", 0) + answers.get("CA", 0)
+
+    @property
+    def acks_negative(self) -> int:
+        """ACKs written with AE, AR, CE or CR."""
+        return sum(self.answers.values()) - self.acks_positive
+
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.INTEGER_FIELDS}
+        result = {name: getattr(self, name) for name in self.INTEGER_FIELDS}
+        result["acks_positive"], result["acks_negative"] = self.acks_positive, self.acks_negative
+        return result
 
 
 class Slot:
@@ -172,8 +208,20 @@ class Slot:
     ``committed`` is the on-commit callback to hand to the sink with ``record``.
     """
 
-    __slots__ = ("session", "message", "control_id", "accept_ack_type", "app_ack_type", "charset",
-                 "state", "ack", "ack_code", "deadline", "received", "record")
+    __slots__ = (
+        "accept_ack_type",
+        "ack",
+        "ack_code",
+        "app_ack_type",
+        "charset",
+        "control_id",
+        "deadline",
+        "message",
+        "received",
+        "record",
+        "session",
+        "state",
+    )
 
     def __init__(self, session: Hl7Session, message: bytes, control_id: str, accept_ack_type: str,
                  app_ack_type: str, charset: str, state: SlotState, received: float) -> None:
@@ -202,7 +250,7 @@ class Slot:
 class _ReplyContext:
     """TWO_PHASE: what is needed to build and filter the bot's later reply."""
 
-    __slots__ = ("message", "app_ack_type", "charset")
+    __slots__ = ("app_ack_type", "charset", "message")
 
     def __init__(self, message: bytes, app_ack_type: str, charset: str) -> None:
         self.message = message
@@ -253,9 +301,10 @@ def _frame(payload: bytes) -> bytes:
         return encode(payload.replace(b"\x0b", b"").replace(b"\x1c", b""))
 
 
-def _build(message: bytes, decision: AckDecision) -> bytes:
-    """The MLLP frame of the ACK `decision` describes for `message`."""
-    return _frame(hl7proto.build_ack(message, decision.code.value, decision.text, decision.error))
+def _build(message: bytes, decision: AckDecision) -> tuple[bytes, str]:
+    """(the MLLP frame of the ACK `decision` describes for `message`, its MSA-1 code)."""
+    code = decision.code.value  # an enum property: read once per ACK
+    return _frame(hl7proto.build_ack(message, code, decision.text, decision.error)), code
 
 
 def _reply_codec(charset: str, default: str) -> str:
@@ -350,7 +399,7 @@ class Hl7Session:
             if decision is None:
                 counters.acks_suppressed += 1
             else:
-                slot.ack, slot.ack_code = _build(frame, decision), decision.code.value
+                slot.ack, slot.ack_code = _build(frame, decision)
         else:
             original = mode is AckMode.ORIGINAL
             slot = Slot(self, frame if original else _msh_only(frame), control_id, accept_ack_type,
@@ -396,7 +445,7 @@ class Hl7Session:
         if decision is None:
             self.counters.acks_suppressed += 1
         else:
-            slot.ack, slot.ack_code = _build(frame, decision), decision.code.value
+            slot.ack, slot.ack_code = _build(frame, decision)
         self._slots.append(slot)
         return Rejected(header.control_id, len(frame), reason)
 
@@ -411,7 +460,7 @@ class Hl7Session:
     # ------------------------------------------------------------------ completion
 
     def _complete(self, slot: Slot, ack: bytes | None, code: str | None) -> None:
-        slot.state = SlotState.READY
+        slot.state = READY
         slot.ack = ack
         slot.ack_code = code
         if ack is None:
@@ -438,7 +487,7 @@ class Hl7Session:
         if decision is None:
             self._complete(slot, None, None)
         else:
-            self._complete(slot, _build(slot.message, decision), decision.code.value)
+            self._complete(slot, *_build(slot.message, decision))
 
     def expire(self, now: float) -> list[str]:
         """ORIGINAL: answer AR for every message whose reply is overdue; their control ids."""
@@ -456,7 +505,7 @@ class Hl7Session:
             if decision is None:
                 self._complete(slot, None, None)
             else:
-                self._complete(slot, _build(slot.message, decision), decision.code.value)
+                self._complete(slot, *_build(slot.message, decision))
         return expired
 
     def _forget_awaited(self, slot: Slot) -> None:
@@ -533,7 +582,7 @@ class Hl7Session:
                                             reply_code, app_ack_type, None if is_hl7 else body)
         if decision.action is ReplyAction.BUILD_AE:
             text = decision.text or "hub error"
-            return _build(message, AckDecision(AckCode.AE, text, text)), AckCode.AE.value
+            return _build(message, AckDecision(AckCode.AE, text, text))
         if decision.action is not ReplyAction.FORWARD:
             return None, None
         codec = _reply_codec(charset, options.encoding)
@@ -541,7 +590,7 @@ class Hl7Session:
             frame = encode(body.encode(codec, "replace"))
         except InvalidPayload:
             text = "the hub's reply contains MLLP control characters (0x0B/0x1C)"
-            return _build(message, AckDecision(AckCode.AE, text, text)), AckCode.AE.value
+            return _build(message, AckDecision(AckCode.AE, text, text))
         return frame, (reply_code.value if reply_code is not None else None)
 
     # ------------------------------------------------------------------ output
@@ -553,12 +602,14 @@ class Hl7Session:
         take them any more; they are counted as lost and b"" is returned.
         """
         slots = self._slots
-        if not slots or slots[0].state is not SlotState.READY:
+        if not slots or slots[0].state is not READY:
             return b""
         out: list[bytes] = []
         counters = self.counters
         answers = counters.answers
-        while slots and slots[0].state is SlotState.READY:
+        latency = counters.latency
+        bounds = counters.latency_bounds
+        while slots and slots[0].state is READY:
             slot = slots.popleft()
             ack = slot.ack
             if ack is None:
@@ -568,15 +619,9 @@ class Hl7Session:
             if code is None:
                 counters.replies_other += 1
                 continue
-            if code in _POSITIVE_CODES:
-                counters.acks_positive += 1
-            else:
-                counters.acks_negative += 1
             answers[code] = answers.get(code, 0) + 1
-            if now is not None:
-                latency = counters.latency
-                index = bisect_left(counters.latency_bounds, (now - slot.received) * 1000.0)
-                latency[min(index, len(latency) - 1)] += 1
+            if now is not None:  # the last bound is infinite, so the index is in range
+                latency[bisect_left(bounds, (now - slot.received) * 1000.0)] += 1
         if not out:
             return b""
         if lost:

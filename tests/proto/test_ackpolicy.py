@@ -7,7 +7,15 @@ import itertools
 import pytest
 
 from medagent.proto import ackpolicy as p
-from medagent.proto.ackpolicy import AckCode, AckDecision, AckMode, AppLevelAck, CommitOutcome, DuplicateBehavior, ReplyAction
+from medagent.proto.ackpolicy import (
+    AckCode,
+    AckDecision,
+    AckMode,
+    AppLevelAck,
+    CommitOutcome,
+    DuplicateBehavior,
+    ReplyAction,
+)
 from medagent.records import CommitResult
 
 CONDITIONS = ["", "AL", "NE", "ER", "SU", "al", " ne ", "XX"]
