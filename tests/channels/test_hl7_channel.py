@@ -740,3 +740,23 @@ async def test_bodies_are_logged_only_with_log_phi(connect, queue: DurableQueue,
         await channel.stop(drain_timeout=1.0)
     assert ("SECRET" in caplog.text) is log_phi
     assert "SECRET^TWO" not in caplog.text  # a rejected body is never logged
+
+
+async def test_reused_control_id_with_other_content_is_delivered_and_counted(
+    start: Harness, connect, queue: DurableQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13 defect 3 at the channel: both messages get AA, both are stored as new rows,
+    the reuse is counted (controlIdReused) and logged once without the bodies."""
+    channel, _ = await start("ackMode=fast")
+    client = await connect(channel)
+    caplog.set_level(logging.WARNING, logger="medagent.channels.hl7")
+    await client.send(msg("RE1", pid_name="FIRST^PATIENT"))
+    assert msa(await client.ack())[:2] == ("AA", "RE1")
+    await client.send(msg("RE1", pid_name="OTHER^PATIENT"))
+    assert msa(await client.ack())[:2] == ("AA", "RE1")
+    rows = await stored(queue, 2)
+    assert [row.body for row in rows] == [msg("RE1", pid_name="FIRST^PATIENT"), msg("RE1", pid_name="OTHER^PATIENT")]
+    assert rows[1].duplicate_of is None
+    assert channel.stats()["controlIdReused"] == 1
+    reuse_lines = [r for r in caplog.records if "reuses a recent control id" in r.getMessage()]
+    assert len(reuse_lines) == 1 and "PATIENT" not in caplog.text
