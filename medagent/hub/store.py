@@ -75,8 +75,9 @@ __all__ = [
 DB_FILE = "hub.sqlite3"
 MAX_PAGE = 1000
 DEFAULT_BOT = "medagent.hub.bots.ack:handler"
-#: address schemes a channel may use (DESIGN.md "Protocol and compatibility")
-CHANNEL_SCHEMES = ("mllp", "dicom", "astm", "tcp")
+#: address schemes a channel may use (DESIGN.md "Protocol and compatibility"; the channel kinds
+#: registered in medagent.channels: serial ports are serial:// and astm+serial://)
+CHANNEL_SCHEMES = ("mllp", "dicom", "astm", "tcp", "serial", "astm+serial")
 _LOOKUP_CHUNK = 500
 _SQLITE_INT_MAX = 2**63 - 1
 
