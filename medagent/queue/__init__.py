@@ -2,9 +2,13 @@
 then delivered to the hub in FIFO order until the hub confirms it.
 
 * `records`  - row states, duplicate policies, the value types that cross the API;
-* `store`    - synchronous SQLite core (WAL, group insert, migrations, lease, retention);
-* `durable`  - asyncio facade: group commit per loop iteration, ordered hand-out to the link;
-* `admin`    - operator actions for `medagent queue ...` (safe beside a running agent).
+* `store`    - synchronous SQLite core (WAL, group insert, dedup by key and content, file payload
+               rows, migrations, lease, retention that deletes payload files with their rows);
+* `durable`  - asyncio facade: group commit per loop iteration, ordered hand-out to the link,
+               the storage health gate (watermarks, reserve, recovery from a full disk);
+* `admin`    - operator actions for `medagent queue ...` (safe beside a running agent);
+* `checkpoint` - re-export of `medagent.storage.checkpoint.WalCheckpointer` (moved there: the
+               shared SQLite helpers live in the neutral `medagent.storage` package).
 """
 
 from medagent.queue.admin import QUEUE_FILENAME, list_failed, purge, queue_path, queue_stats, retry_failed
@@ -13,6 +17,7 @@ from medagent.queue.records import (
     HL7_V2_CONTENT_TYPE,
     CommitResult,
     DuplicatePolicy,
+    FilePayload,
     InboundRecord,
     QueuedMessage,
     RowState,
@@ -25,6 +30,7 @@ __all__ = [
     "CommitResult",
     "DuplicatePolicy",
     "DurableQueue",
+    "FilePayload",
     "InboundRecord",
     "QueueClosed",
     "QueueError",

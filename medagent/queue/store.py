@@ -19,11 +19,13 @@ DurableQueue's writer thread, or an admin command); it does not lock anything it
   from them, and the hub may de-duplicate on them).
 * De-duplication (issue 13, defect 3): a duplicate has the same (channel, sender, control_id)
   AND the same content as a non-FAILED row received within `dedup_window_s` before it. Content
-  is a digest stored with each row: BLAKE2b-128 of an inline body (one pass over a ~600-byte
-  body, about a microsecond), the channel's SHA-256 of a file payload. A reused control id with
-  other content (devices reset their counters) is a new message, inserted as usual and reported
-  with `CommitResult.control_id_reused`. Rows from before the digest column existed are compared
-  by hashing their body on the fly. Messages without a control id are never duplicates.
+  is the body's bytes for inline payloads and the channel's SHA-256 for file payloads. Why no
+  stored digest of the body: the key lookup already finds the few rows that share a key (only
+  resends and reused ids do), so comparing their bodies byte for byte costs nothing on the hot
+  path, while hashing every body cost 3-10 us per row under load (BLAKE2b, measured with
+  benchmarks/queue_insert.py), and equality has no collisions. A reused control id with other
+  content (devices reset their counters) is a new message, inserted as usual and reported with
+  `CommitResult.control_id_reused`. Messages without a control id are never duplicates.
 * Payloads: a row holds inline bytes (`body`) or a file reference (`file_path` relative to the
   data directory, always below `spool/`, with `file_size` and `file_sha256`) plus a small
   metadata body. The store never reads payload files; it deletes a row's file after the
@@ -46,7 +48,6 @@ methods raise `StorageError`; opening raises `QueueError` subclasses with action
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -72,7 +73,7 @@ __all__ = [
     "StorageError",
     "QueueStore",
     "SPOOL_DIRNAME",
-    "content_digest",
+    "content_key",
     "spool_path_problem",
     "storage_error_reason",
 ]
@@ -146,15 +147,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
     (
-        # 1 -> 2: content digest for the dedup key, and file payloads (issue 13). Old rows keep
-        # NULL digests (compared by hashing their body) and NULL file columns (inline payloads).
-        "ALTER TABLE messages ADD COLUMN digest BLOB",
+        # 1 -> 2: file payloads (issue 13). Old rows keep NULL file columns (inline payloads).
         "ALTER TABLE messages ADD COLUMN file_path TEXT",
         "ALTER TABLE messages ADD COLUMN file_size INTEGER",
         "ALTER TABLE messages ADD COLUMN file_sha256 TEXT",
-        # Partial and covering: only rows with a file are in it, so retention finds the files of
-        # the rows it deletes, and stats sum spool bytes, without reading any body.
-        "CREATE INDEX messages_files ON messages (id, file_path, file_size) WHERE file_path IS NOT NULL",
+        # No index on file_path: even a partial one cost 15-25 % of the insert time
+        # (benchmarks/queue_insert.py, group 100: 21.2 vs 16.7 us/row). Retention reads the file
+        # column of the rows it deletes anyway; stats count files in their one table scan.
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -162,17 +161,18 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _PENDING_FILTER = f"state < {int(RowState.CONFIRMED)}"
 _INSERT_SQL = (
     "INSERT INTO messages (channel, remote, sender, control_id, message_type, content_type, body,"
-    " received_at, state, attempts, duplicate_of, updated_at, digest, file_path, file_size, file_sha256)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?)"
+    " received_at, state, attempts, duplicate_of, updated_at, file_path, file_size, file_sha256)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?)"
 )
 # Earlier non-FAILED rows with the same (channel, sender, control_id) as any record of a chunk;
-# the body only for rows older than the digest column (NULL digest).
+# their content: the file's SHA-256 for a file payload, else the body.
 _DEDUP_SQL = (
-    "SELECT m.id, m.channel, m.sender, m.control_id, m.received_at, m.digest,"
-    " CASE WHEN m.digest IS NULL THEN m.body END FROM (VALUES {values}) AS k"
+    "SELECT m.id, m.channel, m.sender, m.control_id, m.received_at,"
+    " coalesce(lower(m.file_sha256), m.body) FROM (VALUES {values}) AS k"
     " JOIN messages AS m ON m.channel = k.column1 AND m.sender = k.column2 AND m.control_id = k.column3"
     f" WHERE m.state != {int(RowState.FAILED)} AND m.received_at >= ? ORDER BY m.id"
 )
+_NO_FILE = (None, None, None)  # file_path, file_size, file_sha256 of an inline payload
 _LOOKUP_CHUNK = 300  # 3 parameters per record: stays under SQLite's historic 999-parameter limit
 _QUEUED_COLUMNS = (
     "id, channel, remote, control_id, message_type, body, content_type, received_at, attempts, duplicate_of,"
@@ -189,16 +189,10 @@ _INFO_KEYS = (
 REQUEUE_GENERATION_KEY = "requeue_generation"
 
 
-def content_digest(record: InboundRecord) -> bytes:
-    """The content part of the dedup key: the file's SHA-256 (hex, 64 bytes) for a file payload,
-    else BLAKE2b-128 of the body (16 bytes); the lengths differ, so the two never compare equal."""
-    if record.file is not None:
-        return record.file.sha256.lower().encode("ascii", "replace")
-    return hashlib.blake2b(record.body, digest_size=16).digest()
-
-
-def _legacy_digest(body: bytes | None) -> bytes | None:
-    return None if body is None else hashlib.blake2b(body, digest_size=16).digest()
+def content_key(record: InboundRecord) -> bytes | str:
+    """The content part of the dedup key: the file's SHA-256 (a str) for a file payload, else
+    the body (bytes); a str never equals bytes, so a file never matches an inline body."""
+    return record.body if record.file is None else record.file.sha256.lower()
 
 
 def spool_path_problem(path: str) -> str | None:
@@ -428,8 +422,8 @@ class QueueStore:
         every kept record with one executemany. Ids are predicted from the AUTOINCREMENT sequence
         (we hold the write lock, so they are consecutive) and checked after the insert.
 
-        A record is a duplicate of the oldest row in its window with the same key and digest; a
-        row with the same key but another digest makes it a reused control id (a new message)."""
+        A record is a duplicate of the oldest row in its window with the same key and content; a
+        row with the same key but other content makes it a reused control id (a new message)."""
         off, drop = DuplicatePolicy.OFF, DuplicatePolicy.DROP
         checks_duplicates = any(policy is not off for policy in dedup)
         earlier = self._earlier_rows(records) if checks_duplicates else {}
@@ -439,37 +433,41 @@ class QueueStore:
         results: list[CommitResult] = []
         for record, policy in zip(records, dedup):
             file = record.file
-            if file is not None and (problem := spool_path_problem(file.path)) is not None:
-                # refused alone: the rest of the group is fine (the path is a channel's bug, not PHI)
+            if file is None:
+                file_columns: tuple[Any, ...] = _NO_FILE
+                content: bytes | str = record.body
+            elif (problem := spool_path_problem(file.path)) is None:
+                file_columns = (file.path, file.size, file.sha256)
+                content = file.sha256.lower()
+            else:  # refused alone: the rest of the group is fine (a channel's bug, not PHI)
                 results.append(CommitResult(None, None, f"invalid file payload path: {problem}"))
                 continue
             duplicate_of: int | None = None
             reused = False
-            key = (record.channel, record.sender, record.control_id)
-            digest = content_digest(record) if record.control_id else None
-            if policy is not off and record.control_id:
-                cutoff = record.received_at - window
-                for row_id, received_at, row_digest in earlier.get(key, ()):
-                    if received_at >= cutoff:
-                        if row_digest == digest:
-                            duplicate_of = row_id
-                            break
-                        reused = True
-                if duplicate_of is not None:
-                    reused = False  # an exact resend of one of the earlier messages
-                    if policy is drop:
-                        results.append(CommitResult(None, duplicate_of))
-                        continue
+            keyed = checks_duplicates and record.control_id
+            if keyed:
+                key = (record.channel, record.sender, record.control_id)
+                if policy is not off and key in earlier:  # rare: a resend or a reused id
+                    cutoff = record.received_at - window
+                    for row_id, received_at, row_content in earlier[key]:
+                        if received_at >= cutoff:
+                            if row_content == content:
+                                duplicate_of = row_id
+                                break
+                            reused = True
+                    if duplicate_of is not None:
+                        reused = False  # an exact resend of one of the earlier messages
+                        if policy is drop:
+                            results.append(CommitResult(None, duplicate_of))
+                            continue
             next_id += 1
             rows.append((
                 record.channel, record.remote, record.sender, record.control_id, record.message_type,
-                record.content_type, record.body, record.received_at, duplicate_of, now, digest,
-                None if file is None else file.path, None if file is None else file.size,
-                None if file is None else file.sha256,
+                record.content_type, record.body, record.received_at, duplicate_of, now, *file_columns,
             ))
-            results.append(CommitResult(next_id, duplicate_of, control_id_reused=reused))
-            if checks_duplicates and record.control_id:
-                earlier.setdefault(key, []).append((next_id, record.received_at, digest))
+            results.append(CommitResult(next_id, duplicate_of, None, reused))
+            if keyed:
+                earlier.setdefault(key, []).append((next_id, record.received_at, content))
         if rows:
             self._cursor.executemany(_INSERT_SQL, rows)
             if self._last_assigned_id() != next_id:
@@ -482,11 +480,11 @@ class QueueStore:
 
     def _earlier_rows(
         self, records: Sequence[InboundRecord]
-    ) -> dict[tuple[str, str, str], list[tuple[int, float, bytes | None]]]:
-        """(channel, sender, control_id) -> [(id, received_at, digest), ...] of non-FAILED rows
+    ) -> dict[tuple[str, str, str], list[tuple[int, float, bytes | str]]]:
+        """(channel, sender, control_id) -> [(id, received_at, content), ...] of non-FAILED rows
         that could be inside the window of some record, in id order; one query per
         _LOOKUP_CHUNK records."""
-        found: dict[tuple[str, str, str], list[tuple[int, float, bytes | None]]] = {}
+        found: dict[tuple[str, str, str], list[tuple[int, float, bytes | str]]] = {}
         seen: set[int] = set()
         oldest = min(record.received_at for record in records) - self.dedup_window_s
         keyed = [r for r in records if r.control_id]
@@ -497,11 +495,10 @@ class QueueStore:
                 params += (record.channel, record.sender, record.control_id)
             params.append(oldest)
             sql = _DEDUP_SQL.format(values=",".join(["(?, ?, ?)"] * len(chunk)))
-            for row_id, channel, sender, control_id, received_at, digest, body in self._cursor.execute(sql, params):
+            for row_id, channel, sender, control_id, received_at, content in self._cursor.execute(sql, params):
                 if row_id not in seen:  # a key asked twice matches twice
                     seen.add(row_id)
-                    entry = (row_id, received_at, digest if digest is not None else _legacy_digest(body))
-                    found.setdefault((channel, sender, control_id), []).append(entry)
+                    found.setdefault((channel, sender, control_id), []).append((row_id, received_at, content))
         return found
 
     # ----------------------------------------------------------------- delivery side
@@ -672,21 +669,26 @@ class QueueStore:
         return deleted
 
     def _delete_ids(self, ids: Sequence[int], state: RowState) -> int:
-        """Delete rows (one transaction), then, once that committed, their payload files."""
+        return self._delete_rows(ids, state)[0]
+
+    def _delete_rows(self, ids: Sequence[int], state: RowState) -> tuple[int, int]:
+        """Delete rows (one transaction), then, once that committed, their payload files.
+        Returns (rows deleted, bytes of payload files they referenced)."""
         sql = f"DELETE FROM messages WHERE id = ? AND state = {int(state)}"
         wanted = set(ids)
-        files_sql = (
-            "SELECT id, file_path FROM messages INDEXED BY messages_files"
-            f" WHERE file_path IS NOT NULL AND id BETWEEN ? AND ? AND state = {int(state)}"
+        files_sql = (  # a rowid range walk over the rows being deleted (their pages are read anyway)
+            "SELECT id, file_path, file_size FROM messages"
+            f" WHERE id BETWEEN ? AND ? AND file_path IS NOT NULL AND state = {int(state)}"
         )
 
-        def work(conn: sqlite3.Connection) -> tuple[int, list[str]]:
-            files = [path for row_id, path in conn.execute(files_sql, (min(ids), max(ids))) if row_id in wanted]
+        def work(conn: sqlite3.Connection) -> tuple[int, list[tuple[str, int]]]:
+            files = [(path, size or 0) for row_id, path, size in conn.execute(files_sql, (min(ids), max(ids)))
+                     if row_id in wanted]
             return conn.executemany(sql, [(i,) for i in ids]).rowcount, files
 
         deleted, files = self._write(work)
-        self._unlink_payloads(files)
-        return deleted
+        self._unlink_payloads(path for path, _ in files)
+        return deleted, sum(size for _, size in files)
 
     def _payload_file(self, relative: str) -> Path | None:
         """Absolute path of a stored file reference, or None if it does not point into the spool."""
@@ -715,7 +717,7 @@ class QueueStore:
         with _reading(self.path):
             return {
                 path for (path,) in self._conn.execute(
-                    "SELECT file_path FROM messages INDEXED BY messages_files WHERE file_path IS NOT NULL"
+                    "SELECT file_path FROM messages WHERE file_path IS NOT NULL"  # a table scan: open and hourly
                 )
             }
 
@@ -749,11 +751,10 @@ class QueueStore:
         return removed, freed
 
     def spool_usage(self) -> tuple[int, int]:
-        """(files, bytes) of file payloads referenced by rows."""
+        """(files, bytes) of file payloads referenced by rows (a table scan)."""
         with _reading(self.path):
             files, size = self._conn.execute(
-                "SELECT count(*), coalesce(sum(file_size), 0) FROM messages INDEXED BY messages_files"
-                " WHERE file_path IS NOT NULL"
+                "SELECT count(file_path), coalesce(sum(file_size), 0) FROM messages WHERE file_path IS NOT NULL"
             ).fetchone()
         return int(files), int(size)
 
@@ -785,7 +786,8 @@ class QueueStore:
         )
         select = f"SELECT id FROM messages WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT ?"
         cursor_id, deleted = 0, 0
-        excess = self._live_bytes() - max_bytes
+        spool_bytes = self.spool_usage()[1]  # once; then less what each chunk's files freed
+        excess = self.used_bytes() + spool_bytes - max_bytes
         while excess > 0 and deleted < budget:
             average_body = self._conn.execute(sample, (cursor_id,)).fetchone()[0]
             if average_body is None:  # no CONFIRMED rows left: pending rows are never trimmed
@@ -795,13 +797,12 @@ class QueueStore:
             ids = [r[0] for r in self._conn.execute(select, (cursor_id, limit))]
             if not ids:
                 break
-            deleted += self._delete_ids(ids, RowState.CONFIRMED)
+            chunk_deleted, freed = self._delete_rows(ids, RowState.CONFIRMED)
+            deleted += chunk_deleted
+            spool_bytes -= freed
             cursor_id = ids[-1]
-            excess = self._live_bytes() - max_bytes
+            excess = self.used_bytes() + spool_bytes - max_bytes
         return deleted
-
-    def _live_bytes(self) -> int:
-        return self.used_bytes() + self.spool_usage()[1]
 
     # ----------------------------------------------------------------- stats
 
@@ -818,9 +819,13 @@ class QueueStore:
         conn = self._conn
         now = time.time()
         by_state = {state.name.lower(): 0 for state in RowState}
-        for state, count in conn.execute("SELECT state, count(*) FROM messages GROUP BY state"):
+        spool_files = spool_bytes = 0
+        for state, count, files, size in conn.execute(  # one scan for states and spool usage
+            "SELECT state, count(*), count(file_path), coalesce(sum(file_size), 0) FROM messages GROUP BY state"
+        ):
             by_state[RowState(state).name.lower()] = count
-        spool_files, spool_bytes = self.spool_usage()
+            spool_files += files
+            spool_bytes += size
         channels = {
             channel: {"pending": count, "oldest_pending_age_s": max(0.0, now - oldest)}
             for channel, count, oldest in conn.execute(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from medagent.queue.records import DuplicatePolicy, FilePayload, InboundRecord, RowState
-from medagent.queue.store import MIGRATIONS, SCHEMA_VERSION, QueueStore, content_digest, spool_path_problem
+from medagent.queue.store import MIGRATIONS, SCHEMA_VERSION, QueueStore, content_key, spool_path_problem
 
 OFF, FLAG, DROP = DuplicatePolicy.OFF, DuplicatePolicy.FLAG, DuplicatePolicy.DROP
 
@@ -93,10 +93,12 @@ def test_file_payloads_dedup_on_the_file_digest_not_the_metadata(store: QueueSto
     assert [(r.row_id, r.duplicate_of, r.control_id_reused) for r in results] == [
         (1, None, False), (2, None, True), (3, 1, False)
     ]
-    assert content_digest(record("x", b"", file=one)) != content_digest(record("x", one.sha256.encode()))
+    assert content_key(record("x", b"", file=one)) != content_key(record("x", one.sha256.encode()))
+    inline = store.insert_batch([record("1.2.3", one.sha256.encode())], [FLAG])[0]  # body = the hex digest
+    assert inline.duplicate_of is None and inline.control_id_reused
 
 
-def test_rows_from_before_the_digest_column_are_compared_by_body(tmp_path: Path) -> None:
+def test_rows_from_a_version_1_database_keep_their_dedup(tmp_path: Path) -> None:
     """Forward-only migration 1 -> 2: a version-1 database keeps its rows and its dedup."""
     path = tmp_path / "queue.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)
