@@ -11,7 +11,7 @@ the loop never waits for them.
 * C-STORE (PS3.4 Annex B): pynetdicom's file-backed receive (``_config.STORE_RECV_CHUNKED_DATASET``)
   writes the dataset to a Part 10 temporary file as the P-DATA PDUs arrive, so an instance never
   sits in memory. The handler moves that file into ``<data_dir>/spool/<channel>/`` (a rename, or
-  a streamed copy across file systems), fsyncs it, reads its header (no pixel data), builds the
+  a streamed copy across file systems; fsynced with ``fsync=true``), reads its header (no pixel data), builds the
   transmit body (Medplum's ``{association, dataset}`` plus our ``instance``), and submits an
   :class:`~medagent.records.InboundRecord` with a :class:`~medagent.records.FilePayload` to the
   sink (durable). It answers **Success only after the queue's commit callback reports ok**.
@@ -81,7 +81,7 @@ from medagent.channels.base import (
     register_kind,
     register_outbound_sender,
 )
-from medagent.channels.endpoint import Endpoint, EndpointError, choice_param, int_param
+from medagent.channels.endpoint import Endpoint, EndpointError, bool_param, choice_param, int_param
 from medagent.dicom.dicomjson import dataset_json
 from medagent.dicom.files import InvalidInstance, durable_move, instance_info, read_header
 from medagent.dicom.hubweb import HubDicomWeb
@@ -103,7 +103,7 @@ logger = logging.getLogger("medagent.channels.dicom")
 
 DICOM_PARAMETERS: Final = (
     "aet", "callingAets", "maxPdu", "maxAssociations", "transferSyntaxes", "storage",
-    "moveDestinations", "commitTimeoutMs", "tlsCert", "tlsKey", "tlsCa",
+    "moveDestinations", "commitTimeoutMs", "fsync", "tlsCert", "tlsKey", "tlsCa",
 )
 
 STATUS_SUCCESS = 0x0000
@@ -132,6 +132,9 @@ class DicomOptions:
     storage: Storage = Storage.DICOMWEB
     move_destinations: Mapping[str, tuple[str, int]] = field(default_factory=lambda: MappingProxyType({}))
     commit_timeout_s: float = 30.0
+    #: fsync each spooled file (and its directory) before the commit: power-loss durability,
+    #: which only means something with the agent's ``durability = "fsync"`` queue
+    fsync: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -197,6 +200,7 @@ def dicom_options(endpoint: Endpoint) -> DicomOptions:
         transfer_syntaxes=syntaxes, storage=choice_param(endpoint, "storage", Storage, Storage.DICOMWEB),
         move_destinations=_move_destinations(endpoint),
         commit_timeout_s=int_param(endpoint, "commitTimeoutMs", 30_000, minimum=100) / 1000.0,
+        fsync=bool_param(endpoint, "fsync", False),
         tls_cert=tls[0], tls_key=tls[1], tls_ca=tls[2],
     )
 
@@ -454,7 +458,7 @@ class DicomChannel:
         called = assoc.acceptor.ae_title.strip()
         target = self.spool / f"{uuid.uuid4().hex}.dcm"
         try:
-            size, sha256 = durable_move(self._received_file(event), target)
+            size, sha256 = durable_move(self._received_file(event), target, fsync=self.options.fsync)
         except OSError as exc:
             reason = f"cannot spool the instance: {exc.strerror or exc}"
             logger.error("dicom channel %s: %s (answered 0xA700)", self.name, reason)

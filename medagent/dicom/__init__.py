@@ -8,7 +8,12 @@
   and the small identity record (:class:`~medagent.dicom.files.InstanceInfo`) both sides index by.
 * :mod:`medagent.dicom.query` -- QIDO-RS / C-FIND matching (PS3.4 §C.2.2.2, PS3.18 §8.3.4)
   as pure functions: a parsed query, and the identifier <-> QIDO parameter translation.
-* :mod:`medagent.dicom.multipart` -- multipart/related framing (RFC 2387, PS3.18 §8.6.1.2).
 
-Nothing here does network or database I/O; :mod:`~medagent.dicom.files` reads local files only.
+Pure helpers above (local files only). The agent-side services of the ``dicom`` channel
+(:mod:`medagent.channels.dicom`) that talk to other machines:
+
+* :mod:`medagent.dicom.hubweb` -- the agent's QIDO-RS / WADO-RS client of the hub;
+* :mod:`medagent.dicom.retrieve` -- C-FIND / C-GET / C-MOVE SCP answered through it;
+* :mod:`medagent.dicom.upload` -- the ``application/dicom`` file uploader (STOW-RS or Binary);
+* :mod:`medagent.dicom.scu` -- the C-STORE SCU behind ``$push`` to ``dicom://AE@host:port``.
 """

@@ -6,7 +6,7 @@
   fields, transmit body) and the hub (its instance table) need; :func:`instance_info` builds it
   and raises :class:`InvalidInstance` naming the missing attribute.
 * :func:`durable_move` / :func:`digest_file` put a received file in place with mode 0600,
-  fsynced (file and directory), and return its size and SHA-256 -- streamed in 1 MiB blocks.
+  optionally fsynced (file and directory), and return its size and SHA-256 (1 MiB blocks).
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def durable_move(source: Path, target: Path) -> tuple[int, str]:
-    """Move ``source`` to ``target`` (0600, fsynced with its directory); return (size, sha256).
+def durable_move(source: Path, target: Path, *, fsync: bool = True) -> tuple[int, str]:
+    """Move ``source`` to ``target`` (0600; fsynced with its directory if ``fsync``); return (size, sha256).
 
     A rename when both are on one file system; otherwise a streamed copy (so a full target file
     system raises ``OSError(ENOSPC)`` here and ``target`` is removed). ``source`` is gone after
@@ -151,9 +151,10 @@ def durable_move(source: Path, target: Path) -> tuple[int, str]:
         source.unlink(missing_ok=True)
     os.chmod(target, 0o600)
     try:
-        with open(target, "rb+") as f:
-            os.fsync(f.fileno())
-        _fsync_dir(target.parent)
+        if fsync:  # power-loss durability; a rename alone already survives a process kill
+            with open(target, "rb+") as f:
+                os.fsync(f.fileno())
+            _fsync_dir(target.parent)
         return digest_file(target)
     except BaseException:
         target.unlink(missing_ok=True)
