@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Server-rendered HTML pages (:mod:`.pages`, escaped by default: :mod:`.markup`) with one small
+Server-rendered HTML pages (:mod:`.login`, :mod:`.agents`, :mod:`.messages`, :mod:`.inventory`
+in the frame of :mod:`.layout`, escaped by default: :mod:`.markup`) with one small
 hand-written script and stylesheet shipped in ``static/`` (no CDN, no build step, no template
 or front-end dependency): the script adds confirmation dialogs, live figures from a
 server-sent event stream (:mod:`.live`) and two canvas charts. Everything an operator does goes
@@ -34,25 +35,25 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 def add_dashboard_routes(app: web.Application) -> None:
     """Mount the dashboard on the hub's application (before it starts)."""
-    from medagent.hub.dashboard import live, pages
+    from medagent.hub.dashboard import agents, inventory, live, login, messages
     from medagent.hub.dashboard.state import dashboard_lifecycle, dashboard_shutdown, guarded
 
     app.cleanup_ctx.append(dashboard_lifecycle)
     app.on_shutdown.append(dashboard_shutdown)
     router = app.router
-    router.add_get("/", pages.root)
-    router.add_get("/dashboard", pages.root)
-    router.add_get("/dashboard/login", pages.login_form)
-    router.add_post("/dashboard/login", pages.login)
-    router.add_post("/dashboard/logout", guarded(pages.logout))
-    router.add_get("/dashboard/", guarded(pages.overview))
-    router.add_get("/dashboard/agents/{id}", guarded(pages.agent_page))
-    router.add_post("/dashboard/agents/{id}/{action}", guarded(pages.agent_action))
-    router.add_get("/dashboard/messages", guarded(pages.messages_page))
-    router.add_get("/dashboard/messages/{id}", guarded(pages.message_page))
-    router.add_post("/dashboard/messages/{id}/body", guarded(pages.message_body))
-    router.add_post("/dashboard/messages/{id}/retry", guarded(pages.message_retry))
-    router.add_get("/dashboard/dicom", guarded(pages.dicom_page))
-    router.add_get("/dashboard/audit", guarded(pages.audit_page))
+    router.add_get("/", login.root)
+    router.add_get("/dashboard", login.root)
+    router.add_get("/dashboard/login", login.login_form)
+    router.add_post("/dashboard/login", login.login)
+    router.add_post("/dashboard/logout", guarded(login.logout))
+    router.add_get("/dashboard/", guarded(agents.overview))
+    router.add_get("/dashboard/agents/{id}", guarded(agents.agent_page))
+    router.add_post("/dashboard/agents/{id}/{action}", guarded(agents.agent_action))
+    router.add_get("/dashboard/messages", guarded(messages.messages_page))
+    router.add_get("/dashboard/messages/{id}", guarded(messages.message_page))
+    router.add_post("/dashboard/messages/{id}/body", guarded(messages.message_body))
+    router.add_post("/dashboard/messages/{id}/retry", guarded(messages.message_retry))
+    router.add_get("/dashboard/dicom", guarded(inventory.dicom_page))
+    router.add_get("/dashboard/audit", guarded(inventory.audit_page))
     router.add_get("/dashboard/events", guarded(live.events, page=False))
     router.add_static("/static/dashboard", STATIC_DIR, append_version=False, show_index=False)
