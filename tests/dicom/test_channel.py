@@ -56,7 +56,7 @@ async def test_echo_and_stats(tmp_path: Path, queue: DurableQueue) -> None:
 async def test_store_queue_upload_and_retrieve_byte_identical(tmp_path: Path, queue: DurableQueue, hub: HubServer) -> None:
     data_dir = agent_dir(tmp_path)
     sink = QueueSink(queue)
-    channel = await start_channel(data_dir, sink, aet="MEDAGENT")
+    channel = await start_channel(data_dir, sink, aet="MEDAGENT", fsync="true")
     study, series = generate_uid(), generate_uid()
     sent = [ct_dataset(rows=128, columns=128, syntax=syntax, study_uid=study, series_uid=series, seed=i,
                        instance_number=i + 1)
@@ -158,17 +158,18 @@ def test_kind_parameters_are_parsed_and_checked() -> None:
     options = kind.parse_options(dicom_endpoint(
         aet="PACS", callingAets="CT01, MR02", maxPdu="0", maxAssociations="4",
         transferSyntaxes="explicit-le,rle,1.2.840.10008.1.2.4.50", storage="binary",
-        moveDestinations="WS1@10.0.0.5:11112,WS2@[::1]:104", commitTimeoutMs="5000"))
+        moveDestinations="WS1@10.0.0.5:11112,WS2@[::1]:104", commitTimeoutMs="5000", fsync="true"))
     assert options.aet == "PACS" and options.calling_aets == {"CT01", "MR02"}
     assert options.max_pdu == 0 and options.max_associations == 4
     assert options.transfer_syntaxes == ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50")
-    assert options.storage.value == "binary" and options.commit_timeout_s == 5.0
+    assert options.storage.value == "binary" and options.commit_timeout_s == 5.0 and options.fsync
     assert dict(options.move_destinations) == {"WS1": ("10.0.0.5", 11112), "WS2": ("::1", 104)}
     default = kind.parse_options(dicom_endpoint())
     assert default.aet is None and default.storage.value == "dicomweb" and len(default.transfer_syntaxes) > 20
+    assert not default.fsync and default.max_pdu == 65536 and default.calling_aets == frozenset()
     for bad in ({"aet": "A\\B"}, {"aet": "X" * 17}, {"maxPdu": "100"}, {"maxAssociations": "0"},
                 {"storage": "s3"}, {"transferSyntaxes": "jpeg-xl"}, {"moveDestinations": "WS1@host"},
-                {"tlsCert": "/nonexistent.pem"}, {"commitTimeoutMs": "soon"}):
+                {"tlsCert": "/nonexistent.pem"}, {"commitTimeoutMs": "soon"}, {"fsync": "maybe"}):
         with pytest.raises(EndpointError) as info:
             kind.parse_options(dicom_endpoint(**bad))
         assert info.value.parameter == next(iter(bad))
