@@ -225,3 +225,24 @@ async def test_dicom_series_are_listed_with_their_dicomweb_url(hub: HubServer, a
     url = f"{hub.url}/dicomweb/studies/1.2.826.0.1.3680043.8.498.1/series/1.2.826.0.1.3680043.8.498.1.1"
     assert f'<a href="{url}">' in page and "<td>OT</td>" in page and '<td class="num">2</td>' in page
     assert "PHI" not in page  # no patient name or id
+
+
+async def test_logout_ends_the_open_event_streams(hub: HubServer, admin: DashboardClient) -> None:
+    import orjson
+
+    from medagent.hub.dashboard.live import SESSION_CHECK_EVERY
+
+    async with admin.http.get(hub.url + "/dashboard/events") as stream:
+        assert stream.status == 200
+        assert (await stream.content.readline()).startswith(b"event: snapshot")
+        assert (await admin.post("/dashboard/logout")).status == 303
+        snapshots = 0
+        async with asyncio.timeout(SESSION_CHECK_EVERY + 20):
+            for _ in range(4 * (SESSION_CHECK_EVERY + 5)):  # bounded: the stream must end first
+                line = await stream.content.readline()
+                if not line:
+                    break
+                snapshots += line.startswith(b"data: ")
+                if line.startswith(b"data: "):
+                    orjson.loads(line[6:])
+        assert line == b"" and snapshots <= SESSION_CHECK_EVERY  # the server closed the stream

@@ -19,8 +19,9 @@ so the pages update without reloads. Each stream reads on the dashboard's reader
   cumulative histograms gives the ACK latency p50/p99 of the interval (:func:`ack_point`); the
   hub keeps the last hour of those points per agent (``ackHistory``), for the chart.
 
-A stream ends when the browser goes away (the write fails) or the hub shuts down (the
-``closing`` event, set from ``on_shutdown`` so shutdown never waits for a stream).
+A stream ends when the browser goes away (the write fails), when its session ends (checked
+every ``SESSION_CHECK_EVERY`` ticks), after ``MAX_STREAM_S`` (EventSource reconnects), or when
+the hub shuts down (the ``closing`` event, set from ``on_shutdown`` so shutdown never waits).
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ from aiohttp import web
 
 from medagent.hub.dashboard.actions import agent_stats
 from medagent.hub.dashboard.queries import percentile
-from medagent.hub.dashboard.security import secure_headers
+from medagent.hub.dashboard.security import COOKIE, secure_headers
 from medagent.hub.dashboard.state import DashboardState, state_of
 from medagent.hub.store import NotFound
 
 __all__ = ["TICK_S", "agent_snapshot", "events", "overview_snapshot"]
 
 TICK_S = 1.0
+#: an open stream re-checks its session this often (ticks), so a logout also ends its streams
+SESSION_CHECK_EVERY = 10
 STATS_EVERY = 5
 #: ACK latency samples kept per agent: one hour at one sample per STATS_EVERY ticks
 ACK_HISTORY = int(3600 / (STATS_EVERY * TICK_S))
@@ -189,7 +192,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     started = time.monotonic()
     stats: dict[str, Any] | None = None
+    cookie = request.cookies.get(COOKIE, "")
     for tick in range(int(MAX_STREAM_S / TICK_S)):
+        if tick and tick % SESSION_CHECK_EVERY == 0 and state.db.session(cookie) is None:
+            break  # logged out or expired meanwhile: the stream ends with the session
         if agent_id is None:
             snapshot = await overview_snapshot(state)
         else:
