@@ -261,15 +261,21 @@ class AstmSession:
         self.line.write(data)
 
     def _arm_timer(self) -> None:
+        """Keep one timer at or before the link's deadline.
+
+        The deadline moves later with every frame; an armed timer that is earlier is kept (when
+        it fires early the link does nothing and it is re-armed), so a busy line costs one timer
+        per frame-timer period, not one per frame.
+        """
         deadline = self.link.deadline
         timer = self._timer
+        if deadline is None or self.line is None:
+            return  # an armed timer fires harmlessly (the link ignores early calls)
         if timer is not None:
-            if deadline is not None and timer.when() == deadline:
+            if timer.when() <= deadline:
                 return
             timer.cancel()
-            self._timer = None
-        if deadline is not None and self.line is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -278,9 +284,10 @@ class AstmSession:
     def _received(self, event: core.MessageReceived) -> None:
         stats = self.counters.stats
         stats.units_in += 1
-        records = core.parse_records(event.body, self.options.encoding)
-        sender, control_id = core.header_identity(records)
-        types = "".join(dict.fromkeys(r.type for r in records))
+        lines = event.body.split(b"\n")
+        # identity from the H record only (the whole message is parsed by the bot, not here)
+        sender, control_id = core.header_identity(core.parse_records(lines[0], self.options.encoding))
+        types = "".join(dict.fromkeys(chr(line[0]).upper() for line in lines if line))
         record = InboundRecord(
             channel=self.name, remote=self.remote, sender=sender, control_id=control_id,
             message_type=f"ASTM^{types}", body=event.body, received_at=time.time(),

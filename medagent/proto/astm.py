@@ -493,7 +493,7 @@ class AstmLink:
             self.deadline = now + self.timers.frame
             return True
         if byte != STX:
-            skip = _find_any(buf, 0, _RESTART, len(buf))
+            skip = _find_restart(buf, 0, len(buf))
             skip = skip if skip > 0 else len(buf)
             self.noise_bytes += skip
             del buf[:skip]
@@ -514,7 +514,7 @@ class AstmLink:
             out.append(Write(_NAK_B))
             self.deadline = now + self.timers.frame
             return True
-        tail = _find_any(buf, stop + 1, _RESTART, min(len(buf), stop + 5))
+        tail = _find_restart(buf, stop + 1, min(len(buf), stop + 5))
         if tail >= 0:
             del buf[:tail]
             out.append(Notice("malformed", "frame trailer cut short"))
@@ -669,15 +669,21 @@ class AstmLink:
         self._to_neutral(now, out)
 
 
-def _find_any(buf: bytearray, start: int, values: tuple[int, ...], stop: int) -> int:
-    found = [i for i in (buf.find(v, start, stop) for v in values) if i >= 0]
-    return min(found) if found else -1
+_RESTART_SEARCH = re.compile(b"[\x02\x04\x05]").search  # STX EOT ENQ
+_TERMINATOR_SEARCH = re.compile(b"[\x03\x17]").search  # ETX ETB
+
+
+def _find_restart(buf: bytearray, start: int, stop: int) -> int:
+    """Index of the first STX/EOT/ENQ in ``buf[start:stop]``, or -1 (one C-level scan)."""
+    match = _RESTART_SEARCH(buf, start, stop)
+    return match.start() if match is not None else -1
 
 
 def _frame_stop(buf: bytearray, start: int) -> tuple[int, bool]:
     """First ETX/ETB (True) or STX/EOT/ENQ (False) from ``start``; (-1, False) if none."""
-    end = _find_any(buf, start, (ETX, ETB), len(buf))
-    cut = _find_any(buf, start, _RESTART, end if end >= 0 else len(buf))
+    match = _TERMINATOR_SEARCH(buf, start)
+    end = match.start() if match is not None else -1
+    cut = _find_restart(buf, start, end if end >= 0 else len(buf))
     if cut >= 0:
         return cut, False
     return end, end >= 0
