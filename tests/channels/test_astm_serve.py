@@ -139,9 +139,6 @@ def _pty_read(master: int, n: int, timeout: float = 20.0) -> bytes:
     return data
 
 
-@pytest.mark.skipif("astm+serial" not in CHANNEL_SCHEMES,
-                    reason="the hub store refuses astm+serial:// channel addresses (medagent/hub/store.py "
-                           "CHANNEL_SCHEMES lacks astm+serial and serial)")
 def test_analyzer_on_a_serial_port_reaches_bot(serve_factory, monkeypatch) -> None:  # noqa: F811
     """The same analyzer on a pseudo-terminal: ``astm+serial://`` through ``medagent serve``."""
     here = str(Path(__file__).resolve().parent)
