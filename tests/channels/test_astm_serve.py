@@ -27,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from serve_harness import ServeProcess, serve_factory  # noqa: F401  (fixture)
 from test_astm_peers import ACK, ENQ, EOT, RESULT, frames
 
-from medagent.hub.store import CHANNEL_SCHEMES
-
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="process groups")]
 
 ORDER = ["H|\\^&|||LIS", "P|1||PID001", "O|1|S0001||^^^GLU|R", "L|1|N"]
