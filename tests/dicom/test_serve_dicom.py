@@ -126,3 +126,50 @@ def test_kill_9_after_success_reaches_the_hub_exactly_once(serve, tmp_path: Path
     assert sorted(found) == sorted(d.SOPInstanceUID for d in datasets)
     files = list((restarted.hub_dir / "dicom").rglob("*.dcm"))
     assert len(files) == 3  # one copy each, whatever was re-sent after the restart
+
+
+def test_push_to_a_dicom_remote_through_the_agent(serve) -> None:  # noqa: ANN001
+    import base64
+    import io
+    import urllib.error
+    import urllib.request
+
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    scp_ae = AE(ae_title="WORKSTATION")
+    scp_ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    scp = scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        process, _ = serve()
+        ds = ct_dataset()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        agent_id = json.loads((process.hub_dir / "embedded-agent.json").read_text())["agent_id"]
+        request = urllib.request.Request(
+            f"{process.hub_url}/fhir/R4/Agent/{agent_id}/$push", method="POST",
+            data=json.dumps({"destination": f"dicom://WORKSTATION@127.0.0.1:{scp.server_address[1]}",
+                             "contentType": "application/dicom",
+                             "body": base64.b64encode(buffer.getvalue()).decode(),
+                             "waitForResponse": True, "waitTimeout": 30000}).encode(),
+            headers={"Authorization": f"Bearer {process.admin_token()}", "Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while True:  # the link may still be connecting right after start
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    reply = response.read().decode()
+                break
+            except urllib.error.HTTPError as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(exc.read().decode()) from None
+                time.sleep(0.3)
+    finally:
+        scp.shutdown()
+    assert received == [ds.SOPInstanceUID]
+    assert ds.SOPInstanceUID in reply and "0x0000" in reply
