@@ -128,7 +128,7 @@ def test_kill_9_after_success_reaches_the_hub_exactly_once(serve, tmp_path: Path
     assert len(files) == 3  # one copy each, whatever was re-sent after the restart
 
 
-def test_push_to_a_dicom_remote_through_the_agent(serve) -> None:  # noqa: ANN001
+def test_push_to_a_dicom_remote_through_the_agent(serve) -> None:
     import base64
     import io
     import urllib.error
