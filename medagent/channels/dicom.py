@@ -534,7 +534,12 @@ class DicomChannel:
         except FutureTimeout:
             # answered 0xA700; if the commit fails later its file is ours to remove, if it
             # succeeds the instance is delivered (the modality's resend is then a duplicate)
-            future.add_done_callback(lambda f: None if f.result().ok else target.unlink(missing_ok=True))
+            def late(done: Future[CommitResult]) -> None:
+                result = done.result()
+                if not result.ok or result.dropped:  # the queue does not own this file
+                    target.unlink(missing_ok=True)
+
+            future.add_done_callback(late)
             return None
 
     def _on_find(self, event: evt.Event) -> Any:

@@ -191,3 +191,29 @@ async def test_junk_and_dropped_association_leave_nothing(tmp_path: Path, queue:
         await channel.stop()
     assert queue.stats()["committed"] == 0
     assert list((data_dir / "spool" / "pacs").iterdir()) == []
+
+
+class HoldingSink:
+    """A sink whose commits never come back on their own (a stalled queue)."""
+
+    def __init__(self) -> None:
+        self.held: list[object] = []
+
+    def accept(self, record: object, *, durable: bool, dedup: object, on_commit: object) -> None:
+        self.held.append(on_commit)
+
+
+async def test_commit_that_does_not_come_answers_a700_and_a_late_failure_cleans_up(tmp_path: Path) -> None:
+    from medagent.records import CommitResult
+
+    data_dir = agent_dir(tmp_path)
+    sink = HoldingSink()
+    channel = await start_channel(data_dir, sink, commitTimeoutMs="200")
+    try:
+        answer = await asyncio.to_thread(_store_with_comment, channel.port)
+        assert answer[0] == 0xA700 and "did not commit in time" in answer[1]
+        assert len(list((data_dir / "spool" / "pacs").iterdir())) == 1  # the queue may still take it
+        sink.held[0](CommitResult(None, None, "storage error: database or disk is full"))  # type: ignore[operator]
+        assert list((data_dir / "spool" / "pacs").iterdir()) == []
+    finally:
+        await channel.stop()
