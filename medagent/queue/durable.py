@@ -12,15 +12,16 @@ way completions are handled on the loop, and WAL checkpoints run in a thread of 
 
 Intake (group commit). `submit()` appends the record to the current group; the first submit of a
 group schedules `_start_flush` with `loop.call_soon`, so every record accepted during this loop
-iteration is INSERTed in ONE transaction. While that transaction is in the writer thread, new
+iteration is INSERTed in ONE transaction. While that transaction is being written, new
 submits gather in the next group, which starts as soon as the previous one finished (natural
 batching: the busier the agent, the bigger the groups). Each record's `on_commit` runs on the
 loop thread after COMMIT; a storage failure arrives as `CommitResult.error`, never as an
 exception. Confirmations, failures and attempt counts ride along in the next write job.
 
-Ordering. Every writer job reports back with `loop.call_soon_threadsafe`, so completions are
-handled on the loop strictly in the order the jobs ran. All in-memory delivery state is changed
-only by those handlers and by the loop-side API, never by the thread.
+Ordering. Every writer job reports back through `loop.call_soon` (inline) or
+`loop.call_soon_threadsafe` (thread), so completions are handled on the loop strictly in the
+order the jobs ran. All in-memory delivery state is changed only by those handlers and by the
+loop-side API, never by a writer job.
 
 Delivery. Freshly committed rows go to an in-memory deque (no SELECT on the hot path), bounded
 by `memory_max_rows` / `memory_max_bytes`. Beyond the bound, or after a restart, rows are left on
@@ -113,6 +114,9 @@ _MIB = 1024 * 1024
 _LOAD_PAGE_ROWS = 256
 _SWEEP_CHUNK_ROWS = 2000
 _REFILL_RETRY_S = 0.5
+_SMALL_WAL_BYTES = 1024 * 1024  # below this a pending WAL truncate does not hold intake back
+_RELAPSE_WINDOW_S = 60.0
+_MAX_PROBE_INTERVAL_S = 30.0
 
 
 class QueueClosed(QueueError):
@@ -170,6 +174,7 @@ class _Maintenance:
 class _SpaceReport:
     space: DiskSpace
     reserve_missing: int  # bytes the reserve still has to take back before intake may resume
+    wal_bytes: int
 
 
 def _reason(exc: BaseException) -> str:
@@ -235,10 +240,16 @@ class DurableQueue:
             "durability": durability, "dedup_window_s": dedup_window_s, "max_db_mb": max_db_mb,
             "data_dir": self.data_dir,
         }
-        self._health = StorageHealth(FreeSpaceWatermark.from_config(min_free_mb, min_free_percent))
+        watermark = FreeSpaceWatermark.from_config(min_free_mb, min_free_percent)
+        self._health = StorageHealth(watermark)
         self._reserve = ReserveFile(self.path.with_name(self.path.name + ".reserve"), int(reserve_mb * _MIB))
-        self._space = SpaceSampler(self.path.parent)
+        # Sample free space at least every 0.1 s, and after an eighth of the watermark was
+        # written (64 KiB .. 4 MiB), so even a small watermark is not overrun between samples.
+        sample_every = min(4 * _MIB, max(64 * 1024, watermark.min_free_bytes // 8))
+        self._space = SpaceSampler(self.path.parent, every_bytes=sample_every)
         self._probe_interval_s = storage_probe_interval_s
+        self._last_failed_at = -float("inf")  # monotonic time storage last went FAILED
+        self._relapses = 0  # FAILED again within _RELAPSE_WINDOW_S of the previous failure
         self._orphan_grace_s = orphan_grace_s
         self._retention = (retention_days, retention_max_mb, failed_retention_days)
         self._sweep_interval_s = sweep_interval_s
@@ -256,7 +267,7 @@ class DurableQueue:
         self._phase = _Phase.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._store: QueueStore | None = None  # touched only in the writer thread
+        self._store: QueueStore | None = None  # touched only by writer jobs (thread, or loop inline)
         self._checkpointer: WalCheckpointer | None = None
         self._queue_uuid = ""
         self._maintenance_task: asyncio.Task[None] | None = None
@@ -300,7 +311,8 @@ class DurableQueue:
     # ================================================================= lifecycle
 
     async def open(self) -> None:
-        """Open the store in the writer thread, take the lease, requeue rows left SENT, and start
+        """Open the store (a writer job), take the lease, requeue rows left SENT, remove
+        orphaned spool files, sample the free space, and start
         the maintenance task. Raises QueueLocked, SchemaTooNew or QueueError."""
         if self._phase is not _Phase.NEW:
             raise QueueError("DurableQueue.open() may be called once")
@@ -659,7 +671,7 @@ class DurableQueue:
                 )
             size = len(record.body)
             self._bytes_since_sweep += size
-            self._space.wrote(size)
+            self._space.wrote(2 * size)  # the WAL now, the database file at the next checkpoint
             if self._backlog_on_disk:
                 continue
             if len(self._ready) >= self._memory_max_rows or self._ready_bytes + size > self._memory_max_bytes:
@@ -826,7 +838,7 @@ class DurableQueue:
         wake = self._maintenance_wake
         while True:
             healthy = self._health.accepting
-            timeout = max(0.0, next_round - time.monotonic()) if healthy else self._probe_interval_s
+            timeout = max(0.0, next_round - time.monotonic()) if healthy else self._current_probe_interval()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
             wake.clear()
@@ -873,23 +885,38 @@ class DurableQueue:
             reason = storage_error_reason(Exception(reason))
         self._on_transition(self._health.write_failed(reason))
 
+    def _current_probe_interval(self) -> float:
+        """The probe interval, doubled per relapse (a probe write worked, the held-back writes
+        failed again), up to _MAX_PROBE_INTERVAL_S: a disk that stays full is not hammered."""
+        return min(_MAX_PROBE_INTERVAL_S, self._probe_interval_s * (2 ** min(self._relapses, 10)))
+
     def _on_transition(self, change: Transition | None) -> None:
-        """One log line per storage state change, plus the actions a new state needs."""
+        """One log line per storage state change, plus the actions a new state needs. A relapse
+        (FAILED again soon after a probe succeeded) is logged at the 1st, 10th, 100th... time
+        only, with its count: never a line per probe."""
         if change is None:
             return
         self._counts["storage_state_changes"] += 1
         space = self._space.last
         free_mb = -1.0 if space is None else space.free_bytes / _MIB
         if change.new is StorageState.FAILED:
+            now = time.monotonic()
+            self._relapses = self._relapses + 1 if now - self._last_failed_at < _RELAPSE_WINDOW_S else 0
+            self._last_failed_at = now
             released = self._reserve.release()
             if self._checkpointer is not None:
                 self._checkpointer.request_truncate()  # give the WAL's blocks back once it can
-            logger.error(
-                "queue %s: %s; refusing new messages and probing storage every %.1f s%s",
-                self.path, change.reason, self._probe_interval_s,
-                f" (released the {self._reserve.size_bytes // _MIB} MB reserve)" if released else "",
-            )
-            self._maintenance_wake.set()
+            if self._relapses in (0, 1, 10, 100) or self._relapses % 1000 == 0:
+                logger.error(
+                    "queue %s: %s; refusing new messages and probing storage every %.1f s%s%s",
+                    self.path, change.reason, self._current_probe_interval(),
+                    f" (released the {self._reserve.size_bytes // _MIB} MB reserve)" if released else "",
+                    f" (failed again {self._relapses} times after a probe write worked)" if self._relapses else "",
+                )
+            if not self._relapses:  # a relapse waits out the (backed-off) probe interval
+                self._maintenance_wake.set()
+        elif change.new is StorageState.LOW_SPACE and self._relapses and change.old is StorageState.FAILED:
+            pass  # a relapse cycle: its FAILED line said it
         elif change.new is StorageState.LOW_SPACE:
             watermark = self._health.watermark
             total = 0 if space is None else space.total_bytes
@@ -902,6 +929,7 @@ class DurableQueue:
             )
             self._maintenance_wake.set()
         else:
+            self._relapses = 0
             logger.warning("queue %s: storage recovered (%.2f MB free); accepting new messages again",
                            self.path, free_mb)
 
@@ -918,9 +946,11 @@ class DurableQueue:
             self._storage_failed(_reason(exc))
             return
         self._space.last = report.space
-        # Accept again only after the TRUNCATE checkpoint asked for on failure ran: else new
-        # commits would grow the WAL into the freed space before any checkpoint succeeded.
-        ready = self._checkpointer is None or not self._checkpointer.truncate_pending
+        # Accept again only after the TRUNCATE checkpoint asked for on failure ran (unless the WAL
+        # is small anyway): else new commits would grow the WAL into the freed space before any
+        # checkpoint succeeded (the trial's failure).
+        ready = (self._checkpointer is None or not self._checkpointer.truncate_pending
+                 or report.wal_bytes <= _SMALL_WAL_BYTES)
         if failed:
             self._lease_lost = False
             change = self._health.probe_succeeded(report.space, extra_bytes=report.reserve_missing, ready=ready)
@@ -944,7 +974,11 @@ class DurableQueue:
         headroom = store.page_headroom_bytes() if db_limit else None
         if headroom is not None and headroom < space.free_bytes:  # max_db_mb is the tighter limit
             space = DiskSpace(headroom, space.total_bytes)
-        return _SpaceReport(space, reserve.missing_bytes)
+        try:
+            wal_bytes = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            wal_bytes = 0
+        return _SpaceReport(space, reserve.missing_bytes, wal_bytes)
 
     async def _maintenance_round(self, sweep_due: bool) -> bool:
         """Renew the lease, notice operator retries, and sweep in small writer jobs."""
