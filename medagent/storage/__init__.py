@@ -10,7 +10,7 @@ imports here).
 """
 
 from medagent.storage.checkpoint import WalCheckpointer
-from medagent.storage.errors import STORAGE_ERROR_PREFIX, is_out_of_space, storage_error_reason
+from medagent.storage.errors import STORAGE_ERROR_PREFIX, storage_error_reason
 from medagent.storage.files import (
     PRIVATE_DIR_MODE,
     PRIVATE_FILE_MODE,
@@ -42,7 +42,6 @@ __all__ = [
     "disk_space",
     "ensure_private_dir",
     "fsync_dir",
-    "is_out_of_space",
     "prepare_private_database",
     "storage_error_reason",
     "tighten_file",
