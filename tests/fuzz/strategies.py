@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
+from fuzzsupport import mutated, with_cuts
 from hypothesis import strategies as st
 
-from fuzzsupport import mutated, with_cuts
 from medagent.cloud import messages as m
 from medagent.proto import astm
 
