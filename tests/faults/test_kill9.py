@@ -26,7 +26,8 @@ import pytest
 from faultsupport import Sender, wait_for_delivery
 from test_remote_hub import start_agent, start_hub
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX process groups, /proc")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX process groups, /proc")]
 
 DELIVERY_TIMEOUT_S = 120.0
 

@@ -1,0 +1,119 @@
+"""Link loss between agent and hub: a TCP proxy stalls, drops or half-closes the websocket link.
+
+Deployment: a standalone hub, a `FaultProxy` in front of it, and an agent whose `[agent] hub` is
+the proxy's URL (token, FHIR reads and the websocket all cross it), with two fast-mode MLLP
+channels and one `Sender` on each, paced, each message carrying a 16 KB NTE segment so that a
+backlog is sizeable. For each outage the proxy breaks the link for its duration, then restores
+it; the test checks that
+
+* the agent keeps answering AA meanwhile (its queue is on disk) and delivery resumes after the
+  outage (the backlog drains);
+* per channel, the hub stored the originals in the order they were sent;
+* while the backlog waits on disk, the agent's resident memory stays bounded
+  (/proc/<pid>/status VmRSS growth during a long outage well below the backlog's size);
+* at the end every AA message is at the hub exactly once (`faultsupport.verdict`).
+
+Short form (CI): stall, drop and half-close for 1 s each, then a 30 s stall. Long form (`long`,
+MEDAGENT_LONG_TESTS=1): each mode for 30 s and for 5 minutes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from faultsupport import Sender, queue_stats, vm_rss_kib, wait_for_delivery
+from tcp_proxy import FaultProxy
+from test_remote_hub import medagent_cli, start_agent, start_hub
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, POSIX process groups")]
+
+NTE = "\rNTE|1||" + "X" * 16384
+PACE_S = 0.01  # per sender: at most ~100 messages/s, so a 30 s backlog is ~70 MB on disk
+RESUME_TIMEOUT_S = 90.0
+#: RSS growth allowed during an outage of MEMORY_CHECK_S or longer (the backlog is far larger)
+RSS_GROWTH_LIMIT_KIB = 24 * 1024
+MEMORY_CHECK_S = 30.0
+
+
+def pending(agent_dir) -> int:
+    states = queue_stats(agent_dir)["states"]
+    return states["received"] + states["sent"]
+
+
+def run_outages(spawn, deployment, outages: list[tuple[str, float]]) -> None:
+    second_port = _add_channel(deployment, "lab-in")
+    _, hub_url = start_hub(spawn, deployment)
+    proxy = FaultProxy(int(hub_url.rsplit(":", 1)[1]))
+    try:
+        agent = start_agent(spawn, deployment.agent_config(f"http://127.0.0.1:{proxy.port}"))
+        agent.wait_for("link live")
+        senders = [Sender(deployment.channel_port, "A", extra=NTE, pace_s=PACE_S),
+                   Sender(second_port, "B", extra=NTE, pace_s=PACE_S)]
+        for sender in senders:
+            sender.start()
+        try:
+            for mode, seconds in outages:
+                _one_outage(proxy, agent, deployment, mode, seconds)
+        finally:
+            accounts = [sender.stop() for sender in senders]
+        result, stored = wait_for_delivery(deployment.hub_dir, deployment.agent_dir, accounts, RESUME_TIMEOUT_S)
+        print(f"\nlink loss {outages}: {result.line} proxy_connections={proxy.accepted}")
+        assert result.acked > 0 and result.ok, result
+        for prefix in ("A", "B"):
+            sent_order = [m["control_id"] for m in stored
+                          if not m.get("duplicate_of") and m["control_id"].startswith(prefix)]
+            assert sent_order == sorted(sent_order), f"channel {prefix}: hub order differs from send order"
+        assert "X" * 64 not in agent.output  # no body in the log
+    finally:
+        proxy.close()
+
+
+def _one_outage(proxy: FaultProxy, agent, deployment, mode: str, seconds: float) -> None:
+    before = vm_rss_kib(agent.process.pid)
+    proxy.outage(mode)  # type: ignore[arg-type]
+    peak = before
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # bounded by the outage's length
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        peak = max(peak, vm_rss_kib(agent.process.pid))
+    backlog = pending(deployment.agent_dir)
+    proxy.restore()
+    resumed_in = _wait_drained(deployment.agent_dir)
+    print(f"\n{mode} {seconds:g} s: backlog {backlog} messages (~{backlog * len(NTE) // 1024} KiB), "
+          f"agent RSS {before} -> peak {peak} KiB, drained {resumed_in:.1f} s after restore")
+    assert resumed_in < RESUME_TIMEOUT_S, f"delivery did not resume after a {mode} of {seconds} s"
+    if seconds >= MEMORY_CHECK_S:
+        assert backlog * len(NTE) > 2 * RSS_GROWTH_LIMIT_KIB * 1024, "backlog too small to tell"
+        assert peak - before < RSS_GROWTH_LIMIT_KIB, f"agent RSS grew {peak - before} KiB during the outage"
+
+
+def _wait_drained(agent_dir) -> float:
+    """Seconds until the agent owes the hub at most a handful of rows (senders keep sending)."""
+    start = time.monotonic()
+    while time.monotonic() - start < RESUME_TIMEOUT_S:
+        if pending(agent_dir) <= 20:
+            break
+        time.sleep(0.3)
+    return time.monotonic() - start
+
+
+def _add_channel(deployment, name: str) -> int:
+    from test_remote_hub import free_port
+
+    port = free_port()
+    medagent_cli("hub", "add-channel", "lab-north", name, f"mllp://127.0.0.1:{port}?ackMode=fast",
+                 "--data-dir", str(deployment.hub_dir), "--json")
+    return port
+
+
+def test_link_stall_drop_half_close_then_a_30s_stall(spawn, deployment) -> None:
+    run_outages(spawn, deployment, [("stall", 1.0), ("drop", 1.0), ("half-close", 1.0), ("stall", 30.0)])
+
+
+@pytest.mark.long
+def test_link_outages_of_30s_and_5min(spawn, deployment) -> None:
+    run_outages(spawn, deployment, [(mode, seconds) for seconds in (30.0, 300.0)
+                                    for mode in ("stall", "drop", "half-close")])
