@@ -121,6 +121,8 @@ def mllp_target(data: bytes) -> None:
     for event in whole:
         if event[0] == "frame":
             assert b"\x0b" not in event[1] and b"\x1c" not in event[1]
+    payload = stream.replace(b"\x0b", b"").replace(b"\x1c", b"")
+    assert mllp.MllpDecoderPy(len(payload) + 1).feed(mllp.encode(payload)) == [payload]  # round trip
 
 
 # ------------------------------------------------------------------------------------- HL7
@@ -199,31 +201,40 @@ def agent_messages_target(data: bytes) -> None:
         assert again == message, (message, again)
 
 
+def _sent(session: ags.AgentSession | ags.HubSession) -> list[dict[str, Any]]:
+    """What the session writes: each frame must be a message its peer decodes."""
+    peer = "hub" if isinstance(session, ags.AgentSession) else "agent"
+    frames = session.data_to_send()
+    for frame in frames:
+        m.decode(frame, peer)  # type: ignore[arg-type]  # ProtocolError here is a finding
+    return [json.loads(frame) for frame in frames]
+
+
 def agent_session_target(data: bytes) -> None:
-    """Both session ends: any frame sequence never raises; a Violation answers with agent:error."""
+    """Both session ends: any frame sequence never raises; a Violation is answered with
+    agent:error; everything either end writes decodes at its peer."""
     frames = data.split(b"\n")
     agent = ags.AgentSession(version="fuzz", now=0.0, heartbeat_s=1.0)
     agent.connect("token", "agent-1")
-    agent.data_to_send()
+    _sent(agent)
     hub = ags.HubSession(version="fuzz", now=0.0, heartbeat_s=1.0)
-    connected = False
     for index, frame in enumerate(frames):
-        if index == 1 and not connected:  # half the frames reach a live agent
-            agent.receive_frame(m.encode(m.ConnectResponse()))
-            connected = True
+        if index == 1:  # the later frames reach a live agent
+            agent.receive_frame(m.encode(m.ConnectResponse(features={"batch": {"maxMessages": 10}})))
         for session in (agent, hub):
             if session.closed:
                 continue
             events = session.receive_frame(frame)
             for event in events:
-                if isinstance(event, ags.Violation):
-                    answers = [json.loads(f) for f in session.data_to_send()]
-                    assert any(a.get("type") == "agent:error" for a in answers), answers
-                elif isinstance(event, ags.ConnectRequested):
-                    hub.accept("agent-1", {}, event.callback)
-            session.data_to_send()
+                if isinstance(event, ags.ConnectRequested):
+                    hub.accept("agent-1", {"batch": {}}, event.callback)
+            answers = _sent(session)
+            if any(isinstance(event, ags.Violation) for event in events):
+                assert any(a.get("type") == "agent:error" for a in answers), answers
         agent.tick(float(index))
         hub.tick(float(index))
+        _sent(agent)
+        _sent(hub)
 
 
 # ------------------------------------------------------------------------------------- ASTM
