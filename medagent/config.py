@@ -184,6 +184,9 @@ class AgentSection:
     retention_days: int = 7
     retention_max_mb: int = 512
     failed_retention_days: int = 90
+    min_free_mb: float = 50.0
+    min_free_percent: float = 2.0
+    storage_reserve_mb: float = 8.0
     batching: bool = True
 
     @property
@@ -310,6 +313,9 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "retention_days": _Key(_Kind.INT, 7, _at_least(0)),
         "retention_max_mb": _Key(_Kind.INT, 512, _at_least(1)),
         "failed_retention_days": _Key(_Kind.INT, 90, _at_least(0)),
+        "min_free_mb": _Key(_Kind.FLOAT, 50.0, _at_least(0)),
+        "min_free_percent": _Key(_Kind.FLOAT, 2.0, _at_least(0)),
+        "storage_reserve_mb": _Key(_Kind.FLOAT, 8.0, _at_least(0)),
         "batching": _Key(_Kind.BOOL, True),
     },
     "hub": {
@@ -803,6 +809,9 @@ dedup_window_s = 3600.0               # duplicate detection window per (channel,
 retention_days = 7                    # keep delivered messages this long
 retention_max_mb = 512                # soft cap on the queue database
 failed_retention_days = 90            # keep failed/rejected messages this long
+min_free_mb = 50.0                    # refuse new messages (CE) below max(min_free_mb,
+min_free_percent = 2.0                #   min_free_percent of the disk) free, so confirmations fit
+storage_reserve_mb = 8.0              # emergency file given back when the disk fills (recovery room)
 batching = true                       # use the hub's batching extension when it offers it
 
 [hub]                                 # medagent's own hub (hub = "embedded" or `medagent hub`)

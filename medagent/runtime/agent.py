@@ -48,6 +48,7 @@ from medagent import __version__, _compat
 from medagent.channels.base import Channel, ChannelContext
 from medagent.cloud.link import AgentLink, LinkSettings
 from medagent.config import EMBEDDED_HUB, Config, Durability
+from medagent.ops.agent_ops import AgentOps
 from medagent.queue import QUEUE_FILENAME, DurableQueue
 from medagent.runtime.channel_set import ChannelSet, DesiredChannels
 from medagent.runtime.dispatcher import Dispatcher
@@ -86,6 +87,9 @@ class AgentRuntime:
         self.senders = OutboundSenders()
         self._tick_task: asyncio.Task[None] | None = None
         self.started_at = 0.0
+        # Operations (issue 16): stats document, link round trips, rates, /metrics, main log file.
+        self.ops = AgentOps(self.stats, self.data_dir, metrics_port=getattr(config.agent, "metrics_port", None),
+                            log_json=getattr(config.agent, "log_format", "text") == "json")
 
     @property
     def channels(self) -> Mapping[str, Channel]:
@@ -105,9 +109,13 @@ class AgentRuntime:
             retention_days=agent.retention_days,
             retention_max_mb=agent.retention_max_mb,
             failed_retention_days=agent.failed_retention_days,
+            min_free_mb=agent.min_free_mb,
+            min_free_percent=agent.min_free_percent,
+            reserve_mb=agent.storage_reserve_mb,
         )
         await self.queue.open()
         try:
+            await self.ops.start()
             await self._start_hub_and_link()
             await self._start_channels()
         except BaseException:
@@ -135,6 +143,7 @@ class AgentRuntime:
             await self.hub.stop()
             self.hub = None
         log.info("medagent stopped")
+        await self.ops.stop()
 
     async def _start_hub_and_link(self) -> None:
         agent = self.config.agent
@@ -162,11 +171,11 @@ class AgentRuntime:
         self.intake = Intake(self.queue)
         context = ChannelContext(sink=self.intake, data_dir=self.data_dir, log_phi=agent.log_phi, hub=hub_client)
         self.channel_set = ChannelSet(context, self._desired_channels)
-        requests = RequestHandler(self.channel_set.reload, self.stats, self.senders)
+        requests = RequestHandler(self.channel_set.reload, self.ops.stats, self.senders)
         self.dispatcher = Dispatcher(self.queue, creds.agent_id, self.channel_set.get, requests.handle,
                                      hub=hub_client, data_dir=self.data_dir)
-        self.link = AgentLink(settings, self.dispatcher)
-        self.dispatcher.attach(self.link)
+        self.link = AgentLink(settings, self.ops.rtt.wrap_handler(self.dispatcher))
+        self.dispatcher.attach(self.ops.rtt.wrap_link(self.link))
         hub_client.attach(self.link.tokens)
         self.intake.attach(self.dispatcher, self.channel_set)
         self.dispatcher.start()

@@ -412,7 +412,8 @@ class Dispatcher:
                 # The channel checked the charset at intake; a changed config must not wedge the queue.
                 text = body.decode("latin-1")
         elif content_type == OCTET_STREAM_CONTENT_TYPE:
-            text = body.hex()  # Medplum's byte-stream channels send hex (bytestream.ts)
+            # Medplum's byte-stream channels send hex (bytestream.ts); bodyEncoding=utf-8 sends text
+            text = body.hex() if encoding == "hex" else body.decode(encoding, errors="replace")
         else:  # JSON documents (file uploaders' results) are UTF-8; other text is in the channel's encoding
             json_like = content_type == "application/json" or content_type.endswith("+json")
             text = body.decode("utf-8" if json_like else encoding, errors="replace")
