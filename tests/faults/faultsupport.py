@@ -56,9 +56,10 @@ class Sender(threading.Thread):
     """Sends `prefix`-numbered messages to 127.0.0.1:`port` until stopped or `limit` is reached."""
 
     def __init__(self, port: int, prefix: str, *, limit: int = 1_000_000, extra: str = "",
-                 pace_s: float = 0.0) -> None:
+                 pace_s: float = 0.0, poison_every: int = 0) -> None:
         super().__init__(daemon=True, name=f"sender-{prefix}")
         self.port, self.prefix, self.limit, self.extra, self.pace_s = port, prefix, limit, extra, pace_s
+        self.poison_every = poison_every  # every n-th message names an unknown charset: AR, not stored
         self.account = Account()
         self.stop_event = threading.Event()
         self._client: MllpClient | None = None
@@ -92,7 +93,7 @@ class Sender(threading.Thread):
         if control_id in self.account.unanswered_once:
             self.account.resends += 1
         try:
-            code = ack_fields(client.roundtrip(hl7_message(control_id, extra=self.extra)))[0]
+            code = ack_fields(client.roundtrip(self._message(control_id)))[0]
         except (OSError, ConnectionError, AssertionError):
             client.close()
             self._client = None
@@ -101,6 +102,12 @@ class Sender(threading.Thread):
             return False
         self.account.outcome[control_id] = "AA" if code == "AA" else "NAK"
         return True
+
+    def _message(self, control_id: str) -> bytes:
+        message = hl7_message(control_id, extra=self.extra)
+        if self.poison_every and int(control_id[len(self.prefix):]) % self.poison_every == self.poison_every - 1:
+            return message.replace(b"|2.5.1", b"|2.5.1||||||KLINGON", 1)  # MSH-18: unknown charset
+        return message
 
     def _connect(self) -> MllpClient | None:
         if self._client is None:
