@@ -2,7 +2,8 @@
 
 Input files hold one or more messages: MLLP-framed (as captured off the wire) or plain text with
 one segment per line (`\\r`, `\\n` or `\\r\\n`), where every `MSH` segment starts a new message.
-`--example` sends a generated ADT^A01 instead. Each message waits for its ACK (matched by MSA-2)
+`--example` sends a generated ADT^A01 instead; `--example oru|orm|siu` one of the shipped samples
+(medagent.samples) with a fresh control id, so repeated sends are new messages, not duplicates. Each message waits for its ACK (matched by MSA-2)
 before the next is sent. Exit status: 0 when every message got AA or CA, 1 when any got
 AE/AR/CE/CR or no ACK, 2 on usage errors (unreadable file, bad URL).
 """
@@ -20,9 +21,11 @@ import orjson
 
 from medagent.proto import hl7, mllp
 
-__all__ = ["register", "split_messages", "example_message"]
+__all__ = ["register", "split_messages", "example_message", "sample_message", "EXAMPLES"]
 
 _OK_CODES = {"AA", "CA"}
+#: --example kinds: "adt" is generated; the others are shipped samples (medagent.samples)
+EXAMPLES = ("adt", "oru", "orm", "siu")
 
 
 def register(subparsers: Any) -> None:
@@ -33,7 +36,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("files", nargs="*", type=Path, help="files with HL7 messages ('-' = standard input)")
     parser.add_argument("--to", required=True, metavar="URL", help="destination, e.g. mllp://127.0.0.1:2575")
-    parser.add_argument("--example", action="store_true", help="send a generated ADT^A01 test message")
+    parser.add_argument("--example", nargs="?", const="adt", choices=EXAMPLES, metavar="KIND",
+                        help=f"send a test message: {', '.join(EXAMPLES)} (default adt: a generated ADT^A01)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each ACK (default 10)")
     parser.add_argument("--return-ack", choices=["first", "application"], help="which ACK to wait for")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
@@ -53,6 +57,18 @@ def example_message(control_id: str | None = None) -> bytes:
     return ("\r".join(segments) + "\r").encode("ascii")
 
 
+def sample_message(kind: str, control_id: str | None = None) -> bytes:
+    """A shipped sample with MSH-10 replaced by a fresh control id."""
+    from medagent import samples
+
+    message = samples.read(kind)
+    control_id = control_id or f"MEDAGENT{int(time.time() * 1000)}"
+    msh_end = message.find(b"\r")
+    fields = message[:msh_end].split(b"|")
+    fields[9] = control_id.encode("ascii")
+    return b"|".join(fields) + message[msh_end:]
+
+
 def split_messages(data: bytes) -> list[bytes]:
     """Messages in a file: MLLP frames if it has any, else text split at each MSH segment."""
     if mllp.START_BLOCK in data:
@@ -69,7 +85,8 @@ def split_messages(data: bytes) -> list[bytes]:
 def _read_inputs(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     items: list[tuple[str, bytes]] = []
     if args.example:
-        items.append(("example", example_message()))
+        message = example_message() if args.example == "adt" else sample_message(args.example)
+        items.append(("example" if args.example == "adt" else f"example {args.example}", message))
     for path in args.files:
         data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
         found = split_messages(data)

@@ -364,6 +364,15 @@ def test_send_from_standard_input(ack_server: AckServer) -> None:
     assert [(r["source"], r["control_id"], r["ack_code"]) for r in document["results"]] == [("-", "STDIN1", "AA")]
 
 
+def test_send_shipped_samples_with_fresh_control_ids(ack_server: AckServer) -> None:
+    for kind in ("oru", "orm", "siu"):
+        code, document, stderr = _send_json("--to", ack_server.url, "--example", kind)
+        assert code == 0, stderr
+        [result] = document["results"]
+        assert result["source"] == f"example {kind}" and result["ack_code"] == "AA"
+        assert result["control_id"].startswith("MEDAGENT")
+
+
 def test_send_example(ack_server: AckServer) -> None:
     code, document, stderr = _send_json("--to", ack_server.url, "--example")
     assert code == 0, stderr
