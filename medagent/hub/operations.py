@@ -12,12 +12,19 @@ timeout, for the frame that echoes it (:class:`~medagent.hub.registry.PendingRep
   a status >= 400 -> 400 OperationOutcome with the text; no reply in time -> 400 "Timeout".
   ``Device/…`` destinations are refused (this hub stores no Devices).
 * ``$status`` (GET) -> ``Parameters{status connected|disconnected, version, lastUpdated}``; no
-  frame is sent.
-* ``$reload-config`` (GET/POST, ``timeout`` ms default 10000, max 55000) and ``$upgrade``
+  frame is sent. ``/Agent/$bulk-status`` (GET, type level) takes Medplum's Agent search
+  parameters (``name``, ``status``, ``_count`` <= 100, default 20; ``identifier`` and ``_tag``
+  match nothing here, since this hub's agents carry neither) and answers
+  ``Bundle{type: collection}`` of ``Parameters{agent: Agent, result: Parameters}``
+  (agentbulkstatus.ts / agentutils.ts ``handleBulkAgentOperation``).
+* ``$reload-config`` (GET/POST, ``timeout`` ms default 5000, max 55000) and ``$upgrade``
   (GET/POST, ``version``, ``force``, ``timeout`` default 45000, max 56000) -> allOk, or 400
   with the agent's error.
 * ``$fetch-logs`` (GET, ``limit``) -> ``Parameters{logs: valueString}``, one JSON log entry per
-  line; ``$stats`` (GET) -> ``Parameters{stats: valueString}``, the stats object as JSON.
+  line; ``$stats`` (GET) -> ``Parameters{stats: valueString}``, the stats object as JSON. Both
+  wait Medplum's 5 s by default (``publishAgentRequest``'s ``timeout ?? 5000``).
+* ``GET /metrics`` (admin token, as a Prometheus ``bearer_token``): the hub's own figures in
+  the Prometheus text format (medagent.ops.metrics.hub_families).
 
 Common errors: unknown agent 404; agent not connected 400 "Agent not connected"; an unknown
 operation 404; a wrong method 405.
@@ -49,12 +56,22 @@ from medagent.cloud.messages import (
 )
 from medagent.hub.access import require_admin
 from medagent.hub.context import CTX_KEY, HubContext
-from medagent.hub.fhir_json import all_ok, error_response, fhir_response, iso_instant, parameters, parameters_to_dict
+from medagent.hub.fhir_json import (
+    agent_resource,
+    all_ok,
+    bundle,
+    error_response,
+    fhir_response,
+    iso_instant,
+    parameters,
+    parameters_to_dict,
+)
 from medagent.hub.intake import AGENT_OFF_ERROR
-from medagent.hub.records import AgentStatus
+from medagent.hub.records import AgentRecord, AgentStatus
 from medagent.hub.store import NotFound
+from medagent.ops.metrics import hub_families, metrics_response
 
-__all__ = ["add_operation_routes", "OperationError"]
+__all__ = ["OperationError", "add_operation_routes"]
 
 AGENT_NOT_CONNECTED = "Agent not connected"
 TIMEOUT = "Timeout"
@@ -87,9 +104,12 @@ class _Timeout:
 
 
 _PUSH_TIMEOUT = _Timeout(10_000, 55_000)
-_RELOAD_TIMEOUT = _Timeout(10_000, 55_000)
+# Medplum's publishAgentRequest waits `timeout ?? 5000` ms; only $upgrade and $push set their own.
+_RELOAD_TIMEOUT = _Timeout(5_000, 55_000)
 _UPGRADE_TIMEOUT = _Timeout(45_000, 56_000)
-_QUERY_TIMEOUT = _Timeout(10_000, 55_000)
+_QUERY_TIMEOUT = _Timeout(5_000, 55_000)
+BULK_DEFAULT_COUNT = 20
+BULK_MAX_COUNT = 100
 
 
 async def _params(request: web.Request) -> dict[str, Any]:
@@ -172,8 +192,7 @@ async def op_push(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> 
     return web.Response(text=reply.body, status=reply.status_code or 200, content_type=reply.content_type)
 
 
-async def op_status(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> web.StreamResponse:
-    ctx.store.get_agent(agent_id)
+def _status_parameters(ctx: HubContext, agent_id: str) -> dict[str, Any]:
     presence = ctx.registry.presence(agent_id)
     values: dict[str, tuple[str, Any]] = {
         "status": ("valueCode", "connected" if presence.connected else "disconnected"),
@@ -181,7 +200,64 @@ async def op_status(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -
     }
     if presence.last_updated is not None:
         values["lastUpdated"] = ("valueInstant", iso_instant(presence.last_updated))
-    return fhir_response(parameters(**values))
+    return parameters(**values)
+
+
+async def op_status(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> web.StreamResponse:
+    ctx.store.get_agent(agent_id)
+    return fhir_response(_status_parameters(ctx, agent_id))
+
+
+def _search_agents(ctx: HubContext, query: Mapping[str, str]) -> list[AgentRecord]:
+    """Medplum's Agent search parameters that this hub can answer (name, status, _count)."""
+    known = {"name", "status", "identifier", "_tag", "_count"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise OperationError(400, f"unknown Agent search parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    count_text = query.get("_count")
+    try:
+        count = int(count_text) if count_text not in (None, "") else BULK_DEFAULT_COUNT
+    except ValueError:
+        raise OperationError(400, "_count must be an integer") from None
+    if not 0 < count <= BULK_MAX_COUNT:
+        raise OperationError(400, f"_count must be between 1 and {BULK_MAX_COUNT}")
+    if query.get("identifier") or query.get("_tag"):
+        return []  # this hub's agents carry no identifiers or tags
+    name = query.get("name")
+    agents = [a for a in ctx.store.list_agents()
+              if name is None or a.name.lower().startswith(name.lower())]  # FHIR string search: prefix, any case
+    status = query.get("status")
+    if status:
+        agents = [a for a in agents if a.status.value in status.split(",")]
+    return agents[:count]
+
+
+async def op_bulk_status(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX_KEY]
+    require_admin(request)
+    try:
+        agents = _search_agents(ctx, request.query)
+    except OperationError as exc:
+        return error_response(exc.status, str(exc), exc.code)
+    entries = [parameters(agent=("resource", agent_resource(a, ctx.store.list_channels(a.id))),
+                          result=("resource", _status_parameters(ctx, a.id)))
+               for a in agents]
+    return fhir_response(bundle(entries, "collection"))
+
+
+async def hub_metrics(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX_KEY]
+    require_admin(request)
+    by_status: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    connected = 0
+    for agent in ctx.store.list_agents():
+        by_status[agent.status.value] = by_status.get(agent.status.value, 0) + 1
+        presence = ctx.registry.presence(agent.id)
+        if presence.connected:
+            connected += 1
+            versions[presence.version or "unknown"] = versions.get(presence.version or "unknown", 0) + 1
+    return metrics_response(hub_families(connected, by_status, versions))
 
 
 async def op_reload_config(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> web.StreamResponse:
@@ -196,7 +272,7 @@ async def op_upgrade(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) 
     version = params.get("version")
     force = _truthy(params.get("force")) if params.get("force") is not None else None
     ctx.store.get_agent(agent_id)
-    request = lambda cb: UpgradeRequest(version=str(version) if version else None, force=force, callback=cb)  # noqa: E731
+    request = lambda cb: UpgradeRequest(version=str(version) if version else None, force=force, callback=cb)
     _fail_on_error(await _ask(ctx, agent_id, request, timeout_s))
     return all_ok()
 
@@ -260,5 +336,8 @@ async def agent_operation(request: web.Request) -> web.StreamResponse:
 
 def add_operation_routes(app: web.Application, prefixes: tuple[str, ...] = ("/fhir/R4", "")) -> None:
     for prefix in prefixes:
+        # A plain path beats /Agent/{id} in aiohttp's resolver (the most explicit match wins).
+        app.router.add_get(f"{prefix}/Agent/$bulk-status", op_bulk_status)
         app.router.add_route("GET", f"{prefix}/Agent/{{id}}/{{operation}}", agent_operation)
         app.router.add_route("POST", f"{prefix}/Agent/{{id}}/{{operation}}", agent_operation)
+    app.router.add_get("/metrics", hub_metrics)

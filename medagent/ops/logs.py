@@ -1,5 +1,12 @@
-"""Logging setup, the in-memory log ring buffer behind `agent:logs:request` / `$fetch-logs`, and
-a rate limiter for log lines that outsiders can trigger.
+"""Logging setup, the in-memory log ring buffer behind `agent:logs:request` / `$fetch-logs`, the
+main log file in the data directory (text or JSON lines, rotated), and a rate limiter for log
+lines that outsiders can trigger.
+
+The main log (`<data_dir>/medagent.log`, :class:`PrivateRotatingFileHandler`) is created 0600 and
+every rotated generation stays 0600 whatever the umask; it rotates at `LOG_MAX_BYTES` keeping
+`LOG_BACKUPS` generations (medagent.log.1 ... .5), so the data directory's use by logs is
+bounded. With JSON lines each record is one object `{timestamp, level, logger, msg}` (plus
+`exc` with the exception's type and text), the same shape `$fetch-logs` returns.
 
 Invariant: nothing here formats message bodies. Code that logs PHI must check `log_phi` itself;
 these handlers only keep and forward what was logged. The ring buffer is bounded (default
@@ -14,18 +21,57 @@ line per `interval_s`, and that line says how many similar ones were suppressed 
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import logging.handlers
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_LOG_LIMIT", "LOG_RING", "MAX_LOG_LIMIT", "LogRing", "RateLimitedLog", "setup_logging"]
+__all__ = ["DEFAULT_LOG_LIMIT", "LOG_FILENAME", "LOG_RING", "MAX_LOG_LIMIT", "JsonLinesFormatter", "LogRing",
+           "PrivateRotatingFileHandler", "RateLimitedLog", "add_file_log", "setup_logging"]
 
 DEFAULT_LOG_LIMIT = 20
 MAX_LOG_LIMIT = 1000
+LOG_FILENAME = "medagent.log"
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _entry(record: logging.LogRecord) -> dict[str, Any]:
+    """A record as Medplum's log entry ``{level, msg, timestamp}`` plus the logger's name."""
+    return {
+        "level": record.levelname,
+        "msg": record.getMessage(),
+        "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+        "logger": record.name,
+    }
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per line; an exception adds ``exc`` (type and text, no traceback frames)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = _entry(record)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            entry["exc"] = f"{type(exc).__name__}: {exc}"
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A size-rotated log whose every generation is 0600 (DESIGN: log files 0600, any umask)."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file created under a looser umask is tightened
+        return os.fdopen(fd, self.mode.replace("w", "a"), encoding=self.encoding, errors=self.errors)
 
 
 class LogRing(logging.Handler):
@@ -37,12 +83,7 @@ class LogRing(logging.Handler):
         self._guard = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        entry = {
-            "level": record.levelname,
-            "msg": record.getMessage(),
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "logger": record.name,
-        }
+        entry = _entry(record)
         with self._guard:
             self._records.append(entry)
 
@@ -109,6 +150,17 @@ def setup_logging(level: str = "INFO") -> None:
         root.addHandler(LOG_RING)
     if not any(getattr(h, "_medagent_console", False) for h in root.handlers):
         console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        console.setFormatter(logging.Formatter(TEXT_FORMAT))
         console._medagent_console = True  # type: ignore[attr-defined]
         root.addHandler(console)
+
+
+def add_file_log(data_dir: Path, json_lines: bool = False, max_bytes: int = LOG_MAX_BYTES,
+                 backups: int = LOG_BACKUPS) -> logging.Handler:
+    """Attach the main log file in ``data_dir`` to the root logger; the caller removes it with
+    ``logging.getLogger().removeHandler(handler); handler.close()``."""
+    handler = PrivateRotatingFileHandler(Path(data_dir) / LOG_FILENAME, maxBytes=max_bytes, backupCount=backups,
+                                         encoding="utf-8")
+    handler.setFormatter(JsonLinesFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler

@@ -9,8 +9,9 @@
 * `agent:reloadconfig:request`: re-read the channel set and apply it as a diff (runtime/channel_set);
   200 when every channel is as wanted, else `agent:error` naming each failed channel and why
   (the failed channels keep running as they were).
-* `agent:logs:request`: the last `limit` log records from the in-memory ring.
-* `agent:stats:request`: the runtime's stats.
+* `agent:logs:request`: the last `limit` (1..1000, default 20) records of the main log, kept in
+  the in-memory ring (medagent.ops.logs); another limit is an `agent:error`.
+* `agent:stats:request`: the stats document (medagent.ops.stats: Medplum's shape plus ours).
 * `agent:upgrade:request`: self-upgrade is not implemented in this version -> agent:error.
 
 Every answer echoes the request's callback (the link fills it in); an exception becomes an
@@ -45,7 +46,7 @@ from medagent.cloud.messages import (
     TransmitResponse,
     UpgradeRequest,
 )
-from medagent.ops.logs import DEFAULT_LOG_LIMIT, LOG_RING
+from medagent.ops.logs import DEFAULT_LOG_LIMIT, LOG_RING, MAX_LOG_LIMIT
 from medagent.runtime.channel_set import ChangeReport
 from medagent.runtime.outbound import OutboundSenders
 
@@ -79,7 +80,10 @@ class RequestHandler:
                 return ErrorMessage(body=f"reload failed: {report.error_text()}")
             return ReloadConfigResponse(status_code=200)
         if isinstance(message, LogsRequest):
-            return LogsResponse(status_code=200, logs=LOG_RING.tail(message.limit or DEFAULT_LOG_LIMIT))
+            limit = DEFAULT_LOG_LIMIT if message.limit is None else message.limit
+            if not 0 < limit <= MAX_LOG_LIMIT:  # Medplum's agent: 0 < limit <= MAX_LOG_LIMIT
+                return ErrorMessage(body=f"Invalid limit {limit}: the limit must be from 1 to {MAX_LOG_LIMIT}")
+            return LogsResponse(status_code=200, logs=LOG_RING.tail(limit))
         if isinstance(message, StatsRequest):
             return StatsResponse(status_code=200, stats=self._stats())
         if isinstance(message, UpgradeRequest):

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from hubtest import SpecAgent, adt, admin_headers
+from hubtest import SpecAgent, admin_headers, adt
 
 from medagent.hub import AgentCredentials, AgentStatus, HubServer
 
@@ -156,5 +156,48 @@ async def test_reload_config_upgrade_logs_stats_are_routed(hub: HubServer, agent
     call = asyncio.create_task(_http(hub, "GET", f"{base}/$reload-config?timeout=100"))
     await client.recv_type("agent:reloadconfig:request")
     status, _, text = await call
+    assert status == 400 and "Timeout" in text
+    await client.close()
+
+
+async def test_bulk_status_searches_agents_in_medplums_shape(hub: HubServer, agent: AgentCredentials) -> None:
+    other = hub.store.add_agent("radiology")
+    hub.store.set_agent_status(other.agent_id, AgentStatus.OFF)
+    client = await SpecAgent.connected(hub, agent)
+    await client.send({"type": "agent:heartbeat:request"})  # nothing is needed for presence, but be sure it is seen
+    await client.recv_type("agent:heartbeat:response")
+    for prefix in ("/fhir/R4", ""):
+        status, _, text = await _http(hub, "GET", f"{prefix}/Agent/$bulk-status")
+        assert status == 200, text
+        bundle = orjson.loads(text)
+        assert bundle["resourceType"] == "Bundle" and bundle["type"] == "collection"
+        results = {}
+        for entry in bundle["entry"]:
+            params = {p["name"]: p["resource"] for p in entry["resource"]["parameter"]}
+            assert params["agent"]["resourceType"] == "Agent"
+            values = {p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in params["result"]["parameter"]}
+            results[params["agent"]["name"]] = values["status"]
+        assert results == {"lab": "connected", "radiology": "disconnected"}
+    status, _, text = await _http(hub, "GET", "/Agent/$bulk-status", params={"name": "RAD"})
+    assert [e["resource"]["parameter"][0]["resource"]["name"] for e in orjson.loads(text)["entry"]] == ["radiology"]
+    status, _, text = await _http(hub, "GET", "/Agent/$bulk-status", params={"status": "active", "_count": "1"})
+    assert [e["resource"]["parameter"][0]["resource"]["name"] for e in orjson.loads(text)["entry"]] == ["lab"]
+    status, _, text = await _http(hub, "GET", "/Agent/$bulk-status", params={"_count": "101"})
+    assert status == 400 and "_count" in text
+    status, _, text = await _http(hub, "GET", "/Agent/$bulk-status", params={"colour": "red"})
+    assert status == 400 and "colour" in text
+    async with aiohttp.ClientSession() as http, http.get(f"{hub.url}/Agent/$bulk-status") as response:
+        assert response.status == 401
+    await client.close()
+
+
+async def test_stats_waits_medplums_five_seconds_by_default(hub: HubServer, agent: AgentCredentials) -> None:
+    """The agent never answers: the operation ends with "Timeout", and the timeout is 5000 ms
+    (checked by the bound the parameter accepts and by the default's value, not by a clock)."""
+    from medagent.hub.operations import _QUERY_TIMEOUT, _RELOAD_TIMEOUT
+
+    assert _QUERY_TIMEOUT.seconds(None, "timeout") == 5.0 and _RELOAD_TIMEOUT.seconds(None, "timeout") == 5.0
+    client = await SpecAgent.connected(hub, agent)
+    status, _, text = await _http(hub, "GET", f"/Agent/{agent.agent_id}/$stats", params={"timeout": "50"})
     assert status == 400 and "Timeout" in text
     await client.close()
