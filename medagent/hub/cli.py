@@ -6,7 +6,7 @@ configuration error). :func:`main` runs the same parser standalone
 (``python -m medagent.hub.cli hub add-agent lab --json``). ``serve`` takes the admin token from
 ``MEDAGENT_HUB_ADMIN_TOKEN`` when set, else from ``<data-dir>/admin-token``.
 
-Subcommands: ``serve`` (the default), ``add-agent NAME``, ``add-channel AGENT NAME ADDRESS``, ``add-user NAME``,
+Subcommands: ``serve`` (the default), ``add-agent NAME``, ``add-channel AGENT NAME ADDRESS``, ``add-user NAME``, ``revoke-tokens AGENT``, ``rotate-secret AGENT``,
 ``list-agents``, ``messages``. Management commands work on the data directory directly, so they
 work with or without a running hub. With ``--json`` a command prints exactly one JSON document.
 """
@@ -86,6 +86,16 @@ def register(subparsers: Any) -> None:
     list_agents.add_argument("--json", action="store_true", help="print one JSON document")
 
     add_user_parser(sub, parents=[common]).set_defaults(func=run, handler=run)  # through _COMMANDS
+
+    revoke = sub.add_parser("revoke-tokens", parents=[common],
+                            help="refuse every access token issued to an agent so far (it logs in again)")
+    revoke.add_argument("agent", help="agent id or name")
+    revoke.add_argument("--json", action="store_true", help="print one JSON document")
+
+    rotate = sub.add_parser("rotate-secret", parents=[common],
+                            help="issue a new client secret (the old one and its tokens stop working)")
+    rotate.add_argument("agent", help="agent id or name")
+    rotate.add_argument("--json", action="store_true", help="print one JSON document")
 
     messages = sub.add_parser("messages", parents=[common], help="list stored messages (one page)")
     messages.add_argument("--agent", help="agent id or name")
@@ -342,6 +352,37 @@ def _messages(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _revoke_tokens(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        agent = store.find_agent(args.agent)
+        generation = store.revoke_tokens(agent.id)
+    finally:
+        store.close()
+    if args.json:
+        _print_json({"agent_id": agent.id, "token_generation": generation})
+    else:
+        print(f"tokens of agent {agent.name} revoked; HTTP calls with them are refused from now on "
+              "(a running hub closes the agent's websocket on revocation through its HTTP API: "
+              "POST /admin/agents/{id}/revoke-tokens)")
+    return EXIT_OK
+
+
+def _rotate_secret(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        credentials = store.reset_client_secret(store.find_agent(args.agent).id)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(dataclasses.asdict(credentials))
+    else:
+        print(f"client_id:     {credentials.client_id}")
+        print(f"client_secret: {credentials.client_secret}")
+        print("The new secret is shown only now; the old one and its tokens no longer work.")
+    return EXIT_OK
+
+
 def _add_user(args: argparse.Namespace) -> int:
     """Dashboard operator accounts live beside the hub's data: refuse a directory with none."""
     _open_store(args).close()
@@ -350,6 +391,8 @@ def _add_user(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "add-user": _add_user,
+    "revoke-tokens": _revoke_tokens,
+    "rotate-secret": _rotate_secret,
     "serve": _serve,
     "add-agent": _add_agent,
     "add-channel": _add_channel,

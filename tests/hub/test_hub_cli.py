@@ -130,3 +130,23 @@ def test_listings_are_tables_with_headers(tmp_path: Path, capsys: pytest.Capture
     assert row.startswith("lab ") and "mllp://0.0.0.0:2575" in row and "{" not in out
     status, out, _ = run_cli(capsys, "messages", *data)
     assert status == 0 and out.strip() == "no messages match"
+
+
+def test_revoke_tokens_and_rotate_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    _, out, _ = run_cli(capsys, "add-agent", "lab", "--json", *data)
+    first = json.loads(out)
+    status, out, _ = run_cli(capsys, "revoke-tokens", "lab", "--json", *data)
+    assert status == 0 and json.loads(out)["token_generation"] >= 1
+    store = HubStore(tmp_path)
+    generation = store.token_generation(first["agent_id"])
+    store.close()
+    status, out, _ = run_cli(capsys, "rotate-secret", "lab", "--json", *data)
+    second = json.loads(out)
+    assert status == 0 and second["client_id"] == first["client_id"]
+    assert second["client_secret"] != first["client_secret"]
+    store = HubStore(tmp_path)
+    assert store.token_generation(first["agent_id"]) > generation  # rotation revokes too
+    store.close()
+    status, _, err = run_cli(capsys, "revoke-tokens", "nobody", *data)
+    assert status == 1 and "no agent" in err
