@@ -2,7 +2,12 @@
 
 The matrix is ACK modes x connection counts x implementations (Cython "c", pure "py") x clients
 (medagent's loadgen, the independent C client), plus, per connection count, the independent C
-echo-ACK server as the machine's ceiling. Every scenario starts its own system under test in
+echo-ACK server as the machine's ceiling and, with ``--peer medplum``, Medplum's own Node HL7
+stack (fastack.mjs + sink.mjs from ``--medplum-dir``) in its fast and original modes, driven by
+the same C client, so every medagent row carries its ratio to Medplum from the same sitting.
+``--baseline-python`` adds medagent rows served by another interpreter's install (impl "base",
+e.g. the build before a change). ``--runs N`` repeats the whole matrix N times, alternating the
+targets, and reports the median run of every cell (all rates listed below the table). Every scenario starts its own system under test in
 separate processes (see `medagent.bench.harness`). On a terminal one progress line per
 scenario goes to stderr as it completes; the table (or, with --json, one JSON document) goes to
 stdout at the end.
@@ -16,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from medagent.bench.harness import (
+    BASELINE_IMPL,
     MODES,
     BenchSettings,
     ClientKind,
@@ -31,6 +39,7 @@ from medagent.bench.harness import (
     SystemStartError,
     Target,
     client_supports,
+    medplum_supports,
     run,
 )
 from medagent.bench.ctools import CToolError, c_tool
@@ -77,8 +86,22 @@ def register(subparsers: Any) -> None:
                         help="C echo-ACK server binary (default: the shipped source, built on first use)")
     parser.add_argument("--c-client", type=Path, default=None,
                         help="C load client binary (default: the shipped source, built on first use)")
+    parser.add_argument("--peer", choices=("none", "medplum"), default="none",
+                        help="also run Medplum's Node HL7 stack (fast+forward, original) with the C client")
+    parser.add_argument("--medplum-dir", type=Path, default=_env_path("MEDAGENT_MEDPLUM_DIR"),
+                        help="folder with fastack.mjs, sink.mjs and npm ci'd node_modules "
+                             "(default $MEDAGENT_MEDPLUM_DIR); copied to a temporary directory per run")
+    parser.add_argument("--baseline-python", type=Path, default=None,
+                        help="python of another medagent install: adds its rows as impl 'base'")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the matrix N times (alternating targets); report each cell's median")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.set_defaults(handler=run_bench)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,11 +148,15 @@ def _binary(given: Path | None, tool: str, needed: bool, what: str) -> Path | No
 
 def build_matrix(modes: Sequence[str], conns: Sequence[int], impls: Sequence[str], targets: Sequence[Target],
                  clients: Sequence[ClientKind]) -> list[Scenario]:
-    """The scenarios in run order: per connection count, the C echo server first, then medagent."""
+    """The scenarios in run order: per connection count, the C echo server first, then Medplum
+    (C client only: that is how its figures are published), then medagent."""
     scenarios = []
     for count in conns:
         if Target.C_ECHO in targets:
             scenarios += [Scenario(Target.C_ECHO, "echo", count, "-", client) for client in clients]
+        if Target.MEDPLUM in targets:
+            scenarios += [Scenario(Target.MEDPLUM, mode, count, "node", ClientKind.C)
+                          for mode in modes if medplum_supports(mode)]
         if Target.MEDAGENT in targets:
             scenarios += [Scenario(Target.MEDAGENT, mode, count, impl, client)
                           for mode in modes for impl in impls for client in clients
@@ -146,15 +173,28 @@ def _settings_and_matrix(args: argparse.Namespace) -> tuple[BenchSettings, list[
         raise UsageError("--procs must be 1..36")
     if args.max_messages < 1:
         raise UsageError("--max-messages must be at least 1")
+    if not 1 <= args.runs <= 100:
+        raise UsageError("--runs must be 1..100")
     clients = [ClientKind.MEDAGENT, ClientKind.C] if args.client == "both" else [ClientKind(args.client)]
-    c_client = _binary(args.c_client, "mllp_client", ClientKind.C in clients, "the C client")
+    peer = args.peer == "medplum"
+    if peer and (args.medplum_dir is None or not (args.medplum_dir / "fastack.mjs").is_file()
+                 or not (args.medplum_dir / "node_modules").is_dir()):
+        raise UsageError("--peer medplum needs --medplum-dir (or $MEDAGENT_MEDPLUM_DIR): a folder with "
+                         "fastack.mjs, sink.mjs and node_modules installed by npm ci")
+    if args.baseline_python is not None and not args.baseline_python.is_file():
+        raise UsageError(f"--baseline-python {args.baseline_python} does not exist")
+    c_client = _binary(args.c_client, "mllp_client", ClientKind.C in clients or peer, "the C client")
     c_server = _binary(args.c_server, "mllp_server", args.target == "c-echo", "the C echo server")
     targets = [Target.MEDAGENT, Target.C_ECHO] if args.target == "both" else [Target(args.target)]
     if c_server is None:
         targets = [t for t in targets if t is not Target.C_ECHO]
+    if peer:
+        targets.append(Target.MEDPLUM)
+    impls = IMPLS[args.impl] + ((BASELINE_IMPL,) if args.baseline_python is not None else ())
     settings = BenchSettings(duration_s=args.duration, warmup_s=args.warmup, max_messages=args.max_messages,
-                             procs=args.procs or default_procs(), c_server=c_server, c_client=c_client)
-    return settings, build_matrix(modes, conns, IMPLS[args.impl], targets, clients)
+                             procs=args.procs or default_procs(), c_server=c_server, c_client=c_client,
+                             medplum_dir=args.medplum_dir, baseline_python=args.baseline_python)
+    return settings, build_matrix(modes, conns, impls, targets, clients) * args.runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,10 +225,28 @@ def _run_matrix(scenarios: Sequence[Scenario], settings: BenchSettings
             yield scenario, None, str(exc)
 
 
+def _medians(results: Sequence[ScenarioResult]) -> tuple[list[ScenarioResult], list[str]]:
+    """Per scenario (first-seen order) the run with the median rate, and one line listing every
+    run's rate where a scenario ran more than once (the spread shows how noisy the machine was)."""
+    by_label: dict[str, list[ScenarioResult]] = {}
+    for result in results:
+        by_label.setdefault(result.scenario.label, []).append(result)
+    chosen, spread = [], []
+    for label, runs in by_label.items():
+        ordered = sorted(runs, key=lambda r: r.load.rate)
+        chosen.append(ordered[(len(ordered) - 1) // 2])
+        if len(runs) > 1:
+            rates = [r.load.rate for r in runs]
+            spread.append(f"runs {label}: " + ", ".join(f"{rate:,.0f}" for rate in rates)
+                          + f" (median {statistics.median(rates):,.0f})")
+    return chosen, spread
+
+
 def _settings_summary(settings: BenchSettings) -> dict[str, Any]:
     return {"duration_s": settings.duration_s, "warmup_s": settings.warmup_s, "procs": settings.procs,
             "max_messages": settings.max_messages, "message_bytes": len(settings.message) + 3,
-            "c_server": str(settings.c_server or ""), "c_client": str(settings.c_client or "")}
+            "c_server": str(settings.c_server or ""), "c_client": str(settings.c_client or ""),
+            "medplum_dir": str(settings.medplum_dir or ""), "baseline_python": str(settings.baseline_python or "")}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -213,8 +271,14 @@ def run_bench(args: argparse.Namespace) -> int:
         failures.append(Failure("startup", str(exc)))
         status = EXIT_FAILURE
     summary = _settings_summary(settings)
+    medians, spread = _medians(results)
+    summary["runs"] = args.runs
     if args.json:
-        print(json.dumps(to_document(results, failures, summary), indent=2))
+        document = to_document(medians, failures, summary)
+        document["all_runs"] = [result.to_dict() for result in results]
+        print(json.dumps(document, indent=2))
     else:
-        print(format_table(results, failures, summary))
+        print(format_table(medians, failures, summary))
+        if spread:
+            print("\n".join(spread))
     return status

@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-A `Scenario` is one cell of the benchmark matrix: a target (`medagent serve`, or the
-independent C echo-ACK server that shows what this machine can do at all), an ACK mode, a
+A `Scenario` is one cell of the benchmark matrix: a target (`medagent serve`, the
+independent C echo-ACK server that shows what this machine can do at all, or Medplum's own Node
+HL7 stack -- fastack.mjs forwarding to sink.mjs, copied from ``--medplum-dir`` -- the peer to
+beat), an ACK mode, a
 number of lock-step connections, an implementation (Cython "c" or pure "py") and a client
 (medagent's own `loadgen`, or the independent C client).
 
@@ -17,7 +19,9 @@ number of lock-step connections, an implementation (Cython "c" or pure "py") and
    `SystemStartError` with the tail of its output);
 3. run the load (worker processes of `loadgen`, or the C client), sampling the CPU time of the
    agent and of its whole process tree (the embedded hub is a child) from ``/proc/<pid>/stat``
-   at the start and the end of the measured window (Linux only; None elsewhere);
+   at the start and the end of the measured window (Linux only; None elsewhere); the "agent"
+   figure is the `medagent serve` process (Medplum: fastack.mjs), the "hub" figure the rest
+   (the embedded hub; Medplum: sink.mjs);
 4. stop the process group: SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`.
 
 Invariants
@@ -33,6 +37,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +88,18 @@ C_CLIENT_ID_WIDTH: Final = 12
 class Target(enum.StrEnum):
     MEDAGENT = "medagent"
     C_ECHO = "c-echo"
+    #: Medplum's own Node HL7 stack (fastack.mjs + sink.mjs from --medplum-dir), the peer to beat.
+    MEDPLUM = "medplum"
+
+
+#: Our ACK mode -> (fastack.mjs flags, sink.mjs flags) of the Medplum path it is compared with:
+#: fast = Medplum's fast ACK + one websocket frame per message (nothing persisted); original =
+#: the ACK comes back from the sink (a bot that stores nothing).
+MEDPLUM_MODES: Final = {"fast": ((), ()), "original": (("--original",), ("--respond",))}
+#: Files of the Medplum bench folder the harness copies (node_modules is linked, not copied).
+MEDPLUM_FILES: Final = ("fastack.mjs", "sink.mjs", "package.json")
+#: impl of medagent rows run by another interpreter (--baseline-python): an older install.
+BASELINE_IMPL: Final = "base"
 
 
 class ClientKind(enum.StrEnum):
@@ -125,6 +142,8 @@ class BenchSettings:
     c_client: Path | None = None
     message: bytes = SAMPLE_ADT_A01
     startup_timeout_s: float = STARTUP_TIMEOUT_S
+    medplum_dir: Path | None = None  # the Medplum Node bench folder with node_modules installed
+    baseline_python: Path | None = None  # interpreter of an older medagent install (impl "base")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +153,31 @@ class ScenarioResult:
     scenario: Scenario
     load: LoadResult
     sut_cpu_pct: float | None  # the whole process tree (agent + embedded hub), % of one core
-    agent_cpu_pct: float | None  # the `medagent serve` process alone
+    agent_cpu_pct: float | None  # the `medagent serve` process alone (Medplum: fastack.mjs)
     implementation: str  # what the system under test reported (banner line), or ""
+    #: the whole machine's busy CPU over the window, % of one core (all tenants: shows the noise)
+    machine_cpu_pct: float | None = None
+
+    @property
+    def hub_cpu_pct(self) -> float | None:
+        """The hub side: the embedded hub's processes (Medplum: the sink), % of one core."""
+        if self.sut_cpu_pct is None or self.agent_cpu_pct is None:
+            return None
+        return round(self.sut_cpu_pct - self.agent_cpu_pct, 1)
+
+    def _per_message_us(self, pct: float | None) -> float | None:
+        # CPU seconds per wall second / messages per wall second = CPU seconds per message.
+        if pct is None or self.load.rate <= 0:
+            return None
+        return round(pct / 100.0 / self.load.rate * 1e6, 1)
+
+    @property
+    def agent_us_per_msg(self) -> float | None:
+        return self._per_message_us(self.agent_cpu_pct)
+
+    @property
+    def hub_us_per_msg(self) -> float | None:
+        return self._per_message_us(self.hub_cpu_pct)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -147,6 +189,10 @@ class ScenarioResult:
             **{f"load_{k}": v for k, v in self.load.to_dict().items() if k not in ("conns",)},
             "sut_cpu_pct": self.sut_cpu_pct,
             "agent_cpu_pct": self.agent_cpu_pct,
+            "hub_cpu_pct": self.hub_cpu_pct,
+            "machine_cpu_pct": self.machine_cpu_pct,
+            "agent_us_per_msg": self.agent_us_per_msg,
+            "hub_us_per_msg": self.hub_us_per_msg,
             "implementation": self.implementation,
         }
 
@@ -154,6 +200,11 @@ class ScenarioResult:
 def client_supports(client: ClientKind, mode: str) -> bool:
     """The C client checks ``MSA|AA|<id>`` only, so it cannot measure two-phase (CA) mode."""
     return client is ClientKind.MEDAGENT or ACCEPTED_CODES.get(mode) == frozenset({"AA"})
+
+
+def medplum_supports(mode: str) -> bool:
+    """Medplum's stack has a counterpart of our fast and original modes only."""
+    return mode in MEDPLUM_MODES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,24 +223,38 @@ def _read_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from the first line of /proc/stat, None without it."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 class ProcessTreeCpu:
     """CPU time of a process and its descendants between `window_started` and `window_ended`.
 
-    A `loadgen.WindowObserver`. On systems without /proc every figure is None.
+    A `loadgen.WindowObserver`. On systems without /proc every figure is None. `other_roots`
+    are further processes (with their descendants) that count to the tree but not to the root.
     """
 
-    def __init__(self, root_pid: int) -> None:
+    def __init__(self, root_pid: int, *other_roots: int) -> None:
         self.root_pid = root_pid
+        self.other_roots = other_roots
         self.available = Path(f"/proc/{root_pid}/stat").exists()
         self._start: tuple[float, dict[int, float]] | None = None
         self._end: tuple[float, dict[int, float]] | None = None
+        self._machine_start: tuple[int, int] | None = None
+        self._machine_end: tuple[int, int] | None = None
 
     def _tree(self) -> dict[int, float]:
         stats: dict[int, tuple[int, float]] = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and (stat := _read_stat(int(entry.name))) is not None:
                 stats[int(entry.name)] = stat
-        members, frontier = {self.root_pid}, [self.root_pid]
+        members, frontier = {self.root_pid, *self.other_roots}, [self.root_pid, *self.other_roots]
         while frontier:
             parent = frontier.pop()
             children = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in members]
@@ -199,11 +264,22 @@ class ProcessTreeCpu:
 
     def window_started(self) -> None:
         if self.available:
+            self._machine_start = _machine_busy()
             self._start = (time.monotonic(), self._tree())
 
     def window_ended(self) -> None:
         if self.available:
             self._end = (time.monotonic(), self._tree())
+            self._machine_end = _machine_busy()
+
+    @property
+    def machine_pct(self) -> float | None:
+        """Busy CPU of the whole machine over the window, % of one core (every process, not only
+        the tree: other tenants of a shared machine show up here)."""
+        start, end = self._machine_start, self._machine_end
+        if start is None or end is None or end[1] <= start[1]:
+            return None
+        return round(100.0 * (end[0] - start[0]) / (end[1] - start[1]) * (os.cpu_count() or 1), 1)
 
     def _percent(self, pids: Sequence[int] | None) -> float | None:
         if self._start is None or self._end is None:
@@ -320,9 +396,49 @@ def _implementation_line(workdir: Path) -> str:
     return ""
 
 
+def _medplum_copy(settings: BenchSettings, workdir: Path) -> Path:
+    """The Medplum bench folder copied into `workdir` (its node_modules linked): the source may be
+    read-only, and the servers run with the copy as their working directory."""
+    source = settings.medplum_dir
+    if source is None or not (source / "fastack.mjs").is_file() or not (source / "node_modules").is_dir():
+        raise ScenarioNotApplicable("Medplum rows need --medplum-dir: a folder with fastack.mjs, sink.mjs "
+                                    "and node_modules (npm ci --no-audit --no-fund; node >= 20)")
+    copy = workdir / "medplum"
+    copy.mkdir()
+    for name in MEDPLUM_FILES:
+        shutil.copy2(source / name, copy / name)
+    (copy / "node_modules").symlink_to((source / "node_modules").resolve(), target_is_directory=True)
+    return copy
+
+
+@contextmanager
+def _medplum(scenario: Scenario, settings: BenchSettings, workdir: Path
+             ) -> Iterator[tuple[subprocess.Popen[bytes], int, ProcessTreeCpu]]:
+    """fastack.mjs (the agent's side) and, in front of it, sink.mjs (the cloud's side)."""
+    folder = _medplum_copy(settings, workdir)
+    agent_flags, sink_flags = MEDPLUM_MODES[scenario.mode]
+    bound = str(int(settings.warmup_s + settings.duration_s + 120))  # both exit by themselves after
+    sink_port, port = free_port(), free_port()
+    sink_dir, agent_dir = workdir / "sink", workdir / "fastack"
+    sink_dir.mkdir()
+    agent_dir.mkdir()
+    sink_cmd = ["node", str(folder / "sink.mjs"), "--port", str(sink_port), "--max-seconds", bound, *sink_flags]
+    agent_cmd = ["node", str(folder / "fastack.mjs"), "--port", str(port), "--sink",
+                 f"ws://127.0.0.1:{sink_port}", "--max-seconds", bound, *agent_flags]
+    with _started(sink_cmd, sink_port, sink_dir, dict(os.environ), settings.startup_timeout_s,
+                  "Medplum sink.mjs") as sink, \
+            _started(agent_cmd, port, agent_dir, dict(os.environ), settings.startup_timeout_s,
+                     "Medplum fastack.mjs") as agent:
+        yield agent, port, ProcessTreeCpu(agent.pid, sink.pid)
+
+
 @contextmanager
 def _system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Path
-                       ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+                       ) -> Iterator[tuple[subprocess.Popen[bytes], int, ProcessTreeCpu]]:
+    if scenario.target is Target.MEDPLUM:
+        with _medplum(scenario, settings, workdir) as started:
+            yield started
+        return
     port = free_port()
     if scenario.target is Target.C_ECHO:
         if settings.c_server is None or not settings.c_server.is_file():
@@ -332,14 +448,19 @@ def _system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Pat
         command = [str(settings.c_server), str(port), str(bound)]
         with _started(command, port, workdir, dict(os.environ), settings.startup_timeout_s,
                       "the C echo server") as process:
-            yield process, port
+            yield process, port, ProcessTreeCpu(process.pid)
         return
     config = workdir / "medagent.toml"
     config.write_text(medagent_config(workdir / "data", port, scenario.mode, free_port()))
-    command = [sys.executable, "-P", "-m", "medagent", "serve", "--config", str(config)]
+    python = sys.executable
+    if scenario.impl == BASELINE_IMPL:
+        if settings.baseline_python is None:
+            raise ScenarioNotApplicable("baseline rows need --baseline-python")
+        python = str(settings.baseline_python)
+    command = [python, "-P", "-m", "medagent", "serve", "--config", str(config)]
     with _started(command, port, workdir, _medagent_env(scenario.impl), settings.startup_timeout_s,
                   "medagent serve") as process:
-        yield process, port
+        yield process, port, ProcessTreeCpu(process.pid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +469,7 @@ def _system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Pat
 
 
 def _load_spec(scenario: Scenario, port: int, settings: BenchSettings) -> LoadSpec:
-    mode = "fast" if scenario.target is Target.C_ECHO else scenario.mode
+    mode = scenario.mode if scenario.target is Target.MEDAGENT else "fast"  # the others answer AA
     return LoadSpec.for_mode(mode, "127.0.0.1", port, scenario.conns, settings.duration_s,
                              warmup_s=settings.warmup_s, max_messages=settings.max_messages,
                              message=settings.message)
@@ -406,17 +527,18 @@ def run(scenario: Scenario, settings: BenchSettings) -> ScenarioResult:
     ScenarioNotApplicable."""
     if not client_supports(scenario.client, scenario.mode if scenario.target is Target.MEDAGENT else "fast"):
         raise ScenarioNotApplicable(f"the C client cannot check {scenario.mode} ACKs (it expects AA)")
+    if scenario.target is Target.MEDPLUM and not medplum_supports(scenario.mode):
+        raise ScenarioNotApplicable(f"Medplum's stack has no {scenario.mode} mode (only fast, original)")
     with tempfile.TemporaryDirectory(prefix="medagent-bench-") as tmp:
         workdir = Path(tmp)
-        with _system_under_test(scenario, settings, workdir) as (process, port):
-            cpu = ProcessTreeCpu(process.pid)
+        with _system_under_test(scenario, settings, workdir) as (process, port, cpu):
             load = _run_client(scenario, port, settings, workdir, cpu)
             implementation = _implementation_line(workdir)
     if load.messages == 0:
         raise LoadError(f"no ACK arrived in the measured window ({load.errors} errors: "
                         f"{load.bad_acks} bad ACKs, {load.timeouts} timeouts, {load.disconnects} "
                         f"disconnects, {load.unanswered} unanswered at the end)")
-    return ScenarioResult(scenario, load, cpu.tree_pct, cpu.root_pct, implementation)
+    return ScenarioResult(scenario, load, cpu.tree_pct, cpu.root_pct, implementation, cpu.machine_pct)
 
 
 def run_scenario(mode: str, conns: int, duration: float, impl: str = "c", *,

@@ -8,6 +8,12 @@ targets"):
   else any client). The C server's own rows have 1.0.
 * ``vs_py``: for a Cython ("c") row, its rate divided by the pure-Python ("py") row with the
   same mode, connections and client (target: >= 1.5).
+* ``vs_medplum``: for a medagent row, its rate divided by the rate of Medplum's own Node stack
+  with the same mode (fast = Medplum's fast ACK + forward, nothing persisted; original = the ACK
+  from its sink) and connections, measured in the same run.
+
+CPU per message (µs) is the process CPU time over the measured window divided by the messages
+acknowledged in it, for the agent side and the hub side separately.
 
 Invariant: rendering never changes or drops a result; scenarios that failed are listed with
 their error text (`Failure`).
@@ -40,6 +46,7 @@ class Row:
     result: ScenarioResult
     vs_c_echo: float | None
     vs_py: float | None
+    vs_medplum: float | None = None
 
 
 def _c_echo_rate(results: Sequence[ScenarioResult], conns: int, client: str) -> float | None:
@@ -59,6 +66,15 @@ def _py_rate(results: Sequence[ScenarioResult], result: ScenarioResult) -> float
     return None
 
 
+def _medplum_rate(results: Sequence[ScenarioResult], result: ScenarioResult) -> float | None:
+    s = result.scenario
+    for other in results:
+        o = other.scenario
+        if o.target is Target.MEDPLUM and (o.mode, o.conns) == (s.mode, s.conns):
+            return other.load.rate or None
+    return None
+
+
 def _ratio(value: float, base: float | None) -> float | None:
     return round(value / base, 3) if base else None
 
@@ -69,13 +85,16 @@ def rows(results: Sequence[ScenarioResult]) -> list[Row]:
     for result in results:
         echo = _c_echo_rate(results, result.scenario.conns, str(result.scenario.client))
         vs_py = _ratio(result.load.rate, _py_rate(results, result)) if result.scenario.impl == "c" else None
-        out.append(Row(result, _ratio(result.load.rate, echo), vs_py))
+        vs_medplum = (_ratio(result.load.rate, _medplum_rate(results, result))
+                      if result.scenario.target is Target.MEDAGENT else None)
+        out.append(Row(result, _ratio(result.load.rate, echo), vs_py, vs_medplum))
     return out
 
 
 _COLUMNS = (("target", 8), ("mode", 9), ("conns", 5), ("impl", 4), ("client", 8), ("msg/s", 9),
             ("p50 µs", 8), ("p99 µs", 8), ("p99.9 µs", 9), ("max µs", 9), ("errors", 6),
-            ("client CPU%", 11), ("SUT CPU%", 8), ("vs C echo", 9), ("vs py", 6))
+            ("client CPU%", 11), ("SUT CPU%", 8), ("agent µs/msg", 12), ("hub µs/msg", 10), ("box CPU%", 8),
+            ("vs C echo", 9), ("vs py", 6), ("vs Medplum", 10))
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -93,7 +112,9 @@ def format_row(row: Row) -> str:
     cells = (str(s.target), s.mode, str(s.conns), s.impl, str(s.client), _number(load.rate),
              _number(load.p50_us), _number(load.p99_us), _number(load.p999_us), _number(load.max_us),
              str(load.errors), _number(load.cpu_pct), _number(row.result.sut_cpu_pct),
-             _number(row.vs_c_echo, 2), _number(row.vs_py, 2))
+             _number(row.result.agent_us_per_msg, 1), _number(row.result.hub_us_per_msg, 1),
+             _number(row.result.machine_cpu_pct),
+             _number(row.vs_c_echo, 2), _number(row.vs_py, 2), _number(row.vs_medplum, 2))
     return "  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS))
 
 
@@ -109,7 +130,9 @@ def format_table(results: Sequence[ScenarioResult], failures: Iterable[Failure] 
     if settings:
         lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     lines.append("latencies are per lock-step message (send to full ACK); CPU% is of one core; "
-                 "SUT = system under test (agent + embedded hub)")
+                 "SUT = system under test (agent + embedded hub; Medplum: fastack.mjs + sink.mjs); "
+                 "µs/msg = CPU time per acknowledged message; box CPU% = the whole machine "
+                 "(every tenant) over the window, of one core")
     return "\n".join(lines)
 
 
@@ -124,7 +147,8 @@ def to_document(results: Sequence[ScenarioResult], failures: Iterable[Failure] =
     return {
         "machine": machine_info(),
         "settings": dict(settings or {}),
-        "results": [{**row.result.to_dict(), "vs_c_echo": row.vs_c_echo, "vs_py": row.vs_py}
+        "results": [{**row.result.to_dict(), "vs_c_echo": row.vs_c_echo, "vs_py": row.vs_py,
+                     "vs_medplum": row.vs_medplum}
                     for row in rows(results)],
         "failures": [{"scenario": f.label, "error": f.error} for f in failures],
     }
