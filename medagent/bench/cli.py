@@ -97,6 +97,9 @@ def register(subparsers: Any) -> None:
                         help="repeat the matrix N times (alternating targets); report each cell's median")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.set_defaults(handler=run_bench)
+    from medagent.bench import soak  # the `medagent bench soak` subcommand
+
+    soak.register(parser.add_subparsers(title="subcommands", metavar="{soak}"))
 
 
 def _env_path(name: str) -> Path | None:

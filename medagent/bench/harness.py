@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,8 @@ __all__ = [
     "client_supports",
     "run_scenario",
     "run",
+    "system_under_test",
+    "medagent_config",
 ]
 
 #: ACK modes in the order the matrix runs them.
@@ -249,6 +251,10 @@ class ProcessTreeCpu:
         self._machine_start: tuple[int, int] | None = None
         self._machine_end: tuple[int, int] | None = None
 
+    def members(self) -> list[int]:
+        """The pids of the tree now (roots first)."""
+        return list(self._tree())
+
     def _tree(self) -> dict[int, float]:
         stats: dict[int, tuple[int, float]] = {}
         for entry in Path("/proc").iterdir():
@@ -260,7 +266,8 @@ class ProcessTreeCpu:
             children = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in members]
             members.update(children)
             frontier.extend(children)
-        return {pid: stats[pid][1] for pid in members if pid in stats}
+        ordered = [self.root_pid, *self.other_roots, *sorted(members - {self.root_pid, *self.other_roots})]
+        return {pid: stats[pid][1] for pid in ordered if pid in stats}
 
     def window_started(self) -> None:
         if self.available:
@@ -368,10 +375,13 @@ def _started(command: Sequence[str], port: int, workdir: Path, env: dict[str, st
         _stop(process)
 
 
-def medagent_config(data_dir: Path, port: int, mode: str, hub_port: int) -> str:
-    """The TOML of a one-channel `medagent serve` with the embedded hub and the ACK bot."""
+def medagent_config(data_dir: Path, port: int, mode: str, hub_port: int,
+                    agent_options: Mapping[str, int | float | str | bool] | None = None) -> str:
+    """The TOML of a one-channel `medagent serve` with the embedded hub and the ACK bot;
+    `agent_options` are further [agent] keys (e.g. the soak's retention_max_mb)."""
+    extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in (agent_options or {}).items())
     return (
-        f"[agent]\ndata_dir = {json.dumps(str(data_dir))}\nhub = \"embedded\"\nlog_level = \"WARNING\"\n\n"
+        f"[agent]\ndata_dir = {json.dumps(str(data_dir))}\nhub = \"embedded\"\nlog_level = \"WARNING\"\n{extra}\n"
         f"[hub]\nport = {hub_port}\n\n"
         f"[[channel]]\nname = \"bench\"\nendpoint = \"mllp://127.0.0.1:{port}?ackMode={mode}\"\n"
         f"bot = \"medagent.hub.bots.ack:handler\"\n"
@@ -433,8 +443,11 @@ def _medplum(scenario: Scenario, settings: BenchSettings, workdir: Path
 
 
 @contextmanager
-def _system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Path
-                       ) -> Iterator[tuple[subprocess.Popen[bytes], int, ProcessTreeCpu]]:
+def system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Path,
+                      agent_options: Mapping[str, int | float | str | bool] | None = None
+                      ) -> Iterator[tuple[subprocess.Popen[bytes], int, ProcessTreeCpu]]:
+    """Start the scenario's target in `workdir` (medagent's data directory: ``workdir/data``),
+    yield (process, its MLLP port, a CPU observer of its processes), stop it on exit."""
     if scenario.target is Target.MEDPLUM:
         with _medplum(scenario, settings, workdir) as started:
             yield started
@@ -451,7 +464,7 @@ def _system_under_test(scenario: Scenario, settings: BenchSettings, workdir: Pat
             yield process, port, ProcessTreeCpu(process.pid)
         return
     config = workdir / "medagent.toml"
-    config.write_text(medagent_config(workdir / "data", port, scenario.mode, free_port()))
+    config.write_text(medagent_config(workdir / "data", port, scenario.mode, free_port(), agent_options))
     python = sys.executable
     if scenario.impl == BASELINE_IMPL:
         if settings.baseline_python is None:
@@ -531,7 +544,7 @@ def run(scenario: Scenario, settings: BenchSettings) -> ScenarioResult:
         raise ScenarioNotApplicable(f"Medplum's stack has no {scenario.mode} mode (only fast, original)")
     with tempfile.TemporaryDirectory(prefix="medagent-bench-") as tmp:
         workdir = Path(tmp)
-        with _system_under_test(scenario, settings, workdir) as (process, port, cpu):
+        with system_under_test(scenario, settings, workdir) as (process, port, cpu):
             load = _run_client(scenario, port, settings, workdir, cpu)
             implementation = _implementation_line(workdir)
     if load.messages == 0:

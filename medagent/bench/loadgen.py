@@ -47,7 +47,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Final, Protocol
 
@@ -63,6 +63,7 @@ __all__ = [
     "LatencyHistogram",
     "WorkerResult",
     "LoadResult",
+    "Monitor",
     "WindowObserver",
     "frame_template",
     "run_senders",
@@ -373,9 +374,19 @@ class _Run:
         self.head, self.tail, self.id_width = frame_template(spec.message)
         self.acked = 0
         self.last_ack_ns = 0
+        # Per-window progress for long runs (the soak): measured ACKs and the slowest one since
+        # the last `take_window`.
+        self.window_acks = 0
+        self.window_max_ns = 0
         self.stopping = False
         self.open_senders = 0
         self.all_closed = asyncio.get_running_loop().create_future()
+
+    def take_window(self) -> tuple[int, int]:
+        """(measured ACKs, slowest send-to-ACK ns) since the previous call; resets both."""
+        taken = (self.window_acks, self.window_max_ns)
+        self.window_acks = self.window_max_ns = 0
+        return taken
 
     def sender_closed(self) -> None:
         self.open_senders -= 1
@@ -469,9 +480,13 @@ class _Sender(asyncio.Protocol):
         if now < run.schedule.warm_end_ns:
             run.result.warmup_messages += 1
         elif now < run.schedule.end_ns:
+            latency = now - self.sent_ns
             run.result.messages += 1
-            run.result.histogram.record(now - self.sent_ns)
+            run.result.histogram.record(latency)
             run.last_ack_ns = now
+            run.window_acks += 1
+            if latency > run.window_max_ns:
+                run.window_max_ns = latency
 
     def check_timeout(self, now: int) -> None:
         if self.in_flight and not self.closed and now - self.sent_ns > self.run.spec.ack_timeout_s * 1e9:
@@ -539,12 +554,16 @@ async def _watch(run: _Run, senders: list[_Sender]) -> None:
 
 async def run_senders(spec: LoadSpec, schedule: Schedule | None = None, *, worker: int = 0,
                       conns: int | None = None, budget: int | None = None,
-                      tag: str | None = None, go: GoSignal | None = None) -> WorkerResult:
+                      tag: str | None = None, go: GoSignal | None = None,
+                      monitor: Monitor | None = None) -> WorkerResult:
     """Run lock-step senders in the running event loop and return what they measured.
 
     `schedule` defaults to "start now" with the spec's warm-up and duration. `worker`, `conns`,
     `budget` (max ACKs) and `tag` are set by `run_load` when it splits a load over processes;
     `go`, when given, is awaited after every connection is open and returns the schedule.
+    `monitor`, when given, runs beside the senders from the start of the schedule until they
+    stop (then it is cancelled) with the schedule and a `take_window` function (the soak's
+    per-window throughput and slowest ACK).
     """
     count = spec.conns if conns is None else conns
     if not 0 <= worker < _MAX_WORKERS or not 1 <= count <= _MAX_CONNS_PER_WORKER:
@@ -563,7 +582,13 @@ async def run_senders(spec: LoadSpec, schedule: Schedule | None = None, *, worke
     for sender in senders:
         if not sender.closed:
             sender.send_next()
-    await _watch(run, senders)
+    watcher = None if monitor is None else asyncio.ensure_future(monitor(run.schedule, run.take_window))
+    try:
+        await _watch(run, senders)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
     window_end = run.schedule.end_ns if run.acked < run.budget else max(run.last_ack_ns, run.schedule.warm_end_ns)
     result.window_s = max(0.0, (min(window_end, run.schedule.end_ns) - run.schedule.warm_end_ns) / 1e9)
     elapsed = (time.monotonic_ns() - run.schedule.start_ns) / 1e9
@@ -580,6 +605,14 @@ class GoSignal(Protocol):
 # ---------------------------------------------------------------------------------------------
 # Worker processes
 # ---------------------------------------------------------------------------------------------
+
+
+class Monitor(Protocol):
+    """Runs beside the senders (see `run_senders`); `take_window()` returns (measured ACKs,
+    slowest ACK ns) since its previous call."""
+
+    def __call__(self, schedule: Schedule, take_window: Callable[[], tuple[int, int]]
+                 ) -> Awaitable[None]: ...
 
 
 class WindowObserver(Protocol):
