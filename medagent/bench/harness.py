@@ -544,7 +544,7 @@ def run(scenario: Scenario, settings: BenchSettings) -> ScenarioResult:
         raise ScenarioNotApplicable(f"Medplum's stack has no {scenario.mode} mode (only fast, original)")
     with tempfile.TemporaryDirectory(prefix="medagent-bench-") as tmp:
         workdir = Path(tmp)
-        with system_under_test(scenario, settings, workdir) as (process, port, cpu):
+        with system_under_test(scenario, settings, workdir) as (_process, port, cpu):
             load = _run_client(scenario, port, settings, workdir, cpu)
             implementation = _implementation_line(workdir)
     if load.messages == 0:

@@ -53,7 +53,7 @@ from medagent.bench.harness import (
 )
 from medagent.bench.loadgen import LoadError, LoadSpec, Schedule, _new_event_loop, run_senders
 
-__all__ = ["SoakWindow", "SoakReport", "run_soak", "register", "main_worker"]
+__all__ = ["SoakReport", "SoakSpec", "SoakWindow", "format_summary", "main_worker", "register", "run_soak"]
 
 _WORKER_COMMAND: Final = "from medagent.bench.soak import main_worker; main_worker()"
 _START_LEAD_S: Final = 0.5
@@ -237,8 +237,8 @@ def main_worker() -> None:
         schedule = Schedule.starting_in(_START_LEAD_S, spec.warmup_s, spec.duration_s)
         _emit("schedule", [schedule.start_ns, schedule.warm_end_ns, schedule.end_ns])
 
-        async def monitor(run_schedule: Schedule, take_window: Callable[[], tuple[int, int]]) -> None:
-            await _windows(run_schedule, take_window, job["window_s"])
+        async def monitor(schedule: Schedule, take_window: Callable[[], tuple[int, int]]) -> None:
+            await _windows(schedule, take_window, job["window_s"])
 
         with asyncio.Runner(loop_factory=_new_event_loop) as runner:
             result = runner.run(run_senders(spec, schedule, monitor=monitor))
@@ -346,16 +346,19 @@ def format_window(w: SoakWindow) -> str:
             f"{w.agent_disk_mb:>13,.1f} {w.hub_disk_mb:>11,.1f}")
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f} %"
+
+
 def format_summary(report: SoakReport) -> str:
     d = report.to_dict()
-    pct = lambda v: "-" if v is None else f"{100 * v:+.1f} %"  # noqa: E731
     return "\n".join([
-        f"soak: {report.mode} mode, {report.conns} senders, impl {report.impl}, {len(report.windows)} windows of "
-        f"{report.window_s:g} s, {report.messages:,} messages, {report.errors} errors",
-        f"sustained {d['sustained_rate']:,.0f} msg/s, burst (first window) {d['burst_rate']:,.0f} msg/s, "
-        f"sustained/burst {d['sustained_vs_burst']}",
+        (f"soak: {report.mode} mode, {report.conns} senders, impl {report.impl}, {len(report.windows)} windows of "
+         f"{report.window_s:g} s, {report.messages:,} messages, {report.errors} errors"),
+        (f"sustained {d['sustained_rate']:,.0f} msg/s, burst (first window) {d['burst_rate']:,.0f} msg/s, "
+         f"sustained/burst {d['sustained_vs_burst']}"),
         f"longest stall (slowest ACK) {_cell(d['longest_stall_ms'], 1)} ms in window {d['longest_stall_window']}",
-        f"RSS growth first->last window: agent {pct(d['agent_rss_growth'])}, hub {pct(d['hub_rss_growth'])}",
+        f"RSS growth first->last window: agent {_pct(d['agent_rss_growth'])}, hub {_pct(d['hub_rss_growth'])}",
         f"bytes on disk per message: agent {_cell(d['agent_bytes_per_msg'], 0)}, hub {_cell(d['hub_bytes_per_msg'], 0)}",
     ])
 
