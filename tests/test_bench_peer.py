@@ -99,3 +99,13 @@ def test_real_medplum_stack_answers_the_c_client(mode: str) -> None:
     measured = run(Scenario(Target.MEDPLUM, mode, 2, "node", ClientKind.C), settings)
     assert measured.load.messages > 0 and measured.load.bad_acks == 0
     assert measured.sut_cpu_pct is not None and measured.agent_cpu_pct is not None
+
+
+def test_markdown_table_has_every_result_and_its_ratios() -> None:
+    from medagent.bench.report import format_markdown
+
+    results = [result(Target.MEDPLUM, "fast", "node", 10_000.0), result(Target.MEDAGENT, "fast", "c", 25_000.0)]
+    text = format_markdown(to_document(results, [], {"runs": 3}))
+    lines = text.splitlines()
+    assert lines[0].startswith("| target | mode | senders |") and len([ln for ln in lines if ln.startswith("| m")]) == 2
+    assert "| 2.50 |" in lines[3] and "runs=3" in text

@@ -44,7 +44,7 @@ from medagent.bench.harness import (
 )
 from medagent.bench.ctools import CToolError, c_tool
 from medagent.bench.loadgen import LoadError, default_procs
-from medagent.bench.report import Failure, format_table, to_document
+from medagent.bench.report import Failure, format_markdown, format_table, to_document
 
 __all__ = ["register", "run_bench", "build_matrix"]
 
@@ -96,6 +96,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the matrix N times (alternating targets); report each cell's median")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print a markdown table (for docs/benchmarks.md) instead of the text table")
     parser.set_defaults(handler=run_bench)
     from medagent.bench import soak  # the `medagent bench soak` subcommand
 
@@ -276,10 +278,12 @@ def run_bench(args: argparse.Namespace) -> int:
     summary = _settings_summary(settings)
     medians, spread = _medians(results)
     summary["runs"] = args.runs
-    if args.json:
+    if args.json or args.markdown:
         document = to_document(medians, failures, summary)
         document["all_runs"] = [result.to_dict() for result in results]
-        print(json.dumps(document, indent=2))
+        print(json.dumps(document, indent=2) if args.json else format_markdown(document))
+        if args.markdown and spread:
+            print("\n" + "\n".join(f"- {line}" for line in spread))
     else:
         print(format_table(medians, failures, summary))
         if spread:

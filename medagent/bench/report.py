@@ -30,7 +30,7 @@ from typing import Any
 
 from medagent.bench.harness import ScenarioResult, Target
 
-__all__ = ["Failure", "Row", "rows", "format_row", "format_table", "to_document", "machine_info"]
+__all__ = ["Failure", "Row", "format_markdown", "format_row", "format_table", "machine_info", "rows", "to_document"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,3 +152,36 @@ def to_document(results: Sequence[ScenarioResult], failures: Iterable[Failure] =
                     for row in rows(results)],
         "failures": [{"scenario": f.label, "error": f.error} for f in failures],
     }
+
+
+_MARKDOWN_COLUMNS = (
+    ("target", "target", None), ("mode", "mode", None), ("conns", "senders", None), ("impl", "impl", None),
+    ("load_rate", "msg/s", 0), ("load_p50_us", "p50 µs", 0), ("load_p99_us", "p99 µs", 0),
+    ("agent_us_per_msg", "agent CPU µs/msg", 1), ("hub_us_per_msg", "hub CPU µs/msg", 1),
+    ("vs_medplum", "vs Medplum", 2), ("vs_c_echo", "vs C echo", 3), ("vs_py", "vs py", 2),
+    ("machine_cpu_pct", "box CPU %", 0),
+)
+
+
+def format_markdown(document: Mapping[str, Any]) -> str:
+    """A `to_document` document (or its JSON) as a markdown table for docs/benchmarks.md: one row
+    per result in run order, ratios included, then the machine and the settings."""
+
+    def cell(value: Any, digits: int | None) -> str:
+        if value is None:
+            return "-"
+        if digits is None or not isinstance(value, (int, float)):
+            return str(value)
+        return f"{value:,.{digits}f}"
+
+    lines = ["| " + " | ".join(title for _, title, _ in _MARKDOWN_COLUMNS) + " |",
+             "|" + "|".join("---" if digits is None else "---:" for _, _, digits in _MARKDOWN_COLUMNS) + "|"]
+    for result in document.get("results", []):
+        lines.append("| " + " | ".join(cell(result.get(key), digits) for key, _, digits in _MARKDOWN_COLUMNS) + " |")
+    machine = document.get("machine", {})
+    lines.append("")
+    lines.append(f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, Python {machine.get('python')}. "
+                 "Settings: " + ", ".join(f"{k}={v}" for k, v in document.get("settings", {}).items()) + ".")
+    for failure in document.get("failures", []):
+        lines.append(f"FAILED {failure['scenario']}: {failure['error']}")
+    return "\n".join(lines)
