@@ -108,6 +108,25 @@ class UploadBackoff:
     max_s: float = 30.0
 
 
+#: A byte-stream channel (tcp://, serial://) configured with bodyEncoding=utf-8.
+BYTES_AS_UTF8 = "bytes-as-utf-8"
+_BYTE_STREAM_KINDS = frozenset({"tcp", "serial"})
+
+
+def _encoding_of(channel: Any) -> str:
+    """How a channel's bodies become transmit text: its text encoding, or BYTES_AS_UTF8."""
+    if channel is None:
+        return "utf-8"
+    if getattr(channel, "kind", None) in _BYTE_STREAM_KINDS and channel.encoding == "utf-8":
+        return BYTES_AS_UTF8
+    return channel.encoding
+
+
+#: medagent's hub ends an agent:error with this when the failure is its own and passing (a store
+#: error): the row goes back to pending and is sent again, instead of failing for good.
+TRANSIENT_ERROR_SUFFIX = "; resend it"
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -139,6 +158,9 @@ class Dispatcher:
         self._upload_backoff = upload_backoff
         self._upload_delay = 0.0
         self._sent_at: dict[int, float] = {}  # row id -> monotonic send time (confirm timeout clock)
+        # Rows the hub asked to resend: Medplum's plain protocol settles a transmit on its agent:error,
+        # and that settlement must not confirm a row the hub did not store.
+        self._resend: set[int] = set()
         self._awaiting_reply: dict[int, _AwaitingReply] = {}
         self._immediate: collections.deque[TransmitRequest] = collections.deque()
         self._live = asyncio.Event()
@@ -201,7 +223,7 @@ class Dispatcher:
         ids = []
         for callback in callbacks:
             row_id = self.row_id_of(callback)
-            if row_id is not None:
+            if row_id is not None and row_id not in self._resend:
                 self._sent_at.pop(row_id, None)
                 ids.append(row_id)
         if ids:
@@ -214,6 +236,12 @@ class Dispatcher:
         if row_id is None or self._sent_at.pop(row_id, None) is None:
             return  # not ours, or already settled/released: the queue has the row's fate
         self._awaiting_reply.pop(row_id, None)
+        if reason.rstrip().endswith(TRANSIENT_ERROR_SUFFIX):
+            # The hub could not store it this time (its disk, its database): not the message's fault.
+            log.info("hub asked to resend queued message %d later: %s", row_id, reason)
+            self._resend.add(row_id)
+            self._queue.release([row_id])
+            return
         log.warning("hub refused queued message %d: %s", row_id, reason)
         self._queue.fail(row_id, reason)
 
@@ -240,7 +268,7 @@ class Dispatcher:
         link = self._require_link()
         target = self._channel(record.channel)
         message = self._transmit(record.channel, record.remote, record.content_type, record.body,
-                                 f"{self._immediate_prefix}{uuid.uuid4()}", target.encoding if target else "utf-8")
+                                 f"{self._immediate_prefix}{uuid.uuid4()}", _encoding_of(target))
         if "batch" in link.features:
             message = dataclasses.replace(message, no_reply=True)  # the device had its AA already
         if link.live and not self._immediate and link.send_transmit(message):
@@ -350,7 +378,7 @@ class Dispatcher:
         row = rows[index]
         target = self._channel(row.channel)
         wants_reply = target is not None and target.wants_replies
-        encoding = target.encoding if target is not None else "utf-8"
+        encoding = _encoding_of(target)
         message = self._transmit(row.channel, row.remote, content_type, body, self.callback_for(row.row_id), encoding)
         if "batch" in link.features:  # medagent hub: extensions allowed (see messages.py)
             duplicate_of = None if row.duplicate_of is None else self.callback_for(row.duplicate_of)
@@ -360,6 +388,7 @@ class Dispatcher:
             return None
         now = time.monotonic()
         self._sent_at[row.row_id] = now
+        self._resend.discard(row.row_id)
         if wants_reply:
             self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
         self.sent += 1
@@ -413,7 +442,7 @@ class Dispatcher:
                 text = body.decode("latin-1")
         elif content_type == OCTET_STREAM_CONTENT_TYPE:
             # Medplum's byte-stream channels send hex (bytestream.ts); bodyEncoding=utf-8 sends text
-            text = body.hex() if encoding == "hex" else body.decode(encoding, errors="replace")
+            text = body.decode("utf-8", errors="replace") if encoding == BYTES_AS_UTF8 else body.hex()
         else:  # JSON documents (file uploaders' results) are UTF-8; other text is in the channel's encoding
             json_like = content_type == "application/json" or content_type.endswith("+json")
             text = body.decode("utf-8" if json_like else encoding, errors="replace")
