@@ -112,6 +112,7 @@ def _banner(runtime: Any) -> str:
     lines.append(f"  data directory       {runtime.data_dir.resolve()}")
     if runtime.hub is not None:
         lines.append(f"  embedded hub         {runtime.hub.base_url}  (admin token: {runtime.hub.admin_token_path.resolve()})")
+        lines.append(f"  dashboard            {runtime.hub.base_url.rstrip('/')}/dashboard/  (log in with the admin token)")
         lines.append(f"  recent messages      medagent hub messages --data-dir {runtime.hub.data_dir}")
     else:
         lines.append(f"  hub                  {runtime.credentials.base_url}")

@@ -31,6 +31,8 @@ def test_fast_mode_ack_and_message_reaches_hub(serve_factory) -> None:
     assert (code, control_id) == ("AA", "FAST0001")
     messages = serve.wait_for_hub_messages(1)
     assert [m["control_id"] for m in messages] == ["FAST0001"]
+    dashboard = [line for line in serve.output if line.strip().startswith("dashboard")]
+    assert dashboard and f"{serve.hub_url.rstrip('/')}/dashboard/" in dashboard[0]
 
 
 def test_send_command_prints_the_ack(serve_factory) -> None:
