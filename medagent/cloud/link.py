@@ -472,7 +472,10 @@ class AgentLink:
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT_S + 0.5):
                 await client.close()
-        except BaseException:  # noqa: BLE001 - cancellation or a timeout here: just drop the socket
+        except asyncio.CancelledError:
+            client.abort()
+            raise
+        except BaseException:  # noqa: BLE001 - a timeout or socket error here: just drop the socket
             client.abort()
 
     def _end_session(self, conn: _Connection, reason: str) -> None:

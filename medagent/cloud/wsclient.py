@@ -106,7 +106,10 @@ class WebSocketClient(asyncio.Protocol):
             self.protocol.send_close(code, reason)
             self._flush()
         try:
-            await asyncio.wait_for(asyncio.shield(self.closed), self._close_timeout)
+            # not wait_for: on Python 3.11 it can swallow a cancellation that arrives just as the
+            # shielded future completes, and AgentLink.close() would never end
+            async with asyncio.timeout(self._close_timeout):
+                await asyncio.shield(self.closed)
         except TimeoutError:
             self.abort()
             await asyncio.shield(self.closed)
