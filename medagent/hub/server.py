@@ -52,11 +52,11 @@ from medagent.hub.httplog import HttpErrorLog
 from medagent.hub.intake import ChannelDispatcher
 from medagent.hub.oauth import add_oauth_routes
 from medagent.hub.operations import add_operation_routes
-from medagent.hub.registry import AgentRegistry, PendingReplies
+from medagent.hub.registry import AgentRegistry, Connection, PendingReplies
 from medagent.hub.retention import RetentionWorker
 from medagent.hub.settings import HubSettings
 from medagent.hub.store import HubStore
-from medagent.hub.websocket import AgentConnection, handle_agent_websocket
+from medagent.hub.websocket import handle_agent_websocket
 from medagent.hub.writer import StoreWriter
 from medagent.storage.files import ensure_private_dir, tighten_file
 
@@ -159,7 +159,7 @@ class HubServer:
         ).decode()
         writer = StoreWriter(store)
         bots = BotRunner(settings.bot_workers, settings.bot_timeout_s)
-        registry: AgentRegistry[AgentConnection] = AgentRegistry()
+        registry: AgentRegistry[Connection] = AgentRegistry()
         disk = DiskWatermark(self.data_dir, settings.min_free_bytes, settings.min_free_percent, store.free_page_bytes)
         dispatcher = ChannelDispatcher(store, writer, bots, registry, settings.max_backlog_messages, disk)  # type: ignore[arg-type]
         signer = TokenSigner(key, settings.token_ttl_s, store.token_generation)

@@ -73,7 +73,7 @@ def bot_documents(process: ServeProcess) -> list[dict]:
     assert out.returncode == 0, out.stderr
     document = json.loads(out.stdout)
     messages = document["messages"] if isinstance(document, dict) else document
-    return [m for m in messages if not m.get("duplicate")]
+    return [m for m in messages if not m.get("duplicate_of")]  # "duplicate" counts resends of a row
 
 
 def kill_hub_child(process: ServeProcess) -> None:

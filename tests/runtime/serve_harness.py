@@ -117,7 +117,7 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while True:
             messages = self.hub_messages()
-            originals = [m for m in messages if not m.get("duplicate")]
+            originals = [m for m in messages if not m.get("duplicate_of")]  # "duplicate" counts resends of a row
             if len(originals) >= count or time.monotonic() > deadline:
                 return messages
             time.sleep(0.2)

@@ -178,7 +178,7 @@ class Deployment:
         """MSH-10 of every original (not flagged duplicate) message the hub stored."""
         out = medagent_cli("hub", "messages", "--data-dir", str(self.hub_dir), "--json", "--limit", "1000")
         messages = json.loads(out.stdout)["messages"]
-        return [m["control_id"] for m in messages if not m.get("duplicate")]
+        return [m["control_id"] for m in messages if not m.get("duplicate_of")]
 
     def wait_for_stored(self, control_id: str, timeout: float = WAIT_S) -> list[str]:
         deadline = time.monotonic() + timeout

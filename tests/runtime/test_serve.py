@@ -164,7 +164,7 @@ def test_hub_loss_mid_load_delivers_everything_once(serve_factory) -> None:
             _kill_hub_child(serve)
     client.close()
     messages = serve.wait_for_hub_messages(len(sent), timeout=90)
-    delivered = [m["control_id"] for m in messages if not m.get("duplicate")]
+    delivered = [m["control_id"] for m in messages if not m.get("duplicate_of")]
     assert sorted(delivered) == sorted(sent)  # each exactly once; resends are flagged duplicates
 
 
