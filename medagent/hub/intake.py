@@ -47,6 +47,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import orjson
+
 from medagent.cloud.messages import (
     CONTENT_TYPE_HL7_V2,
     AgentMessage,
@@ -84,6 +86,20 @@ CHANNEL_NOT_FOUND = "Channel not found"
 _WORKER_GROUP_MAX = 1000
 #: How long agent status and channel -> bot lookups are reused.
 LOOKUP_TTL_S = 1.0
+
+
+def dicom_ids(content_type: str, body: str) -> tuple[str | None, str | None]:
+    """(SOP Instance UID, modality or SOP class) of a DICOM channel's transmit (Medplum's JSON
+    document plus medagent's ``instance``), so DICOM instances list like other messages; else Nones."""
+    if content_type != "application/json" or '"sopInstanceUid"' not in body:
+        return None, None
+    try:
+        document = orjson.loads(body)
+        instance = document["instance"]
+        modality = ((document.get("dataset") or {}).get("00080060") or {}).get("Value") or [None]
+        return str(instance["sopInstanceUid"]), str(modality[0] or instance.get("sopClassUid") or "") or None
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None, None
 
 
 class Backlog:
@@ -319,12 +335,15 @@ class IntakePipeline:
                 continue
             header = hl7text.scan_header(r.body) if r.content_type == CONTENT_TYPE_HL7_V2 else None
             headers.append(header)
+            if header is not None:
+                control_id, message_type = header.control_id, hl7text.short_type(header)
+            else:
+                control_id, message_type = dicom_ids(r.content_type, r.body)
             incoming.append(IncomingMessage(
                 agent_id=self.agent_id, channel=r.channel, remote=r.remote,
                 callback=r.callback or new_callback(self.agent_id), content_type=r.content_type, body=r.body,
-                received_at=received_at, control_id=header.control_id if header else None,
-                message_type=hl7text.short_type(header) if header else None, duplicate_of=r.duplicate_of,
-                reply_wanted=not r.no_reply,
+                received_at=received_at, control_id=control_id, message_type=message_type,
+                duplicate_of=r.duplicate_of, reply_wanted=not r.no_reply,
             ))
         try:
             results = await self._writer.store_incoming(incoming)

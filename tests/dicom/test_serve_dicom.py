@@ -114,6 +114,9 @@ def test_modality_to_hub_dicomweb_and_bot_through_link_loss(serve) -> None:
         body = json.loads(message["body"])
         assert body["instance"]["retrieveUrl"].endswith(body["instance"]["sopInstanceUid"])
         assert "7FE00010" not in body["dataset"]
+        # listed like other messages: SOP Instance UID as the control id, modality as the type
+        assert message["control_id"] == body["instance"]["sopInstanceUid"]
+        assert message["message_type"] == body["dataset"]["00080060"]["Value"][0]
 
 
 def test_kill_9_after_success_reaches_the_hub_exactly_once(serve, tmp_path: Path) -> None:
