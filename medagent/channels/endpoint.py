@@ -60,7 +60,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from medagent.channels.tls import TlsRemoteSettings
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 # The ACK enums are protocol concepts (proto/ackpolicy.py decides with them); re-exported here
@@ -160,6 +163,13 @@ MLLP_PARAMETERS: tuple[str, ...] = (
     "maxConnections",
     "idleTimeoutMs",
     "responseTimeoutMs",
+    "firstMessageTimeoutMs",
+    "maxConnectionsPerAddress",
+    # TLS (channels/tls.py, docs/tls.md)
+    "tlsCert",
+    "tlsKey",
+    "tlsCa",
+    "tlsClientAllow",
 )
 
 #: Accepted query parameter names per scheme.
@@ -172,7 +182,7 @@ ACCEPTED_PARAMETERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
-_REMOTE_PARAMETERS = ("encoding", "defaultReturnAck", "keepAlive")
+_REMOTE_PARAMETERS = ("encoding", "defaultReturnAck", "keepAlive", "tls", "tlsCa", "tlsCert", "tlsKey")
 
 _UNSUPPORTED_MEDPLUM_PARAMETERS: Mapping[str, str] = MappingProxyType(
     {
@@ -227,6 +237,8 @@ class MllpOptions:
     max_connections: int = 100
     idle_timeout_s: float = 600.0
     response_timeout_s: float = 10.0
+    first_message_timeout_s: float = 30.0  # 0: never (defect 3)
+    max_connections_per_address: int = 0  # 0: no per-address limit
     retry_base_delay_ms: int = 1000
     retry_max_delay_ms: int = 60_000
     retry_max_attempts: int = 0
@@ -262,6 +274,7 @@ class RemoteTarget:
     default_return_ack: ReturnAck
     keep_alive: bool | None
     url: str
+    tls: TlsRemoteSettings | None = None
 
 
 # --------------------------------------------------------------------------- URL helpers
@@ -555,6 +568,9 @@ def _require_scheme(endpoint: Endpoint, scheme: str) -> None:
 def mllp_options(endpoint: Endpoint) -> MllpOptions:
     """Typed options of an ``mllp://`` endpoint; every value is checked (EndpointError)."""
     _require_scheme(endpoint, "mllp")
+    from medagent.channels.tls import listener_tls  # tls imports this module
+
+    listener_tls(endpoint)  # shape checks of the tls* parameters (files are read at start)
     url, params = endpoint.url, endpoint.params
     defaults = MllpOptions()
     messages_per_min = (
@@ -587,6 +603,13 @@ def mllp_options(endpoint: Endpoint) -> MllpOptions:
             url, params, "responseTimeoutMs", int(defaults.response_timeout_s * 1000), 1
         )
         / 1000,
+        first_message_timeout_s=_integer(
+            url, params, "firstMessageTimeoutMs", int(defaults.first_message_timeout_s * 1000), 0
+        )
+        / 1000,
+        max_connections_per_address=_integer(
+            url, params, "maxConnectionsPerAddress", defaults.max_connections_per_address, 0
+        ),
         retry_base_delay_ms=base_delay,
         retry_max_delay_ms=max_delay,
         retry_max_attempts=_integer(
@@ -663,6 +686,8 @@ def parse_remote(url: str) -> RemoteTarget:
         raise EndpointError(url, None, f"{host} is a listen address, not a destination host")
     params = _query(url, parts, _REMOTE_PARAMETERS)
     keep_alive = _boolean(url, params, "keepAlive", False) if "keepAlive" in params else None
+    from medagent.channels.tls import remote_tls  # tls imports this module
+
     return RemoteTarget(
         host=host,
         port=port,
@@ -670,6 +695,7 @@ def parse_remote(url: str) -> RemoteTarget:
         default_return_ack=_choice(url, params, "defaultReturnAck", ReturnAck, ReturnAck.FIRST),
         keep_alive=keep_alive,
         url=url,
+        tls=remote_tls(url, MappingProxyType(params)),
     )
 
 

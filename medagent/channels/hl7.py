@@ -29,8 +29,15 @@ Flow control: :meth:`Hl7Channel.pause_reading` / ``resume_reading`` pause every 
 (runtime backpressure). ``messagesPerMin`` throttles per connection: frames wait in a backlog,
 reading is paused while it is non-empty, and frames are dispatched at least ``60 /
 messagesPerMin`` s apart. ``maxConnections`` refuses (closes at once, logged, counted)
-connections beyond the limit; ``idleTimeoutMs`` closes a connection with nothing received and no
-ACK outstanding for that long (0 disables). Accepted sockets get TCP keepalive and TCP_NODELAY.
+connections beyond the limit, but first evicts the longest-idle connection that never sent a
+message (defect 3; channels/listener.py); ``firstMessageTimeoutMs`` (30 s) closes a connection
+that sent nothing since connecting; ``maxConnectionsPerAddress`` (off) limits one host;
+``idleTimeoutMs`` closes a connection with nothing received and no ACK outstanding for that long
+(0 disables). Accepted sockets get TCP keepalive and TCP_NODELAY.
+
+TLS (``tlsCert``/``tlsKey``/``tlsCa``/``tlsClientAllow``; channels/tls.py, docs/tls.md): the
+listener serves TLS 1.2+, reloads rotated certificates at the next handshake, and closes a
+handshaken connection whose client certificate is outside the allow-list before it takes a slot.
 
 The kind is registered by scheme at import (:data:`MLLP_KIND`, ``channels.base.register_kind``);
 the runtime builds channels with ``channel_kind("mllp").create(name, endpoint, options,
@@ -71,6 +78,8 @@ from medagent.channels.endpoint import (
     mllp_options,
     queue_duplicate_policy_name,
 )
+from medagent.channels.listener import Admission
+from medagent.channels.tls import HANDSHAKE_TIMEOUT_S, ServerTls, server_tls
 from medagent.proto.hl7_session import (
     MAX_CONSECUTIVE_FRAMING_ERRORS,
     FramingError,
@@ -127,6 +136,8 @@ class Hl7Connection(asyncio.Protocol):
         self._next_dispatch = 0.0
         self._throttle_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        self._first_timer: asyncio.TimerHandle | None = None
+        self.messages_seen = 0
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -142,6 +153,9 @@ class Hl7Connection(asyncio.Protocol):
         _tune_socket(self._transport)
         self._last_activity = self._loop.time()
         self._arm_idle_timer()
+        first = self._options.first_message_timeout_s
+        if first > 0:
+            self._first_timer = self._loop.call_later(first, self._check_first_message)
         self.update_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -163,10 +177,12 @@ class Hl7Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for handle in (self._flush_handle, self._deadline_timer, self._idle_timer, self._throttle_timer):
+        for handle in (self._flush_handle, self._deadline_timer, self._idle_timer, self._throttle_timer,
+                       self._first_timer):
             if handle is not None:
                 handle.cancel()
         self._flush_handle = self._deadline_timer = self._idle_timer = self._throttle_timer = None
+        self._first_timer = None
         unanswered = self._session.unfinished
         if unanswered:
             logger.info("hl7 channel %s: %s disconnected with %d message(s) not yet acknowledged",
@@ -228,6 +244,7 @@ class Hl7Connection(asyncio.Protocol):
         self.update_reading()
 
     def _handle(self, frame: bytes | FrameTooLarge) -> None:
+        self.messages_seen += 1
         session = self._session
         result = session.receive_frame(frame, self._loop.time(), time.time())
         if type(result) is Slot:
@@ -378,6 +395,31 @@ class Hl7Connection(asyncio.Protocol):
             self._last_activity = self._loop.time()
         self._arm_idle_timer()
 
+    def _check_first_message(self) -> None:
+        """firstMessageTimeoutMs: close a connection that sent nothing at all since connecting."""
+        self._first_timer = None
+        if self.closed or self._transport is None or not self.evictable:
+            return
+        self._channel.admission.silent_close(self.remote, self._options.first_message_timeout_s)
+        self._channel.connections_silent_closed += 1
+        self._transport.close()
+
+    @property
+    def evictable(self) -> bool:
+        """Never sent a message, no partial frame, nothing awaiting an ACK (listener.Evictable)."""
+        return (self.messages_seen == 0 and not self._backlog and not self._decoder.pending_bytes
+                and not self._session.unfinished)
+
+    @property
+    def idle_since(self) -> float:
+        return self._last_activity
+
+    def evict(self) -> None:
+        """Channel full: this idle connection makes room (it is already out of the channel's dict)."""
+        self._channel.connections_evicted += 1
+        if self._transport is not None:
+            self._transport.abort()
+
     @property
     def unfinished(self) -> int:
         """Messages on this connection whose ACK is not decided yet."""
@@ -429,6 +471,11 @@ class Hl7Channel:
         self._closed_decoder_totals = [0, 0, 0]
         self._drained: asyncio.Event | None = None
         self._stopping = False
+        self.admission = Admission(f"hl7 channel {name}", options.max_connections,
+                                   options.max_connections_per_address)
+        self.connections_evicted = 0
+        self.connections_silent_closed = 0
+        self.tls: ServerTls | None = None
 
     # ------------------------------------------------------------------ Channel protocol
 
@@ -454,19 +501,22 @@ class Hl7Channel:
         loop = asyncio.get_running_loop()
         self._stopping = False
         self.reading_paused = False
+        self.tls = server_tls(f"hl7 channel {self.name}", self.endpoint)  # files read now: errors at start
+        tls: dict[str, Any] = {} if self.tls is None else {
+            "ssl": self.tls.server_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S}
         try:
             if sock is not None:
-                self._server = await loop.create_server(lambda: Hl7Connection(self), sock=sock, backlog=512)
+                self._server = await loop.create_server(lambda: Hl7Connection(self), sock=sock, backlog=512, **tls)
             else:
                 self._server = await loop.create_server(
-                    lambda: Hl7Connection(self), self.endpoint.host, self.endpoint.port, backlog=512
+                    lambda: Hl7Connection(self), self.endpoint.host, self.endpoint.port, backlog=512, **tls
                 )
         except OSError as exc:
             where = "the handed-over socket" if sock is not None else f"{self.endpoint.host}:{self.endpoint.port}"
             raise OSError(exc.errno, f"hl7 channel {self.name}: cannot listen on {where}: "
                                      f"{exc.strerror or exc}") from exc
-        logger.info("hl7 channel %s listening on %s:%d (ack mode %s)", self.name, self.host, self.port,
-                    self.options.ack_mode.value)
+        logger.info("hl7 channel %s listening on %s:%d (ack mode %s%s)", self.name, self.host, self.port,
+                    self.options.ack_mode.value, "" if self.tls is None else ", TLS")
 
     def listening_sockets(self) -> list[socket.socket]:
         """The listening sockets (asyncio's TransportSocket views: fileno(), getsockname())."""
@@ -524,13 +574,19 @@ class Hl7Channel:
     # ------------------------------------------------------------------ connection bookkeeping
 
     def admit(self, connection: Hl7Connection) -> bool:
-        """Register a new connection, or refuse it (maxConnections, stopping)."""
+        """Register a new connection, or refuse it (TLS allow-list, stopping, connection limits)."""
         counters = self.counters
-        if self._stopping or len(self._connections) >= self.options.max_connections:
+        refusal = self.tls.refusal(connection._transport) if self.tls is not None else None
+        if refusal is not None:
             counters.connections_refused += 1
-            logger.warning("hl7 channel %s: refused connection from %s (%s)", self.name, connection.remote,
-                           "stopping" if self._stopping else
-                           f"maxConnections={self.options.max_connections} reached")
+            logger.warning("hl7 channel %s: refused connection from %s: %s", self.name, connection.remote, refusal)
+            return False
+        if self._stopping:
+            counters.connections_refused += 1
+            logger.warning("hl7 channel %s: refused connection from %s (stopping)", self.name, connection.remote)
+            return False
+        if self.admission.make_room(self._connections, connection.remote) is not None:
+            counters.connections_refused += 1  # logged once per episode by the admission
             return False
         counters.connections_total += 1
         self._connections[connection.remote] = connection
@@ -600,6 +656,12 @@ class Hl7Channel:
         extra["ack_mode"] = self.options.ack_mode.value
         extra["reading_paused"] = self.reading_paused
         extra["controlIdReused"] = counters.control_id_reused
+        extra["connections_evicted"] = self.connections_evicted
+        extra["connections_silent_closed"] = self.connections_silent_closed
+        extra["tls"] = self.tls is not None
+        if self.tls is not None:
+            extra["tls_reloads"] = self.tls.reloads
+            extra["tls_clients_refused"] = self.tls.refused
         shared = ChannelStats(
             connections_open=len(self._connections),
             connections_total=counters.connections_total,

@@ -543,12 +543,17 @@ async def test_hundred_concurrent_senders(start: Harness, connect, queue: Durabl
 
 
 async def test_max_connections(start: Harness, connect) -> None:
+    """Full of senders with traffic: a newcomer is refused (idle ones are evicted: test_idle.py)."""
     channel, _ = await start("ackMode=fast&maxConnections=2")
     first, second = await connect(channel), await connect(channel)
     await wait_until(lambda: channel.stats()["connections_open"] == 2)
+    for index, client in enumerate((first, second)):
+        await client.send(msg(f"A0{index}"))
+        assert msa(await client.ack())[0] == "AA"
     third = await connect(channel)
     assert await third.closed_by_peer()
     assert channel.stats()["connections_refused"] == 1
+    assert channel.stats()["connections_evicted"] == 0
     await first.send(msg("A1"))
     assert msa(await first.ack())[0] == "AA"
     await second.close()
