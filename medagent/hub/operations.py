@@ -23,6 +23,7 @@ timeout, for the frame that echoes it (:class:`~medagent.hub.registry.PendingRep
 * ``$fetch-logs`` (GET, ``limit``) -> ``Parameters{logs: valueString}``, one JSON log entry per
   line; ``$stats`` (GET) -> ``Parameters{stats: valueString}``, the stats object as JSON. Both
   wait Medplum's 5 s by default (``publishAgentRequest``'s ``timeout ?? 5000``).
+* ``/releases...`` (any valid token): the release registry agents upgrade from (hub.releases).
 * ``GET /metrics`` (admin token, as a Prometheus ``bearer_token``): the hub's own figures in
   the Prometheus text format (medagent.ops.metrics.hub_families).
 
@@ -68,6 +69,7 @@ from medagent.hub.fhir_json import (
 )
 from medagent.hub.intake import AGENT_OFF_ERROR
 from medagent.hub.records import AgentRecord, AgentStatus
+from medagent.hub.releases import add_release_routes
 from medagent.hub.store import NotFound
 from medagent.ops.metrics import hub_families, metrics_response
 
@@ -341,3 +343,4 @@ def add_operation_routes(app: web.Application, prefixes: tuple[str, ...] = ("/fh
         app.router.add_route("GET", f"{prefix}/Agent/{{id}}/{{operation}}", agent_operation)
         app.router.add_route("POST", f"{prefix}/Agent/{{id}}/{{operation}}", agent_operation)
     app.router.add_get("/metrics", hub_metrics)
+    add_release_routes(app, app[CTX_KEY].settings.data_dir)

@@ -52,14 +52,21 @@ class AgentOps:
         self._disk: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._problems = RateLimitedLog(log, interval_s=300.0)
+        self._sections: dict[str, Callable[[], Any]] = {}
         self._log_file, self._log_json = log_file, log_json
         self._log_handler: logging.Handler | None = None
         self.metrics = MetricsServer(self.stats, metrics_port, metrics_host) if metrics_port is not None else None
 
+    def add_section(self, name: str, provider: Callable[[], Any]) -> None:
+        """One more top-level key of the stats document (e.g. ``upgrade``)."""
+        self._sections[name] = provider
+
     def stats(self) -> dict[str, Any]:
         """The full stats document (``agent:stats:response``, ``$stats``, ``/metrics``)."""
-        base = self._base_stats()
-        return build_stats(base, self.rtt, self.rates, self._disk, event_loop_name())
+        stats = build_stats(self._base_stats(), self.rtt, self.rates, self._disk, event_loop_name())
+        for name, provider in self._sections.items():
+            stats[name] = provider()
+        return stats
 
     async def start(self) -> None:
         root = logging.getLogger()
@@ -88,7 +95,6 @@ class AgentOps:
     async def _sampler(self) -> None:
         since_disk = 0.0
         while True:
-            await asyncio.sleep(self.rates.interval_s)
             try:
                 self.rates.sample(channel_counters(self._base_stats().get("channelStats") or {}))
                 since_disk += self.rates.interval_s
@@ -97,3 +103,4 @@ class AgentOps:
                     self._disk = await asyncio.to_thread(directory_usage, self._data_dir)
             except Exception as exc:  # noqa: BLE001 - stats must never stop the agent
                 self._problems.warning("sample", "stats sampling failed: %s", exc)
+            await asyncio.sleep(self.rates.interval_s)

@@ -18,7 +18,8 @@ message, kernels, event loop, uptime and data-directory disk use.
   nor the link knows it exists.
 * :class:`RateMeter` turns cumulative counters into rates: it keeps one sample per
   ``interval_s`` for 15 minutes and divides the difference to the sample nearest the window's
-  start by the time between them (a counter that went down restarts the window).
+  start by the time between them (a counter that went down restarts the window; a counter
+  missing from a sample, e.g. of a channel added since, counts as 0 there).
 
 Invariants: memory is bounded (1000 RTT samples per channel, ``PENDING_MAX`` pending sends,
 15 min / interval rate samples); nothing here reads message bodies.
@@ -195,8 +196,8 @@ class RateMeter:
         """The oldest sample at or after ``start`` that is not above ``value`` (a restart resets)."""
         chosen = None
         for at, counters in reversed(self._samples):
-            old = counters.get(key)
-            if old is None or old > value:
+            old = counters.get(key, 0.0)  # a counter not yet there (a new channel) had counted nothing
+            if old > value:
                 break
             if at < start:
                 break

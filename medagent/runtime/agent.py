@@ -49,6 +49,7 @@ from medagent.channels.base import Channel, ChannelContext
 from medagent.cloud.link import AgentLink, LinkSettings
 from medagent.config import EMBEDDED_HUB, Config, Durability
 from medagent.ops.agent_ops import AgentOps
+from medagent.ops.upgrade import Upgrader
 from medagent.queue import QUEUE_FILENAME, DurableQueue
 from medagent.runtime.channel_set import ChannelSet, DesiredChannels
 from medagent.runtime.dispatcher import Dispatcher
@@ -90,6 +91,7 @@ class AgentRuntime:
         # Operations (issue 16): stats document, link round trips, rates, /metrics, main log file.
         self.ops = AgentOps(self.stats, self.data_dir, metrics_port=getattr(config.agent, "metrics_port", None),
                             log_json=getattr(config.agent, "log_format", "text") == "json")
+        self.upgrader: Upgrader | None = None
 
     @property
     def channels(self) -> Mapping[str, Channel]:
@@ -129,6 +131,8 @@ class AgentRuntime:
         if self._tick_task is not None:
             self._tick_task.cancel()
             self._tick_task = None
+        if self.upgrader is not None:
+            await self.upgrader.close()
         if self.channel_set is not None:
             await self.channel_set.close()
         if self.dispatcher is not None:
@@ -171,7 +175,9 @@ class AgentRuntime:
         self.intake = Intake(self.queue)
         context = ChannelContext(sink=self.intake, data_dir=self.data_dir, log_phi=agent.log_phi, hub=hub_client)
         self.channel_set = ChannelSet(context, self._desired_channels)
-        requests = RequestHandler(self.channel_set.reload, self.ops.stats, self.senders)
+        self.upgrader = Upgrader(hub_client, self.data_dir, allowed=getattr(agent, "allow_remote_upgrade", True))
+        self.ops.add_section("upgrade", self.upgrader.status)
+        requests = RequestHandler(self.channel_set.reload, self.ops.stats, self.senders, self.upgrader.request)
         self.dispatcher = Dispatcher(self.queue, creds.agent_id, self.channel_set.get, requests.handle,
                                      hub=hub_client, data_dir=self.data_dir)
         self.link = AgentLink(settings, self.ops.rtt.wrap_handler(self.dispatcher))

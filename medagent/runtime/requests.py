@@ -12,7 +12,10 @@
 * `agent:logs:request`: the last `limit` (1..1000, default 20) records of the main log, kept in
   the in-memory ring (medagent.ops.logs); another limit is an `agent:error`.
 * `agent:stats:request`: the stats document (medagent.ops.stats: Medplum's shape plus ours).
-* `agent:upgrade:request`: self-upgrade is not implemented in this version -> agent:error.
+* `agent:upgrade:request {version?, force?}`: medagent.ops.upgrade decides with Medplum's
+  semantics (refusals -> agent:error with the reason; same version -> 200 no-op) and, when it
+  accepts, answers 200 at once while the upgrade runs in the background (its outcome is in the
+  stats' ``upgrade`` section and the logs). Without an upgrader -> agent:error.
 
 Every answer echoes the request's callback (the link fills it in); an exception becomes an
 `agent:error` carrying the callback (the link does that too).
@@ -45,8 +48,10 @@ from medagent.cloud.messages import (
     TransmitRequest,
     TransmitResponse,
     UpgradeRequest,
+    UpgradeResponse,
 )
 from medagent.ops.logs import DEFAULT_LOG_LIMIT, LOG_RING, MAX_LOG_LIMIT
+from medagent.ops.upgrade import UpgradeRefused
 from medagent.runtime.channel_set import ChangeReport
 from medagent.runtime.outbound import OutboundSenders
 
@@ -64,10 +69,12 @@ class RequestHandler:
         reload: Callable[[], Awaitable[ChangeReport]],
         stats: Callable[[], dict[str, Any]],
         senders: OutboundSenders,
+        upgrade: Callable[[str | None, bool], str] | None = None,
     ) -> None:
         self._reload = reload
         self._stats = stats
         self._senders = senders
+        self._upgrade = upgrade
 
     async def handle(self, message: AgentMessage) -> AgentMessage | None:
         if isinstance(message, TransmitRequest):
@@ -87,7 +94,15 @@ class RequestHandler:
         if isinstance(message, StatsRequest):
             return StatsResponse(status_code=200, stats=self._stats())
         if isinstance(message, UpgradeRequest):
-            return ErrorMessage(body="Self-upgrade is not supported by this medagent version; upgrade with pip")
+            if self._upgrade is None:
+                return ErrorMessage(body="Self-upgrade is not available in this agent; upgrade with pip")
+            try:
+                outcome = self._upgrade(message.version, bool(message.force))
+            except UpgradeRefused as exc:
+                log.warning("upgrade request refused: %s", exc)
+                return ErrorMessage(body=str(exc))
+            log.info("upgrade request (version %s, force %s): %s", message.version or "latest", bool(message.force), outcome)
+            return UpgradeResponse(status_code=200)
         return ErrorMessage(body=f"Unsupported request: {message.TYPE}")
 
     async def _push(self, message: TransmitRequest) -> TransmitResponse:

@@ -55,6 +55,8 @@ def test_rate_meter_windows_and_counter_restart() -> None:
     assert rates["a"]["1m"] == 10.0 and rates["a"]["5m"] == 10.0 and rates["a"]["15m"] == 10.0
     # the counter went down (a channel restarted): no negative rate
     assert meter.rates({"a": 3.0})["a"]["1m"] == 0.0
+    # a counter that appeared since (a channel added by a reload) counted from 0 in older samples
+    assert meter.rates({"new": 60.0})["new"]["1m"] == 1.0
 
 
 async def test_stats_over_the_hub_change_as_messages_flow(site: OpsSite) -> None:
