@@ -35,6 +35,12 @@ on it may still complete). :meth:`collect_idle` (called on the heartbeat tick) c
 connections idle for ``idle_release_s`` or more, unless keep-alive is on (pool-wide, or per
 remote with ``keepAlive=`` in the URL).
 
+TLS (channels/tls.py, docs/tls.md): ``tls=true`` in the remote URL connects with TLS 1.2+ and
+verifies the device's certificate and host name against the system trust store; ``tlsCa``
+trusts a private CA instead (and implies ``tls=true``); ``tlsCert``/``tlsKey`` present a client
+certificate. Rotated files are picked up at the next connect. A failed handshake is a
+``"TLS handshake with ... failed: ..."`` error.
+
 Every error is a :class:`MllpClientError` whose ``str()`` is the text returned to the hub in a
 ``statusCode: 400`` response: ``"connect to 10.0.0.5:2575 refused"``, ``"no ACK within 10 s
 from 10.0.0.5:2575"``, ... It never contains message text (PHI).
@@ -52,6 +58,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import ssl
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -60,6 +67,7 @@ from medagent.channels.base import OutboundReply, register_outbound_sender
 from medagent.channels.endpoint import EndpointError, RemoteTarget, ReturnAck, parse_remote
 from medagent.proto import hl7 as hl7proto
 from medagent.proto.mllp import InvalidPayload, MllpDecoder, encode
+from medagent.channels.tls import ClientTls, client_tls
 from medagent.records import HL7_V2_CONTENT_TYPE
 
 __all__ = ["MllpClientError", "MllpClientPool"]
@@ -235,6 +243,7 @@ class _Remote:
         self.opening: list[asyncio.Future[_MllpClient]] = []
         self.stats = _RemoteStats()
         self._round_robin = itertools.count()
+        self._tls: ClientTls | None = None
 
     @property
     def keep_alive(self) -> bool:
@@ -260,14 +269,26 @@ class _Remote:
     async def _connect(self) -> _MllpClient:
         loop = asyncio.get_running_loop()
         timeout = self.pool.connect_timeout_s
+        tls: dict[str, Any] = {}
+        if self.target.tls is not None:
+            try:
+                if self._tls is None:
+                    self._tls = client_tls(f"mllp remote {self.address}", self.target.tls)
+                assert self._tls is not None
+                tls = {"ssl": self._tls.current(), "server_hostname": self.target.host}
+            except (OSError, ssl.SSLError) as exc:
+                raise MllpClientError(f"TLS files for {self.address} do not load: {exc}") from None
         try:
             _, client = await asyncio.wait_for(
-                loop.create_connection(lambda: _MllpClient(self), self.target.host, self.target.port), timeout
+                loop.create_connection(lambda: _MllpClient(self), self.target.host, self.target.port, **tls),
+                timeout,
             )
         except TimeoutError:
             raise MllpClientError(f"connect to {self.address} timed out after {timeout:g} s") from None
         except ConnectionRefusedError:
             raise MllpClientError(f"connect to {self.address} refused") from None
+        except ssl.SSLError as exc:  # before OSError: SSLError is one
+            raise MllpClientError(f"TLS handshake with {self.address} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise MllpClientError(f"connect to {self.address} failed: {exc.strerror or exc}") from None
         self.stats.connects += 1
