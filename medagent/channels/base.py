@@ -28,7 +28,8 @@ content type), which the runtime's dispatcher calls before it sends the unit's t
 Invariants every kind keeps
 ---------------------------
 * ``start(sock)`` listens on the socket it is handed (an upgrade or reload passes listening
-  sockets on without a gap), else binds its endpoint; ``listening_sockets()`` returns them.
+  sockets on without a gap), else binds its endpoint; ``listening_sockets()`` returns them
+  (asyncio's socket wrappers, which have ``fileno()`` and ``getsockname()``).
 * ``stop(drain_timeout)`` stops accepting, waits up to ``drain_timeout`` for units already
   handed to the sink to be answered, then closes; every timer and transport is gone after it.
 * ``stats()`` returns :class:`ChannelStats`-shaped dicts (see :func:`base_stats`).
@@ -130,7 +131,9 @@ class Channel(Protocol):
 
     async def stop(self, drain_timeout: float = 5.0) -> None: ...
 
-    def listening_sockets(self) -> list[socket.socket]: ...
+    def listening_sockets(self) -> list[Any]:
+        """The listening sockets (asyncio's socket wrappers: ``fileno()``, ``getsockname()``);
+        empty for kinds that do not listen (serial ports)."""
 
     def deliver_reply(self, remote: str, control_id: str, body: str, status_code: int = 200) -> bool: ...
 
@@ -149,8 +152,7 @@ class ChannelKind:
     a "did you mean" hint); ``parse_options(endpoint)`` builds the kind's frozen typed options
     and raises :class:`~medagent.channels.endpoint.EndpointError` naming the URL and parameter;
     ``create(name, endpoint, options, context)`` builds an unstarted :class:`Channel`.
-    ``allow_port_zero`` is for tests and ``serve --port 0``; ``needs_port`` is False for kinds
-    addressed by a device path (``serial:///dev/ttyUSB0``).
+    ``needs_port`` is False for kinds addressed by a device path (``serial:///dev/ttyUSB0``).
     """
 
     scheme: str
