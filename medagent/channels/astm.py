@@ -72,6 +72,7 @@ from medagent.channels.endpoint import (
     encoding_param,
     int_param,
 )
+from medagent.channels.listener import TlsTcpListener
 from medagent.channels.serialport import (
     SERIAL_PARAMETERS,
     SerialPortLine,
@@ -79,6 +80,7 @@ from medagent.channels.serialport import (
     serial_settings,
 )
 from medagent.channels.stream_listener import Line, TcpListener
+from medagent.channels.tls import TLS_LISTENER_PARAMETERS, checking_tls, server_tls
 from medagent.proto import astm as core
 from medagent.records import ASTM_CONTENT_TYPE, DuplicatePolicy, InboundRecord
 
@@ -380,8 +382,9 @@ class AstmChannel:
             self._serial = SerialPortLine(self.name, self.kind, self.options.serial, self._new_session)
             await self._serial.start()
         else:
-            self._listener = TcpListener(self.name, "astm", self.endpoint.host, self.endpoint.port,
-                                         self._new_session, max_connections=self.options.max_connections)
+            self._listener = TlsTcpListener(self.name, "astm", self.endpoint.host, self.endpoint.port,
+                                            self._new_session, max_connections=self.options.max_connections,
+                                            tls=server_tls(f"astm channel {self.name}", self.endpoint))
             await self._listener.start(sock)
         _LIVE_CHANNELS.add(self)
 
@@ -573,7 +576,8 @@ def _create(name: str, endpoint: Endpoint, options: AstmOptions, context: Channe
 
 
 ASTM_KIND: Final = register_kind(ChannelKind(
-    scheme="astm", parameters=ASTM_PARAMETERS, parse_options=astm_options, create=_create,
+    scheme="astm", parameters=ASTM_PARAMETERS + TLS_LISTENER_PARAMETERS, parse_options=checking_tls(astm_options),
+    create=_create,
     description="ASTM E1381/E1394 (CLSI LIS01-A2/LIS02-A2) over TCP: checksums, NAK, commit before final ACK",
 ))
 ASTM_SERIAL_KIND: Final = register_kind(ChannelKind(

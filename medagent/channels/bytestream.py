@@ -58,6 +58,7 @@ from medagent.channels.base import (
     register_kind,
 )
 from medagent.channels.endpoint import Endpoint, EndpointError, bool_param, choice_param, int_param
+from medagent.channels.listener import TlsTcpListener
 from medagent.channels.serialport import (
     SERIAL_PARAMETERS,
     SerialPortLine,
@@ -65,6 +66,7 @@ from medagent.channels.serialport import (
     serial_settings,
 )
 from medagent.channels.stream_listener import Line, TcpListener
+from medagent.channels.tls import TLS_LISTENER_PARAMETERS, checking_tls, server_tls
 from medagent.proto.bytestream import (
     AutoRespondRule,
     ByteStreamConfig,
@@ -268,8 +270,9 @@ class ByteStreamChannel:
             self._serial = SerialPortLine(self.name, self.kind, self.options.serial, lambda: ByteStreamSession(self))
             await self._serial.start()
             return
-        self._listener = TcpListener(self.name, "byte-stream", self.endpoint.host, self.endpoint.port,
-                                     lambda: ByteStreamSession(self), max_connections=self.options.max_connections)
+        self._listener = TlsTcpListener(self.name, "byte-stream", self.endpoint.host, self.endpoint.port,
+                                        lambda: ByteStreamSession(self), max_connections=self.options.max_connections,
+                                        tls=server_tls(f"byte-stream channel {self.name}", self.endpoint))
         await self._listener.start(sock)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
@@ -340,7 +343,8 @@ def _create(name: str, endpoint: Endpoint, options: ByteStreamOptions, context: 
 
 
 TCP_KIND: Final = register_kind(ChannelKind(
-    scheme="tcp", parameters=BYTESTREAM_PARAMETERS, parse_options=bytestream_options, create=_create,
+    scheme="tcp", parameters=BYTESTREAM_PARAMETERS + TLS_LISTENER_PARAMETERS,
+    parse_options=checking_tls(bytestream_options), create=_create,
     description="byte stream over TCP with start/end framing (Medplum's tcp:// channel)",
 ))
 SERIAL_KIND: Final = register_kind(ChannelKind(

@@ -82,6 +82,7 @@ from medagent.channels.base import (
     register_outbound_sender,
 )
 from medagent.channels.endpoint import Endpoint, EndpointError, bool_param, choice_param, int_param
+from medagent.channels.tls import server_tls
 from medagent.dicom.dicomjson import dataset_json
 from medagent.dicom.files import InvalidInstance, durable_move, instance_info, read_header
 from medagent.dicom.hubweb import HubDicomWeb
@@ -310,16 +311,9 @@ class DicomChannel:
     # ------------------------------------------------------------------ lifecycle
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        options = self.options
-        if options.tls_cert is None or options.tls_key is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(options.tls_cert), str(options.tls_key))
-        if options.tls_ca is not None:
-            context.load_verify_locations(str(options.tls_ca))
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        """TLS 1.2+ from channels/tls.py (shared by every listener): rotated files load at the next handshake."""
+        tls = server_tls(f"dicom channel {self.name}", self.endpoint)
+        return None if tls is None else tls.server_context
 
     def _build_ae(self) -> AE:
         options = self.options

@@ -78,8 +78,8 @@ from medagent.channels.endpoint import (
     mllp_options,
     queue_duplicate_policy_name,
 )
-from medagent.channels.listener import Admission
-from medagent.channels.tls import HANDSHAKE_TIMEOUT_S, ServerTls, server_tls
+from medagent.channels.listener import Admission, listen
+from medagent.channels.tls import ServerTls, server_tls
 from medagent.proto.hl7_session import (
     MAX_CONSECUTIVE_FRAMING_ERRORS,
     FramingError,
@@ -498,23 +498,11 @@ class Hl7Channel:
         """Listen on `sock` when given (handed over), else on the endpoint's host:port (0: any)."""
         if self._server is not None:
             raise RuntimeError(f"hl7 channel {self.name} is already started")
-        loop = asyncio.get_running_loop()
         self._stopping = False
         self.reading_paused = False
         self.tls = server_tls(f"hl7 channel {self.name}", self.endpoint)  # files read now: errors at start
-        tls: dict[str, Any] = {} if self.tls is None else {
-            "ssl": self.tls.server_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S}
-        try:
-            if sock is not None:
-                self._server = await loop.create_server(lambda: Hl7Connection(self), sock=sock, backlog=512, **tls)
-            else:
-                self._server = await loop.create_server(
-                    lambda: Hl7Connection(self), self.endpoint.host, self.endpoint.port, backlog=512, **tls
-                )
-        except OSError as exc:
-            where = "the handed-over socket" if sock is not None else f"{self.endpoint.host}:{self.endpoint.port}"
-            raise OSError(exc.errno, f"hl7 channel {self.name}: cannot listen on {where}: "
-                                     f"{exc.strerror or exc}") from exc
+        self._server = await listen(f"hl7 channel {self.name}", lambda: Hl7Connection(self), self.endpoint.host,
+                                    self.endpoint.port, sock, self.tls, backlog=512)
         logger.info("hl7 channel %s listening on %s:%d (ack mode %s%s)", self.name, self.host, self.port,
                     self.options.ack_mode.value, "" if self.tls is None else ", TLS")
 

@@ -1,7 +1,14 @@
-"""Who gets a connection slot: idle-connection eviction and the per-address limit (defect 3).
+"""Shared listener pieces: opening the listening server (plain or TLS), and who gets a slot.
 
 Theory of operation
 -------------------
+:func:`listen` opens a channel's server on host:port or on a handed-over socket, with TLS when
+the channel has a :class:`~medagent.channels.tls.ServerTls` (one place for every kind, so TLS
+options, the handshake timeout and the error text are the same everywhere).
+:class:`TlsTcpListener` is the ASTM/byte-stream ``TcpListener`` with that TLS and the client
+certificate allow-list.
+
+Idle-connection eviction and the per-address limit (defect 3):
 A listener keeps its open connections in a dict keyed by remote ("host:port"). When a new
 connection arrives, :meth:`Admission.make_room` decides, before the listener registers it:
 
@@ -26,12 +33,17 @@ Invariants
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import time
-from collections.abc import MutableMapping
-from typing import Final, Protocol
+from collections.abc import Callable, MutableMapping
+from typing import Any, Final, Protocol, TypeVar
 
-__all__ = ["Admission", "Episode", "Evictable", "remote_host"]
+from medagent.channels.stream_listener import TcpLine, TcpListener
+from medagent.channels.tls import HANDSHAKE_TIMEOUT_S, ServerTls
+
+__all__ = ["Admission", "Episode", "Evictable", "TlsTcpListener", "listen", "remote_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +72,9 @@ class Evictable(Protocol):
 def remote_host(remote: str) -> str:
     """The host part of "host:port" (IPv6 hosts keep their colons)."""
     return remote.rsplit(":", 1)[0] if ":" in remote else remote
+
+
+_C = TypeVar("_C", bound=Evictable)
 
 
 class Episode:
@@ -93,7 +108,7 @@ class Admission:
         self.refusals = Episode(what)
         self.silent_closes = Episode(what)
 
-    def make_room(self, connections: MutableMapping[str, Evictable], remote: str) -> str | None:
+    def make_room(self, connections: MutableMapping[str, _C], remote: str) -> str | None:
         """None when `remote` may be registered (evicting one idle connection if needed), else why not."""
         if self.max_per_address:
             host = remote_host(remote)
@@ -104,7 +119,7 @@ class Admission:
                 return f"maxConnectionsPerAddress={self.max_per_address} reached"
         if len(connections) < self.max_connections:
             return None
-        victim: Evictable | None = None
+        victim: _C | None = None
         for connection in connections.values():
             if connection.evictable and (victim is None or connection.idle_since < victim.idle_since):
                 victim = connection
@@ -121,3 +136,45 @@ class Admission:
     def silent_close(self, remote: str, timeout_s: float) -> None:
         self.silent_closes.note(f"closed connection from {remote}: nothing received within "
                                 f"{timeout_s:g} s of connecting (firstMessageTimeoutMs)", logging.INFO)
+
+
+async def listen(what: str, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int,
+                 sock: socket.socket | None, tls: ServerTls | None, backlog: int = 100) -> asyncio.Server:
+    """Open `what`'s server on `sock` (handed over) or host:port, with TLS when `tls` is given."""
+    loop = asyncio.get_running_loop()
+    extra: dict[str, Any] = {} if tls is None else {
+        "ssl": tls.server_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S}
+    try:
+        if sock is not None:
+            return await loop.create_server(factory, sock=sock, backlog=backlog, **extra)
+        return await loop.create_server(factory, host, port, backlog=backlog, **extra)
+    except OSError as exc:
+        where = "the handed-over socket" if sock is not None else f"{host}:{port}"
+        raise OSError(exc.errno, f"{what}: cannot listen on {where}: {exc.strerror or exc}") from exc
+
+
+class TlsTcpListener(TcpListener):
+    """A :class:`TcpListener` (ASTM, byte streams) that serves TLS when given a ServerTls."""
+
+    def __init__(self, *args: Any, tls: ServerTls | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tls = tls
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        if self.tls is None:
+            await super().start(sock)
+            return
+        what = f"{self.kind} channel {self.channel}"
+        self._server = await listen(what, lambda: TcpLine(self), self.host, self.port, sock, self.tls)
+        name = self._server.sockets[0].getsockname()
+        self.host, self.port = name[0], int(name[1])
+        logger.info("%s listening on %s:%d (TLS)", what, self.host, self.port)
+
+    def admit(self, line: TcpLine) -> bool:
+        refusal = self.tls.refusal(line.transport) if self.tls is not None else None
+        if refusal is not None:
+            self.connections_refused += 1
+            logger.warning("%s channel %s: refused connection from %s: %s", self.kind, self.channel,
+                           line.remote, refusal)
+            return False
+        return super().admit(line)

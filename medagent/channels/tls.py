@@ -41,8 +41,9 @@ import os
 import re
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from medagent.channels.endpoint import Endpoint, EndpointError, bool_param
 
@@ -53,6 +54,7 @@ __all__ = [
     "ServerTls",
     "TlsListenerSettings",
     "TlsRemoteSettings",
+    "checking_tls",
     "client_tls",
     "listener_tls",
     "remote_tls",
@@ -68,6 +70,8 @@ TLS_REMOTE_PARAMETERS: Final = ("tls", "tlsCa", "tlsCert", "tlsKey")
 
 #: A TLS handshake that takes longer than this is dropped (a slot is only taken after it).
 HANDSHAKE_TIMEOUT_S: Final = 10.0
+
+_T = TypeVar("_T")
 
 _FINGERPRINT = re.compile(r"(?:sha256:)?((?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2})")
 
@@ -224,7 +228,6 @@ class ServerTls(_Reloading):
         current = self.current()
         if current is not ssl_object.context:
             ssl_object.context = current
-        return None
 
     def refusal(self, transport: Any) -> str | None:
         """Why this handshaken connection's client certificate is not allowed, or None."""
@@ -276,3 +279,14 @@ def server_tls(what: str, endpoint: Endpoint) -> ServerTls | None:
 
 def client_tls(what: str, settings: TlsRemoteSettings | None) -> ClientTls | None:
     return None if settings is None else ClientTls(what, settings)
+
+
+def checking_tls(parse_options: Callable[[Endpoint], _T]) -> Callable[[Endpoint], _T]:
+    """A kind's ``parse_options`` that also checks the tls* parameters (config-time errors)."""
+
+    def parse(endpoint: Endpoint) -> _T:
+        listener_tls(endpoint)
+        return parse_options(endpoint)
+
+    parse.__doc__ = parse_options.__doc__
+    return parse

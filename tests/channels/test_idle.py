@@ -129,7 +129,7 @@ async def test_hundred_idle_connections_do_not_lock_out_a_sender(channel_factory
 
 async def test_sender_awaiting_its_ack_is_never_evicted(channel_factory, clients) -> None:
     channel = await channel_factory("ackMode=original&maxConnections=1&responseTimeoutMs=60000")
-    reader, writer = await open_client(channel, clients)
+    _, writer = await open_client(channel, clients)
     writer.write(encode(msg("W1")))  # the hub reply never comes in this test: the ACK stays owed
     await writer.drain()
     await wait_until(lambda: channel.stats()["acks_pending"] == 1)
@@ -137,7 +137,8 @@ async def test_sender_awaiting_its_ack_is_never_evicted(channel_factory, clients
     assert await closed(newcomer)
     assert channel.stats()["connections_evicted"] == 0
     assert channel.stats()["connections_refused"] == 1
-    remote = "%s:%d" % writer.get_extra_info("sockname")[:2]
+    host, port = writer.get_extra_info("sockname")[:2]
+    remote = f"{host}:{port}"
     ack = "MSH|^~\\&|MEDAGENT|CLOUD|LAB|HOSP|20240101120000||ACK|X|P|2.5.1\rMSA|AA|W1\r"
     assert channel.deliver_reply(remote, "W1", ack)
 
