@@ -65,9 +65,9 @@ from typing import Any, Final, cast
 
 from medagent.channels.base import OutboundReply, register_outbound_sender
 from medagent.channels.endpoint import EndpointError, RemoteTarget, ReturnAck, parse_remote
+from medagent.channels.tls import ClientTls, client_tls
 from medagent.proto import hl7 as hl7proto
 from medagent.proto.mllp import InvalidPayload, MllpDecoder, encode
-from medagent.channels.tls import ClientTls, client_tls
 from medagent.records import HL7_V2_CONTENT_TYPE
 
 __all__ = ["MllpClientError", "MllpClientPool"]
