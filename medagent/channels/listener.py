@@ -6,7 +6,8 @@ Theory of operation
 the channel has a :class:`~medagent.channels.tls.ServerTls` (one place for every kind, so TLS
 options, the handshake timeout and the error text are the same everywhere).
 :class:`TlsTcpListener` is the ASTM/byte-stream ``TcpListener`` with that TLS and the client
-certificate allow-list.
+certificate allow-list (slot eviction below is MLLP's for now: stream_listener.TcpListener
+still refuses when full).
 
 Idle-connection eviction and the per-address limit (defect 3):
 A listener keeps its open connections in a dict keyed by remote ("host:port"). When a new
@@ -19,10 +20,10 @@ connection arrives, :meth:`Admission.make_room` decides, before the listener reg
    aborted, and the new one is admitted. When every connection has sent traffic the new one is
    refused: a real sender is never dropped for a newcomer.
 
-Connections that send nothing at all are also closed by their listener after
-``firstMessageTimeoutMs`` (default 30 s), so idle sockets free their slots even without
-pressure. Evictions, refusals and silent closes are logged once per *episode* (:class:`Episode`:
-the first event after a quiet minute logs one line; the next line carries the count since).
+MLLP connections that send nothing at all are also closed after ``firstMessageTimeoutMs``
+(default 30 s), so idle sockets free their slots even without pressure. Evictions, refusals
+and silent closes are logged once per *episode* (:class:`Episode`: the first event after a quiet
+minute logs one line; the next line carries the count since).
 
 Invariants
 ----------
@@ -117,21 +118,25 @@ class Admission:
                 self.refusals.note(f"refused connection from {remote} "
                                    f"(maxConnectionsPerAddress={self.max_per_address} reached)")
                 return f"maxConnectionsPerAddress={self.max_per_address} reached"
-        if len(connections) < self.max_connections:
+        if len(connections) < self.max_connections or self.evict_one(connections, remote):
             return None
+        self.refusals.note(f"refused connection from {remote} (maxConnections={self.max_connections} "
+                           "reached and every connection has sent messages)")
+        return f"maxConnections={self.max_connections} reached"
+
+    def evict_one(self, connections: MutableMapping[str, _C], remote: str) -> bool:
+        """Close the longest-idle evictable connection to admit `remote`; False when there is none."""
         victim: _C | None = None
         for connection in connections.values():
             if connection.evictable and (victim is None or connection.idle_since < victim.idle_since):
                 victim = connection
         if victim is None:
-            self.refusals.note(f"refused connection from {remote} (maxConnections={self.max_connections} "
-                               "reached and every connection has sent messages)")
-            return f"maxConnections={self.max_connections} reached"
+            return False
         del connections[victim.remote]
         victim.evict()
         self.evictions.note(f"full (maxConnections={self.max_connections}): closed idle connection "
                             f"{victim.remote} that never sent a message to admit {remote}")
-        return None
+        return True
 
     def silent_close(self, remote: str, timeout_s: float) -> None:
         self.silent_closes.note(f"closed connection from {remote}: nothing received within "
@@ -154,21 +159,19 @@ async def listen(what: str, factory: Callable[[], asyncio.BaseProtocol], host: s
 
 
 class TlsTcpListener(TcpListener):
-    """A :class:`TcpListener` (ASTM, byte streams) that serves TLS when given a ServerTls."""
+    """The ASTM/byte-stream :class:`TcpListener` with TLS (when given a ServerTls) and the client
+    allow-list."""
 
     def __init__(self, *args: Any, tls: ServerTls | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tls = tls
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        if self.tls is None:
-            await super().start(sock)
-            return
         what = f"{self.kind} channel {self.channel}"
         self._server = await listen(what, lambda: TcpLine(self), self.host, self.port, sock, self.tls)
         name = self._server.sockets[0].getsockname()
         self.host, self.port = name[0], int(name[1])
-        logger.info("%s listening on %s:%d (TLS)", what, self.host, self.port)
+        logger.info("%s listening on %s:%d%s", what, self.host, self.port, "" if self.tls is None else " (TLS)")
 
     def admit(self, line: TcpLine) -> bool:
         refusal = self.tls.refusal(line.transport) if self.tls is not None else None
