@@ -9,8 +9,9 @@ it; the test checks that
 * the agent keeps answering AA meanwhile (its queue is on disk) and delivery resumes after the
   outage (the backlog drains);
 * per channel, the hub stored the originals in the order they were sent;
-* while the backlog waits on disk, the agent's resident memory stays bounded
-  (/proc/<pid>/status VmRSS growth during a long outage well below the backlog's size);
+* while the backlog waits on disk, the agent's resident memory stays bounded: during a long
+  outage VmRSS (/proc/<pid>/status) grows by less than a fixed cap (48 MB) while the backlog on
+  disk exceeds 64 MB (30 s) or ~700 MB (5 minutes, long form);
 * at the end every AA message is at the hub exactly once (`faultsupport.verdict`).
 
 Short form (CI): stall, drop and half-close for 1 s each, then a 30 s stall. Long form (`long`,
@@ -33,8 +34,10 @@ pytestmark = [pytest.mark.slow,
 NTE = "\rNTE|1||" + "X" * 16384
 PACE_S = 0.01  # per sender: at most ~100 messages/s, so a 30 s backlog is ~70 MB on disk
 RESUME_TIMEOUT_S = 90.0
-#: RSS growth allowed during an outage of MEMORY_CHECK_S or longer (the backlog is far larger)
-RSS_GROWTH_LIMIT_KIB = 24 * 1024
+#: RSS growth allowed during an outage of MEMORY_CHECK_S or longer, whose backlog on disk must
+#: exceed BACKLOG_MIN_BYTES (a 30 s stall here: ~75 MB; 5 minutes: ~700 MB)
+RSS_GROWTH_LIMIT_KIB = 48 * 1024
+BACKLOG_MIN_BYTES = 64 * 1024 * 1024
 MEMORY_CHECK_S = 30.0
 
 
@@ -72,22 +75,33 @@ def run_outages(spawn, deployment, outages: list[tuple[str, float]]) -> None:
 
 
 def _one_outage(proxy: FaultProxy, agent, deployment, mode: str, seconds: float) -> None:
-    before = vm_rss_kib(agent.process.pid)
+    """One outage; RSS sampled every 0.5 s, the backlog read at half time and at the end."""
+    pid = agent.process.pid
+    before = vm_rss_kib(pid)
     proxy.outage(mode)  # type: ignore[arg-type]
-    peak = before
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:  # bounded by the outage's length
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        peak = max(peak, vm_rss_kib(agent.process.pid))
+    start = time.monotonic()
+    peak, half, backlog_half = before, None, 0
+    while (elapsed := time.monotonic() - start) < seconds:  # bounded by the outage's length
+        time.sleep(min(0.5, max(0.0, seconds - elapsed)))
+        rss = vm_rss_kib(pid)
+        peak = max(peak, rss)
+        if half is None and time.monotonic() - start >= seconds / 2:
+            half, backlog_half = rss, pending(deployment.agent_dir)
     backlog = pending(deployment.agent_dir)
     proxy.restore()
     resumed_in = _wait_drained(deployment.agent_dir)
-    print(f"\n{mode} {seconds:g} s: backlog {backlog} messages (~{backlog * len(NTE) // 1024} KiB), "
-          f"agent RSS {before} -> peak {peak} KiB, drained {resumed_in:.1f} s after restore")
+    print(f"\n{mode} {seconds:g} s: backlog {backlog} messages (~{backlog * len(NTE) // 1024} KiB), agent RSS "
+          f"{before} KiB at the start, {half} at half time (backlog {backlog_half}), peak {peak}; "
+          f"drained {resumed_in:.1f} s after restore")
     assert resumed_in < RESUME_TIMEOUT_S, f"delivery did not resume after a {mode} of {seconds} s"
     if seconds >= MEMORY_CHECK_S:
-        assert backlog * len(NTE) > 2 * RSS_GROWTH_LIMIT_KIB * 1024, "backlog too small to tell"
-        assert peak - before < RSS_GROWTH_LIMIT_KIB, f"agent RSS grew {peak - before} KiB during the outage"
+        # A backlog kept in memory would grow RSS by its size; the agent's working set under this
+        # load varies by tens of MB (allocator high water during drains), hence an absolute cap
+        # that a 30 s backlog exceeds and a 5-minute one (long form) dwarfs.
+        size = backlog * len(NTE)
+        assert size > BACKLOG_MIN_BYTES, f"backlog only {size} bytes: too little to tell"
+        assert peak - before < RSS_GROWTH_LIMIT_KIB, (
+            f"agent RSS grew {peak - before} KiB while a {size // 1024} KiB backlog waited on disk")
 
 
 def _wait_drained(agent_dir) -> float:
