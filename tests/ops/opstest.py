@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from medagent.config import load_config
 from medagent.hub import AgentCredentials, HubServer
@@ -83,3 +85,64 @@ async def http(hub: HubServer, method: str, path: str, **kwargs: Any) -> tuple[i
     async with aiohttp.ClientSession() as session, session.request(method, f"{hub.url}{path}", headers=headers,
                                                                    **kwargs) as response:
         return response.status, await response.text()
+
+
+class Sender:
+    """Lock-step MLLP sender (a new connection per message, as many devices do) until stopped; ACK gaps measured."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.acked: list[str] = []
+        self.longest_gap_s = 0.0
+        self._stop = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        for n in range(100_000):  # bounded; stopped long before
+            if self._stop.is_set():
+                return
+            control_id = f"U{n}"
+            [ack] = await send_messages(self.port, [control_id])
+            assert b"MSA|AA|" + control_id.encode() in ack
+            now = time.monotonic()
+            self.longest_gap_s = max(self.longest_gap_s, now - last)
+            last = now
+            self.acked.append(control_id)
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(self.task, WAIT_S)
+
+
+async def hub_control_ids(site: OpsSite, expected: int, channel: str) -> list[str]:
+    """The control ids the hub stored for ``channel`` (waits until ``expected`` are there, bounded)."""
+    found: list[str] = []
+
+    async def fetch() -> int:
+        found.clear()
+        params = {"agent": site.credentials.agent_id, "limit": "1000"}
+        for _ in range(100):  # pages of 1000, bounded
+            status, text = await http(site.hub, "GET", "/messages", params=params)
+            assert status == 200
+            page = orjson.loads(text)
+            found.extend(m["control_id"] for m in page["messages"] if m["channel"] == channel)
+            if page["next"] is None:
+                break
+            params["after"] = str(page["next"])
+        return len(found)
+
+    for _ in range(int(WAIT_S / 0.1)):
+        if await fetch() >= expected:
+            break
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def assert_nothing_lost(site: OpsSite, sender: Sender) -> None:
+    """Every message the sender got an AA for is at the hub exactly once; no duplicate flagged."""
+    ids = await hub_control_ids(site, len(sender.acked), site.channel)
+    assert sorted(ids) == sorted(sender.acked), "every ACKed message at the hub exactly once"
+    stats = site.runtime.ops.stats()
+    assert stats["durableQueue"]["duplicates_flagged"] == 0

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import stat
-import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from opstest import WAIT_S, OpsSite, http, send_messages
+from opstest import OpsSite, Sender, assert_nothing_lost, http, send_messages
 from wheelbuild import finish_build, start_build
 
 from medagent import __version__
@@ -113,35 +112,6 @@ async def test_upgrade_refusals_and_no_op(site: OpsSite) -> None:
 
 
 # -- the pipeline, with traffic ---------------------------------------------------------------------------------
-class Sender:
-    """Lock-step MLLP sender over one connection until stopped; ACK gaps measured."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.acked: list[str] = []
-        self.longest_gap_s = 0.0
-        self._stop = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        last = time.monotonic()
-        for n in range(100_000):  # bounded; stopped long before
-            if self._stop.is_set():
-                return
-            control_id = f"U{n}"
-            [ack] = await send_messages(self.port, [control_id])
-            assert b"MSA|AA|" + control_id.encode() in ack
-            now = time.monotonic()
-            self.longest_gap_s = max(self.longest_gap_s, now - last)
-            last = now
-            self.acked.append(control_id)
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.wait_for(self.task, WAIT_S)
-
-
 async def _upgrade_with_traffic(site: OpsSite, version: str) -> tuple[dict[str, object], Sender]:
     sender = Sender(site.port)
     try:
@@ -152,36 +122,6 @@ async def _upgrade_with_traffic(site: OpsSite, version: str) -> tuple[dict[str, 
     finally:
         await sender.stop()
     return final, sender
-
-
-async def _hub_control_ids(site: OpsSite, expected: int) -> list[str]:
-    found: list[str] = []
-
-    async def fetch() -> int:
-        found.clear()
-        params = {"agent": site.credentials.agent_id, "limit": "1000"}
-        for _ in range(100):  # pages of 1000, bounded
-            status, text = await http(site.hub, "GET", "/messages", params=params)
-            assert status == 200
-            page = orjson.loads(text)
-            found.extend(m["control_id"] for m in page["messages"])
-            if page["next"] is None:
-                break
-            params["after"] = str(page["next"])
-        return len(found)
-
-    for _ in range(int(WAIT_S / 0.1)):
-        if await fetch() >= expected:
-            break
-        await asyncio.sleep(0.1)
-    return found
-
-
-async def _assert_nothing_lost(site: OpsSite, sender: Sender) -> None:
-    ids = await _hub_control_ids(site, len(sender.acked))
-    assert sorted(ids) == sorted(sender.acked), "every ACKed message at the hub exactly once"
-    stats = site.runtime.ops.stats()
-    assert stats["durableQueue"]["duplicates_flagged"] == 0
 
 
 async def _stats_upgrade(site: OpsSite) -> dict[str, object]:
@@ -196,7 +136,7 @@ async def test_upgrade_to_a_bumped_wheel_is_staged_with_traffic_flowing(site: Op
     assert final["state"] == State.STAGED.value, final
     environment = Path(str(final["environment"]))
     assert (environment / "pyvenv.cfg").exists()
-    await _assert_nothing_lost(site, sender)
+    await assert_nothing_lost(site, sender)
     assert (await _stats_upgrade(site))["state"] == "staged"
     state_file = site.runtime.data_dir / "upgrade.json"
     assert stat.S_IMODE(os.stat(state_file).st_mode) == 0o600
@@ -212,7 +152,7 @@ async def test_a_failing_release_is_rolled_back_and_the_old_version_keeps_servin
     final, sender = await _upgrade_with_traffic(site, version)
     assert final["state"] == State.ROLLED_BACK.value and reason in str(final["error"]), final
     assert not (site.runtime.data_dir / "versions" / version).exists()
-    await _assert_nothing_lost(site, sender)
+    await assert_nothing_lost(site, sender)
     [ack] = await send_messages(site.port, ["AFTER"])
     assert b"MSA|AA|AFTER" in ack
     upgrade = await _stats_upgrade(site)
