@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from medagent import config_cli, serve_cli, send_cli
+    from medagent import config_cli, doctor_cli, serve_cli, send_cli, service_cli
     from medagent.hub import cli as hub_cli
     from medagent.queue import cli as queue_cli
     from medagent.bench import cli as bench_cli
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     queue_cli.register(subparsers)
     bench_cli.register(subparsers)
     config_cli.register(subparsers)
+    doctor_cli.register(subparsers)
+    service_cli.register(subparsers)
     return parser
 
 

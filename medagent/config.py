@@ -188,6 +188,9 @@ class AgentSection:
     min_free_percent: float = 2.0
     storage_reserve_mb: float = 8.0
     batching: bool = True
+    metrics_port: int | None = None
+    log_format: str = "text"
+    allow_remote_upgrade: bool = True
 
     @property
     def uses_embedded_hub(self) -> bool:
@@ -317,6 +320,9 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "min_free_percent": _Key(_Kind.FLOAT, 2.0, _at_least(0)),
         "storage_reserve_mb": _Key(_Kind.FLOAT, 8.0, _at_least(0)),
         "batching": _Key(_Kind.BOOL, True),
+        "metrics_port": _Key(_Kind.INT, None, _port_number),
+        "log_format": _Key(_Kind.STR, "text", _one_of("text", "json")),
+        "allow_remote_upgrade": _Key(_Kind.BOOL, True),
     },
     "hub": {
         "host": _Key(_Kind.STR, "127.0.0.1", _not_empty),
@@ -813,6 +819,9 @@ min_free_mb = 50.0                    # refuse new messages (CE) below max(min_f
 min_free_percent = 2.0                #   min_free_percent of the disk) free, so confirmations fit
 storage_reserve_mb = 8.0              # emergency file given back when the disk fills (recovery room)
 batching = true                       # use the hub's batching extension when it offers it
+# metrics_port = 9464                 # Prometheus /metrics on 127.0.0.1 (unset: off; 0 = any free port)
+log_format = "text"                   # "json": one JSON object per line in <data_dir>/medagent.log
+allow_remote_upgrade = true           # false: refuse the hub's $upgrade (the site decides)
 
 [hub]                                 # medagent's own hub (hub = "embedded" or `medagent hub`)
 host = "127.0.0.1"

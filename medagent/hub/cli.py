@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from medagent.hub.dashboard.cli import add_user_parser, run_add_user
+from medagent.hub.releases import add_release_parser, run_release_command
 from medagent.hub.admin import BadQuery, agent_json, channel_json, message_json, parse_instant_ms
 from medagent.hub.records import MessageQuery, MessageStatus
 from medagent.hub.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, HubSettings
@@ -91,6 +92,8 @@ def register(subparsers: Any) -> None:
                             help="refuse every access token issued to an agent so far (it logs in again)")
     revoke.add_argument("agent", help="agent id or name")
     revoke.add_argument("--json", action="store_true", help="print one JSON document")
+
+    add_release_parser(sub, common)
 
     rotate = sub.add_parser("rotate-secret", parents=[common],
                             help="issue a new client secret (the old one and its tokens stop working)")
@@ -393,6 +396,7 @@ _COMMANDS = {
     "add-user": _add_user,
     "revoke-tokens": _revoke_tokens,
     "rotate-secret": _rotate_secret,
+    "release": lambda args: run_release_command(args, _data_dir(args)),
     "serve": _serve,
     "add-agent": _add_agent,
     "add-channel": _add_channel,

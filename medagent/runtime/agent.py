@@ -89,8 +89,8 @@ class AgentRuntime:
         self._tick_task: asyncio.Task[None] | None = None
         self.started_at = 0.0
         # Operations (issue 16): stats document, link round trips, rates, /metrics, main log file.
-        self.ops = AgentOps(self.stats, self.data_dir, metrics_port=getattr(config.agent, "metrics_port", None),
-                            log_json=getattr(config.agent, "log_format", "text") == "json")
+        self.ops = AgentOps(self.stats, self.data_dir, metrics_port=config.agent.metrics_port,
+                            log_json=config.agent.log_format == "json")
         self.upgrader: Upgrader | None = None
 
     @property
@@ -175,7 +175,7 @@ class AgentRuntime:
         self.intake = Intake(self.queue)
         context = ChannelContext(sink=self.intake, data_dir=self.data_dir, log_phi=agent.log_phi, hub=hub_client)
         self.channel_set = ChannelSet(context, self._desired_channels)
-        self.upgrader = Upgrader(hub_client, self.data_dir, allowed=getattr(agent, "allow_remote_upgrade", True))
+        self.upgrader = Upgrader(hub_client, self.data_dir, allowed=agent.allow_remote_upgrade)
         self.ops.add_section("upgrade", self.upgrader.status)
         requests = RequestHandler(self.channel_set.reload, self.ops.stats, self.senders, self.upgrader.request)
         self.dispatcher = Dispatcher(self.queue, creds.agent_id, self.channel_set.get, requests.handle,
