@@ -108,6 +108,9 @@ class UploadBackoff:
     max_s: float = 30.0
 
 
+#: Rows handed to the link and not yet confirmed, at most (a few seconds of traffic at full rate).
+MAX_UNCONFIRMED = 5_000
+
 #: A byte-stream channel (tcp://, serial://) configured with bodyEncoding=utf-8.
 BYTES_AS_UTF8 = "bytes-as-utf-8"
 _BYTE_STREAM_KINDS = frozenset({"tcp", "serial"})
@@ -142,6 +145,7 @@ class Dispatcher:
         linger_s: float = 0.002,
         upload_concurrency: int = 4,
         upload_backoff: UploadBackoff = UploadBackoff(),
+        max_unconfirmed: int | None = None,
     ) -> None:
         self._queue = queue
         self._link: TransmitLink | None = None
@@ -164,10 +168,16 @@ class Dispatcher:
         self._awaiting_reply: dict[int, _AwaitingReply] = {}
         self._immediate: collections.deque[TransmitRequest] = collections.deque()
         self._live = asyncio.Event()
+        # Flow control: at most max_unconfirmed rows out on the link; a stalled link (alive but
+        # not confirming) must not pull the whole backlog from disk into memory.
+        self._max_unconfirmed = max(1, MAX_UNCONFIRMED if max_unconfirmed is None else max_unconfirmed)
+        self._window = asyncio.Event()
+        self._window.set()
         self._task: asyncio.Task[None] | None = None
         self.stopping = False
         self.sent = 0
         self.confirmed = 0
+        self.window_waits = 0
         self.replies_routed = 0
         self.replies_unroutable = 0
         self.immediate_dropped = 0
@@ -218,6 +228,7 @@ class Dispatcher:
             log.info("link down: %d unconfirmed messages go back to the queue", len(self._sent_at))
         self._sent_at.clear()
         self._queue.release(None)
+        self._update_window()
 
     def on_confirmed(self, callbacks: Sequence[str]) -> None:
         ids = []
@@ -229,6 +240,13 @@ class Dispatcher:
         if ids:
             self.confirmed += len(ids)
             self._queue.confirm(ids)
+            self._update_window()
+
+    def _update_window(self) -> None:
+        if len(self._sent_at) < self._max_unconfirmed:
+            self._window.set()
+        else:
+            self._window.clear()
 
     def on_transmit_error(self, callback: str | None, reason: str) -> None:
         """The hub refused a message (agent:error with its callback): fail the row, keep the reason."""
@@ -241,9 +259,11 @@ class Dispatcher:
             log.info("hub asked to resend queued message %d later: %s", row_id, reason)
             self._resend.add(row_id)
             self._queue.release([row_id])
+            self._update_window()
             return
         log.warning("hub refused queued message %d: %s", row_id, reason)
         self._queue.fail(row_id, reason)
+        self._update_window()
 
     def on_transmit_response(self, message: TransmitResponse) -> None:
         row_id = self.row_id_of(message.callback)
@@ -298,6 +318,7 @@ class Dispatcher:
         if stale:
             log.warning("%d messages unconfirmed after %.0f s; sending them again", len(stale), self._confirm_timeout_s)
             self._queue.release(stale)
+            self._update_window()
         routing_deadline = now - REPLY_ROUTING_WINDOW_S
         for row_id in [r for r, e in self._awaiting_reply.items() if e.since < routing_deadline]:
             del self._awaiting_reply[row_id]
@@ -308,6 +329,8 @@ class Dispatcher:
             "sent": self.sent,
             "confirmed": self.confirmed,
             "inflight": len(self._sent_at),
+            "maxUnconfirmed": self._max_unconfirmed,
+            "windowWaits": self.window_waits,
             "awaitingReply": len(self._awaiting_reply),
             "immediateBuffered": len(self._immediate),
             "immediateDropped": self.immediate_dropped,
@@ -321,9 +344,15 @@ class Dispatcher:
     async def _run(self) -> None:
         while True:
             await self._live.wait()
+            self._update_window()
+            if not self._window.is_set():
+                self.window_waits += 1
+                await self._window.wait()
+                continue
             if self._upload_delay:
                 await asyncio.sleep(self._upload_delay)
-            rows = await self._queue.next_batch(self._max_batch)
+            room = self._max_unconfirmed - len(self._sent_at)
+            rows = await self._queue.next_batch(min(self._max_batch, room))
             replies_awaited = await self._send_rows(rows)
             if not replies_awaited and len(rows) < self._max_batch and self._linger_s > 0:
                 # Nobody waits on these (fast/immediate ACKs were sent at commit): let more rows
