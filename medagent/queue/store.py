@@ -292,6 +292,11 @@ class QueueStore:
             self._conn.close()
             raise
         self._cursor = self._conn.cursor()
+        # Where the current incremental retention pass is (`sweep_slice`): phase, id cursor of
+        # an age phase, spool bytes counted once per size phase.
+        self._pass_phase = 0
+        self._pass_cursor = 0
+        self._pass_spool_bytes: int | None = None
 
     # ----------------------------------------------------------------- opening and schema
 
@@ -648,6 +653,72 @@ class QueueStore:
                 )
         return deleted
 
+    def sweep_slice(
+        self,
+        retention_days: float,
+        retention_max_mb: float,
+        failed_retention_days: float,
+        *,
+        chunk_rows: int = 2000,
+        scan_rows: int = 20_000,
+    ) -> tuple[int, bool]:
+        """One bounded step of an incremental retention pass: the same rules as `sweep`, but a
+        step deletes at most `chunk_rows` rows and an age phase examines at most `scan_rows` ids,
+        so a step costs about the same however large the table is (the agent runs steps between
+        intake commits on its event loop; a full table walk there stalls every sender).
+        Returns (rows deleted, whether the pass is complete). The position is kept between calls
+        (in this object): phase 0 walks CONFIRMED rows by age, phase 1 trims to size (spool usage
+        counted once per pass), phase 2 walks FAILED rows by age."""
+        now = time.time()
+        finished = False
+        with _reading(self.path):
+            if self._pass_phase == 0:
+                deleted, ended = self._age_window(RowState.CONFIRMED, now - retention_days * _DAY_S,
+                                                  chunk_rows, scan_rows)
+                if ended:
+                    self._pass_phase, self._pass_cursor, self._pass_spool_bytes = 1, 0, None
+            elif self._pass_phase == 1:
+                deleted = self._trim_slice(retention_max_mb * _MIB, chunk_rows)
+                if deleted < chunk_rows:
+                    self._pass_phase, self._pass_cursor = 2, 0
+            else:
+                deleted, ended = self._age_window(RowState.FAILED, now - failed_retention_days * _DAY_S,
+                                                  chunk_rows, scan_rows)
+                if ended:
+                    self._pass_phase, self._pass_cursor, finished = 0, 0, True
+        return deleted, finished
+
+    def _age_window(self, state: RowState, updated_before: float, chunk_rows: int, scan_rows: int
+                    ) -> tuple[int, bool]:
+        """Delete `state` rows older than `updated_before` among the next `scan_rows` ids after
+        the pass cursor (at most `chunk_rows`); (deleted, whether the walk reached the end)."""
+        if self._pass_cursor == 0:  # start at the oldest row: ids are never reused, the table may start late
+            first = self._conn.execute("SELECT min(id) FROM messages").fetchone()[0]
+            self._pass_cursor = 0 if first is None else first - 1
+        low = self._pass_cursor
+        high = low + scan_rows
+        ids = [r[0] for r in self._conn.execute(
+            f"SELECT id FROM messages WHERE id > ? AND id <= ? AND state = {int(state)} AND updated_at < ?"
+            " ORDER BY id LIMIT ?", (low, high, updated_before, chunk_rows))]
+        deleted = self._delete_ids(ids, state) if ids else 0
+        if len(ids) == chunk_rows:  # more may wait in this window: continue after the last one
+            self._pass_cursor = ids[-1]
+            return deleted, False
+        self._pass_cursor = high
+        last = self._conn.execute("SELECT max(id) FROM messages").fetchone()[0]  # rowid b-tree: O(log n)
+        return deleted, last is None or high >= last
+
+    def _trim_slice(self, max_bytes: float, chunk_rows: int) -> int:
+        """One chunk of `_trim_to_size`, with the spool usage scanned once per pass."""
+        if self._pass_spool_bytes is None:  # a table scan, unless no file payload exists at all
+            self._pass_spool_bytes = 0 if self._spool_is_empty() else self.spool_usage()[1]
+        if self.used_bytes() + self._pass_spool_bytes <= max_bytes:
+            return 0
+        deleted, freed, self._pass_cursor = self._trim_chunk(max_bytes, chunk_rows, self._pass_spool_bytes,
+                                                             self._pass_cursor)
+        self._pass_spool_bytes -= freed
+        return deleted
+
     def _delete_settled(
         self, state: RowState, updated_before: float, chunk_rows: int = 5000, budget: float = math.inf
     ) -> int:
@@ -721,12 +792,20 @@ class QueueStore:
                 )
             }
 
+    def _spool_is_empty(self) -> bool:
+        """No file below ``<data_dir>/spool`` (stops at the first one): then no row's file takes
+        space, and the scans for referenced files can be skipped (HL7-only queues)."""
+        for _directory, _subdirs, names in os.walk(self.data_dir / SPOOL_DIRNAME):
+            if names:
+                return False
+        return True
+
     def sweep_orphan_files(self, older_than_s: float = 0.0) -> tuple[int, int]:
         """Delete files below ``<data_dir>/spool`` that no row references and that were last
         modified more than `older_than_s` ago (a channel may be writing a file it has not
         submitted yet). Returns (files removed, bytes freed)."""
         spool = self.data_dir / SPOOL_DIRNAME
-        if not spool.is_dir():
+        if not spool.is_dir() or self._spool_is_empty():  # nothing to remove: skip the table scan
             return 0, 0
         referenced = self.referenced_files()
         cutoff = time.time() - older_than_s
@@ -779,30 +858,40 @@ class QueueStore:
     def _trim_to_size(self, max_bytes: float, chunk_rows: int, budget: float = math.inf) -> int:
         """Delete the oldest CONFIRMED rows while the live data (pages plus spool files) exceeds
         max_bytes."""
-        confirmed = int(RowState.CONFIRMED)
-        sample = (
-            "SELECT avg(length(body) + coalesce(file_size, 0)) FROM (SELECT body, file_size FROM messages"
-            f" WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT 64)"
-        )
-        select = f"SELECT id FROM messages WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT ?"
-        cursor_id, deleted = 0, 0
+        deleted, cursor_id = 0, 0
         spool_bytes = self.spool_usage()[1]  # once; then less what each chunk's files freed
-        excess = self.used_bytes() + spool_bytes - max_bytes
-        while excess > 0 and deleted < budget:
-            average_body = self._conn.execute(sample, (cursor_id,)).fetchone()[0]
-            if average_body is None:  # no CONFIRMED rows left: pending rows are never trimmed
+        while deleted < budget:
+            chunk_deleted, freed, cursor_id = self._trim_chunk(
+                max_bytes, int(min(chunk_rows, budget - deleted)), spool_bytes, cursor_id)
+            if not chunk_deleted:
                 break
-            estimate = math.ceil(excess / (float(average_body) + 200.0))  # + row and index overhead
-            limit = int(max(1, min(chunk_rows, estimate, budget - deleted)))
-            ids = [r[0] for r in self._conn.execute(select, (cursor_id, limit))]
-            if not ids:
-                break
-            chunk_deleted, freed = self._delete_rows(ids, RowState.CONFIRMED)
             deleted += chunk_deleted
             spool_bytes -= freed
-            cursor_id = ids[-1]
-            excess = self.used_bytes() + spool_bytes - max_bytes
         return deleted
+
+    def _trim_chunk(self, max_bytes: float, chunk_rows: int, spool_bytes: int, after_id: int
+                    ) -> tuple[int, int, int]:
+        """Delete up to `chunk_rows` of the oldest CONFIRMED rows with id > `after_id`, about as
+        many as bring the live data (pages plus `spool_bytes`) down to max_bytes; (rows deleted,
+        spool bytes freed, the cursor for the next chunk)."""
+        excess = self.used_bytes() + spool_bytes - max_bytes
+        if excess <= 0 or chunk_rows < 1:
+            return 0, 0, after_id
+        confirmed = int(RowState.CONFIRMED)
+        average_body = self._conn.execute(
+            "SELECT avg(length(body) + coalesce(file_size, 0)) FROM (SELECT body, file_size FROM messages"
+            f" WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT 64)", (after_id,)
+        ).fetchone()[0]
+        if average_body is None:  # no CONFIRMED rows left: pending rows are never trimmed
+            return 0, 0, after_id
+        estimate = math.ceil(excess / (float(average_body) + 200.0))  # + row and index overhead
+        limit = int(max(1, min(chunk_rows, estimate)))
+        ids = [r[0] for r in self._conn.execute(
+            f"SELECT id FROM messages WHERE id > ? AND state = {confirmed} ORDER BY id LIMIT ?", (after_id, limit))]
+        if not ids:
+            return 0, 0, after_id
+        deleted, freed = self._delete_rows(ids, RowState.CONFIRMED)
+        return deleted, freed, ids[-1]
 
     # ----------------------------------------------------------------- stats
 
