@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_store import OFF, age_rows, record, states
 
 from medagent.queue.records import RowState
 from medagent.queue.store import QueueStore
-from test_store import OFF, age_rows, record, states  # noqa: F401 - shared helpers of the store tests
 
 MAX_STEPS = 10_000  # bound of every pass loop below
 
