@@ -257,9 +257,19 @@ def test_queue_stats_counts_rows_by_state(queue_dir: Path) -> None:
 def test_queue_stats_for_humans(queue_dir: Path) -> None:
     out = run_medagent("queue", "stats", "--data-dir", str(queue_dir))
     assert out.returncode == 0, out.stderr
-    assert "states:" in out.stdout and "confirmed" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["QUEUE", "VALUE"] and "state confirmed" in out.stdout
+    assert "CHANNEL" in out.stdout and "{" not in out.stdout  # tables, not dict reprs
     with pytest.raises(json.JSONDecodeError):
         json.loads(out.stdout)
+
+
+def test_queue_failed_for_humans_is_a_table_without_bodies(queue_dir: Path) -> None:
+    out = run_medagent("queue", "failed", "--data-dir", str(queue_dir))
+    assert out.returncode == 0, out.stderr
+    header, rule, row = out.stdout.splitlines()[:3]
+    assert header.split()[:3] == ["ID", "RECEIVED", "CHANNEL"] and set(rule) <= {"-", " "}
+    assert PHI_MARKER not in out.stdout
 
 
 def test_queue_failed_lists_the_reason_and_no_body(queue_dir: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from medagent.queue import admin
+from medagent.tableview import human_bytes, local_time_s, render_table
 
 __all__ = ["register"]
 
@@ -60,7 +61,8 @@ def _emit(args: argparse.Namespace, document: Any, human: str) -> None:
 
 def _check_dir(args: argparse.Namespace) -> int | None:
     if not (args.data_dir / admin.QUEUE_FILENAME).exists():
-        print(f"medagent queue: no queue at {args.data_dir / admin.QUEUE_FILENAME}", file=sys.stderr)
+        print(f"medagent queue: no queue at {args.data_dir / admin.QUEUE_FILENAME}; pass the agent's "
+              "--data-dir (the one `medagent serve` printed)", file=sys.stderr)
         return 2
     return None
 
@@ -69,16 +71,48 @@ def _stats(args: argparse.Namespace) -> int:
     if (code := _check_dir(args)) is not None:
         return code
     stats = admin.queue_stats(args.data_dir)
-    lines = [f"{key}: {value}" for key, value in stats.items()]
-    _emit(args, stats, "\n".join(lines))
+    _emit(args, stats, _stats_text(stats))
     return 0
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    """The queue at a glance: states, per-channel backlog, sizes, and who holds the lease."""
+    states = stats.get("states", {})
+    lease = stats.get("lease")
+    writer = (f"{lease.get('holder')} (pid {lease.get('pid')} on {lease.get('host')})" if lease else "none (no agent running)")
+    summary = render_table(["QUEUE", "VALUE"], [
+        ("file", stats.get("path")),
+        ("pending (to deliver)", stats.get("pending")),
+        *((f"state {name}", count) for name, count in states.items()),
+        ("database size", human_bytes(stats.get("db_size_bytes"))),
+        ("spool files", f"{stats.get('spool_files', 0)} ({human_bytes(stats.get('spool_bytes', 0))})"),
+        ("free disk", human_bytes(stats.get("free_bytes"))),
+        ("writer", writer),
+    ])
+    channels = render_table(
+        ["CHANNEL", "PENDING", "OLDEST PENDING"],
+        [(name, c.get("pending"), _age(c.get("oldest_pending_age_s"))) for name, c in stats.get("channels", {}).items()],
+        empty="no channel has pending messages",
+    )
+    return f"{summary}\n\n{channels}"
+
+
+def _age(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _failed(args: argparse.Namespace) -> int:
     if (code := _check_dir(args)) is not None:
         return code
     rows = admin.list_failed(args.data_dir, limit=args.limit)
-    human = "\n".join(" ".join(f"{k}={v}" for k, v in row.items()) for row in rows) or "no failed messages"
+    human = render_table(
+        ["ID", "RECEIVED", "CHANNEL", "TYPE", "CONTROL ID", "SIZE", "ATTEMPTS", "REASON"],
+        [(r["id"], local_time_s(r["received_at"]), r["channel"], r["message_type"], r["control_id"],
+          human_bytes(r["size"]), r["attempts"], r["last_error"]) for r in rows],
+        empty="no failed messages",
+    )
     _emit(args, rows, human)
     return 0
 
