@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medagent.config import Config, ConfigError, load_config
+from medagent.queue.store import QueueError
 
 __all__ = ["register", "run_event_loop", "run_serve"]
 
@@ -85,7 +86,7 @@ async def _serve(config: Config) -> int:
             pass
     try:
         await runtime.start()
-    except (StartupError, HubStartError) as exc:
+    except (StartupError, HubStartError, QueueError) as exc:  # expected: one line, what to do
         print(f"medagent: cannot start: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

@@ -247,3 +247,16 @@ def test_config_errors_name_the_key_and_exit_2(tmp_path, toml, expected) -> None
                          capture_output=True, text=True, timeout=60, env=child_env())
     assert out.returncode == 2
     assert expected in out.stderr and str(config) in out.stderr
+
+
+def test_a_second_agent_on_the_same_data_is_refused_in_one_line(serve_factory, tmp_path) -> None:
+    first = serve_factory(channel_toml("adt-in", "ackMode=fast"))
+    config = tmp_path / "second.toml"
+    config.write_text(f'[agent]\ndata_dir = "{first.data_dir}"\n\n[hub]\nport = 0\n\n'
+                      + channel_toml("adt-in", "ackMode=fast"))
+    second = subprocess.run([sys.executable, "-m", "medagent", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120, env=child_env())
+    assert second.returncode == 1
+    assert "Traceback" not in second.stdout + second.stderr
+    [line] = [x for x in second.stderr.splitlines() if x.startswith("medagent: cannot start:")]
+    assert f"pid {first.process.pid}" in line and "stop that process" in line
