@@ -97,12 +97,15 @@ class ChannelContext:
     ``data_dir`` is the agent's data directory (0700); kinds that spool payloads to files write
     them below ``data_dir / "spool" / <channel name>`` and reference them relative to ``data_dir``.
     ``hub`` lets a kind that answers from the hub's data (DICOM C-FIND/C-GET/C-MOVE) reach it.
+    ``durability`` is the agent's queue durability (``normal`` or ``fsync``): kinds that spool
+    files fsync them when it is ``fsync``, so a file is as durable as the row naming it.
     """
 
     sink: InboundSink
     data_dir: Path
     log_phi: bool = False
     hub: HubClient | None = None
+    durability: str = "normal"
 
     def spool_dir(self, channel: str) -> Path:
         return self.data_dir / "spool" / channel

@@ -265,6 +265,8 @@ class DicomChannel:
         self.context = context
         self.sink = context.sink
         self.spool = context.spool_dir(name)
+        # fsync=true on the endpoint, or the agent's durability = "fsync" (power-loss safe queue)
+        self._fsync = options.fsync or context.durability == "fsync"
         self._lock = threading.Lock()
         self._counters = _DicomCounters()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -452,7 +454,7 @@ class DicomChannel:
         called = assoc.acceptor.ae_title.strip()
         target = self.spool / f"{uuid.uuid4().hex}.dcm"
         try:
-            size, sha256 = durable_move(self._received_file(event), target, fsync=self.options.fsync)
+            size, sha256 = durable_move(self._received_file(event), target, fsync=self._fsync)
         except OSError as exc:
             reason = f"cannot spool the instance: {exc.strerror or exc}"
             logger.error("dicom channel %s: %s (answered 0xA700)", self.name, reason)

@@ -173,7 +173,9 @@ class AgentRuntime:
         assert self.queue is not None
         hub_client = RuntimeHubClient(creds.base_url, ca_file=ca_file)
         self.intake = Intake(self.queue)
-        context = ChannelContext(sink=self.intake, data_dir=self.data_dir, log_phi=agent.log_phi, hub=hub_client)
+        context = ChannelContext(sink=self.intake, data_dir=self.data_dir, log_phi=agent.log_phi, hub=hub_client,
+                                 durability="fsync" if agent.durability is Durability.FSYNC else "normal")
+        self.senders.use_hub(hub_client)
         self.channel_set = ChannelSet(context, self._desired_channels)
         self.upgrader = Upgrader(hub_client, self.data_dir, allowed=agent.allow_remote_upgrade)
         self.ops.add_section("upgrade", self.upgrader.status)

@@ -40,6 +40,11 @@ class OutboundSenders:
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self._settings: dict[str, Any] = dict(settings or {})
         self._senders: dict[str, OutboundSender] = {}
+        self._hub: Any = None  # the runtime's HubClient, for senders that fetch from the hub (DICOM)
+
+    def use_hub(self, hub: Any) -> None:
+        """Senders built from now on may take ``hub`` (e.g. a DICOM push of the hub's WADO-RS URLs)."""
+        self._hub = hub
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -55,7 +60,8 @@ class OutboundSenders:
             factory = outbound_sender(scheme)
         except (LookupError, ImportError):
             raise UnknownDestination(f"cannot send to {scheme or remote!r} destinations") from None
-        sender = self._senders[scheme] = factory(**_accepted(factory, self._settings))
+        offered = {**self._settings, "hub": self._hub} if self._hub is not None else self._settings
+        sender = self._senders[scheme] = factory(**_accepted(factory, offered))
         return sender
 
     async def configure(self, settings: Mapping[str, Any]) -> None:

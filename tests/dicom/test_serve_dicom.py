@@ -176,3 +176,46 @@ def test_push_to_a_dicom_remote_through_the_agent(serve) -> None:
         scp.shutdown()
     assert received == [ds.SOPInstanceUID]
     assert ds.SOPInstanceUID in reply and "0x0000" in reply
+
+
+def test_push_of_hub_wado_urls_fetches_through_the_agents_hub_client(serve) -> None:
+    """A push naming instances already in the hub: the agent's DICOM sender fetches them over
+    WADO-RS with its own hub credentials (the runtime hands its HubClient to outbound senders)."""
+    import urllib.error
+    import urllib.request
+
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    scp_ae = AE(ae_title="WORKSTATION")
+    scp_ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    scp = scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        process, port = serve()
+        ds = ct_dataset(seed=77)
+        assert scu_store(port, [ds], called="MEDAGENT") == [0]
+        assert wait_for_instances(process, 1) == [ds.SOPInstanceUID]
+        retrieve = (f"{process.hub_url}/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                    f"/instances/{ds.SOPInstanceUID}")
+        agent_id = json.loads((process.hub_dir / "embedded-agent.json").read_text())["agent_id"]
+        request = urllib.request.Request(
+            f"{process.hub_url}/fhir/R4/Agent/{agent_id}/$push", method="POST",
+            data=json.dumps({"destination": f"dicom://WORKSTATION@127.0.0.1:{scp.server_address[1]}",
+                             "contentType": "application/json", "body": json.dumps({"retrieveUrls": [retrieve]}),
+                             "waitForResponse": True, "waitTimeout": 30000}).encode(),
+            headers={"Authorization": f"Bearer {process.admin_token()}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                reply = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(exc.read().decode()) from None
+    finally:
+        scp.shutdown()
+    assert received == [ds.SOPInstanceUID]
+    assert ds.SOPInstanceUID in reply and "0x0000" in reply
