@@ -55,3 +55,16 @@ def impl(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def data_dir() -> Path:
     return DATA_DIR
+
+
+#: The long fault, fuzz and soak forms (marker `long`) run only when asked for.
+LONG_TESTS = os.environ.get("MEDAGENT_LONG_TESTS", "").strip() == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if LONG_TESTS:
+        return
+    skip = pytest.mark.skip(reason="long form: set MEDAGENT_LONG_TESTS=1")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

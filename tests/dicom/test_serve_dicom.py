@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dicomtest import ct_dataset, scu_store
@@ -131,12 +132,8 @@ def test_kill_9_after_success_reaches_the_hub_exactly_once(serve, tmp_path: Path
     assert len(files) == 3  # one copy each, whatever was re-sent after the restart
 
 
-def test_push_to_a_dicom_remote_through_the_agent(serve) -> None:
-    import base64
-    import io
-    import urllib.error
-    import urllib.request
-
+def workstation_scp() -> tuple[Any, list[str]]:
+    """A pynetdicom storage SCP (AE WORKSTATION) on a free port, and the SOP UIDs it receives."""
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
     from pynetdicom import AE, evt
 
@@ -148,7 +145,16 @@ def test_push_to_a_dicom_remote_through_the_agent(serve) -> None:
 
     scp_ae = AE(ae_title="WORKSTATION")
     scp_ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    scp = scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]), received
+
+
+def test_push_to_a_dicom_remote_through_the_agent(serve) -> None:
+    import base64
+    import io
+    import urllib.error
+    import urllib.request
+
+    scp, received = workstation_scp()
     try:
         process, _ = serve()
         ds = ct_dataset()
@@ -184,18 +190,7 @@ def test_push_of_hub_wado_urls_fetches_through_the_agents_hub_client(serve) -> N
     import urllib.error
     import urllib.request
 
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-    from pynetdicom import AE, evt
-
-    received: list[str] = []
-
-    def on_store(event: evt.Event) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
-        return 0x0000
-
-    scp_ae = AE(ae_title="WORKSTATION")
-    scp_ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    scp = scp_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    scp, received = workstation_scp()
     try:
         process, port = serve()
         ds = ct_dataset(seed=77)

@@ -1,31 +1,13 @@
-"""Fuzz suite fixtures: the `long` marker and the path to the shared fuzz targets.
+"""Fuzz suite fixtures: the path to the shared fuzz targets.
 
 The properties live in fuzzing/targets.py (shared with the atheris harnesses); this suite feeds
 them structured Hypothesis inputs. Every property has a CI form (modest max_examples) and a
-long form marked `long`, which runs only with MEDAGENT_LONG_TESTS=1.
+long form marked `long`, which runs only with MEDAGENT_LONG_TESTS=1 (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzzing"))
-
-LONG_TESTS = os.environ.get("MEDAGENT_LONG_TESTS") == "1"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "long: long form of a fault or fuzz suite (MEDAGENT_LONG_TESTS=1 runs it)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if LONG_TESTS:
-        return
-    skip = pytest.mark.skip(reason="long form: set MEDAGENT_LONG_TESTS=1")
-    for item in items:
-        if "long" in item.keywords and Path(str(item.fspath)).parent == Path(__file__).parent:
-            item.add_marker(skip)
