@@ -110,6 +110,8 @@ class UploadBackoff:
 
 #: Rows handed to the link and not yet confirmed, at most (a few seconds of traffic at full rate).
 MAX_UNCONFIRMED = 5_000
+#: ... and at most this many body bytes (one more batch may go over it), whatever the row sizes.
+MAX_UNCONFIRMED_BYTES = 8 * 1024 * 1024
 
 #: A byte-stream channel (tcp://, serial://) configured with bodyEncoding=utf-8.
 BYTES_AS_UTF8 = "bytes-as-utf-8"
@@ -173,6 +175,8 @@ class Dispatcher:
         self._max_unconfirmed = max(1, MAX_UNCONFIRMED if max_unconfirmed is None else max_unconfirmed)
         self._window = asyncio.Event()
         self._window.set()
+        self._sent_bytes: dict[int, int] = {}  # row id -> body bytes out on the link
+        self._inflight_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self.stopping = False
         self.sent = 0
@@ -227,6 +231,8 @@ class Dispatcher:
         if self._sent_at:
             log.info("link down: %d unconfirmed messages go back to the queue", len(self._sent_at))
         self._sent_at.clear()
+        self._sent_bytes.clear()
+        self._inflight_bytes = 0
         self._queue.release(None)
         self._update_window()
 
@@ -235,15 +241,20 @@ class Dispatcher:
         for callback in callbacks:
             row_id = self.row_id_of(callback)
             if row_id is not None and row_id not in self._resend:
-                self._sent_at.pop(row_id, None)
+                self._forget(row_id)
                 ids.append(row_id)
         if ids:
             self.confirmed += len(ids)
             self._queue.confirm(ids)
             self._update_window()
 
+    def _forget(self, row_id: int) -> float | None:
+        """Drop a row from the in-flight books; its send time, or None when it was not out."""
+        self._inflight_bytes -= self._sent_bytes.pop(row_id, 0)
+        return self._sent_at.pop(row_id, None)
+
     def _update_window(self) -> None:
-        if len(self._sent_at) < self._max_unconfirmed:
+        if len(self._sent_at) < self._max_unconfirmed and self._inflight_bytes < MAX_UNCONFIRMED_BYTES:
             self._window.set()
         else:
             self._window.clear()
@@ -251,7 +262,7 @@ class Dispatcher:
     def on_transmit_error(self, callback: str | None, reason: str) -> None:
         """The hub refused a message (agent:error with its callback): fail the row, keep the reason."""
         row_id = self.row_id_of(callback)
-        if row_id is None or self._sent_at.pop(row_id, None) is None:
+        if row_id is None or self._forget(row_id) is None:
             return  # not ours, or already settled/released: the queue has the row's fate
         self._awaiting_reply.pop(row_id, None)
         if reason.rstrip().endswith(TRANSIENT_ERROR_SUFFIX):
@@ -314,7 +325,7 @@ class Dispatcher:
         deadline = now - self._confirm_timeout_s
         stale = [row_id for row_id, sent_at in self._sent_at.items() if sent_at < deadline]
         for row_id in stale:
-            del self._sent_at[row_id]
+            self._forget(row_id)
         if stale:
             log.warning("%d messages unconfirmed after %.0f s; sending them again", len(stale), self._confirm_timeout_s)
             self._queue.release(stale)
@@ -330,6 +341,7 @@ class Dispatcher:
             "confirmed": self.confirmed,
             "inflight": len(self._sent_at),
             "maxUnconfirmed": self._max_unconfirmed,
+            "inflightBytes": self._inflight_bytes,
             "windowWaits": self.window_waits,
             "awaitingReply": len(self._awaiting_reply),
             "immediateBuffered": len(self._immediate),
@@ -417,6 +429,8 @@ class Dispatcher:
             return None
         now = time.monotonic()
         self._sent_at[row.row_id] = now
+        self._sent_bytes[row.row_id] = len(body)
+        self._inflight_bytes += len(body)
         self._resend.discard(row.row_id)
         if wants_reply:
             self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)

@@ -41,3 +41,31 @@ async def test_unconfirmed_rows_are_capped(tmp_path, monkeypatch) -> None:
     finally:
         await runtime.stop()
         await standin.stop()
+
+
+async def test_unconfirmed_bytes_are_capped(tmp_path, monkeypatch) -> None:
+    """Large rows hit the byte cap long before the count cap (a 16 KB message x 5,000 is 80 MB)."""
+    monkeypatch.setattr(dispatcher, "MAX_UNCONFIRMED_BYTES", 1)
+    standin = ChannelListStandIn()
+    standin.hold_agent_reads_until_reload = False
+    standin.reload_after_connect = False
+    standin.transmit_reply = "none"
+    await standin.start()
+    port = free_port()
+    standin.addresses["adt-in"] = f"mllp://127.0.0.1:{port}?ackMode=fast"
+    runtime = AgentRuntime(agent_config(standin, tmp_path / "data"))
+    await runtime.start()
+    try:
+        client = await AsyncMllpClient.connect(port)
+        for n in range(10):
+            assert msa(await client.roundtrip(hl7(f"B{n}"))) == ("AA", f"B{n}")
+        await client.close()
+        await until(lambda: len(standin.frames_of("agent:transmit:request")) >= 1, "the first send")
+        await asyncio.sleep(0.5)
+        sent = len(standin.frames_of("agent:transmit:request"))
+        dispatch = runtime.stats()["dispatch"]
+        assert sent < 10 and dispatch["inflight"] == sent and dispatch["inflightBytes"] > 1
+        assert dispatch["windowWaits"] >= 1
+    finally:
+        await runtime.stop()
+        await standin.stop()
