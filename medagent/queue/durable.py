@@ -215,7 +215,7 @@ class DurableQueue:
         lease_ttl_s: float = 30.0,
         max_db_mb: float | None = None,
         memory_max_rows: int = 20_000,
-        memory_max_bytes: int = 64 * _MIB,
+        memory_max_bytes: int = 16 * _MIB,  # > 1 s of backlog at full rate; beyond it, disk (link-loss RSS test)
         inline_writes: bool | None = None,
         min_free_mb: float = 50.0,
         min_free_percent: float = 2.0,
