@@ -72,15 +72,14 @@ from medagent.channels.endpoint import (
     encoding_param,
     int_param,
 )
-from medagent.channels.listener import TlsTcpListener
+from medagent.channels.line_source import LineSource
 from medagent.channels.serialport import (
     SERIAL_PARAMETERS,
-    SerialPortLine,
     SerialSettings,
     serial_settings,
 )
-from medagent.channels.stream_listener import Line, TcpListener
-from medagent.channels.tls import TLS_LISTENER_PARAMETERS, checking_tls, server_tls
+from medagent.channels.stream_listener import Line
+from medagent.channels.tls import TLS_LISTENER_PARAMETERS, checking_tls
 from medagent.proto import astm as core
 from medagent.records import ASTM_CONTENT_TYPE, DuplicatePolicy, InboundRecord
 
@@ -350,8 +349,8 @@ class AstmChannel:
         self.context = context
         self.sessions: dict[str, AstmSession] = {}
         self.counters = _Counters()
-        self._listener: TcpListener | None = None
-        self._serial: SerialPortLine | None = None
+        self.lines = LineSource(name, endpoint.scheme, "astm", endpoint, options.serial, self._new_session,
+                                options.max_connections)
 
     @property
     def kind(self) -> str:
@@ -367,25 +366,18 @@ class AstmChannel:
 
     @property
     def host(self) -> str:
-        return self._listener.host if self._listener is not None else self.endpoint.host
+        return self.lines.host
 
     @property
     def port(self) -> int:
-        return self._listener.port if self._listener is not None else self.endpoint.port
+        return self.lines.port
 
     def _new_session(self) -> AstmSession:
         return AstmSession(self, self.name, self.options, sink=self.context.sink, counters=self.counters,
                            log_phi=self.context.log_phi)
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        if self.options.serial is not None:
-            self._serial = SerialPortLine(self.name, self.kind, self.options.serial, self._new_session)
-            await self._serial.start()
-        else:
-            self._listener = TlsTcpListener(self.name, "astm", self.endpoint.host, self.endpoint.port,
-                                            self._new_session, max_connections=self.options.max_connections,
-                                            tls=server_tls(f"astm channel {self.name}", self.endpoint))
-            await self._listener.start(sock)
+        await self.lines.start(sock)
         _LIVE_CHANNELS.add(self)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
@@ -396,31 +388,21 @@ class AstmChannel:
         while any(s.link.state is core.LinkState.COMMITTING for s in self.sessions.values()) \
                 and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        if self._serial is not None:
-            await self._serial.stop()  # kept: its stats stay readable ("stopped")
-        if self._listener is not None:
-            await self._listener.stop()
-            self._listener = None
+        await self.lines.stop()
         for session in list(self.sessions.values()):
             session.line_lost(None)
 
     def listening_sockets(self) -> list[socket.socket]:
-        return self._listener.listening_sockets() if self._listener is not None else []
+        return self.lines.listening_sockets()
 
     def deliver_reply(self, remote: str, control_id: str, body: str, status_code: int = 200) -> bool:
         return False  # bot replies are not written to an ASTM link (orders go through send_to)
 
     def pause_reading(self) -> None:
-        if self._listener is not None:
-            self._listener.pause_reading()
-        if self._serial is not None:
-            self._serial.pause_reading()
+        self.lines.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._listener is not None:
-            self._listener.resume_reading()
-        if self._serial is not None:
-            self._serial.resume_reading()
+        self.lines.resume_reading()
 
     async def send_to(self, remote: str, body: str, content_type: str = ASTM_CONTENT_TYPE, *,
                       timeout: float | None = None) -> OutboundReply:
@@ -444,8 +426,7 @@ class AstmChannel:
             counters.notices[k] for k in _SERIOUS)
         extra: dict[str, Any] = {"linkEvents": dict(counters.notices), "discardedMessages": counters.discarded,
                                  "sendsFailed": counters.sends_failed, "noiseBytes": counters.noise_bytes}
-        if self._serial is not None:
-            extra["serial"] = self._serial.stats()
+        extra.update(self.lines.transport_stats())
         return base_stats(self.kind, shared, extra)
 
 

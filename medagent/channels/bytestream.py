@@ -58,15 +58,14 @@ from medagent.channels.base import (
     register_kind,
 )
 from medagent.channels.endpoint import Endpoint, EndpointError, bool_param, choice_param, int_param
-from medagent.channels.listener import TlsTcpListener
+from medagent.channels.line_source import LineSource
 from medagent.channels.serialport import (
     SERIAL_PARAMETERS,
-    SerialPortLine,
     SerialSettings,
     serial_settings,
 )
-from medagent.channels.stream_listener import Line, TcpListener
-from medagent.channels.tls import TLS_LISTENER_PARAMETERS, checking_tls, server_tls
+from medagent.channels.stream_listener import Line
+from medagent.channels.tls import TLS_LISTENER_PARAMETERS, checking_tls
 from medagent.proto.bytestream import (
     AutoRespondRule,
     ByteStreamConfig,
@@ -245,8 +244,8 @@ class ByteStreamChannel:
         self.discarded_bytes = 0
         self.replies_dropped = 0
         self.store_errors = 0
-        self._listener: TcpListener | None = None
-        self._serial: SerialPortLine | None = None
+        self.lines = LineSource(name, endpoint.scheme, "byte-stream", endpoint, options.serial,
+                                lambda: ByteStreamSession(self), options.max_connections)
 
     @property
     def kind(self) -> str:
@@ -263,27 +262,16 @@ class ByteStreamChannel:
 
     @property
     def port(self) -> int:
-        return self._listener.port if self._listener is not None else self.endpoint.port
+        return self.lines.port
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        if self.options.serial is not None:
-            self._serial = SerialPortLine(self.name, self.kind, self.options.serial, lambda: ByteStreamSession(self))
-            await self._serial.start()
-            return
-        self._listener = TlsTcpListener(self.name, "byte-stream", self.endpoint.host, self.endpoint.port,
-                                        lambda: ByteStreamSession(self), max_connections=self.options.max_connections,
-                                        tls=server_tls(f"byte-stream channel {self.name}", self.endpoint))
-        await self._listener.start(sock)
+        await self.lines.start(sock)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
-        if self._serial is not None:
-            await self._serial.stop()  # kept: its stats stay readable ("stopped")
-        if self._listener is not None:
-            await self._listener.stop()
-            self._listener = None
+        await self.lines.stop()
 
     def listening_sockets(self) -> list[socket.socket]:
-        return self._listener.listening_sockets() if self._listener is not None else []
+        return self.lines.listening_sockets()
 
     def frame_received(self, remote: str, frame: bytes) -> None:
         self.shared.units_in += 1
@@ -319,22 +307,17 @@ class ByteStreamChannel:
         return True
 
     def pause_reading(self) -> None:
-        for target in (self._listener, self._serial):
-            if target is not None:
-                target.pause_reading()
+        self.lines.pause_reading()
 
     def resume_reading(self) -> None:
-        for target in (self._listener, self._serial):
-            if target is not None:
-                target.resume_reading()
+        self.lines.resume_reading()
 
     def stats(self) -> dict[str, Any]:
         discarded = self.discarded_bytes + sum(s.framer.discarded_bytes for s in self.sessions.values())
         extra: dict[str, Any] = {"framesTooLarge": self.frames_too_large, "discardedBytes": discarded,
                                  "repliesDropped": self.replies_dropped, "storeErrors": self.store_errors,
                                  "bodyEncoding": self.encoding}
-        if self._serial is not None:
-            extra["serial"] = self._serial.stats()
+        extra.update(self.lines.transport_stats())
         return base_stats(self.kind, self.shared, extra)
 
 

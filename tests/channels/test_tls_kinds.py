@@ -117,7 +117,7 @@ async def test_byte_stream_mutual_tls_allow_list(serve, pki, queue: DurableQueue
     await send_tls(channel.port, client_context(pki["ca"], allowed), b"\x02allowed\x03")
     (row,) = await rows(queue, 1)
     assert row.body == b"\x02allowed\x03"
-    assert channel._listener.tls.refused == 1
+    assert channel.stats()["tls_clients_refused"] == 1
 
 
 async def test_astm_over_tls_answers_enq(serve, pki) -> None:
