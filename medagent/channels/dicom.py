@@ -44,7 +44,6 @@ import os
 import re
 import socket
 import socketserver
-import ssl
 import threading
 import time
 import uuid
@@ -82,7 +81,7 @@ from medagent.channels.base import (
     register_outbound_sender,
 )
 from medagent.channels.endpoint import Endpoint, EndpointError, bool_param, choice_param, int_param
-from medagent.channels.tls import server_tls
+from medagent.channels.tls import ServerTls, checking_tls, server_tls
 from medagent.dicom.dicomjson import dataset_json
 from medagent.dicom.files import InvalidInstance, durable_move, instance_info, read_header
 from medagent.dicom.hubweb import HubDicomWeb
@@ -104,7 +103,7 @@ logger = logging.getLogger("medagent.channels.dicom")
 
 DICOM_PARAMETERS: Final = (
     "aet", "callingAets", "maxPdu", "maxAssociations", "transferSyntaxes", "storage",
-    "moveDestinations", "commitTimeoutMs", "fsync", "tlsCert", "tlsKey", "tlsCa",
+    "moveDestinations", "commitTimeoutMs", "fsync", "tlsCert", "tlsKey", "tlsCa", "tlsClientAllow",
 )
 
 STATUS_SUCCESS = 0x0000
@@ -209,9 +208,20 @@ def dicom_options(endpoint: Endpoint) -> DicomOptions:
 class _Server(ThreadedAssociationServer):
     """pynetdicom's server, optionally on a listening socket handed over by the runtime."""
 
-    def __init__(self, *args: Any, handed_socket: socket.socket | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handed_socket: socket.socket | None = None, tls: ServerTls | None = None,
+                 what: str = "dicom channel", **kwargs: Any) -> None:
         self._handed = handed_socket
+        self._tls = tls
+        self._what = what
         super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """socketserver's hook after the TLS handshake: apply ``tlsClientAllow`` (False closes it)."""
+        refusal = self._tls.refusal_of(request) if self._tls is not None else None
+        if refusal is not None:
+            logger.warning("%s: refused association from %s: %s", self._what, client_address[0], refusal)
+            return False
+        return True
 
     def server_bind(self) -> None:
         if self._handed is None:
@@ -272,6 +282,7 @@ class DicomChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ae: AE | None = None
         self._server: _Server | None = None
+        self._tls: ServerTls | None = None
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
         self._qr: HubQueryRetrieve | None = None
@@ -312,10 +323,6 @@ class DicomChannel:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        """TLS 1.2+ from channels/tls.py (shared by every listener): rotated files load at the next handshake."""
-        tls = server_tls(f"dicom channel {self.name}", self.endpoint)
-        return None if tls is None else tls.server_context
 
     def _build_ae(self) -> AE:
         options = self.options
@@ -357,8 +364,11 @@ class DicomChannel:
         ]
         address = (self.endpoint.host, self.endpoint.port)
         try:
-            server = ae.make_server(address, ssl_context=self._ssl_context(), evt_handlers=handlers,
-                                    server_class=_Server, handed_socket=sock)
+            # TLS 1.2+ from channels/tls.py (shared by every listener): rotated files load at the next handshake
+            self._tls = server_tls(f"dicom channel {self.name}", self.endpoint)
+            server = ae.make_server(address, ssl_context=None if self._tls is None else self._tls.server_context,
+                                    evt_handlers=handlers, server_class=_Server, handed_socket=sock, tls=self._tls,
+                                    what=f"dicom channel {self.name}")
         except OSError as exc:
             where = "the handed-over socket" if sock is not None else f"{self.endpoint.host}:{self.endpoint.port}"
             raise OSError(exc.errno, f"dicom channel {self.name}: cannot listen on {where}: {exc.strerror or exc}") from exc
@@ -575,6 +585,8 @@ class DicomChannel:
                 "finds": counters.finds, "gets": counters.gets, "moves": counters.moves,
                 "storesInFlight": counters.in_flight,
             }
+        if self._tls is not None:
+            extra["tls_clients_refused"] = self._tls.refused
         return base_stats("dicom", shared, extra)
 
 
@@ -586,7 +598,7 @@ def _create(name: str, endpoint: Endpoint, options: DicomOptions, context: Chann
 DICOM_KIND: Final = register_kind(ChannelKind(
     scheme="dicom",
     parameters=DICOM_PARAMETERS,
-    parse_options=dicom_options,
+    parse_options=checking_tls(dicom_options),
     create=_create,
     description="DICOM SCP: C-ECHO, C-STORE streamed to disk and queued; C-FIND/C-GET/C-MOVE from the hub",
 ))

@@ -231,10 +231,13 @@ class ServerTls(_Reloading):
 
     def refusal(self, transport: Any) -> str | None:
         """Why this handshaken connection's client certificate is not allowed, or None."""
+        return self.refusal_of(transport.get_extra_info("ssl_object"))
+
+    def refusal_of(self, ssl_object: Any) -> str | None:
+        """:meth:`refusal` for an ``ssl.SSLObject`` or a handshaken ``ssl.SSLSocket`` (threaded servers)."""
         settings = self.settings
         if not (settings.allow_fingerprints or settings.allow_common_names):
             return None
-        ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             return "no client certificate"

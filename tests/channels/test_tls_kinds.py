@@ -168,3 +168,36 @@ async def test_dicom_echo_over_tls_and_rotation(serve, pki, tmp_path: Path) -> N
     os.replace(tmp_path / "next.pem", pki["server"])
     assert await asyncio.to_thread(echo, new_ca) == 0x0000
     assert await asyncio.to_thread(echo, pki["ca"]) is None  # the old certificate is gone
+
+
+async def test_dicom_mutual_tls_allow_list(serve, pki) -> None:
+    """tlsClientAllow on dicom://: an allowed modality echoes; another CA-signed one is refused,
+    counted in the channel's stats, and the channel keeps serving."""
+    pytest.importorskip("pynetdicom")
+    from pynetdicom import AE
+
+    channel = await serve(f"dicom://127.0.0.1:0?aet=MEDAGENT&tlsCert={pki['server']}&tlsKey={pki['server']}"
+                          f"&tlsCa={pki['client_ca_pem']}&tlsClientAllow=CN=ct-1")
+    allowed = pki["client_ca"].issue_cert("ct-1.example", common_name="ct-1")
+    refused = pki["client_ca"].issue_cert("ct-9.example", common_name="ct-9")
+
+    def echo(cert: trustme.LeafCert) -> int | None:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = BOUND_S
+        assoc = ae.associate("127.0.0.1", channel.port, ae_title="MEDAGENT",
+                             tls_args=(client_context(pki["ca"], cert), "127.0.0.1"))
+        if not assoc.is_established:
+            return None
+        status = assoc.send_c_echo()
+        assoc.release()
+        return int(status.Status) if status else None
+
+    assert await asyncio.to_thread(echo, refused) is None
+    assert await asyncio.to_thread(echo, allowed) == 0x0000
+    assert channel.stats()["tls_clients_refused"] == 1
+
+
+def test_dicom_allow_list_needs_client_ca(pki) -> None:
+    with pytest.raises(EndpointError, match="needs tlsCa"):
+        parse_endpoint(f"dicom://127.0.0.1:0?tlsCert={pki['server']}&tlsKey={pki['server']}&tlsClientAllow=CN=ct-1")
