@@ -4,6 +4,12 @@ Without --config the agent runs DESIGN.md's built-in default: one HL7 channel on
 127.0.0.1:2575 in fast mode, and an embedded hub on 127.0.0.1:8103 with the ACK-and-store bot.
 On a signal it stops accepting, gives every committed message its ACK, flushes the queue and
 closes; a second Ctrl-C is not needed and not honoured until then (bounded by the drain timeout).
+
+Upgrades: when the runtime's upgrader has staged a new version, the serve loop switches to it
+(medagent.ops.switch): this process starts the new version with ``--handover SPEC`` (the
+inherited listening sockets and the control channel; not for humans), hands over, and exits 0
+once the new process reports healthy, or takes everything back and serves on. Under systemd
+(``Type=notify``) this process says ``READY=1`` when it serves; the new one says ``MAINPID``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -36,6 +43,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--hub", help="'embedded' or a hub base URL (https://api.medplum.com/); overrides agent.hub")
     parser.add_argument("--hub-port", type=int, help="port of the embedded hub's HTTP API (default 8103)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--handover", help=argparse.SUPPRESS)  # set by an upgrade's switch only
     parser.set_defaults(handler=run_serve)
 
 
@@ -46,16 +54,47 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _serve_argv(args: argparse.Namespace) -> list[str]:
+    """The options a new version's process gets at an upgrade (the same configuration)."""
+    argv: list[str] = []
+    for flag, value in (("--config", args.config and Path(args.config).resolve()),
+                        ("--data-dir", args.data_dir and Path(args.data_dir).resolve()),
+                        ("--hub", args.hub), ("--hub-port", args.hub_port), ("--log-level", args.log_level)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from medagent.ops.handover import HandoverSpec, parse_spec
     from medagent.ops.logs import setup_logging
 
+    spec: HandoverSpec | None = None
     try:
         config = load_config(args.config, overrides=_overrides(args))
-    except ConfigError as exc:
+        if args.handover is not None:
+            spec = parse_spec(args.handover)
+    except (ConfigError, ValueError) as exc:
         print(f"medagent: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.agent.log_level)
-    return run_event_loop(lambda: _serve(config))
+    if spec is None:
+        _exec_upgraded_version(Path(config.agent.data_dir), _serve_argv(args))
+    return run_event_loop(lambda: _serve(config, _serve_argv(args), spec))
+
+
+def _exec_upgraded_version(data_dir: Path, serve_argv: list[str]) -> None:
+    """After a completed upgrade the service's command still names the base installation: run
+    the newer upgraded version instead (same options). Returns only when there is none."""
+    from medagent.ops.upgrade import child_env, upgraded_python
+
+    python = upgraded_python(data_dir)
+    if python is None or sys.platform == "win32":
+        return
+    log.info("starting the upgraded version in %s", python.parent.parent)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(python, [str(python), "-P", "-m", "medagent", "serve", *serve_argv], child_env())
 
 
 def run_event_loop(main: Callable[[], Any]) -> int:
@@ -72,11 +111,13 @@ def run_event_loop(main: Callable[[], Any]) -> int:
         return int(runner.run(main()) or 0)
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, serve_argv: list[str], spec: Any) -> int:
+    from medagent.ops.sdnotify import notify
+    from medagent.ops.switch import LEASE_WAIT_S, switch_available, switch_over, take_over
+    from medagent.ops.upgrade import Staged
     from medagent.runtime.agent import AgentRuntime, StartupError
     from medagent.runtime.embedded_hub import HubStartError
 
-    runtime = AgentRuntime(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,8 +125,27 @@ async def _serve(config: Config) -> int:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows: KeyboardInterrupt ends the run instead
             pass
+    staged: list[Staged] = []
+    switch_wanted = asyncio.Event()
+
+    def on_staged(version: Staged) -> None:
+        staged.append(version)
+        switch_wanted.set()
+
+    def make_runtime(inherited: Any = None) -> AgentRuntime:
+        return AgentRuntime(config, inherited=inherited, lease_wait_s=LEASE_WAIT_S if inherited is not None else 0.0,
+                            on_staged=on_staged if switch_available() else None)
+
+    runtime: AgentRuntime | None
     try:
-        await runtime.start()
+        if spec is None:
+            runtime = make_runtime()
+            await runtime.start()
+            notify("READY=1")
+        else:
+            runtime = await take_over(spec, make_runtime, stop)
+            if runtime is None:
+                return 1
     except (StartupError, HubStartError, QueueError) as exc:  # expected: one line, what to do
         print(f"medagent: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -95,11 +155,38 @@ async def _serve(config: Config) -> int:
         return 1
     print(_banner(runtime), flush=True)
     try:
-        await stop.wait()
+        while True:
+            await _first(stop, switch_wanted)
+            if stop.is_set():
+                break
+            switch_wanted.clear()
+            current, runtime = runtime, None
+            try:
+                runtime = await switch_over(current, staged.pop(), serve_argv, make_runtime)
+            except Exception as exc:
+                log.exception("upgrade switch failed")
+                print(f"medagent: cannot serve after a failed upgrade switch: {exc}", file=sys.stderr)
+                if current.queue is not None:  # it never stopped
+                    await current.stop()
+                return 1
+            if runtime is None:
+                return 0  # the new version serves now
+            if runtime is not current:
+                print(_banner(runtime), flush=True)
     finally:
-        print("medagent: stopping (draining channels, flushing the queue)...", file=sys.stderr, flush=True)
-        await runtime.stop()
+        if runtime is not None:
+            print("medagent: stopping (draining channels, flushing the queue)...", file=sys.stderr, flush=True)
+            await runtime.stop()
     return 0
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _banner(runtime: Any) -> str:

@@ -1,6 +1,12 @@
 """Service definitions for running `medagent serve` unattended.
 
-:func:`systemd_unit` writes the unit `medagent service install` installs: `Type=exec`, restart on
+:func:`systemd_unit` writes the unit `medagent service install` installs: `Type=notify` with
+`NotifyAccess=all` (the agent sends `READY=1` once it serves; after an upgrade's switch the new
+version's process, started by the old one and so in the same cgroup, sends `MAINPID=<pid>`
+before the old process exits 0, so systemd follows the process that serves and does not
+count the old one's exit as the service ending: medagent.ops.sdnotify, medagent.ops.switch),
+`KillMode=mixed` (`systemctl stop` sends SIGTERM to the main process only, which stops its
+channels, queue and embedded hub in order; anything left gets SIGKILL after it exited), restart on
 failure with a 2 s pause, `KillSignal=SIGTERM` and a stop timeout long enough for the channels to
 drain and the queue to flush (the runtime's stop order, medagent.runtime.agent), the data
 directory as the only writable path (`ProtectSystem=strict`, `ReadWritePaths=`), private /tmp,
@@ -44,8 +50,10 @@ def systemd_unit(spec: ServiceSpec) -> str:
         "After=network-online.target",
         "",
         "[Service]",
-        "Type=exec",
+        "Type=notify",
+        "NotifyAccess=all",
         f"ExecStart={command}",
+        "KillMode=mixed",
         "Restart=on-failure",
         "RestartSec=2",
         "KillSignal=SIGTERM",

@@ -29,12 +29,20 @@ HL7 message must come back ``AA`` through its channel, its link and its hub with
 ``health_timeout_s``; ``staged``: the new environment is ready. Any failure -> ``rolled-back``:
 the new environment is removed and the running version keeps serving (it never stopped).
 
-Missing in this version (see docs/operations.md): the switch from ``staged`` to the new process
-with the listening sockets and the queue lease handed over, and the post-switch health check
-with automatic switch-back. A staged version is started by restarting the service.
+``switching`` (when the agent runs under `medagent serve`, which hands the runtime an
+``on_staged`` callback): the serve loop performs the switch (medagent.ops.switch): the new
+version is started with the listening sockets and, after this process stopped intake and
+closed its queue, the queue's lease; it runs the post-switch health check and reports
+``healthy`` -> ``completed`` (the new process's status, with ``fromVersion``, ``switchedAt`` and
+``intakePauseS``), or ``failed``/timeout -> this process kills it, takes everything back and
+records ``rolled-back`` with the reason (:meth:`Upgrader.record_outcome`). Without an
+``on_staged`` callback (a runtime embedded in another program, which cannot be replaced by a
+process, and on Windows) the pipeline ends at ``staged`` (docs/operations.md says how to put a
+staged version in service). After a completed switch, :func:`upgraded_python` tells a restarted
+`medagent serve` which newer environment to exec.
 
-Invariants: the running agent is never stopped by this module; the state file
-``<data_dir>/upgrade.json`` is written atomically 0600; downloads are size-bounded and go to
+Invariants: the running agent is never stopped by this module (the switch is the serve loop's);
+the state file ``<data_dir>/upgrade.json`` is written atomically 0600; downloads are size-bounded and go to
 the data directory (0700) only; the running version is never deleted.
 """
 
@@ -65,7 +73,8 @@ from medagent.channels.base import HubClient
 from medagent.hub.releases import VERSION, WHEEL_NAME, sha256_file, version_key
 from medagent.storage.files import ensure_private_dir
 
-__all__ = ["Decision", "State", "UpgradeRefused", "Upgrader", "decide", "health_check", "self_check"]
+__all__ = ["Decision", "Staged", "State", "UpgradeRefused", "Upgrader", "child_env", "decide", "health_check",
+           "self_check", "upgraded_python", "venv_python"]
 
 log = logging.getLogger("medagent.upgrade")
 
@@ -87,11 +96,14 @@ class State(enum.StrEnum):
     SELF_CHECK = "self-check"
     HEALTH_CHECK = "health-check"
     STAGED = "staged"
+    SWITCHING = "switching"
+    COMPLETED = "completed"
     ROLLED_BACK = "rolled-back"
 
     @property
     def in_progress(self) -> bool:
-        return self in (State.FETCHING, State.VERIFYING, State.INSTALLING, State.SELF_CHECK, State.HEALTH_CHECK)
+        return self in (State.FETCHING, State.VERIFYING, State.INSTALLING, State.SELF_CHECK, State.HEALTH_CHECK,
+                        State.SWITCHING)
 
 
 class UpgradeRefused(Exception):
@@ -145,7 +157,7 @@ def venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment of the new version's processes: nothing that points at this version."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PYTHONSAFEPATH"] = "1"  # never import medagent from the working directory
@@ -165,7 +177,7 @@ async def install(wheel: Path, venv: Path) -> None:
     if code != 0:
         raise StepFailed(f"pip could not install {wheel.name}: {out.strip()[-500:]}")
     code, site = await _run([str(python), "-P", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                            SELF_CHECK_TIMEOUT_S, _child_env())
+                            SELF_CHECK_TIMEOUT_S, child_env())
     if code != 0:
         raise StepFailed(f"the new environment does not run: {site.strip()[-500:]}")
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
@@ -175,13 +187,13 @@ async def install(wheel: Path, venv: Path) -> None:
 
 
 async def self_check(python: Path, target: str) -> None:
-    code, out = await _run([str(python), "-P", "-m", "medagent", "--version"], SELF_CHECK_TIMEOUT_S, _child_env())
+    code, out = await _run([str(python), "-P", "-m", "medagent", "--version"], SELF_CHECK_TIMEOUT_S, child_env())
     if code != 0:
         raise StepFailed(f"self-check: `medagent --version` failed ({code}): {out.strip()[-500:]}")
     if target not in out.split()[:3] and f"medagent {target}" not in out:
         raise StepFailed(f"self-check: the new environment reports {out.strip()[:80]!r}, not {target}")
     code, out = await _run([str(python), "-P", "-c", "import medagent.runtime.agent, medagent.cli"],
-                           SELF_CHECK_TIMEOUT_S, _child_env())
+                           SELF_CHECK_TIMEOUT_S, child_env())
     if code != 0:
         raise StepFailed(f"self-check: import failed: {out.strip()[-500:]}")
 
@@ -201,7 +213,7 @@ async def health_check(python: Path, timeout_s: float = HEALTH_TIMEOUT_S) -> Non
         proc = await asyncio.create_subprocess_exec(
             str(python), "-P", "-m", "medagent", "serve", "--config", str(config),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
-            env=_child_env(), start_new_session=True)
+            env=child_env(), start_new_session=True)
         try:
             await asyncio.wait_for(_exchange(proc), timeout_s)
         except TimeoutError:
@@ -248,13 +260,50 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A version ready to be switched to: its environment and version."""
+
+    environment: Path
+    version: str
+
+    @property
+    def python(self) -> Path:
+        return venv_python(self.environment)
+
+
+def upgraded_python(data_dir: Path, current: str = __version__) -> Path | None:
+    """The interpreter of a version this agent switched to and that is newer than ``current``.
+
+    A service's ExecStart names the base installation; after a completed switch a restart must
+    not fall back to the older version. `medagent serve` calls this at start and execs the
+    upgraded version when it exists (a base installation upgraded by the site past that version
+    wins: only a newer environment is used)."""
+    try:
+        status = json.loads((Path(data_dir) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or status.get("state") != State.COMPLETED.value:
+        return None
+    target, environment = status.get("targetVersion"), status.get("environment")
+    if not isinstance(target, str) or not isinstance(environment, str) or not VERSION.match(target):
+        return None
+    versions = (Path(data_dir) / VERSIONS_DIR).resolve()
+    python = venv_python(Path(environment))
+    if Path(environment).resolve().parent != versions or not python.exists():
+        return None
+    return python if version_key(target) > version_key(current) else None
+
+
 # -- the upgrader ----------------------------------------------------------------------------------
 class Upgrader:
     """One upgrade at a time; :meth:`request` answers, the pipeline runs in the background."""
 
     def __init__(self, hub: HubClient | None, data_dir: Path, allowed: bool = True,
-                 health: Callable[[Path], Awaitable[None]] = health_check, current: str = __version__) -> None:
+                 health: Callable[[Path], Awaitable[None]] = health_check, current: str = __version__,
+                 on_staged: Callable[[Staged], None] | None = None) -> None:
         self._hub = hub
+        self._on_staged = on_staged
         self._data_dir = Path(data_dir)
         self.allowed = allowed
         self._health = health
@@ -271,6 +320,9 @@ class Upgrader:
 
     def request(self, version: str | None, force: bool) -> str:
         """Decide; start the pipeline when accepted. Returns "noop" or "accepted"; raises UpgradeRefused."""
+        if self.allowed and self.state is State.SWITCHING:  # past the point where cancelling helps
+            raise UpgradeRefused(f"the switch to {self._status.get('targetVersion')} is in progress; ask again "
+                                 "once it has completed or rolled back")
         decision = decide(version, force, self.current, self.state.in_progress, self.allowed)
         if decision.noop:
             log.info("upgrade to %s requested: already running it, nothing to do", version)
@@ -295,6 +347,18 @@ class Upgrader:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def record_outcome(self, state: State, **fields: Any) -> None:
+        """The switch's outcome (``completed`` in the new process, ``rolled-back`` in the old one),
+        written to the status, the state file and the log."""
+        self._status.update(fields)
+        self._set(state)
+        if state is State.COMPLETED:
+            log.info("upgrade from %s to %s completed (intake paused %.3f s)", fields.get("fromVersion"),
+                     self.current, fields.get("intakePauseS") or 0.0)
+        else:
+            log.warning("upgrade to %s failed and was rolled back (still running %s): %s",
+                        fields.get("targetVersion") or "?", self.current, fields.get("error"))
+
     def _set(self, state: State, **fields: Any) -> None:
         self._status.update(state=state.value, updated=int(time.time()), **fields)
         self._write_state()
@@ -304,7 +368,7 @@ class Upgrader:
         tmp = path.with_name(STATE_FILE + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
-            json.dump({"previousVersion": self.current, **self._status}, out)
+            json.dump(self._status, out)
         os.replace(tmp, path)
 
     async def _pipeline(self, target: str | None, force: bool) -> None:
@@ -333,6 +397,9 @@ class Upgrader:
             await self._health(venv_python(venv))
             self._set(State.STAGED, environment=str(venv))
             log.info("upgrade to %s staged in %s (self-check and health check passed)", target, venv)
+            if self._on_staged is not None:
+                self._set(State.SWITCHING)
+                self._on_staged(Staged(venv, target))
         except asyncio.CancelledError:
             self._roll_back(venv, "cancelled")
             raise

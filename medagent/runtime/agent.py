@@ -19,6 +19,12 @@ run; the channel set makes it wait for start-up and then applies the desired set
 start-up and reloads never race for a port (issue 13, defect 1). At first start a channel that
 cannot start is a StartupError; once serving, a channel problem is answered, never fatal.
 
+Upgrade switch (medagent.ops.switch): a runtime may be built with ``inherited`` listening
+sockets (by channel name; its channels start on them and bind nothing) and a ``lease_wait_s``
+during which opening the queue retries while the previous process still holds its lease
+(``QueueLocked``); ``on_staged`` is handed to the upgrader so `medagent serve` learns that a
+staged version is ready to switch to.
+
 Stopping: channels stop accepting and wait for commits in flight (every committed message still
 gets its ACK), then the dispatcher and link stop, the queue flushes and closes, and the embedded
 hub is stopped last. Unconfirmed messages stay in the queue and are sent after the next start.
@@ -38,9 +44,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +56,8 @@ from medagent.channels.base import Channel, ChannelContext
 from medagent.cloud.link import AgentLink, LinkSettings
 from medagent.config import EMBEDDED_HUB, Config, Durability
 from medagent.ops.agent_ops import AgentOps
-from medagent.ops.upgrade import Upgrader
-from medagent.queue import QUEUE_FILENAME, DurableQueue
+from medagent.ops.upgrade import Staged, Upgrader
+from medagent.queue import QUEUE_FILENAME, DurableQueue, QueueLocked
 from medagent.runtime.channel_set import ChannelSet, DesiredChannels
 from medagent.runtime.dispatcher import Dispatcher
 from medagent.runtime.embedded_hub import EmbeddedHub, HubCredentials
@@ -74,9 +81,17 @@ class _NoChannelList(RuntimeError):
     """The remote hub gave no channel list and none is cached."""
 
 
+#: Between two attempts to take the queue's lease from a process that is handing it over.
+LEASE_RETRY_S = 0.05
+
+
 class AgentRuntime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, inherited: Mapping[str, socket.socket] | None = None,
+                 lease_wait_s: float = 0.0, on_staged: Callable[[Staged], None] | None = None) -> None:
         self.config = config
+        self._inherited = dict(inherited or {})
+        self._lease_wait_s = lease_wait_s
+        self._on_staged = on_staged
         self.data_dir = Path(config.agent.data_dir)
         self.queue: DurableQueue | None = None
         self.hub: EmbeddedHub | None = None
@@ -103,8 +118,34 @@ class AgentRuntime:
         self.started_at = time.time()
         ensure_private_dir(self.data_dir)
         log.info("medagent %s starting (%s)", __version__, _compat.implementation_summary())
+        await self._open_queue()
+        try:
+            await self.ops.start()
+            await self._start_hub_and_link()
+            await self._start_channels()
+        except BaseException:
+            await self.stop()
+            raise
+        self._tick_task = asyncio.get_running_loop().create_task(self._tick(), name="medagent-tick")
+
+    async def _open_queue(self) -> None:
+        """Open the durable queue; while ``lease_wait_s`` lasts, retry when its lease is still held
+        (the previous process of an upgrade closes its queue a moment later)."""
+        deadline = time.monotonic() + self._lease_wait_s
+        while True:
+            self.queue = self._new_queue()
+            try:
+                await self.queue.open()
+                return
+            except QueueLocked:
+                self.queue = None
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(LEASE_RETRY_S)
+
+    def _new_queue(self) -> DurableQueue:
         agent = self.config.agent
-        self.queue = DurableQueue(
+        return DurableQueue(
             self.data_dir / QUEUE_FILENAME,
             durability="fsync" if agent.durability is Durability.FSYNC else "normal",
             dedup_window_s=agent.dedup_window_s,
@@ -115,17 +156,15 @@ class AgentRuntime:
             min_free_percent=agent.min_free_percent,
             reserve_mb=agent.storage_reserve_mb,
         )
-        await self.queue.open()
-        try:
-            await self.ops.start()
-            await self._start_hub_and_link()
-            await self._start_channels()
-        except BaseException:
-            await self.stop()
-            raise
-        self._tick_task = asyncio.get_running_loop().create_task(self._tick(), name="medagent-tick")
+
+    async def stop_unstarted(self) -> None:
+        """Release what a runtime that was never started holds (inherited sockets)."""
+        for sock in self._inherited.values():
+            sock.close()
+        self._inherited = {}
 
     async def stop(self) -> None:
+        await self.stop_unstarted()  # start failed before the channel set took the inherited sockets
         if self.dispatcher is not None:
             self.dispatcher.stopping = True
         if self._tick_task is not None:
@@ -176,8 +215,10 @@ class AgentRuntime:
         context = ChannelContext(sink=self.intake, data_dir=self.data_dir, log_phi=agent.log_phi, hub=hub_client,
                                  durability="fsync" if agent.durability is Durability.FSYNC else "normal")
         self.senders.use_hub(hub_client)
-        self.channel_set = ChannelSet(context, self._desired_channels)
-        self.upgrader = Upgrader(hub_client, self.data_dir, allowed=agent.allow_remote_upgrade)
+        self.channel_set = ChannelSet(context, self._desired_channels, inherited=self._inherited)
+        self._inherited = {}  # the channel set owns (and closes) them now
+        self.upgrader = Upgrader(hub_client, self.data_dir, allowed=agent.allow_remote_upgrade,
+                                 on_staged=self._on_staged)
         self.ops.add_section("upgrade", self.upgrader.status)
         requests = RequestHandler(self.channel_set.reload, self.ops.stats, self.senders, self.upgrader.request)
         self.dispatcher = Dispatcher(self.queue, creds.agent_id, self.channel_set.get, requests.handle,

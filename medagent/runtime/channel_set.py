@@ -37,6 +37,13 @@ Invariants
 * A running channel is always in ``_running`` with the config it runs; a channel that is not
   running is not in it.
 * Channels started while reads are paused (backpressure) start paused.
+
+Upgrade hand-over (medagent.ops.switch): :meth:`handover_sockets` gives a dup of each
+channel's listening socket for the new process; the new process's set is built with those
+sockets as ``inherited`` and each channel ``start(sock=...)`` on its own (by name, when the
+address still matches), binding nothing. An inherited socket no channel takes is closed after
+:meth:`start`. :meth:`temporary` runs one extra channel (the post-switch health check's) under
+the lock, so no reload sees or stops it.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -137,6 +145,7 @@ class ChannelSet:
         drain_timeout_s: float = 5.0,
         bind_attempts: int = BIND_ATTEMPTS,
         bind_first_delay_s: float = BIND_FIRST_DELAY_S,
+        inherited: Mapping[str, socket.socket] | None = None,
     ) -> None:
         self._context = context
         self._source = source
@@ -151,6 +160,7 @@ class ChannelSet:
         self._paused = False
         self.reloads = 0
         self.reload_failures = 0
+        self._inherited: dict[str, socket.socket] = dict(inherited or {})
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -175,6 +185,11 @@ class ChannelSet:
                 self._started.set_exception(RuntimeError(f"the agent did not start ({exc or type(exc).__name__})"))
                 self._started.exception()  # retrieved: nobody may be waiting
             raise
+        finally:
+            for name, sock in self._inherited.items():  # handed over, but no channel of that name/address
+                log.info("channel %s: the inherited listening socket is not used; closing it", name)
+                sock.close()
+            self._inherited.clear()
         if not self._started.done():
             self._started.set_result(None)
         return report
@@ -194,6 +209,33 @@ class ChannelSet:
             self.reload_failures += 1
             log.error("reload: channels %s; %s", report.summary(), report.error_text())
         return report
+
+    def handover_sockets(self) -> dict[str, socket.socket]:
+        """A dup of each running channel's listening socket, by name (port-based kinds with one
+        socket); the caller owns and closes them. Channels without one bind anew after a switch."""
+        held: dict[str, socket.socket] = {}
+        for name, running in self._running.items():
+            sock = _held_socket(running, running.config)
+            if sock is not None:
+                held[name] = sock
+        return held
+
+    @asynccontextmanager
+    async def temporary(self, config: ChannelConfig) -> AsyncIterator[Channel]:
+        """Run one extra channel (not part of the desired set) while the block runs; reloads wait."""
+        async with self._lock:
+            if self._closed:
+                raise RuntimeError("the agent is stopping")
+            if config.name in self._running:
+                raise RuntimeError(f"channel {config.name} already exists")
+            try:
+                await self._add(config)
+            except _StartFailed as exc:
+                raise RuntimeError(f"channel {config.name}: {exc}") from None
+            try:
+                yield self._channels[config.name]
+            finally:
+                await self._stop(self._forget(config.name))
 
     async def apply(self, desired: DesiredChannels) -> ChangeReport:
         """Apply ``desired`` directly (tests, tools); serialized with start and reload."""
@@ -248,8 +290,27 @@ class ChannelSet:
 
     async def _add(self, config: ChannelConfig) -> None:
         channel = self._build(config)
-        await self._start(channel, config)
+        held = self._take_inherited(config)
+        try:
+            await self._start(channel, config, held)
+        finally:
+            _close(held)
         self._remember(config, channel)
+
+    def _take_inherited(self, config: ChannelConfig) -> socket.socket | None:
+        """The handed-over socket for this channel, if its address still matches the config."""
+        sock = self._inherited.pop(config.name, None)
+        if sock is None:
+            return None
+        host, port = sock.getsockname()[:2]
+        wanted = config.endpoint
+        same_host = wanted.host == host or (wanted.host == "localhost" and host in ("127.0.0.1", "::1"))
+        if wanted.port not in (0, port) or not same_host:
+            log.warning("channel %s: the inherited socket listens on %s:%s, the config says %s:%s; binding anew",
+                        config.name, host, port, wanted.host, wanted.port)
+            sock.close()
+            return None
+        return sock
 
     async def _replace(self, current: _Running, config: ChannelConfig) -> None:
         new = self._build(config)

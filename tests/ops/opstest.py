@@ -43,8 +43,8 @@ class OpsSite:
 
 
 async def start_site(hub: HubServer, data_dir: Path, metrics_port: int | None = None, **agent: Any) -> OpsSite:
-    credentials = hub.store.add_agent("ops-lab")
-    hub.store.add_channel(credentials.agent_id, "adt-in", "mllp://127.0.0.1:0?ackMode=fast")
+    credentials = await hub.store.add_agent("ops-lab")
+    await hub.store.add_channel(credentials.agent_id, "adt-in", "mllp://127.0.0.1:0?ackMode=fast")
     overrides = {"agent": {"hub": hub.url, "client_id": credentials.client_id,
                            "client_secret": credentials.client_secret, "agent_id": credentials.agent_id,
                            "data_dir": str(data_dir), "reconnect_min_s": "0.05", "reconnect_max_s": "0.5",
@@ -88,11 +88,17 @@ async def http(hub: HubServer, method: str, path: str, **kwargs: Any) -> tuple[i
 
 
 class Sender:
-    """Lock-step MLLP sender (a new connection per message, as many devices do) until stopped; ACK gaps measured."""
+    """Lock-step MLLP sender (a new connection per message, as many devices do) until stopped; ACK
+    gaps measured. Like a real MLLP sender it sends a message again, on a new connection, when the
+    connection closed before its ACK came (counted in ``resent``; an upgrade's switch closes idle
+    connections of the old process)."""
+
+    RESEND_LIMIT = 100  # per message, 0.05 s apart: an agent gone for 5 s fails the test
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.acked: list[str] = []
+        self.resent = 0
         self.longest_gap_s = 0.0
         self._stop = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -103,13 +109,25 @@ class Sender:
             if self._stop.is_set():
                 return
             control_id = f"U{n}"
-            [ack] = await send_messages(self.port, [control_id])
+            ack = await self._deliver(control_id)
             assert b"MSA|AA|" + control_id.encode() in ack
             now = time.monotonic()
             self.longest_gap_s = max(self.longest_gap_s, now - last)
             last = now
             self.acked.append(control_id)
             await asyncio.sleep(0.02)
+
+    async def _deliver(self, control_id: str) -> bytes:
+        for attempt in range(self.RESEND_LIMIT):
+            try:
+                [ack] = await send_messages(self.port, [control_id])
+                return ack
+            except (asyncio.IncompleteReadError, ConnectionError):
+                if attempt + 1 == self.RESEND_LIMIT:
+                    raise
+                self.resent += 1
+                await asyncio.sleep(0.05)
+        raise AssertionError("unreachable")
 
     async def stop(self) -> None:
         self._stop.set()
@@ -118,13 +136,18 @@ class Sender:
 
 async def hub_control_ids(site: OpsSite, expected: int, channel: str) -> list[str]:
     """The control ids the hub stored for ``channel`` (waits until ``expected`` are there, bounded)."""
+    return await stored_control_ids(site.hub, site.credentials.agent_id, expected, channel)
+
+
+async def stored_control_ids(hub: HubServer, agent_id: str, expected: int, channel: str) -> list[str]:
+    """The control ids ``hub`` stored for the agent's ``channel`` (waits until ``expected`` are there, bounded)."""
     found: list[str] = []
 
     async def fetch() -> int:
         found.clear()
-        params = {"agent": site.credentials.agent_id, "limit": "1000"}
+        params = {"agent": agent_id, "limit": "1000"}
         for _ in range(100):  # pages of 1000, bounded
-            status, text = await http(site.hub, "GET", "/messages", params=params)
+            status, text = await http(hub, "GET", "/messages", params=params)
             assert status == 200
             page = orjson.loads(text)
             found.extend(m["control_id"] for m in page["messages"] if m["channel"] == channel)

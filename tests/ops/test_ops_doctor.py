@@ -132,6 +132,8 @@ def test_service_install_writes_a_systemd_unit(tmp_path: Path) -> None:
     assert f"--config {config_file.resolve()}" in unit and "-m medagent serve" in unit
     assert f"ReadWritePaths={(tmp_path / 'data').resolve()}" in unit
     assert "User=medagent" in unit and "UMask=0077" in unit and "Restart=on-failure" in unit
+    # an upgrade's switch changes the main PID: the new process says MAINPID= over $NOTIFY_SOCKET
+    assert "Type=notify" in unit and "NotifyAccess=all" in unit and "KillMode=mixed" in unit
     assert "AmbientCapabilities" not in unit
     assert "systemctl daemon-reload" in out.getvalue()
     if shutil.which("systemd-analyze"):

@@ -16,7 +16,7 @@ async def test_reload_diff_with_a_sender_running(site: OpsSite) -> None:
     sender = Sender(site.port)
     try:
         store, agent_id = site.hub.store, site.credentials.agent_id
-        added = store.add_channel(agent_id, "lab-in", "mllp://127.0.0.1:0?ackMode=fast")
+        added = await store.add_channel(agent_id, "lab-in", "mllp://127.0.0.1:0?ackMode=fast")
         status, text = await _reload(site)
         assert status == 200, text
         lab = site.runtime.channels["lab-in"]
@@ -24,19 +24,19 @@ async def test_reload_diff_with_a_sender_running(site: OpsSite) -> None:
         [ack] = await send_messages(lab_port, ["LAB1"])
         assert b"MSA|AA|LAB1" in ack
 
-        store.update_channel(added.id, address="mllp://127.0.0.1:0?ackMode=two-phase")
+        await store.update_channel(added.id, address="mllp://127.0.0.1:0?ackMode=two-phase")
         status, text = await _reload(site)
         assert status == 200, text
         assert site.runtime.channels["lab-in"] is not lab  # restarted with the new options ...
         assert site.runtime.channels["lab-in"].port == lab_port  # type: ignore[attr-defined]  # ... on the same socket
 
-        bad = store.add_channel(agent_id, "bad-in", "mllp://127.0.0.1:0?noSuchParameter=1")
+        bad = await store.add_channel(agent_id, "bad-in", "mllp://127.0.0.1:0?noSuchParameter=1")
         status, text = await _reload(site)
         assert status == 400 and "bad-in" in text and "noSuchParameter" in text
         assert "lab-in" in site.runtime.channels and "bad-in" not in site.runtime.channels
-        store.remove_channel(bad.id)
+        await store.remove_channel(bad.id)
 
-        store.remove_channel(added.id)
+        await store.remove_channel(added.id)
         status, text = await _reload(site)
         assert status == 200, text
         assert "lab-in" not in site.runtime.channels

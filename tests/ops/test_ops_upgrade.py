@@ -1,6 +1,11 @@
-"""Remote upgrade: Medplum's decision rules, the hub's release registry, and the pipeline (fetch,
-sha256, side-by-side install, self-check, health check, roll back) against real wheels built
-from this tree, with a sender running through the agent the whole time."""
+"""Remote upgrade: Medplum's decision rules, the hub's release registry, the pipeline (fetch,
+sha256, side-by-side install, self-check, health check, roll back) and the switch to the new
+version's process (sockets and queue lease handed over, post-switch health check, switch-back)
+against real wheels built from this tree, with a sender running through the agent the whole time.
+
+The pipeline tests run the agent in the test process (it cannot be replaced by a process there,
+so the pipeline ends at ``staged``); the switch tests run `medagent serve` as a process (its PID
+changes) against a hub in the test process."""
 
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from opstest import OpsSite, Sender, assert_nothing_lost, http, send_messages
+from opstest import OpsSite, Sender, assert_nothing_lost, http, send_messages, stored_control_ids
+from served import ServedAgent, serve_agent
 from wheelbuild import finish_build, start_build
 
 from medagent import __version__
+from medagent.hub import HubServer, HubSettings
 from medagent.hub.releases import ReleaseRegistry, run_release_command, sha256_file
 from medagent.ops.upgrade import State, UpgradeRefused, decide
 
@@ -60,6 +67,9 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
         "bad-ack": start_build("0.1.3", root / "bad-ack", {
             "medagent/hub/bots/ack.py": ('return hl7text.ack_text(event.input, event.header, "AA")',
                                          'return hl7text.ack_text(event.input, event.header, "AE")')}),
+        # everything passes until the switch; the post-switch health check then never sees its AA
+        "bad-post-switch": start_build("0.1.4", root / "bad-post-switch", {
+            "medagent/ops/post_switch.py": ('if b"MSA|AA|" not in ack:', 'if b"MSA|ZZ|" not in ack:')}),
     }
     yield {name: finish_build(proc, root / name) for name, proc in builds.items()}
 
@@ -171,3 +181,90 @@ async def test_a_wheel_whose_digest_differs_from_the_record_is_refused(site: Ops
     assert status == 200
     final = await asyncio.wait_for(site.runtime.upgrader.wait(), PIPELINE_WAIT_S)
     assert final["state"] == "rolled-back" and "sha256 mismatch" in str(final["error"])
+
+
+# -- the switch to the new version's process (`medagent serve` as a process) -------------------------------
+SWITCH_WAIT_S = 300.0
+
+
+async def _switch_with_traffic(tmp_path: Path, wheel: Path, version: str) -> tuple[ServedAgent, Sender, dict, int]:
+    """Agent process + hub; an upgrade to ``version`` with a sender running through it. Returns the
+    agent, the (stopped) sender, the final $stats and the old PID. The caller stops the agent."""
+    # the hub's heartbeat tells it the agent's version ($status): often, to see the new one soon
+    hub = HubServer(HubSettings(data_dir=tmp_path / "hub", port=0, heartbeat_interval_s=0.5))
+    await hub.start()
+    _add(hub.data_dir, wheel)
+    agent = await serve_agent(hub, tmp_path / "agent")
+    old_pid = agent.process.pid
+    sender = Sender(agent.port)
+    try:
+        status, text = await http(hub, "POST", f"/fhir/R4/Agent/{agent.agent_id}/$upgrade", json={"version": version})
+        assert status == 200 and "All OK" in text, text  # accepted at once
+        final = await agent.wait_upgrade(SWITCH_WAIT_S)
+        await asyncio.sleep(1.0)  # traffic keeps flowing after the switch
+    except BaseException:
+        await agent.stop()
+        await hub.stop()
+        raise
+    finally:
+        await sender.stop()
+    return agent, sender, final, old_pid
+
+
+async def _nothing_lost(agent: ServedAgent, sender: Sender) -> list[str]:
+    ids = await stored_control_ids(agent.hub, agent.agent_id, len(sender.acked), "adt-in")
+    assert sorted(ids) == sorted(sender.acked), "every ACKed message at the hub exactly once"
+    return ids
+
+
+def _report(what: str, sender: Sender, final: dict) -> None:
+    upgrade = final["upgrade"]
+    print(f"\n{what}: {len(sender.acked)} messages ACKed, {sender.resent} resent by the sender, "
+          f"{final['durableQueue']['duplicates_flagged']} flagged as duplicates; longest ACK gap "
+          f"{sender.longest_gap_s * 1000:.1f} ms; intake pause {upgrade.get('intakePauseS')} s")
+
+
+def test_the_switch_hands_sockets_and_queue_to_the_new_version(tmp_path: Path, wheels: dict[str, Path]) -> None:
+    async def scenario() -> None:
+        agent, sender, final, old_pid = await _switch_with_traffic(tmp_path, wheels["good"], BUMPED)
+        try:
+            upgrade = final["upgrade"]
+            assert upgrade["state"] == "completed", (upgrade, agent.output.read_text()[-3000:])
+            assert final["version"] == BUMPED and final["pid"] != old_pid
+            assert await agent.status_version(BUMPED) == BUMPED
+            assert upgrade["fromVersion"] == __version__ and upgrade["targetVersion"] == BUMPED
+            assert upgrade["intakePauseS"] >= 0 and upgrade["switchedAt"] > 0
+            assert await asyncio.wait_for(agent.process.wait(), 30) == 0  # the old process exited cleanly
+            await _nothing_lost(agent, sender)
+            [ack] = await send_messages(agent.port, ["AFTER"])  # the same port, the new process
+            assert b"MSA|AA|AFTER" in ack
+            state = json.loads((tmp_path / "agent" / "data" / "upgrade.json").read_text())
+            assert state["state"] == "completed" and state["targetVersion"] == BUMPED
+            _report(f"switch {__version__} -> {BUMPED}", sender, final)
+        finally:
+            await agent.stop()
+            await agent.hub.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_post_switch_health_check_switches_back_to_the_old_process(
+        tmp_path: Path, wheels: dict[str, Path]) -> None:
+    async def scenario() -> None:
+        agent, sender, final, old_pid = await _switch_with_traffic(tmp_path, wheels["bad-post-switch"], "0.1.4")
+        try:
+            upgrade = final["upgrade"]
+            assert upgrade["state"] == "rolled-back", (upgrade, agent.output.read_text()[-3000:])
+            assert "post-switch health check" in upgrade["error"]
+            assert final["pid"] == old_pid and final["version"] == __version__ and agent.process.returncode is None
+            assert await agent.status_version(__version__) == __version__
+            assert not (tmp_path / "agent" / "data" / "versions" / "0.1.4").exists()
+            await _nothing_lost(agent, sender)
+            [ack] = await send_messages(agent.port, ["AFTER"])
+            assert b"MSA|AA|AFTER" in ack
+            _report("switch to 0.1.4 rolled back", sender, final)
+        finally:
+            await agent.stop()
+            await agent.hub.stop()
+
+    asyncio.run(scenario())
