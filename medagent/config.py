@@ -212,9 +212,11 @@ class HubSection:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token_ttl_s: int = 3600
+    #: the hub store URL (postgresql://… or sqlite:///…); None: hub.sqlite3 in data_dir
+    store: str | None = None
 
     def __repr__(self) -> str:
-        return _masked_repr(self, ("admin_token",))
+        return _masked_repr(self, ("admin_token", "store"))  # a store URL may carry a password
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +278,13 @@ def _not_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _hub_store(value: str) -> str | None:
+    """The hub store URL: checked here for its form only (the hub reports an unreachable server)."""
+    if value.startswith(("postgresql://", "postgres://")) or value.startswith("sqlite:///"):
+        return None
+    return "must be postgresql://user@host:port/database or sqlite:///path/to/hub.sqlite3"
+
+
 def _existing_file(value: Path) -> str | None:
     return None if value.is_file() else f"file not found: {value}"
 
@@ -333,6 +342,7 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "tls_cert": _Key(_Kind.PATH, None, _existing_file),
         "tls_key": _Key(_Kind.PATH, None, _existing_file),
         "token_ttl_s": _Key(_Kind.INT, 3600, _at_least(1)),
+        "store": _Key(_Kind.STR, None, _hub_store),
     },
 }
 _CHANNEL_SECTION = "channel"

@@ -4,24 +4,43 @@ One aiohttp process serves ``/oauth2/token`` (client credentials), ``/ws/agent``
 websocket with medagent's batching extension), a FHIR R4 read subset for agent configuration,
 the Agent operations (``$push``, ``$status``, ``$reload-config``, ``$upgrade``, ``$fetch-logs``,
 ``$stats``), an operator API, and runs *bots* — Python callables — on inbound messages, keeping
-everything in one SQLite store. See docs/hub.md.
+everything in a store: one SQLite file, or PostgreSQL for several hub processes. See docs/hub.md
+and docs/hub-store.md.
+
+The names below are loaded on first use (PEP 562): the agent process imports a few hub modules
+(``medagent.hub.releases``) and must not load the server, the store or its database driver.
 """
 
-from medagent.hub.botrunner import BotEvent, BotReply, inline_bot
-from medagent.hub.records import AgentCredentials, AgentStatus, MessageQuery, MessageStatus
-from medagent.hub.server import HubServer
-from medagent.hub.settings import HubSettings
-from medagent.hub.store import HubStore
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
+    "AgentCredentials",
+    "AgentStatus",
+    "BotEvent",
+    "BotReply",
     "HubServer",
     "HubSettings",
     "HubStore",
-    "AgentCredentials",
-    "AgentStatus",
     "MessageQuery",
     "MessageStatus",
-    "BotEvent",
-    "BotReply",
     "inline_bot",
 ]
+
+_HOMES = {
+    "BotEvent": "medagent.hub.botrunner", "BotReply": "medagent.hub.botrunner", "inline_bot": "medagent.hub.botrunner",
+    "AgentCredentials": "medagent.hub.records", "AgentStatus": "medagent.hub.records",
+    "MessageQuery": "medagent.hub.records", "MessageStatus": "medagent.hub.records",
+    "HubServer": "medagent.hub.server", "HubSettings": "medagent.hub.settings", "HubStore": "medagent.hub.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'medagent.hub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

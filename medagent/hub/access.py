@@ -35,7 +35,7 @@ class Principal:
         return self.is_admin or self.agent_id == agent_id
 
 
-def principal(request: web.Request) -> Principal:
+async def principal(request: web.Request) -> Principal:
     """The caller of ``request``; raises 401 when it carries no valid token."""
     ctx = request.app[CTX_KEY]
     token = bearer_token(request.headers.get("Authorization"))
@@ -44,14 +44,14 @@ def principal(request: web.Request) -> Principal:
     if hmac.compare_digest(token.encode(), ctx.admin_token.encode()):
         return Principal(None)
     try:
-        return Principal(ctx.signer.verify(token).agent_id)
+        return Principal((await ctx.signer.verify_current(token)).agent_id)
     except AuthError as exc:
         raise _unauthorized(f"Invalid access token: {exc}") from None
 
 
-def require_admin(request: web.Request) -> Principal:
+async def require_admin(request: web.Request) -> Principal:
     """The caller, who must hold the admin token (401 without a token, 403 for an agent)."""
-    caller = principal(request)
+    caller = await principal(request)
     if not caller.is_admin:
         raise web.HTTPForbidden(
             text=outcome_error("This operation requires the hub's admin token", "forbidden").decode(),

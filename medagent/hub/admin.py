@@ -159,10 +159,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def list_messages(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     try:
         query = message_query(request.query)
-        page = await asyncio.to_thread(ctx.store.query_messages, query)
+        page = await ctx.store.query_messages(query)
     except (BadQuery, StoreError) as exc:
         return error_response(400, str(exc), "invalid")
     return _json({"messages": [message_json(m) for m in page.messages], "next": page.next_after_id})
@@ -170,8 +170,8 @@ async def list_messages(request: web.Request) -> web.Response:
 
 async def list_agents(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
-    return _json({"agents": [agent_json(a) for a in ctx.store.list_agents()]})
+    await require_admin(request)
+    return _json({"agents": [agent_json(a) for a in await ctx.store.list_agents()]})
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -186,7 +186,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 async def create_agent(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     try:
         data = await _body(request)
         name = data.get("name")
@@ -195,7 +195,7 @@ async def create_agent(request: web.Request) -> web.Response:
         settings = data.get("settings") or {}
         if not isinstance(settings, dict):
             raise BadQuery("settings must be an object")
-        credentials = await asyncio.to_thread(ctx.store.add_agent, name, settings)
+        credentials = await ctx.store.add_agent(name, settings)
     except (BadQuery, StoreError) as exc:
         return error_response(400, str(exc), "invalid")
     return _json(dataclasses.asdict(credentials), 201)
@@ -203,14 +203,14 @@ async def create_agent(request: web.Request) -> web.Response:
 
 async def create_channel(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     agent_id = request.match_info["id"]
     try:
         data = await _body(request)
         name, address, bot = data.get("name"), data.get("address"), data.get("bot") or DEFAULT_BOT
         if not isinstance(name, str) or not isinstance(address, str) or not isinstance(bot, str):
             raise BadQuery("name and address are required strings; bot is an optional 'module:function'")
-        channel = ctx.store.add_channel(agent_id, name, address, bot)
+        channel = await ctx.store.add_channel(agent_id, name, address, bot)
     except NotFound as exc:
         return error_response(404, str(exc), "not-found")
     except (BadQuery, StoreError) as exc:
@@ -220,7 +220,7 @@ async def create_channel(request: web.Request) -> web.Response:
 
 async def set_agent_status(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     agent_id = request.match_info["id"]
     try:
         data = await _body(request)
@@ -228,22 +228,22 @@ async def set_agent_status(request: web.Request) -> web.Response:
             status = AgentStatus(data.get("status"))
         except ValueError:
             raise BadQuery("status must be 'active' or 'off'") from None
-        ctx.store.set_agent_status(agent_id, status)  # "off" also revokes the agent's tokens
+        await ctx.store.set_agent_status(agent_id, status)  # "off" also revokes the agent's tokens
     except NotFound as exc:
         return error_response(404, str(exc), "not-found")
     except BadQuery as exc:
         return error_response(400, str(exc), "invalid")
     if status is AgentStatus.OFF:
         await close_agent_connections(request.app, agent_id, "agent set off")
-    return _json(agent_json(ctx.store.get_agent(agent_id)))
+    return _json(agent_json(await ctx.store.get_agent(agent_id)))
 
 
 async def revoke_tokens(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     agent_id = request.match_info["id"]
     try:
-        generation = ctx.store.revoke_tokens(agent_id)
+        generation = await ctx.store.revoke_tokens(agent_id)
     except NotFound as exc:
         return error_response(404, str(exc), "not-found")
     closed = await close_agent_connections(request.app, agent_id, "tokens revoked")
@@ -252,10 +252,10 @@ async def revoke_tokens(request: web.Request) -> web.Response:
 
 async def rotate_secret(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     agent_id = request.match_info["id"]
     try:
-        credentials = await asyncio.to_thread(ctx.store.reset_client_secret, agent_id)  # revokes tokens
+        credentials = await ctx.store.reset_client_secret(agent_id)  # revokes tokens
     except NotFound as exc:
         return error_response(404, str(exc), "not-found")
     await close_agent_connections(request.app, agent_id, "client secret rotated")

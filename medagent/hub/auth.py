@@ -17,7 +17,7 @@ Theory of operation
   needs none of them (tried with Medplum's agent v4.5.2: login, config, websocket all work).
 * Revocation: every agent has a token generation (a counter in the store). A token carries the
   generation current when it was issued; :meth:`TokenSigner.verify` with a ``generation_of``
-  lookup refuses a token whose generation is no longer current (one primary-key read). The
+  lookup (:meth:`TokenSigner.verify_current`) refuses a token whose generation is no longer current (one primary-key read). The
   counter moves on ``POST /admin/agents/{id}/revoke-tokens``, when the agent is set ``off`` and
   when its secret is rotated. The signing key is 32 random bytes generated on first start and
   kept in ``<data_dir>/hub-signing-key`` with mode 0600; deleting that file revokes every token.
@@ -37,7 +37,7 @@ import hmac
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +112,11 @@ def verify_secret(secret: str, stored: str) -> bool:
 class TokenSigner:
     """Issues and verifies HS256 access tokens for agents.
 
-    ``generation_of(agent_id)`` returns the agent's current token generation, or ``None`` for an
-    agent that does not exist; without it only signature and expiry are checked.
+    ``await generation_of(agent_id)`` returns the agent's current token generation, or ``None``
+    for an agent that does not exist; without it only signature and expiry are checked.
     """
 
-    def __init__(self, key: bytes, ttl_s: int, generation_of: Callable[[str], int | None] | None = None) -> None:
+    def __init__(self, key: bytes, ttl_s: int, generation_of: Callable[[str], Awaitable[int | None]] | None = None) -> None:
         if len(key) < 32:
             raise ValueError("the token signing key must be at least 32 bytes")
         self._key = key
@@ -134,7 +134,8 @@ class TokenSigner:
         return (signing_input + b"." + _b64(self._sign(signing_input)).encode()).decode()
 
     def verify(self, token: str, now: float | None = None) -> AccessToken:
-        """The token's claims; raises :class:`AuthError` if forged, malformed, expired or revoked."""
+        """The token's claims; raises :class:`AuthError` if forged, malformed or expired (the
+        revocation check needs the store: :meth:`verify_current`)."""
         parts = token.encode().split(b".")
         if len(parts) != 3 or parts[0] != _JWT_HEADER:
             raise AuthError("malformed access token")
@@ -152,13 +153,19 @@ class TokenSigner:
             raise AuthError("malformed access token claims") from None
         if not isinstance(agent_id, str) or (time.time() if now is None else now) >= expires:
             raise AuthError("access token expired")
+        return AccessToken(agent_id, issued, expires, client_id, generation)
+
+    async def verify_current(self, token: str, now: float | None = None) -> AccessToken:
+        """Like :meth:`verify`, and refuse a revoked token (its generation is no longer the
+        agent's, read from the store through ``generation_of``) or one of an unknown agent."""
+        claims = self.verify(token, now)
         if self._generation_of is not None:
-            current = self._generation_of(agent_id)
+            current = await self._generation_of(claims.agent_id)
             if current is None:
                 raise AuthError("access token of an unknown agent")
-            if current != generation:
+            if current != claims.generation:
                 raise AuthError("access token revoked")
-        return AccessToken(agent_id, issued, expires, client_id, generation)
+        return claims
 
     def _sign(self, signing_input: bytes) -> bytes:
         return hmac.new(self._key, signing_input, hashlib.sha256).digest()

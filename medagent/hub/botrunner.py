@@ -52,20 +52,20 @@ from medagent.hub import hl7text
 from medagent.hub.records import MessageStatus, StoredReply
 
 if TYPE_CHECKING:
-    from medagent.hub.store import HubStore
+    from medagent.hub.botstore import BotStore
     from medagent.proto.hl7 import Header
 
 __all__ = [
+    "NO_REPLY_STATUS",
     "BotEvent",
-    "BotReply",
-    "BotOutcome",
     "BotKind",
     "BotLoadError",
+    "BotOutcome",
+    "BotReply",
     "BotRunner",
+    "failure_reply",
     "inline_bot",
     "load_bot",
-    "failure_reply",
-    "NO_REPLY_STATUS",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ class BotEvent:
     """One inbound message, as a bot sees it.
 
     ``input`` is the message text; ``header`` its MSH (HL7 only, else ``None``); ``received_at``
-    is when the hub stored it (epoch ms); ``store`` lets a bot keep what it derives (for example
-    FHIR resources through ``store.upsert_resource``).
+    is when the hub stored it (epoch ms); ``store`` lets a bot keep what it derives (FHIR
+    resources: ``store.upsert_resource`` from a plain bot, ``store.upsert_resource_async`` from an
+    ``async def`` bot; see :mod:`medagent.hub.botstore`).
     """
 
     input: str
@@ -94,7 +95,7 @@ class BotEvent:
     remote: str
     callback: str | None
     received_at: int
-    store: HubStore | None = None
+    store: BotStore | None = None
 
 
 @dataclass(frozen=True, slots=True)

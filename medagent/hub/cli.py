@@ -7,8 +7,9 @@ configuration error). :func:`main` runs the same parser standalone
 ``MEDAGENT_HUB_ADMIN_TOKEN`` when set, else from ``<data-dir>/admin-token``.
 
 Subcommands: ``serve`` (the default), ``add-agent NAME``, ``add-channel AGENT NAME ADDRESS``, ``add-user NAME``, ``revoke-tokens AGENT``, ``rotate-secret AGENT``,
-``list-agents``, ``messages``. Management commands work on the data directory directly, so they
-work with or without a running hub. With ``--json`` a command prints exactly one JSON document.
+``list-agents``, ``messages``, ``migrate-store FROM TO``. Management commands work on the store
+directly (``--store URL``, default the SQLite file in ``--data-dir``), so they work with or
+without a running hub. With ``--json`` a command prints exactly one JSON document.
 """
 
 from __future__ import annotations
@@ -20,28 +21,40 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
-from medagent.hub.dashboard.cli import add_user_parser, run_add_user
-from medagent.hub.releases import add_release_parser, run_release_command
-from medagent.hub.admin import BadQuery, agent_json, channel_json, message_json, parse_instant_ms
-from medagent.hub.records import MessageQuery, MessageStatus
-from medagent.hub.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, HubSettings
 from medagent.channels.endpoint import EndpointError, parse_endpoint
-from medagent.hub.store import DB_FILE, DEFAULT_BOT, HubStore, InvalidValue, StoreError
+from medagent.hub.admin import BadQuery, agent_json, channel_json, message_json, parse_instant_ms
+from medagent.hub.dashboard.cli import add_user_parser, run_add_user
+from medagent.hub.records import MessageQuery, MessageStatus
+from medagent.hub.releases import add_release_parser, run_release_command
+from medagent.hub.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, HubSettings
+from medagent.hub.store import (
+    DB_FILE,
+    DEFAULT_BOT,
+    HubStore,
+    InvalidValue,
+    StoreError,
+    StoreUnavailable,
+    is_postgres,
+    open_store,
+    sqlite_location,
+)
 from medagent.tableview import human_bytes, local_time_ms, render_table
 
-__all__ = ["register", "main", "run"]
+__all__ = ["main", "register", "run"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 MAX_ROW_ID = 2**63 - 1  #: SQLite's INTEGER range: a larger cursor is a usage error, not an overflow
 MAX_PAGE = 1000
 #: the operator token for ``serve`` (DESIGN.md: every key settable as MEDAGENT_<SECTION>_<KEY>)
 ADMIN_TOKEN_ENV = "MEDAGENT_HUB_ADMIN_TOKEN"
+STORE_ENV = "MEDAGENT_HUB_STORE"
+T = TypeVar("T")
 
 
 def _data_dir_option() -> argparse.ArgumentParser:
@@ -49,6 +62,9 @@ def _data_dir_option() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
                         help=f"hub data directory (default ./{DEFAULT_DATA_DIR}; `medagent serve` keeps its hub in <data_dir>/hub)")
+    common.add_argument("--store", default=argparse.SUPPRESS, metavar="URL",
+                        help=f"the hub store: postgresql://user@host:port/db or sqlite:///path (default: {DB_FILE} "
+                             f"in the data directory; env {STORE_ENV})")
     return common
 
 
@@ -59,6 +75,8 @@ def _listen_options() -> argparse.ArgumentParser:
     listen.add_argument("--port", type=int, default=argparse.SUPPRESS, help=f"listen port (default {DEFAULT_PORT}; 0 = any)")
     listen.add_argument("--tls-cert", type=Path, default=argparse.SUPPRESS, help="PEM certificate: serve HTTPS/WSS")
     listen.add_argument("--tls-key", type=Path, default=argparse.SUPPRESS, help="PEM private key of --tls-cert")
+    listen.add_argument("--store-pool-size", type=_bounded_int("--store-pool-size", 1, 1000), default=argparse.SUPPRESS,
+                        help="connections of a PostgreSQL store's pool (default 10)")
     return listen
 
 
@@ -100,6 +118,15 @@ def register(subparsers: Any) -> None:
     rotate.add_argument("agent", help="agent id or name")
     rotate.add_argument("--json", action="store_true", help="print one JSON document")
 
+    migrate = sub.add_parser("migrate-store", help="copy every row of one hub store into another (resumable)",
+                             description="Copy agents, channels, bots, messages and resources from one hub store "
+                                         "to another, e.g. sqlite:///var/lib/medagent/hub/hub.sqlite3 to "
+                                         "postgresql://medagent@db:5432/medagent. Running it again adds only the "
+                                         "rows still missing; the row counts are compared at the end.")
+    migrate.add_argument("source", metavar="FROM", help="sqlite:///path/hub.sqlite3 (or a data directory) or postgresql://...")
+    migrate.add_argument("target", metavar="TO", help="postgresql://... or sqlite:///path/hub.sqlite3")
+    migrate.add_argument("--batch", type=_bounded_int("--batch", 1, 100_000), default=1000, help="rows per transaction")
+
     messages = sub.add_parser("messages", parents=[common], help="list stored messages (one page)")
     messages.add_argument("--agent", help="agent id or name")
     messages.add_argument("--channel")
@@ -124,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     except InvalidValue as exc:
         return _fail(str(exc), EXIT_USAGE)
     except StoreError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except StoreUnavailable as exc:
         return _fail(str(exc), EXIT_FAILURE)
 
 
@@ -151,12 +180,17 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "data_dir", DEFAULT_DATA_DIR))
 
 
+def _store_url(args: argparse.Namespace) -> str | None:
+    return getattr(args, "store", None) or os.environ.get(STORE_ENV) or None
+
+
 def _settings(args: argparse.Namespace) -> HubSettings:
     tls_cert, tls_key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
     settings = HubSettings(
         data_dir=_data_dir(args), host=getattr(args, "host", "127.0.0.1"),
         port=getattr(args, "port", DEFAULT_PORT), tls_cert=tls_cert, tls_key=tls_key,
-        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None, store=_store_url(args),
+        store_pool_size=getattr(args, "store_pool_size", 10),
     )
     settings.validate()
     return settings
@@ -180,15 +214,26 @@ class MissingStore(StoreError):
     """A command that reads the hub's data was pointed at a directory that holds none."""
 
 
-def _open_store(args: argparse.Namespace, *, create: bool = False) -> HubStore:
-    """The hub store in --data-dir; only ``add-agent`` may create a new one (first-time setup)."""
-    data_dir = _data_dir(args)
-    if not create and not (data_dir / DB_FILE).is_file():
-        raise MissingStore(
-            f"no hub data in {data_dir.resolve()} (no {DB_FILE}); pass the hub's --data-dir "
-            "(`medagent serve` keeps its embedded hub in <data_dir>/hub)"
-        )
-    return HubStore(data_dir)
+def _with_store(args: argparse.Namespace, work: Callable[[HubStore], Awaitable[T]], *, create: bool = False) -> T:
+    """Run ``work`` on the hub store of --store/--data-dir, closed afterwards. A SQLite store
+    must exist unless ``create`` (only ``add-agent``: first-time setup)."""
+    url = _store_url(args)
+    if not create and not is_postgres(url):
+        directory, name = sqlite_location(url, _data_dir(args))
+        if not (directory / name).is_file():
+            raise MissingStore(
+                f"no hub data in {directory.resolve()} (no {name}); pass the hub's --data-dir or --store "
+                "(`medagent serve` keeps its embedded hub in <data_dir>/hub)"
+            )
+
+    async def session() -> T:
+        store = await open_store(url, _data_dir(args))
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(session())
 
 
 def validate_channel(address: str, bot: str) -> str | None:
@@ -246,6 +291,7 @@ async def _serve_until_signal(settings: HubSettings) -> int:
     print(f"  websocket:   {server.ws_url}", flush=True)
     print(f"  data dir:    {server.data_dir.resolve()}", flush=True)
     print(f"  admin token: {token_file.resolve() if token_file else '(given in the settings)'}", flush=True)
+    print(f"  store:       {server.store.url}", flush=True)
     try:
         await stop.wait()
     finally:
@@ -255,11 +301,7 @@ async def _serve_until_signal(settings: HubSettings) -> int:
 
 
 def _add_agent(args: argparse.Namespace) -> int:
-    store = _open_store(args, create=True)
-    try:
-        credentials = store.add_agent(args.name)
-    finally:
-        store.close()
+    credentials = _with_store(args, lambda store: store.add_agent(args.name), create=True)
     if args.json:
         _print_json(dataclasses.asdict(credentials))
     else:
@@ -274,12 +316,11 @@ def _add_channel(args: argparse.Namespace) -> int:
     problem = validate_channel(args.address, args.bot)
     if problem is not None:
         return _fail(problem, EXIT_USAGE)
-    store = _open_store(args)
-    try:
-        agent = store.find_agent(args.agent)
-        channel = store.add_channel(agent.id, args.name, args.address, args.bot)
-    finally:
-        store.close()
+    async def work(store: HubStore) -> tuple[Any, Any]:
+        agent = await store.find_agent(args.agent)
+        return agent, await store.add_channel(agent.id, args.name, args.address, args.bot)
+
+    agent, channel = _with_store(args, work)
     if args.json:
         _print_json(channel_json(channel))
     else:
@@ -288,11 +329,10 @@ def _add_channel(args: argparse.Namespace) -> int:
 
 
 def _list_agents(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    try:
-        rows = [(agent, store.list_channels(agent.id)) for agent in store.list_agents()]
-    finally:
-        store.close()
+    async def work(store: HubStore) -> list[tuple[Any, list[Any]]]:
+        return [(agent, await store.list_channels(agent.id)) for agent in await store.list_agents()]
+
+    rows = _with_store(args, work)
     if args.json:
         _print_json({"agents": [{**agent_json(a), "channels": [channel_json(c) for c in cs]} for a, cs in rows]})
         return EXIT_OK
@@ -316,22 +356,22 @@ def _agent_rows(rows: list[tuple[Any, list[Any]]]) -> list[tuple[object, ...]]:
 
 
 def _messages(args: argparse.Namespace) -> int:
-    store = _open_store(args)
     try:
-        try:
-            query = MessageQuery(
-                agent_id=store.find_agent(args.agent).id if args.agent else None,
-                channel=args.channel, message_type=args.type, control_id=args.control_id,
-                status=MessageStatus(args.status) if args.status else None,
-                since=parse_instant_ms(args.since, "--since") if args.since else None,
-                until=parse_instant_ms(args.until, "--until") if args.until else None,
-                after_id=args.after, limit=args.limit, include_body=args.body,
-            )
-        except BadQuery as exc:
-            return _fail(str(exc), EXIT_USAGE)
-        page = store.query_messages(query)
-    finally:
-        store.close()
+        since = parse_instant_ms(args.since, "--since") if args.since else None
+        until = parse_instant_ms(args.until, "--until") if args.until else None
+    except BadQuery as exc:
+        return _fail(str(exc), EXIT_USAGE)
+
+    async def work(store: HubStore) -> Any:
+        query = MessageQuery(
+            agent_id=(await store.find_agent(args.agent)).id if args.agent else None,
+            channel=args.channel, message_type=args.type, control_id=args.control_id,
+            status=MessageStatus(args.status) if args.status else None, since=since, until=until,
+            after_id=args.after, limit=args.limit, include_body=args.body,
+        )
+        return await store.query_messages(query)
+
+    page = _with_store(args, work)
     if args.json:
         _print_json({"messages": [message_json(m) for m in page.messages], "next": page.next_after_id})
         return EXIT_OK
@@ -356,12 +396,11 @@ def _messages(args: argparse.Namespace) -> int:
 
 
 def _revoke_tokens(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    try:
-        agent = store.find_agent(args.agent)
-        generation = store.revoke_tokens(agent.id)
-    finally:
-        store.close()
+    async def work(store: HubStore) -> tuple[Any, int]:
+        agent = await store.find_agent(args.agent)
+        return agent, await store.revoke_tokens(agent.id)
+
+    agent, generation = _with_store(args, work)
     if args.json:
         _print_json({"agent_id": agent.id, "token_generation": generation})
     else:
@@ -372,11 +411,10 @@ def _revoke_tokens(args: argparse.Namespace) -> int:
 
 
 def _rotate_secret(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    try:
-        credentials = store.reset_client_secret(store.find_agent(args.agent).id)
-    finally:
-        store.close()
+    async def work(store: HubStore) -> Any:
+        return await store.reset_client_secret((await store.find_agent(args.agent)).id)
+
+    credentials = _with_store(args, work)
     if args.json:
         _print_json(dataclasses.asdict(credentials))
     else:
@@ -386,10 +424,54 @@ def _rotate_secret(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _migrate_store(args: argparse.Namespace) -> int:
+    from medagent.hub.store.copy import copy_store
+
+    source, target = _store_argument(args.source), _store_argument(args.target)
+    if source == target:
+        return _fail("FROM and TO name the same store", EXIT_USAGE)
+    if not is_postgres(source):
+        directory, name = sqlite_location(source, Path("."))
+        if not (directory / name).is_file():
+            return _fail(f"no hub store at {directory / name}", EXIT_USAGE)
+
+    async def work() -> int:
+        src = await open_store(source, Path("."))
+        try:
+            dst = await open_store(target, Path("."))
+            try:
+                print(f"copying {src.url} -> {dst.url}", flush=True)
+                report = await copy_store(src, dst, lambda line: print(line, flush=True), args.batch)
+            finally:
+                await dst.close()
+        finally:
+            await src.close()
+        for table, (src_rows, dst_rows, _) in report.tables.items():
+            print(f"verified {table}: {src_rows} in the source, {dst_rows} in the target", flush=True)
+        if report.mismatches:
+            return _fail("row counts differ after the copy: " + "; ".join(report.mismatches)
+                         + " (did the source change, or did the target hold another hub's rows?)", EXIT_FAILURE)
+        print("migrate-store: done; point the hub at the target with --store or [hub] store", flush=True)
+        return EXIT_OK
+
+    return asyncio.run(work())
+
+
+def _store_argument(text: str) -> str:
+    """A store URL, or a bare path taken as a SQLite store (a data directory or the file)."""
+    if "://" in text:
+        return text
+    return f"sqlite://{Path(text).resolve()}"
+
+
 def _add_user(args: argparse.Namespace) -> int:
     """Dashboard operator accounts live beside the hub's data: refuse a directory with none."""
-    _open_store(args).close()
+    _with_store(args, _nothing)
     return run_add_user(args)
+
+
+async def _nothing(store: HubStore) -> None:
+    """Opening the store is the check (it exists, it is reachable)."""
 
 
 _COMMANDS = {
@@ -402,6 +484,7 @@ _COMMANDS = {
     "add-channel": _add_channel,
     "list-agents": _list_agents,
     "messages": _messages,
+    "migrate-store": lambda args: _migrate_store(args),
 }
 
 

@@ -18,7 +18,7 @@ from medagent.hub.settings import HubSettings
 from medagent.hub.store import HubStore
 from medagent.hub.writer import StoreWriter
 
-__all__ = ["HubContext", "CTX_KEY", "CONNECTIONS_KEY"]
+__all__ = ["CONNECTIONS_KEY", "CTX_KEY", "HubContext"]
 
 
 @dataclass(frozen=True, slots=True)

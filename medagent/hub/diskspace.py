@@ -15,8 +15,10 @@ retention deleting rows makes room even though the file does not shrink.
 The watermark and its hysteresis are the shared ones of :mod:`medagent.storage.space` (the
 agent's queue uses the same): refuse below ``max(min_free_bytes, min_free_percent %)``, take
 messages again only above that plus a margin, so a disk hovering at the limit gives one state
-change, not one per message. The check is cached for ``CHECK_INTERVAL_S`` (a ``statvfs`` and
-two PRAGMAs per second, never per message). Each change of state is logged once.
+change, not one per message. The check is cached for ``CHECK_INTERVAL_S`` (a ``statvfs`` per
+second, never per message). The store's free pages are read off the event loop by
+:class:`FreePages` every ``CHECK_INTERVAL_S`` (the store is async; ``refusal()`` must not wait);
+a PostgreSQL store's files are not on this disk and count 0. Each change of state is logged once.
 
 Invariant: :meth:`DiskWatermark.refusal` returns ``None`` or a short reason without PHI; it
 never raises (a failing ``statvfs`` counts as "room", since refusing all intake on a probe
@@ -25,14 +27,15 @@ error would be worse than SQLite's own error path).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from medagent.storage.space import DiskSpace, FreeSpaceWatermark, disk_space
 
-__all__ = ["CHECK_INTERVAL_S", "LOW_DISK_ERROR", "DiskWatermark"]
+__all__ = ["CHECK_INTERVAL_S", "LOW_DISK_ERROR", "DiskWatermark", "FreePages"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,41 @@ CHECK_INTERVAL_S = 1.0
 LOW_DISK_ERROR = "Hub storage is nearly full"
 
 _MIB = 1024 * 1024
+
+
+class FreePages:
+    """The store's free-page bytes, refreshed by a task: ``free_pages()`` reads the last value."""
+
+    def __init__(self, read: Callable[[], Awaitable[int]], interval_s: float = CHECK_INTERVAL_S) -> None:
+        self._read = read
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.value = 0
+
+    def __call__(self) -> int:
+        return self.value
+
+    async def start(self) -> None:
+        """Read once now (so the first check counts them), then every ``interval_s``."""
+        await self._refresh()
+        self._task = asyncio.create_task(self._loop(), name="medagent-hub-free-pages")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        try:
+            self.value = await self._read()
+        except Exception as exc:  # noqa: BLE001 - keep the last value; the store's own errors surface elsewhere
+            log.debug("reading the store's free pages failed: %s", type(exc).__name__)
 
 
 class DiskWatermark:

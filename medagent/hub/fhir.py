@@ -12,8 +12,6 @@ resource is 404 with an OperationOutcome, as in Medplum.
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from medagent.hub.access import principal, require_admin
@@ -28,7 +26,7 @@ from medagent.hub.fhir_json import (
 )
 from medagent.hub.store import NotFound
 
-__all__ = ["add_fhir_routes", "FHIR_BASE"]
+__all__ = ["FHIR_BASE", "add_fhir_routes"]
 
 FHIR_BASE = "/fhir/R4"
 
@@ -39,31 +37,31 @@ def _forbidden(what: str) -> web.Response:
 
 async def read_agent(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    caller = principal(request)
+    caller = await principal(request)
     agent_id = request.match_info["id"]
     if not caller.may_read_agent(agent_id):
         return _forbidden(f"Agent/{agent_id}")
     try:
-        agent = ctx.store.get_agent(agent_id)
+        agent = await ctx.store.get_agent(agent_id)
     except NotFound:
         return error_response(404, f"Agent/{agent_id} not found", "not-found")
-    return fhir_response(agent_resource(agent, ctx.store.list_channels(agent_id)))
+    return fhir_response(agent_resource(agent, await ctx.store.list_channels(agent_id)))
 
 
 async def search_agents(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    caller = principal(request)
-    agents = ctx.store.list_agents(request.query.get("name"))
+    caller = await principal(request)
+    agents = await ctx.store.list_agents(request.query.get("name"))
     visible = [a for a in agents if caller.may_read_agent(a.id)]
-    return fhir_response(bundle([agent_resource(a, ctx.store.list_channels(a.id)) for a in visible]))
+    return fhir_response(bundle([agent_resource(a, await ctx.store.list_channels(a.id)) for a in visible]))
 
 
 async def read_endpoint(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    caller = principal(request)
+    caller = await principal(request)
     endpoint_id = request.match_info["id"]
     try:
-        channel = ctx.store.get_channel(endpoint_id)
+        channel = await ctx.store.get_channel(endpoint_id)
     except NotFound:
         return error_response(404, f"Endpoint/{endpoint_id} not found", "not-found")
     if not caller.may_read_agent(channel.agent_id):
@@ -73,23 +71,23 @@ async def read_endpoint(request: web.Request) -> web.Response:
 
 async def read_bot(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    caller = principal(request)
+    caller = await principal(request)
     bot_id = request.match_info["id"]
     try:
-        bot = ctx.store.get_bot(bot_id)
+        bot = await ctx.store.get_bot(bot_id)
     except NotFound:
         return error_response(404, f"Bot/{bot_id} not found", "not-found")
-    if caller.agent_id is not None and all(c.bot_id != bot_id for c in ctx.store.list_channels(caller.agent_id)):
+    if caller.agent_id is not None and all(c.bot_id != bot_id for c in await ctx.store.list_channels(caller.agent_id)):
         return _forbidden(f"Bot/{bot_id}")
     return fhir_response(bot_resource(bot))
 
 
 async def read_patient(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     patient_id = request.match_info["id"]
     try:
-        record = ctx.store.get_resource("Patient", patient_id)
+        record = await ctx.store.get_resource("Patient", patient_id)
     except NotFound:
         return error_response(404, f"Patient/{patient_id} not found", "not-found")
     return fhir_response(record.resource)
@@ -97,8 +95,8 @@ async def read_patient(request: web.Request) -> web.Response:
 
 async def search_patients(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
-    records = await asyncio.to_thread(ctx.store.find_resources, "Patient", request.query.get("identifier"))
+    await require_admin(request)
+    records = await ctx.store.find_resources("Patient", request.query.get("identifier"))
     return fhir_response(bundle([r.resource for r in records]))
 
 

@@ -60,6 +60,7 @@ from medagent.cloud.messages import (
 )
 from medagent.hub import hl7text
 from medagent.hub.botrunner import BotEvent, BotRunner, failure_outcome
+from medagent.hub.botstore import BotStore
 from medagent.hub.diskspace import CHECK_INTERVAL_S, DiskWatermark
 from medagent.hub.records import (
     AgentStatus,
@@ -83,6 +84,8 @@ log = logging.getLogger(__name__)
 
 AGENT_OFF_ERROR = "Agent.status is currently set to off"
 CHANNEL_NOT_FOUND = "Channel not found"
+#: a message with a NUL character, on a store that cannot keep one (PostgreSQL text)
+NUL_REFUSED = "The message contains a NUL character, which this hub's store cannot keep"
 _WORKER_GROUP_MAX = 1000
 #: How long agent status and channel -> bot lookups are reused.
 LOOKUP_TTL_S = 1.0
@@ -150,6 +153,7 @@ class ChannelDispatcher:
     def __init__(self, store: HubStore, writer: StoreWriter, bots: BotRunner,
                  registry: AgentRegistry[Connection], backlog_limit: int, disk: DiskWatermark | None = None) -> None:
         self._store = store
+        self._bot_store = BotStore(store, asyncio.get_running_loop())
         #: the free-space watermark every connection's intake checks before storing
         self.disk = disk
         self._writer = writer
@@ -194,7 +198,7 @@ class ChannelDispatcher:
                 event = BotEvent(
                     input=job.message.body, header=job.header, content_type=job.message.content_type,
                     agent_id=agent_id, channel=job.message.channel, remote=job.message.remote,
-                    callback=job.message.callback, received_at=job.message.received_at, store=self._store,
+                    callback=job.message.callback, received_at=job.message.received_at, store=self._bot_store,
                 )
                 if job.bot is None:
                     outcome = failure_outcome(event, "AR", job.refusal or "no bot for this channel")
@@ -282,7 +286,7 @@ class IntakePipeline:
         requests = [r for frame, _ in group for r in frame]
         seqs = [seq for _, seq in group if seq is not None]
         committed, replies = True, []
-        if requests and not self._agent_active():
+        if requests and not await self._agent_active():
             replies = [ErrorMessage(AGENT_OFF_ERROR, r.callback) for r in requests]
             self._backlog.release(len(requests))
         elif requests:
@@ -303,12 +307,12 @@ class IntakePipeline:
         while disk.refusal() is not None:  # ends with room, or when close() cancels this task
             await asyncio.sleep(CHECK_INTERVAL_S)
 
-    def _agent_active(self) -> bool:
+    async def _agent_active(self) -> bool:
         now = time.monotonic()
         if now < self._active_until and self._active_generation == self._store.config_generation:
             return True
         try:
-            active = self._store.get_agent(self.agent_id).status is AgentStatus.ACTIVE
+            active = (await self._store.get_agent(self.agent_id)).status is AgentStatus.ACTIVE
         except NotFound:
             return False
         if active:
@@ -328,9 +332,14 @@ class IntakePipeline:
                 self._backlog.release()
                 continue
             if r.channel not in channels:
-                channels[r.channel] = self._channel_bot(r.channel)
+                channels[r.channel] = await self._channel_bot(r.channel)
             if channels[r.channel] is None:
                 replies.append(ErrorMessage(CHANNEL_NOT_FOUND, r.callback))
+                self._backlog.release()
+                continue
+            if not self._store.stores_nul and "\x00" in f"{r.body}{r.remote}{r.callback}{r.duplicate_of}":
+                # PostgreSQL text cannot hold NUL: refuse this message alone, not the whole round
+                replies.append(ErrorMessage(NUL_REFUSED, r.callback))
                 self._backlog.release()
                 continue
             header = hl7text.scan_header(r.body) if r.content_type == CONTENT_TYPE_HL7_V2 else None
@@ -354,11 +363,11 @@ class IntakePipeline:
                 ErrorMessage(f"The hub could not store the message ({type(exc).__name__}); resend it", m.callback)
                 for m in incoming
             ]
-        jobs = self._jobs(incoming, headers, results, replies)
+        jobs = await self._jobs(incoming, headers, results, replies)
         self._dispatcher.submit(jobs)
         return True, replies
 
-    def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
+    async def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
               replies: list[AgentMessage]) -> list[BotJob]:
         jobs: list[BotJob] = []
         channels = self._channels()
@@ -373,7 +382,7 @@ class IntakePipeline:
                     self._backlog.release()  # the first copy is being answered right now
                     continue
             if message.channel not in channels:  # the cache expired while the group was stored
-                channels[message.channel] = self._channel_bot(message.channel)
+                channels[message.channel] = await self._channel_bot(message.channel)
             found = channels[message.channel]
             bot, refusal = found if found is not None else (None, CHANNEL_NOT_FOUND)
             inflight.add(message.callback)
@@ -388,8 +397,8 @@ class IntakePipeline:
             self._bots_generation = self._store.config_generation
         return self._bots
 
-    def _channel_bot(self, channel: str) -> tuple[str | None, str | None] | None:
-        found = self._store.channel_bot(self.agent_id, channel)
+    async def _channel_bot(self, channel: str) -> tuple[str | None, str | None] | None:
+        found = await self._store.channel_bot(self.agent_id, channel)
         if found is None:
             return None
         record, bot = found

@@ -106,7 +106,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
     wait = limits.per_client.take(client_id)
     if wait:
         return _too_many("client", client_id, wait)
-    found = ctx.store.client_secret_hash(client_id)
+    found = await ctx.store.client_secret_hash(client_id)
     stored_hash = found[1] if found else _dummy_hash()
     matches = await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, stored_hash)
     if found is None or not matches:

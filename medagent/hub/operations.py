@@ -175,7 +175,7 @@ async def op_push(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> 
         raise OperationError(400, "body is required and must be a string")
     wait = _truthy(params.get("waitForResponse"))
     timeout_s = _PUSH_TIMEOUT.seconds(params.get("waitTimeout"), "waitTimeout")
-    if ctx.store.get_agent(agent_id).status is not AgentStatus.ACTIVE and content_type != CONTENT_TYPE_PING:
+    if (await ctx.store.get_agent(agent_id)).status is not AgentStatus.ACTIVE and content_type != CONTENT_TYPE_PING:
         raise OperationError(400, AGENT_OFF_ERROR)
 
     def request(callback: str | None) -> TransmitRequest:
@@ -206,11 +206,11 @@ def _status_parameters(ctx: HubContext, agent_id: str) -> dict[str, Any]:
 
 
 async def op_status(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> web.StreamResponse:
-    ctx.store.get_agent(agent_id)
+    await ctx.store.get_agent(agent_id)
     return fhir_response(_status_parameters(ctx, agent_id))
 
 
-def _search_agents(ctx: HubContext, query: Mapping[str, str]) -> list[AgentRecord]:
+async def _search_agents(ctx: HubContext, query: Mapping[str, str]) -> list[AgentRecord]:
     """Medplum's Agent search parameters that this hub can answer (name, status, _count)."""
     known = {"name", "status", "identifier", "_tag", "_count"}
     unknown = sorted(set(query) - known)
@@ -226,7 +226,7 @@ def _search_agents(ctx: HubContext, query: Mapping[str, str]) -> list[AgentRecor
     if query.get("identifier") or query.get("_tag"):
         return []  # this hub's agents carry no identifiers or tags
     name = query.get("name")
-    agents = [a for a in ctx.store.list_agents()
+    agents = [a for a in await ctx.store.list_agents()
               if name is None or a.name.lower().startswith(name.lower())]  # FHIR string search: prefix, any case
     status = query.get("status")
     if status:
@@ -236,12 +236,12 @@ def _search_agents(ctx: HubContext, query: Mapping[str, str]) -> list[AgentRecor
 
 async def op_bulk_status(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     try:
-        agents = _search_agents(ctx, request.query)
+        agents = await _search_agents(ctx, request.query)
     except OperationError as exc:
         return error_response(exc.status, str(exc), exc.code)
-    entries = [parameters(agent=("resource", agent_resource(a, ctx.store.list_channels(a.id))),
+    entries = [parameters(agent=("resource", agent_resource(a, await ctx.store.list_channels(a.id))),
                           result=("resource", _status_parameters(ctx, a.id)))
                for a in agents]
     return fhir_response(bundle(entries, "collection"))
@@ -249,11 +249,11 @@ async def op_bulk_status(request: web.Request) -> web.StreamResponse:
 
 async def hub_metrics(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     by_status: dict[str, int] = {}
     versions: dict[str, int] = {}
     connected = 0
-    for agent in ctx.store.list_agents():
+    for agent in await ctx.store.list_agents():
         by_status[agent.status.value] = by_status.get(agent.status.value, 0) + 1
         presence = ctx.registry.presence(agent.id)
         if presence.connected:
@@ -264,7 +264,7 @@ async def hub_metrics(request: web.Request) -> web.StreamResponse:
 
 async def op_reload_config(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> web.StreamResponse:
     timeout_s = _RELOAD_TIMEOUT.seconds(params.get("timeout"), "timeout")
-    ctx.store.get_agent(agent_id)
+    await ctx.store.get_agent(agent_id)
     _fail_on_error(await _ask(ctx, agent_id, lambda cb: ReloadConfigRequest(cb), timeout_s))
     return all_ok()
 
@@ -273,7 +273,7 @@ async def op_upgrade(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) 
     timeout_s = _UPGRADE_TIMEOUT.seconds(params.get("timeout"), "timeout")
     version = params.get("version")
     force = _truthy(params.get("force")) if params.get("force") is not None else None
-    ctx.store.get_agent(agent_id)
+    await ctx.store.get_agent(agent_id)
     request = lambda cb: UpgradeRequest(version=str(version) if version else None, force=force, callback=cb)
     _fail_on_error(await _ask(ctx, agent_id, request, timeout_s))
     return all_ok()
@@ -286,7 +286,7 @@ async def op_fetch_logs(ctx: HubContext, agent_id: str, params: Mapping[str, Any
     except (TypeError, ValueError):
         raise OperationError(400, "limit must be an integer") from None
     timeout_s = _QUERY_TIMEOUT.seconds(params.get("timeout"), "timeout")
-    ctx.store.get_agent(agent_id)
+    await ctx.store.get_agent(agent_id)
     reply = await _ask(ctx, agent_id, lambda cb: LogsRequest(limit=limit, callback=cb), timeout_s)
     _fail_on_error(reply)
     if not isinstance(reply, LogsResponse):
@@ -297,7 +297,7 @@ async def op_fetch_logs(ctx: HubContext, agent_id: str, params: Mapping[str, Any
 
 async def op_stats(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> web.StreamResponse:
     timeout_s = _QUERY_TIMEOUT.seconds(params.get("timeout"), "timeout")
-    ctx.store.get_agent(agent_id)
+    await ctx.store.get_agent(agent_id)
     reply = await _ask(ctx, agent_id, lambda cb: StatsRequest(cb), timeout_s)
     _fail_on_error(reply)
     if not isinstance(reply, StatsResponse):
@@ -320,7 +320,7 @@ OPERATIONS: dict[str, tuple[frozenset[str], _Operation]] = {
 
 async def agent_operation(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
-    require_admin(request)
+    await require_admin(request)
     name, agent_id = request.match_info["operation"], request.match_info["id"]
     entry = OPERATIONS.get(name)
     if entry is None:

@@ -121,10 +121,10 @@ class ReleaseRegistry:
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
-def _registry(request: web.Request) -> ReleaseRegistry:
+async def _registry(request: web.Request) -> ReleaseRegistry:
     from medagent.hub.access import principal  # the hub's auth; imported here to keep the CLI light
 
-    principal(request)  # any valid token: agents fetch releases, the operator lists them
+    await principal(request)  # any valid token: agents fetch releases, the operator lists them
     return request.app[RELEASES_KEY]
 
 
@@ -133,12 +133,12 @@ def _with_url(request: web.Request, record: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_releases(request: web.Request) -> web.Response:
-    registry = _registry(request)
+    registry = await _registry(request)
     return web.json_response({"releases": [_with_url(request, r) for r in registry.records()]})
 
 
 async def get_release(request: web.Request) -> web.Response:
-    registry = _registry(request)
+    registry = await _registry(request)
     version = request.match_info["version"]
     record = registry.get(version) if version == "latest" or VERSION.match(version) else None
     if record is None:
@@ -147,7 +147,7 @@ async def get_release(request: web.Request) -> web.Response:
 
 
 async def get_wheel(request: web.Request) -> web.StreamResponse:
-    registry = _registry(request)
+    registry = await _registry(request)
     version = request.match_info["version"]
     record = registry.get(version) if VERSION.match(version) else None
     if record is None:

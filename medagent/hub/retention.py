@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-Every ``interval_s`` a pass runs on the event loop thread (the thread whose store connection
-also does the intake's group commits, so retention never waits on SQLite's writer lock and
-intake never waits on retention's). A pass is a sequence of *steps*; each step is ONE short
-transaction over at most ``batch_rows`` rows, and the pass yields to the event loop between
-steps — for as long as the step took (at most 50 ms), so retention uses at most half of the
-loop and its WAL writes leave the checkpointer time to keep the WAL short. The rows per step
+Every ``interval_s`` a pass runs as a task on the event loop; its steps are awaited store calls
+(SQLite: where the intake's group commit runs — inline on the loop thread by default — so
+retention never waits on SQLite's writer lock and intake never waits on retention's;
+PostgreSQL: on the server). A pass is a sequence of *steps*; each step is ONE short transaction
+over at most ``batch_rows`` rows, and the pass rests between steps — for as long as the step took (at most 50 ms), so retention takes at most
+half of the writer's time and its WAL writes leave the checkpointer time to keep the WAL short. The rows per step
 adapt to the time a step takes (halved above ``TARGET_STEP_S`` = 10 ms, grown back up to
 ``retention_batch_rows`` when fast), so a slow disk or a busy machine gets smaller steps. A pass never holds
 the loop longer than one step (measured: see docs/hub.md, "Retention and disk use"). Steps, in
@@ -18,7 +18,8 @@ order:
 2. **age, bodies**: blank the message and reply bodies (the PHI) of that channel's remaining
    messages older than ``body_max_age_s`` (rows first, so no body is blanked just before its
    row goes: that halved a pass's writes; a body is still never kept longer than its row);
-3. **size**: while the live size of ``hub.sqlite3`` (its pages less the free ones) exceeds
+3. **size**: while the live size of the store (``hub.sqlite3``: its pages less the free ones;
+   PostgreSQL: the live rows' bytes) exceeds
    ``retention_max_bytes``, delete the oldest rows (all channels). Not bodies first here: a
    blanked body does not give its page back (rows stay in their b-tree leaf, and new rows go to
    the right-most leaf, never into the holes) — measured: blanking 300 bodies of 1.5 KB freed
@@ -41,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from medagent.hub.records import RetentionPolicy
@@ -124,7 +125,7 @@ class RetentionWorker:
         purged_before, deleted_before = self.stats.bodies_purged, self.stats.messages_deleted
         budget = [MAX_STEPS_PER_PASS]
         now = self._clock()
-        for channel in self._store.message_channels():
+        for channel in await self._store.message_channels():
             policy = self.policy_of(channel)
             if policy.max_age_s is not None:
                 cutoff = now - int(policy.max_age_s * 1000)
@@ -147,17 +148,17 @@ class RetentionWorker:
 
     async def _enforce_size(self, budget: list[int]) -> None:
         assert self._max_bytes is not None
-        while budget[0] > 0 and self._store.live_bytes() > self._max_bytes:
+        while budget[0] > 0 and await self._store.live_bytes() > self._max_bytes:
             done, _ = await self._step(self._store.delete_oldest_messages, "messages_deleted", budget)
             if not done:
                 return  # nothing left to remove: the budget is below what the schema itself takes
 
-    async def _drain(self, step: Callable[[int], int], counter: str, budget: list[int]) -> None:
+    async def _drain(self, step: Callable[[int], Awaitable[int]], counter: str, budget: list[int]) -> None:
         """Repeat ``step`` until it changes fewer rows than it was allowed to."""
         while budget[0] > 0 and (await self._step(step, counter, budget))[1]:
             pass
 
-    async def _step(self, step: Callable[[int], int], counter: str, budget: list[int]) -> tuple[int, bool]:
+    async def _step(self, step: Callable[[int], Awaitable[int]], counter: str, budget: list[int]) -> tuple[int, bool]:
         """One transaction of at most ``self.batch`` rows; ``(rows changed, was the batch full)``.
 
         The batch adapts to the step's time: halved when a step took longer than
@@ -167,7 +168,7 @@ class RetentionWorker:
         budget[0] -= 1
         limit = self.batch
         started = time.perf_counter()
-        done = step(limit)
+        done = await step(limit)
         took = time.perf_counter() - started
         setattr(self.stats, counter, getattr(self.stats, counter) + done)
         self.stats.longest_step_s = max(self.stats.longest_step_s, took)

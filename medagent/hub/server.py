@@ -46,7 +46,7 @@ from medagent.hub.botrunner import BotRunner
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
 from medagent.hub.dashboard import add_dashboard_routes
 from medagent.hub.dicomweb import add_dicomweb_routes
-from medagent.hub.diskspace import DiskWatermark
+from medagent.hub.diskspace import DiskWatermark, FreePages
 from medagent.hub.fhir import add_fhir_routes
 from medagent.hub.httplog import HttpErrorLog
 from medagent.hub.intake import ChannelDispatcher
@@ -55,7 +55,7 @@ from medagent.hub.operations import add_operation_routes
 from medagent.hub.registry import AgentRegistry, Connection, PendingReplies
 from medagent.hub.retention import RetentionWorker
 from medagent.hub.settings import HubSettings
-from medagent.hub.store import HubStore
+from medagent.hub.store import HubStore, open_store
 from medagent.hub.websocket import handle_agent_websocket
 from medagent.hub.writer import StoreWriter
 from medagent.storage.files import ensure_private_dir, tighten_file
@@ -80,6 +80,7 @@ class HubServer:
         self._runner: web.AppRunner | None = None
         self._app: web.Application | None = None
         self._retention: RetentionWorker | None = None
+        self._free_pages: FreePages | None = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -131,16 +132,19 @@ class HubServer:
             raise RuntimeError("the hub is already started")
         ensure_private_dir(self.data_dir)
         tighten_file(self.data_dir / LOG_FILE)  # opened by a parent process, maybe under umask 022
-        store = HubStore(self.data_dir)
+        store = await open_store(self.settings.store, self.data_dir, pool_size=self.settings.store_pool_size)
         try:
-            ctx = self._build_context(store)
+            ctx = await self._build_context(store)
             app = self._build_app(ctx)
             runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=HttpErrorLog())
             await runner.setup()
             site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=self._ssl_context())
             await site.start()
         except BaseException:
-            store.close()
+            if self._free_pages is not None:
+                await self._free_pages.stop()
+                self._free_pages = None
+            await store.close()
             raise
         self._ctx, self._app, self._runner = ctx, app, runner
         settings = self.settings
@@ -149,18 +153,22 @@ class HubServer:
                                           settings.retention_batch_rows)
         self._retention.start()
         self.port = _bound_port(runner, self.settings.port)
-        log.info("medagent hub %s listening on %s (data in %s)", __version__, self.url, self.data_dir)
+        log.info("medagent hub %s listening on %s (data in %s, store %s)", __version__, self.url, self.data_dir,
+                 store.url)
 
-    def _build_context(self, store: HubStore) -> HubContext:
+    async def _build_context(self, store: HubStore) -> HubContext:
         settings = self.settings
         key = bytes.fromhex(load_or_create_secret_file(self.data_dir / SIGNING_KEY_FILE, secrets.token_hex(32).encode()).decode())
         admin_token = settings.admin_token or load_or_create_secret_file(
             self.data_dir / ADMIN_TOKEN_FILE, secrets.token_urlsafe(32).encode()
         ).decode()
         writer = StoreWriter(store)
+        await writer.start()
         bots = BotRunner(settings.bot_workers, settings.bot_timeout_s)
         registry: AgentRegistry[Connection] = AgentRegistry()
-        disk = DiskWatermark(self.data_dir, settings.min_free_bytes, settings.min_free_percent, store.free_page_bytes)
+        self._free_pages = FreePages(store.free_page_bytes)
+        await self._free_pages.start()
+        disk = DiskWatermark(self.data_dir, settings.min_free_bytes, settings.min_free_percent, self._free_pages)
         dispatcher = ChannelDispatcher(store, writer, bots, registry, settings.max_backlog_messages, disk)  # type: ignore[arg-type]
         signer = TokenSigner(key, settings.token_ttl_s, store.token_generation)
         return HubContext(settings, store, writer, signer, bots, registry, PendingReplies(), dispatcher, admin_token)
@@ -194,14 +202,17 @@ class HubServer:
         if self._retention is not None:
             await self._retention.stop()
             self._retention = None
+        if self._free_pages is not None:
+            await self._free_pages.stop()
+            self._free_pages = None
         connections = list(app[CONNECTIONS_KEY])
         await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
         ctx.pending.cancel_all()
         await ctx.dispatcher.close()
         await runner.cleanup()
         ctx.bots.close()
-        await asyncio.to_thread(ctx.writer.close)
-        ctx.store.close()
+        await ctx.writer.close()
+        await ctx.store.close()
         log.info("medagent hub stopped")
 
     async def __aenter__(self) -> HubServer:

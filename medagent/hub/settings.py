@@ -24,6 +24,11 @@ class HubSettings:
     """
 
     data_dir: Path
+    #: the store (medagent.hub.store.open_store): None = hub.sqlite3 in data_dir,
+    #: sqlite:///path, or postgresql://user@host:port/db (docs/hub-store.md)
+    store: str | None = None
+    #: connections of a PostgreSQL store's pool (one is the hot path's writer at a time)
+    store_pool_size: int = 10
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     tls_cert: Path | None = None
@@ -75,6 +80,7 @@ class HubSettings:
             "token_requests_per_address_per_min": self.token_requests_per_address_per_min,
             "token_burst_per_address": self.token_burst_per_address,
             "retention_interval_s": self.retention_interval_s, "retention_batch_rows": self.retention_batch_rows,
+            "store_pool_size": self.store_pool_size,
         }
         for name, value in positives.items():
             if value <= 0:

@@ -50,13 +50,13 @@ from medagent.proto.agent_session import (
 )
 
 __all__ = [
+    "INVALID_ACCESS_TOKEN",
+    "MISSING_ACCESS_TOKEN",
+    "MISSING_AGENT_ID",
+    "NOT_CONNECTED",
     "AgentConnection",
     "ConnectionState",
     "handle_agent_websocket",
-    "MISSING_ACCESS_TOKEN",
-    "MISSING_AGENT_ID",
-    "INVALID_ACCESS_TOKEN",
-    "NOT_CONNECTED",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,15 +157,15 @@ class AgentConnection:
             elif kind is core.HeartbeatAnswered:
                 self._ctx.registry.touch(session.agent_id, event.version)  # type: ignore
             elif kind is core.ConnectRequested:
-                self._on_connect(event)  # type: ignore[arg-type]
+                await self._on_connect(event)  # type: ignore[arg-type]
             elif kind is core.Violation:
                 log.info("agent %s (%s): %s (%d bytes), answered with agent:error", self.agent_id, self.peer,
                          event.problem, event.size)  # type: ignore[union-attr]
         await self._flush()
 
-    def _on_connect(self, request: core.ConnectRequested) -> None:
+    async def _on_connect(self, request: core.ConnectRequested) -> None:
         agent_id = request.agent_id
-        if not self._token_allows(request.access_token, agent_id):
+        if not await self._token_allows(request.access_token, agent_id):
             self._core.refuse(INVALID_ACCESS_TOKEN)
             return
         if self._intake is None:
@@ -177,10 +177,10 @@ class AgentConnection:
         self._core.accept(agent_id, features, request.callback)
         log.info("agent %s connected from %s", agent_id, self.peer)
 
-    def _token_allows(self, token: str, agent_id: str) -> bool:
+    async def _token_allows(self, token: str, agent_id: str) -> bool:
         try:
-            claims = self._ctx.signer.verify(token)
-            self._ctx.store.get_agent(agent_id)
+            claims = await self._ctx.signer.verify_current(token)
+            await self._ctx.store.get_agent(agent_id)
         except (AuthError, NotFound):
             return False
         return claims.agent_id == agent_id

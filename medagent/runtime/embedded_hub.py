@@ -23,6 +23,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -114,44 +115,50 @@ class EmbeddedHub:
 
     # -- provisioning ------------------------------------------------------------------------------
     def _provision(self) -> HubCredentials:
-        from medagent.hub.store import HubStore
+        """On a thread of its own (the agent's loop must not wait on the hub's store)."""
+        return asyncio.run(self._provision_store())
 
-        store = HubStore(self.data_dir)
+    async def _provision_store(self) -> HubCredentials:
+        from medagent.hub.store import (
+            open_store,  # only a process with an embedded hub loads the store
+        )
+
+        store = await open_store(self._config.hub.store, self.data_dir)
         try:
-            agent_id, client_id, client_secret = self._agent_credentials(store)
-            self._sync_channels(store, agent_id)
+            agent_id, client_id, client_secret = await self._agent_credentials(store)
+            await self._sync_channels(store, agent_id)
         finally:
-            store.close()
+            await store.close()
         return HubCredentials(self.base_url, agent_id, client_id, client_secret)
 
-    def _agent_credentials(self, store: object) -> tuple[str, str, str]:
+    async def _agent_credentials(self, store: Any) -> tuple[str, str, str]:
         path = self.data_dir / CREDENTIALS_FILENAME
-        known = {a.id for a in store.list_agents(EMBEDDED_AGENT_NAME)}  # type: ignore[attr-defined]
+        known = {a.id for a in await store.list_agents(EMBEDDED_AGENT_NAME)}
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("agent_id") in known:
                 return saved["agent_id"], saved["client_id"], saved["client_secret"]
         if known:
-            creds = store.reset_client_secret(next(iter(known)))  # type: ignore[attr-defined]
+            creds = await store.reset_client_secret(next(iter(known)))
         else:
-            creds = store.add_agent(EMBEDDED_AGENT_NAME)  # type: ignore[attr-defined]
+            creds = await store.add_agent(EMBEDDED_AGENT_NAME)
         document = {"agent_id": creds.agent_id, "client_id": creds.client_id, "client_secret": creds.client_secret}
         write_private_file(path, json.dumps(document, indent=2).encode())
         return creds.agent_id, creds.client_id, creds.client_secret
 
-    def _sync_channels(self, store: object, agent_id: str) -> None:
+    async def _sync_channels(self, store: Any, agent_id: str) -> None:
         """Make the hub's channel list of the embedded agent equal to the configuration's."""
-        current = {c.name: c for c in store.list_channels(agent_id)}  # type: ignore[attr-defined]
+        current = {c.name: c for c in await store.list_channels(agent_id)}
         wanted = {c.name: c for c in self._config.channels}
         for name, channel in current.items():
             if name not in wanted:
-                store.remove_channel(channel.id)  # type: ignore[attr-defined]
+                await store.remove_channel(channel.id)
         for name, cfg in wanted.items():
             existing = current.get(name)
             if existing is None:
-                store.add_channel(agent_id, name, cfg.endpoint.url, cfg.bot)  # type: ignore[attr-defined]
+                await store.add_channel(agent_id, name, cfg.endpoint.url, cfg.bot)
             else:
-                store.update_channel(existing.id, address=cfg.endpoint.url, bot=cfg.bot)  # type: ignore[attr-defined]
+                await store.update_channel(existing.id, address=cfg.endpoint.url, bot=cfg.bot)
 
     # -- the child process ---------------------------------------------------------------------------
     def _command(self) -> list[str]:
@@ -168,6 +175,8 @@ class EmbeddedHub:
         env = dict(os.environ)
         if self._config.hub.admin_token:
             env["MEDAGENT_HUB_ADMIN_TOKEN"] = self._config.hub.admin_token
+        if self._config.hub.store:  # in the environment, not argv: the URL may carry a password
+            env["MEDAGENT_HUB_STORE"] = self._config.hub.store
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)  # data files 0600 whatever the umask (an older log may be wider)
         with os.fdopen(fd, "ab") as log_file:

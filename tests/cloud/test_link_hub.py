@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from engines.postgres import postgres_server, postgres_url, store_url  # noqa: F401 - fixtures
 from test_link_medplum import ADT, RecordingHandler, eventually, no_proxy_env  # noqa: F401 (autouse)
 
 from medagent import __version__
@@ -26,8 +27,9 @@ ACK_BOT = "medagent.hub.bots.ack:handler"
 
 
 @pytest.fixture
-async def hub(tmp_path: Path) -> AsyncIterator[HubServer]:
-    server = HubServer(HubSettings(data_dir=tmp_path / "hub", port=0, heartbeat_interval_s=30.0))
+async def hub(tmp_path: Path, store_url: str | None) -> AsyncIterator[HubServer]:  # noqa: F811 - the fixture
+    """The hub on each store engine (SQLite, PostgreSQL: tests/engines/postgres.py)."""
+    server = HubServer(HubSettings(data_dir=tmp_path / "hub", store=store_url, port=0, heartbeat_interval_s=30.0))
     await server.start()
     try:
         yield server
@@ -36,9 +38,9 @@ async def hub(tmp_path: Path) -> AsyncIterator[HubServer]:
 
 
 @pytest.fixture
-def agent(hub: HubServer) -> AgentCredentials:
-    credentials = hub.store.add_agent("lab")
-    hub.store.add_channel(credentials.agent_id, "adt-in", "mllp://0.0.0.0:2575", ACK_BOT)
+async def agent(hub: HubServer) -> AgentCredentials:
+    credentials = await hub.store.add_agent("lab")
+    await hub.store.add_channel(credentials.agent_id, "adt-in", "mllp://0.0.0.0:2575", ACK_BOT)
     return credentials
 
 
@@ -100,7 +102,7 @@ async def test_transmits_are_confirmed_and_answered(hub: HubServer, agent: Agent
             assert 1 < stats["batches_sent"] < len(sent)  # several messages per frame
         else:
             assert stats["batches_sent"] == 0
-        stored = hub.store.get_message(sent[-1].callback)  # type: ignore[arg-type]
+        stored = await hub.store.get_message(sent[-1].callback)  # type: ignore[arg-type]
         assert stored.channel == "adt-in"
 
 
@@ -128,13 +130,14 @@ async def test_heartbeat_request_and_rest_reads(hub: HubServer, agent: AgentCred
         assert resource["resourceType"] == "Agent" and resource["id"] == agent.agent_id
 
 
-async def test_reconnects_when_the_hub_restarts(hub: HubServer, agent: AgentCredentials, tmp_path: Path) -> None:
+async def test_reconnects_when_the_hub_restarts(hub: HubServer, agent: AgentCredentials, tmp_path: Path,
+                                                store_url: str | None) -> None:  # noqa: F811 - the fixture
     handler = RecordingHandler()
     async with running_link(hub, agent, handler) as link:
         port = hub.port
         await hub.stop()
         await eventually(lambda: len(handler.downs) == 1, what="on_down")
-        restarted = HubServer(HubSettings(data_dir=tmp_path / "hub", port=port, heartbeat_interval_s=30.0))
+        restarted = HubServer(HubSettings(data_dir=tmp_path / "hub", store=store_url, port=port, heartbeat_interval_s=30.0))
         await restarted.start()
         try:
             await eventually(lambda: len(handler.lives) == 2 and link.live, what="live again")

@@ -1,4 +1,5 @@
-"""Fixtures of the dashboard tests: a real HubServer on 127.0.0.1:0 in a temporary directory."""
+"""Fixtures of the dashboard tests: a real HubServer on 127.0.0.1:0 in a temporary directory, on
+each store engine."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from dashsupport import PROXY_VARIABLES, DashboardClient
+from engines.postgres import postgres_server, postgres_url, store_url  # noqa: F401 - fixtures
 
 from medagent.hub import AgentCredentials, HubServer, HubSettings
 
@@ -22,8 +24,10 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def hub(tmp_path: Path) -> AsyncIterator[HubServer]:
-    server = HubServer(HubSettings(data_dir=tmp_path / "hub", port=0, heartbeat_interval_s=30.0, bot_timeout_s=2.0))
+async def hub(tmp_path: Path, store_url: str | None) -> AsyncIterator[HubServer]:  # noqa: F811 - the fixture
+    """A hub on each store engine (SQLite, PostgreSQL: tests/engines/postgres.py)."""
+    server = HubServer(HubSettings(data_dir=tmp_path / "hub", store=store_url, port=0, heartbeat_interval_s=30.0,
+                                   bot_timeout_s=2.0))
     await server.start()
     try:
         yield server
@@ -32,11 +36,11 @@ async def hub(tmp_path: Path) -> AsyncIterator[HubServer]:
 
 
 @pytest.fixture
-def agent(hub: HubServer) -> AgentCredentials:
+async def agent(hub: HubServer) -> AgentCredentials:
     """Agent 'lab': channel adt (the ACK bot) and channel broken (a bot that cannot be imported)."""
-    credentials = hub.store.add_agent("lab")
-    hub.store.add_channel(credentials.agent_id, "adt", "mllp://0.0.0.0:2575", ACK_BOT)
-    hub.store.add_channel(credentials.agent_id, "broken", "mllp://0.0.0.0:2576", MISSING_BOT)
+    credentials = await hub.store.add_agent("lab")
+    await hub.store.add_channel(credentials.agent_id, "adt", "mllp://0.0.0.0:2575", ACK_BOT)
+    await hub.store.add_channel(credentials.agent_id, "broken", "mllp://0.0.0.0:2576", MISSING_BOT)
     return credentials
 
 

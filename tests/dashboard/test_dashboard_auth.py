@@ -124,7 +124,7 @@ async def test_a_stolen_cookie_value_is_useless_after_logout(hub: HubServer, adm
 
 
 async def test_posts_need_the_session_csrf_token(hub: HubServer, agent: object, admin: DashboardClient) -> None:
-    agent_id = hub.store.list_agents()[0].id
+    agent_id = (await hub.store.list_agents())[0].id
     for forged in ("", "forged-token", admin.csrf[:-1]):
         response = await admin.post(f"/dashboard/agents/{agent_id}/reload", csrf=forged)
         assert response.status == 403, forged

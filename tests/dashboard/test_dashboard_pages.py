@@ -20,17 +20,17 @@ from medagent.hub.records import MessageQuery, MessageStatus
 ACK_BOT = "medagent.hub.bots.ack:handler"
 
 
-def _stored(hub: HubServer, **query: object) -> list:
-    return list(hub.store.query_messages(MessageQuery(limit=1000, **query)).messages)  # type: ignore[arg-type]
+async def _stored(hub: HubServer, **query: object) -> list:
+    return list((await hub.store.query_messages(MessageQuery(limit=1000, **query))).messages)  # type: ignore[arg-type]
 
 
 async def _send(hub: HubServer, link: object, agent: AgentCredentials, channel: str, count: int, start: int = 0) -> None:
-    before = len(_stored(hub, channel=channel))
+    before = len(await _stored(hub, channel=channel))
     for message in transmits(agent.agent_id, channel, count, start):
         assert link.send_transmit(message)  # type: ignore[attr-defined]
 
-    def processed() -> bool:
-        rows = _stored(hub, channel=channel)
+    async def processed() -> bool:
+        rows = await _stored(hub, channel=channel)
         return len(rows) >= before + count and all(r.processed_at is not None for r in rows)
 
     await eventually(processed, what=f"{count} processed messages on {channel}")
@@ -124,7 +124,7 @@ async def test_messages_search_detail_body_on_click_and_audited(hub: HubServer, 
     bad = await admin.get("/dashboard/messages?since=yesterday")
     assert bad.status == 400 and "since must be" in await bad.text()
 
-    message_id = _stored(hub, control_id="MSG00007")[0].id
+    message_id = (await _stored(hub, control_id="MSG00007"))[0].id
     detail = await admin.page(f"/dashboard/messages/{message_id}")
     assert "MSG00007" in detail and "ADT^A01^ADT_A01" in detail and "processed" in detail
     assert "SECRET-MRN" not in detail and 'id="show-body"' in detail
@@ -144,7 +144,7 @@ async def test_retry_runs_the_bot_again_through_the_hub_dispatcher(hub: HubServe
     async with running_link(hub, agent, RuntimeLikeHandler()) as link:
         await _send(hub, link, agent, "broken", 1)
         await _send(hub, link, agent, "adt", 1)
-    failed = _stored(hub, status=MessageStatus.ERROR)
+    failed = await _stored(hub, status=MessageStatus.ERROR)
     assert len(failed) == 1 and "dashboard_no_such_module" in (failed[0].error or "")
     target = failed[0]
     detail = await admin.page(f"/dashboard/messages/{target.id}")
@@ -152,15 +152,15 @@ async def test_retry_runs_the_bot_again_through_the_hub_dispatcher(hub: HubServe
     still_broken = await admin.post(f"/dashboard/messages/{target.id}/retry")
     assert "Retry done: error" in await still_broken.text()
     # the operator fixes the channel's bot, then retries
-    channel = next(c for c in hub.store.list_channels(agent.agent_id) if c.name == "broken")
-    hub.store.update_channel(channel.id, bot=ACK_BOT)
+    channel = next(c for c in await hub.store.list_channels(agent.agent_id) if c.name == "broken")
+    await hub.store.update_channel(channel.id, bot=ACK_BOT)
     retried = await admin.post(f"/dashboard/messages/{target.id}/retry")
     assert retried.status == 200 and "Retry done: processed" in await retried.text()
-    after = hub.store.get_message(target.callback)
+    after = await hub.store.get_message(target.callback)
     assert after.status is MessageStatus.PROCESSED and after.reply_body and "MSA|AA|" in after.reply_body
-    assert after.id == target.id and len(_stored(hub)) == 2  # same row, nothing added
+    assert after.id == target.id and len(await _stored(hub)) == 2  # same row, nothing added
     assert hub.context.dispatcher.backlog(agent.agent_id).count == 0  # backpressure accounting intact
-    processed = _stored(hub, status=MessageStatus.PROCESSED)[0]
+    processed = (await _stored(hub, status=MessageStatus.PROCESSED))[0]
     refused = await admin.post(f"/dashboard/messages/{processed.id}/retry")
     assert "only failed messages can be retried" in await refused.text()
     audit = await admin.page("/dashboard/audit")
@@ -169,8 +169,8 @@ async def test_retry_runs_the_bot_again_through_the_hub_dispatcher(hub: HubServe
 
 async def test_names_and_values_are_escaped(hub: HubServer, admin: DashboardClient) -> None:
     evil = '<script>alert("x")</script>'
-    credentials = hub.store.add_agent(evil)
-    hub.store.add_channel(credentials.agent_id, '"><img src=x onerror=alert(1)>', "mllp://0.0.0.0:1")
+    credentials = await hub.store.add_agent(evil)
+    await hub.store.add_channel(credentials.agent_id, '"><img src=x onerror=alert(1)>', "mllp://0.0.0.0:1")
     for path in ("/dashboard/", f"/dashboard/agents/{credentials.agent_id}", "/dashboard/messages"):
         page = await admin.page(path)
         assert evil not in page and "&lt;script&gt;" in page

@@ -1,6 +1,6 @@
 """RecentWindow: last-hour counts kept incrementally, checked against a brute-force recount.
 
-The SQL parts run on a real SQLite file with the hub's schema (medagent.hub.store.HubStore).
+The SQL parts run on a real SQLite file with the hub's schema (medagent.hub.store.sqlite.SqliteCore).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from medagent.hub.dashboard.queries import INDEXES
 from medagent.hub.dashboard.window import BUCKET_MS, WINDOW_MS, RecentWindow
-from medagent.hub.store import HubStore
+from medagent.hub.store.sqlite import SqliteCore
 
 NOW = 1_800_000_000_000
 
@@ -61,8 +61,8 @@ def test_last_minute_and_minute_slots() -> None:
 
 
 def test_bootstrap_starts_at_the_last_hour_and_refresh_reads_only_new_rows(tmp_path: Path) -> None:
-    store = HubStore(tmp_path)
-    agents = [store.add_agent(f"a{n}").agent_id for n in range(3)]
+    store = SqliteCore(tmp_path)
+    agents = [(store.add_agent(f"a{n}")).agent_id for n in range(3)]
     store.close()
     conn = sqlite3.connect(tmp_path / "hub.sqlite3", isolation_level=None)
     for statement in INDEXES:
@@ -93,7 +93,7 @@ def test_bootstrap_starts_at_the_last_hour_and_refresh_reads_only_new_rows(tmp_p
 
 
 def test_bootstrap_of_an_empty_store(tmp_path: Path) -> None:
-    store = HubStore(tmp_path)
+    store = SqliteCore(tmp_path)
     store.close()
     conn = sqlite3.connect(tmp_path / "hub.sqlite3")
     window = RecentWindow()
@@ -105,8 +105,8 @@ def test_bootstrap_of_an_empty_store(tmp_path: Path) -> None:
 async def test_counts_are_unknown_until_the_start_up_count_is_done(tmp_path: Path) -> None:
     from medagent.hub.dashboard.queries import HubReader
 
-    store = HubStore(tmp_path)
-    agent = store.add_agent("a").agent_id
+    store = SqliteCore(tmp_path)
+    agent = (store.add_agent("a")).agent_id
     store.close()
     conn = sqlite3.connect(tmp_path / "hub.sqlite3", isolation_level=None)
     conn.executemany("INSERT INTO messages (agent_id, channel, remote, callback, content_type, body, received_at,"

@@ -132,7 +132,7 @@ async def test_ugly_stow_requests_are_answered(hub: HubServer, tmp_path: Path) -
 
 
 async def test_agent_token_is_accepted(hub: HubServer) -> None:
-    credentials = hub.store.add_agent("modality-gw")
+    credentials = await hub.store.add_agent("modality-gw")
     async with aiohttp.ClientSession() as http:
         form = {"grant_type": "client_credentials", "client_id": credentials.client_id,
                 "client_secret": credentials.client_secret}

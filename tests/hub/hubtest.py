@@ -7,8 +7,9 @@ protocol itself (medplum-protocol.md), with frames written out as dicts.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,13 @@ def transmit(channel: str, body: str, callback: str, content_type: str = "x-appl
             "contentType": content_type, "body": body, "callback": callback, **extra}
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = RECV_TIMEOUT_S) -> None:
-    """Poll ``predicate`` until true (bounded by ``timeout``)."""
+async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = RECV_TIMEOUT_S) -> None:
+    """Poll ``predicate`` (plain, or returning an awaitable: a store read) until true, bounded by ``timeout``."""
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while True:
+            outcome = predicate()
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+            if outcome:
+                return
             await asyncio.sleep(0.01)

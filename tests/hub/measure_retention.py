@@ -44,11 +44,11 @@ async def run(old: int, seconds: float, retention_on: bool) -> None:
         policy = RetentionPolicy(max_age_s=30 * 86400, body_max_age_s=7 * 86400) if retention_on else RetentionPolicy(None, None)
         settings = hub_settings(Path(tmp), retention=policy, retention_interval_s=0.5, bot_timeout_s=10.0)
         async with HubServer(settings) as hub:
-            credentials = hub.store.add_agent("bench")
-            hub.store.add_channel(credentials.agent_id, "adt", "mllp://0.0.0.0:2575")
+            credentials = await hub.store.add_agent("bench")
+            await hub.store.add_channel(credentials.agent_id, "adt", "mllp://0.0.0.0:2575")
             stamp = now_ms() - 100 * 86_400_000
             for start in range(0, old, 1000):
-                hub.store.store_incoming([
+                await hub.store.store_incoming([
                     IncomingMessage(credentials.agent_id, "adt", "r", f"old-{i}", "x-application/hl7-v2+er7",
                                     adt(f"O{i}"), stamp) for i in range(start, min(old, start + 1000))])
             client = await SpecAgent.connected(hub, credentials)
@@ -68,12 +68,12 @@ async def run(old: int, seconds: float, retention_on: bool) -> None:
             await probe
             await client.close()
             stats = hub.retention.stats
-            rows = hub.store._conn().execute("SELECT count(*) FROM messages").fetchone()[0]
+            rows = await hub.store.count_rows("messages")
             print(f"retention {'on ' if retention_on else 'off'}: {sent / elapsed:8.0f} msg/s round trip,"
                   f" worst loop stall {worst[0] * 1000:6.1f} ms, retention longest step"
                   f" {stats.longest_step_s * 1000:5.1f} ms (mean {stats.step_time_s / max(stats.steps, 1) * 1000:4.1f} ms"
                   f" over {stats.steps} steps), deleted {stats.messages_deleted} old rows,"
-                  f" {rows} rows left, {hub.store.live_bytes() / max(rows, 1):6.0f} bytes/message")
+                  f" {rows} rows left, {await hub.store.live_bytes() / max(rows, 1):6.0f} bytes/message")
 
 
 def main() -> None:

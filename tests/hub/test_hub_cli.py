@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from medagent.hub.cli import main
-from medagent.hub.store import HubStore
+
+T = TypeVar("T")
+from medagent.hub.store import HubStore, open_store
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -24,21 +29,38 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return status, out, err
 
 
-def test_add_agent_json_prints_one_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run_cli(capsys, "add-agent", "lab", "--json", "--data-dir", str(tmp_path))
+@pytest.fixture
+def data(tmp_path: Path, store_url: str | None) -> list[str]:
+    """The options naming the hub's data: --data-dir, and --store on PostgreSQL."""
+    return ["--data-dir", str(tmp_path)] + (["--store", store_url] if store_url else [])
+
+
+def read_store(data: list[str], read: Callable[[HubStore], Awaitable[T]]) -> T:
+    """``read`` on the store the CLI options name (as a separate process would open it)."""
+    url = data[data.index("--store") + 1] if "--store" in data else None
+
+    async def session() -> T:
+        store = await open_store(url, Path(data[1]))
+        try:
+            return await read(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(session())
+
+
+def test_add_agent_json_prints_one_document(data: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run_cli(capsys, "add-agent", "lab", "--json", *data)
     assert status == 0
     credentials = json.loads(out)
     assert set(credentials) == {"agent_id", "client_id", "client_secret"}
-    store = HubStore(tmp_path)
-    assert store.get_agent(credentials["agent_id"]).name == "lab"
-    store.close()
+    assert read_store(data, lambda store: store.get_agent(credentials["agent_id"])).name == "lab"
 
-    status, _, err = run_cli(capsys, "--data-dir", str(tmp_path), "add-agent", "lab")
+    status, _, err = run_cli(capsys, *data, "add-agent", "lab")
     assert status == 1 and "already exists" in err
 
 
-def test_channels_listing_and_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = ["--data-dir", str(tmp_path)]
+def test_channels_listing_and_messages(data: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     run_cli(capsys, "add-agent", "lab", *data)
     status, out, _ = run_cli(capsys, "add-channel", "lab", "adt", "mllp://0.0.0.0:2575", "--json", *data)
     assert status == 0 and json.loads(out)["address"] == "mllp://0.0.0.0:2575"
@@ -120,8 +142,7 @@ def test_out_of_range_numbers_are_usage_errors(tmp_path: Path, capsys: pytest.Ca
         assert status == 2 and "out of range" in err and "Traceback" not in err
 
 
-def test_listings_are_tables_with_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = ["--data-dir", str(tmp_path)]
+def test_listings_are_tables_with_headers(data: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     run_cli(capsys, "add-agent", "lab", *data)
     run_cli(capsys, "add-channel", "lab", "adt", "mllp://0.0.0.0:2575", *data)
     status, out, _ = run_cli(capsys, "list-agents", *data)
@@ -132,21 +153,16 @@ def test_listings_are_tables_with_headers(tmp_path: Path, capsys: pytest.Capture
     assert status == 0 and out.strip() == "no messages match"
 
 
-def test_revoke_tokens_and_rotate_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = ["--data-dir", str(tmp_path)]
+def test_revoke_tokens_and_rotate_secret(data: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run_cli(capsys, "add-agent", "lab", "--json", *data)
     first = json.loads(out)
     status, out, _ = run_cli(capsys, "revoke-tokens", "lab", "--json", *data)
     assert status == 0 and json.loads(out)["token_generation"] >= 1
-    store = HubStore(tmp_path)
-    generation = store.token_generation(first["agent_id"])
-    store.close()
+    generation = read_store(data, lambda store: store.token_generation(first["agent_id"]))
     status, out, _ = run_cli(capsys, "rotate-secret", "lab", "--json", *data)
     second = json.loads(out)
     assert status == 0 and second["client_id"] == first["client_id"]
     assert second["client_secret"] != first["client_secret"]
-    store = HubStore(tmp_path)
-    assert store.token_generation(first["agent_id"]) > generation  # rotation revokes too
-    store.close()
+    assert read_store(data, lambda store: store.token_generation(first["agent_id"])) > generation  # rotation revokes too
     status, _, err = run_cli(capsys, "revoke-tokens", "nobody", *data)
     assert status == 1 and "no agent" in err

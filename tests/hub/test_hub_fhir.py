@@ -18,7 +18,7 @@ async def _get(hub: HubServer, path: str, token: str) -> tuple[int, Any]:
 
 
 async def test_agent_reads_its_own_configuration(hub: HubServer, agent: AgentCredentials) -> None:
-    hub.store.set_agent_settings(agent.agent_id, {"keepAlive": True, "maxClientsPerRemote": 3})
+    await hub.store.set_agent_settings(agent.agent_id, {"keepAlive": True, "maxClientsPerRemote": 3})
     token = await get_token(hub, agent)
     status, resource = await _get(hub, f"Agent/{agent.agent_id}", token)
     assert status == 200
@@ -45,8 +45,8 @@ async def test_agent_reads_its_own_configuration(hub: HubServer, agent: AgentCre
 
 
 async def test_agent_may_not_read_others(hub: HubServer, agent: AgentCredentials) -> None:
-    other = hub.store.add_agent("other")
-    other_channel = hub.store.add_channel(other.agent_id, "x", "mllp://0.0.0.0:3000", "hubtest_bots:only_for_other")
+    other = await hub.store.add_agent("other")
+    other_channel = await hub.store.add_channel(other.agent_id, "x", "mllp://0.0.0.0:3000", "hubtest_bots:only_for_other")
     token = await get_token(hub, agent)
     assert (await _get(hub, f"Agent/{other.agent_id}", token))[0] == 403
     assert (await _get(hub, f"Endpoint/{other_channel.id}", token))[0] == 403

@@ -85,7 +85,7 @@ async def test_push_errors(hub: HubServer, agent: AgentCredentials) -> None:
     assert status == 400 and "Device" in text
     status, _, text = await _http(hub, "POST", f"/Agent/{agent.agent_id}/$push", json={**push, "waitTimeout": 60000})
     assert status == 400 and "55000" in text
-    hub.store.set_agent_status(agent.agent_id, AgentStatus.OFF)
+    await hub.store.set_agent_status(agent.agent_id, AgentStatus.OFF)
     status, _, text = await _http(hub, "POST", f"/Agent/{agent.agent_id}/$push", json=push)
     assert status == 400 and "Agent.status is currently set to off" in text
     status, _, _ = await _http(hub, "GET", f"/Agent/{agent.agent_id}/$push")
@@ -161,8 +161,8 @@ async def test_reload_config_upgrade_logs_stats_are_routed(hub: HubServer, agent
 
 
 async def test_bulk_status_searches_agents_in_medplums_shape(hub: HubServer, agent: AgentCredentials) -> None:
-    other = hub.store.add_agent("radiology")
-    hub.store.set_agent_status(other.agent_id, AgentStatus.OFF)
+    other = await hub.store.add_agent("radiology")
+    await hub.store.set_agent_status(other.agent_id, AgentStatus.OFF)
     client = await SpecAgent.connected(hub, agent)
     await client.send({"type": "agent:heartbeat:request"})  # nothing is needed for presence, but be sure it is seen
     await client.recv_type("agent:heartbeat:response")

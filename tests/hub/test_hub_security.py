@@ -141,7 +141,7 @@ async def post_token(hub: HubServer, client_id: str, secret: str) -> tuple[int, 
 
 
 async def test_token_endpoint_is_rate_limited_per_client_and_per_address(strict_hub: HubServer) -> None:
-    lab = strict_hub.store.add_agent("lab")
+    lab = await strict_hub.store.add_agent("lab")
     assert (await post_token(strict_hub, lab.client_id, lab.client_secret))[0] == 200
     assert (await post_token(strict_hub, lab.client_id, "wrong"))[0] == 401
     status, headers, body = await post_token(strict_hub, lab.client_id, lab.client_secret)
@@ -270,7 +270,7 @@ async def test_data_directory_and_files_are_private_under_umask_022(tmp_path: Pa
     (data / "hub.log").write_text("started\n")  # as the embedded hub's parent opens it
     os.chmod(data / "hub.log", 0o644)
     async with HubServer(hub_settings(tmp_path)) as hub:
-        credentials = hub.store.add_agent("lab")  # a write, so -wal and -shm exist
+        credentials = await hub.store.add_agent("lab")  # a write, so -wal and -shm exist
         await get_token(hub, credentials)
         assert mode(data) == 0o700
         for name in ("hub.sqlite3", "hub.sqlite3-wal", "hub.sqlite3-shm", "hub.log", "hub-signing-key", "admin-token"):

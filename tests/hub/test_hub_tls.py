@@ -40,7 +40,7 @@ def _with_cryptography(cert: Path, key: Path) -> tuple[Path, Path]:
 
     private_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private_key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
@@ -59,8 +59,8 @@ async def test_token_and_websocket_over_tls(tmp_path: Path) -> None:
     client_context = ssl.create_default_context(cafile=str(cert))
     async with HubServer(hub_settings(tmp_path, tls_cert=cert, tls_key=key)) as hub:
         assert hub.url.startswith("https://") and hub.ws_url.startswith("wss://")
-        credentials = hub.store.add_agent("tls-lab")
-        hub.store.add_channel(credentials.agent_id, "adt", "mllp://0.0.0.0:2575")
+        credentials = await hub.store.add_agent("tls-lab")
+        await hub.store.add_channel(credentials.agent_id, "adt", "mllp://0.0.0.0:2575")
         client = await SpecAgent.connected(hub, credentials, ssl_context=client_context)
         await client.send(transmit("adt", adt("TLS1"), "tls-1"))
         response = await client.recv_type("agent:transmit:response")

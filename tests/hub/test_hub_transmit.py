@@ -11,8 +11,12 @@ from medagent.hub.records import MessageRecord
 from medagent.hub.store import NotFound
 
 
-def stored(hub: HubServer, callback: str) -> MessageRecord:
-    return hub.store.get_message(callback)
+async def stored(hub: HubServer, callback: str) -> MessageRecord:
+    return await hub.store.get_message(callback)
+
+
+async def has_status(hub: HubServer, callback: str, status: MessageStatus) -> bool:
+    return (await stored(hub, callback)).status is status
 
 
 async def test_round_trip_through_ack_bot(hub: HubServer, agent: AgentCredentials) -> None:
@@ -27,7 +31,7 @@ async def test_round_trip_through_ack_bot(hub: HubServer, agent: AgentCredential
     fields = msa(response["body"])
     assert fields[1] == "AA" and fields[2] == "MSG00001"
     assert response["body"].startswith("MSH|^~\\&|MEDAGENT|CLOUD|ADT1|HOSP|")
-    record = stored(hub, "cb-1")
+    record = await stored(hub, "cb-1")
     assert record.status is MessageStatus.PROCESSED
     assert (record.control_id, record.message_type, record.reply_status) == ("MSG00001", "ADT^A01", 200)
     assert record.duplicate == 0
@@ -49,7 +53,7 @@ async def test_batch_is_acked_after_store_and_answered_in_batches(hub: HubServer
     ack = await client.recv_until(lambda f: f.get("type") in ("agent:batch:ack", "agent:batch", "agent:transmit:response"))
     assert ack == {"type": "agent:batch:ack", "seq": 1}
     # the ack promises storage: every message of the batch is in the store now
-    page = hub.store.query_messages(MessageQuery(agent_id=agent.agent_id, limit=1000))
+    page = await hub.store.query_messages(MessageQuery(agent_id=agent.agent_id, limit=1000))
     assert {m.callback for m in page.messages} == {f"batch-{i}" for i in range(50)}
     frames: list[dict] = []
     responses: list[dict] = []
@@ -78,8 +82,8 @@ async def test_no_reply_messages_are_processed_and_recorded_but_not_answered(
         frame = await client.recv_until(lambda f: f.get("type") in ("agent:batch", "agent:transmit:response"))
         answered += [item["callback"] for item in (frame["messages"] if frame["type"] == "agent:batch" else [frame])]
     assert "quiet-1" not in answered
-    await wait_for(lambda: stored(hub, "quiet-1").status is MessageStatus.PROCESSED)
-    assert msa(stored(hub, "quiet-1").reply_body or "")[1] == "AA"
+    await wait_for(lambda: has_status(hub, "quiet-1", MessageStatus.PROCESSED))
+    assert msa((await stored(hub, "quiet-1")).reply_body or "")[1] == "AA"
     await client.close()
 
 
@@ -113,9 +117,9 @@ async def test_resend_is_flagged_duplicate_and_bot_not_rerun(hub: HubServer, age
     assert second["body"] == first["body"]
     assert second["statusCode"] == first["statusCode"]
     assert hubtest_bots.CALLS.count("dup-1") == 1
-    record = stored(hub, "dup-1")
+    record = await stored(hub, "dup-1")
     assert record.duplicate == 1
-    [only] = hub.store.query_messages(MessageQuery(control_id="DUP1")).messages
+    [only] = (await hub.store.query_messages(MessageQuery(control_id="DUP1"))).messages
     assert (only.id, only.duplicate) == (record.id, 1)
     await client.close()
 
@@ -131,7 +135,7 @@ async def test_duplicate_of_replays_the_original_reply(hub: HubServer, agent: Ag
     assert copy["callback"] == "copy-1"
     assert copy["body"] == original["body"]
     assert hubtest_bots.CALLS == ["orig-1"]
-    assert stored(hub, "copy-1").duplicate_of == "orig-1"
+    assert (await stored(hub, "copy-1")).duplicate_of == "orig-1"
     await client.close()
 
 
@@ -145,7 +149,7 @@ async def test_bot_exception_gives_ae_and_is_recorded(hub: HubServer, agent: Age
     assert fields[1] == "AE" and fields[2] == "ERR1"
     assert "KeyError" in fields[3] and "hubtest_bots:explode" in fields[3]
     assert "Traceback" not in response["body"]
-    record = stored(hub, "boom-1")
+    record = await stored(hub, "boom-1")
     assert record.status is MessageStatus.ERROR
     assert record.error is not None and "KeyError" in record.error
     await client.close()
@@ -161,7 +165,7 @@ async def test_bot_timeout_gives_ar(hub: HubServer, agent: AgentCredentials) -> 
         assert fields[1] == "AR" and fields[2] == control_id
         assert "did not answer within" in fields[3]
         assert responses[callback]["statusCode"] == 400
-        assert stored(hub, callback).status is MessageStatus.ERROR
+        assert (await stored(hub, callback)).status is MessageStatus.ERROR
     await client.close()
 
 
@@ -195,7 +199,7 @@ async def test_adt_to_patient_stores_a_patient(hub: HubServer, agent: AgentCrede
     await client.send(transmit("adt-patient", adt("P1", mrn="MRN42"), "pat-1"))
     response = await client.recv_type("agent:transmit:response")
     assert msa(response["body"])[1] == "AA"
-    [record] = hub.store.find_resources("Patient")
+    [record] = await hub.store.find_resources("Patient")
     patient = record.resource
     assert patient["identifier"][0]["value"] == "MRN42"
     assert patient["identifier"][0]["system"] == "urn:hl7v2:assigning-authority:HOSP"
@@ -211,7 +215,7 @@ async def test_adt_to_patient_stores_a_patient(hub: HubServer, agent: AgentCrede
     update = adt("P2", mrn="MRN42").replace("ADT^A01^ADT_A01", "ADT^A08^ADT_A01").replace("|M|||", "|F|||")
     await client.send(transmit("adt-patient", update, "pat-2"))
     await client.recv_type("agent:transmit:response")
-    [updated] = hub.store.find_resources("Patient")
+    [updated] = await hub.store.find_resources("Patient")
     assert updated.id == record.id and updated.resource["gender"] == "female"
 
     # other message types are rejected with AR
@@ -224,11 +228,11 @@ async def test_adt_to_patient_stores_a_patient(hub: HubServer, agent: AgentCrede
 
 async def test_agent_off_refuses_transmit(hub: HubServer, agent: AgentCredentials) -> None:
     client = await SpecAgent.connected(hub, agent)
-    hub.store.set_agent_status(agent.agent_id, AgentStatus.OFF)
+    await hub.store.set_agent_status(agent.agent_id, AgentStatus.OFF)
     await client.send(transmit("adt", adt("OFF1"), "off-1"))
     error = await client.recv_type("agent:error")
     assert error == {"type": "agent:error", "body": "Agent.status is currently set to off", "callback": "off-1"}
-    assert hub.store.query_messages(MessageQuery(control_id="OFF1")).messages == ()
+    assert (await hub.store.query_messages(MessageQuery(control_id="OFF1"))).messages == ()
     await client.close()
 
 
@@ -244,27 +248,27 @@ async def test_unknown_channel_and_non_hl7(hub: HubServer, agent: AgentCredentia
     assert responses["text-1"]["statusCode"] == 400
     assert responses["text-1"]["contentType"] == "text/plain"
     assert "HL7 v2 messages only" in responses["text-1"]["body"]
-    await wait_for(lambda: stored(hub, "text-1").status is MessageStatus.ERROR)
+    await wait_for(lambda: has_status(hub, "text-1", MessageStatus.ERROR))
     with pytest.raises(NotFound):
-        hub.store.get_message("unknown-1")
+        await hub.store.get_message("unknown-1")
     await client.close()
 
 
 async def test_an_agent_cannot_send_into_another_agents_channel(hub: HubServer, agent: AgentCredentials) -> None:
     """Issue 18 defect 6: agent B, without channels, sends a transmit for A's channel 'adt'."""
-    intruder = hub.store.add_agent("intruder")
+    intruder = await hub.store.add_agent("intruder")
     client = await SpecAgent.connected(hub, intruder)
     await client.send({"type": "agent:batch", "seq": 1, "messages": [transmit("adt", adt("X1"), "intrude-1")]})
     error = await client.recv_type("agent:error")
     assert (error["body"], error["callback"]) == ("Channel not found", "intrude-1")
     with pytest.raises(NotFound):
-        hub.store.get_message("intrude-1")
-    assert hub.store.query_messages(MessageQuery(agent_id=intruder.agent_id)).messages == ()
+        await hub.store.get_message("intrude-1")
+    assert (await hub.store.query_messages(MessageQuery(agent_id=intruder.agent_id))).messages == ()
     # A's own messages on the same channel name are still taken
     owner = await SpecAgent.connected(hub, agent)
     await owner.send(transmit("adt", adt("A1"), "own-1"))
     assert (await owner.responses(1))[0]["callback"] == "own-1"
-    assert stored(hub, "own-1").agent_id == agent.agent_id
+    assert (await stored(hub, "own-1")).agent_id == agent.agent_id
     await client.close()
     await owner.close()
 
@@ -277,3 +281,30 @@ async def test_replies_follow_the_agent_to_its_new_connection(hub: HubServer, ag
     assert response["callback"] == "move-1"
     await first.close()
     await second.close()
+
+
+async def test_a_nul_character_never_fails_the_other_messages_of_a_batch(hub: HubServer, agent: AgentCredentials) -> None:
+    """SQLite keeps it; PostgreSQL text cannot: that message alone is refused, its batch is stored."""
+    client = await SpecAgent.connected(hub, agent)
+    frames = [transmit("adt", adt("N1"), "nul-ok-1"), transmit("adt", adt("N2") + "\x00junk", "nul-bad"),
+              transmit("adt", adt("N3"), "nul-ok-3")]
+    await client.send({"type": "agent:batch", "seq": 1, "messages": frames})
+    expected = 3 if hub.store.stores_nul else 2
+    items: list[dict] = []
+
+    def answered(frame: dict) -> bool:
+        items.extend(frame["messages"] if frame.get("type") == "agent:batch" else [frame])
+        responses = [i for i in items if i.get("type") == "agent:transmit:response"]
+        return len(responses) == expected and (hub.store.stores_nul or any(i["type"] == "agent:error" for i in items))
+
+    await client.recv_until(answered)
+    assert {i["callback"] for i in items if i["type"] == "agent:transmit:response"} >= {"nul-ok-1", "nul-ok-3"}
+    assert (await stored(hub, "nul-ok-3")).control_id == "N3"
+    if hub.store.stores_nul:
+        assert (await stored(hub, "nul-bad")).body.endswith("\x00junk")
+    else:
+        errors = [i for i in items if i["type"] == "agent:error"]
+        assert [(e["callback"], "NUL character" in e["body"]) for e in errors] == [("nul-bad", True)]
+        with pytest.raises(NotFound):
+            await hub.store.get_message("nul-bad")
+    await client.close()

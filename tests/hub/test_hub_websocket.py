@@ -14,7 +14,7 @@ from medagent.hub.records import MessageQuery
 
 
 async def test_connect_errors_keep_the_socket_open(hub: HubServer, agent: AgentCredentials) -> None:
-    other = hub.store.add_agent("other-lab")
+    other = await hub.store.add_agent("other-lab")
     token = await get_token(hub, agent)
     client = await SpecAgent.open(hub)
     cases = [
@@ -61,7 +61,7 @@ async def test_hub_answers_heartbeat_with_its_version(hub: HubServer, agent: Age
 
 async def test_hub_sends_heartbeats_and_records_agent_version(tmp_path: Path) -> None:
     async with HubServer(hub_settings(tmp_path, heartbeat_interval_s=0.05)) as hub:
-        credentials = hub.store.add_agent("beating")
+        credentials = await hub.store.add_agent("beating")
         client = await SpecAgent.connected(hub, credentials)
         request = await client.recv_type("agent:heartbeat:request")
         assert request == {"type": "agent:heartbeat:request"}
@@ -130,6 +130,6 @@ async def test_batch_seq_must_climb_and_acks_follow_storage(hub: HubServer, agen
     assert error == {"type": "agent:error", "body": "agent:batch seq 2 is not above 2"}
     await client.send({"type": "agent:batch", "seq": 3, "messages": [transmit("adt", adt("S3"), "seq-3")]})
     assert await client.recv_type("agent:batch:ack") == {"type": "agent:batch:ack", "seq": 3}
-    stored = {m.callback for m in hub.store.query_messages(MessageQuery(agent_id=agent.agent_id)).messages}
+    stored = {m.callback for m in (await hub.store.query_messages(MessageQuery(agent_id=agent.agent_id))).messages}
     assert stored == {"seq-1", "seq-3"}
     await client.close()

@@ -78,7 +78,7 @@ async def retry_message(ctx: HubContext, reader: HubReader, row: MessageRow) -> 
         raise RetryError("the message is gone")
     body = texts[0]
     header = hl7text.scan_header(body) if row.content_type == CONTENT_TYPE_HL7_V2 else None
-    found = ctx.store.channel_bot(row.agent_id, row.channel)
+    found = await ctx.store.channel_bot(row.agent_id, row.channel)
     bot, refusal = None, None
     if found is None:
         refusal = f"channel {row.channel!r} is not configured for this agent on the hub"

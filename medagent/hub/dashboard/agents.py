@@ -44,7 +44,7 @@ async def overview(request: web.Request) -> web.StreamResponse:
     status_filter = request.query.get("status", "")
     snapshot = await overview_snapshot(state)
     agents: list[AgentRecord] = [
-        a for a in state.ctx.store.list_agents()
+        a for a in await state.ctx.store.list_agents()
         if (not name_filter or name_filter in a.name.lower())
         and (status_filter not in ("online", "offline")
              or snapshot["agents"][a.id]["online"] == (status_filter == "online"))
@@ -94,11 +94,12 @@ def _kind(address: str) -> str:
     return address.partition("://")[0]
 
 
-def _agent_body(request: web.Request, agent: AgentRecord, result: actions.OperationResult | None) -> Markup:
+async def _agent_body(request: web.Request, agent: AgentRecord, result: actions.OperationResult | None) -> Markup:
     state = state_of(request)
     ctx = state.ctx
     presence = ctx.registry.presence(agent.id)
     seen = None if presence.last_updated is None else time.time() - presence.last_updated
+    channels = await ctx.store.list_channels(agent.id)
     channel_rows = join(render(
         '<tr data-channel="{name}"><td>{name}</td><td>{kind}</td><td><code>{address}</code></td><td>{status}</td>'
         '<td class="num" data-live="stats.channels.{name}.connections">—</td>'
@@ -109,7 +110,7 @@ def _agent_body(request: web.Request, agent: AgentRecord, result: actions.Operat
         '<td class="num" data-live="channels.{name}.p50" data-format="ms">—</td>'
         '<td class="num" data-live="channels.{name}.p99" data-format="ms">—</td></tr>',
         name=c.name, kind=_kind(c.address), address=c.address, status=c.status.value,
-    ) for c in ctx.store.list_channels(agent.id))
+    ) for c in channels)
     confirm_reload = f"Reload the configuration of agent {agent.name}?"
     confirm_push = f"Push this message through agent {agent.name}?"
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
@@ -157,24 +158,24 @@ def _agent_body(request: web.Request, agent: AgentRecord, result: actions.Operat
     )
 
 
-def _agent(request: web.Request) -> AgentRecord | None:
+async def _agent(request: web.Request) -> AgentRecord | None:
     try:
-        return state_of(request).ctx.store.get_agent(request.match_info["id"])
+        return await state_of(request).ctx.store.get_agent(request.match_info["id"])
     except NotFound:
         return None
 
 
 async def agent_page(request: web.Request) -> web.StreamResponse:
-    agent = _agent(request)
+    agent = await _agent(request)
     if agent is None:
         return not_found(request, "No such agent.")
-    return page_response(request, f"Agent {agent.name}", _agent_body(request, agent, None),
+    return page_response(request, f"Agent {agent.name}", await _agent_body(request, agent, None),
                  stream=f"/dashboard/events?{urlencode({'agent': agent.id})}")
 
 
 async def agent_action(request: web.Request) -> web.StreamResponse:
     """POST /dashboard/agents/{id}/{action}: logs | reload | push (upgrade: 409 until it exists)."""
-    agent = _agent(request)
+    agent = await _agent(request)
     if agent is None:
         return not_found(request, "No such agent.")
     ctx = state_of(request).ctx
@@ -199,5 +200,5 @@ async def agent_action(request: web.Request) -> web.StreamResponse:
         return not_found(request, "No such operation.")
     audit(request, action, f"Agent/{agent.id}", ("ok" if result.ok else "failed: ") + ("" if result.ok else result.detail))
     status = 200 if result.ok else (409 if action == "upgrade" else 502)
-    return page_response(request, f"Agent {agent.name}", _agent_body(request, agent, result), status=status,
+    return page_response(request, f"Agent {agent.name}", await _agent_body(request, agent, result), status=status,
                  stream=f"/dashboard/events?{urlencode({'agent': agent.id})}")

@@ -57,7 +57,7 @@ MAX_STREAM_S = 3600.0
 
 async def overview_snapshot(state: DashboardState) -> dict[str, Any]:
     ctx, reader = state.ctx, state.reader
-    agents = ctx.store.list_agents()
+    agents = await ctx.store.list_agents()
     counts = await reader.run(reader.agent_counts, [a.id for a in agents])
     total = await reader.run(reader.stored_total)
     now = time.time()
@@ -183,7 +183,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     agent_id = request.query.get("agent") or None
     if agent_id is not None:
         try:
-            state.ctx.store.get_agent(agent_id)
+            await state.ctx.store.get_agent(agent_id)
         except NotFound:
             return web.Response(status=404, text="No such agent\n")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",

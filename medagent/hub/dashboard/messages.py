@@ -52,7 +52,7 @@ def _status_cell(status: str) -> Markup:
 
 async def messages_page(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
-    agents = state.ctx.store.list_agents()
+    agents = await state.ctx.store.list_agents()
     names = {a.id: a.name for a in agents}
     error = Markup("")
     rows: list[MessageRow] = []
@@ -120,7 +120,7 @@ async def _message_view(request: web.Request, *, show_body: bool = False,
     body_text, reply_text = texts if texts else ("", None)
     header = hl7text.scan_header(body_text) if row.content_type == "x-application/hl7-v2+er7" else None
     try:
-        agent_name = state.ctx.store.get_agent(row.agent_id).name
+        agent_name = (await state.ctx.store.get_agent(row.agent_id)).name
     except NotFound:
         agent_name = row.agent_id
     header_rows = Markup("")

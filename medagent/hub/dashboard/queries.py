@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-The dashboard reads ``hub.sqlite3`` through its own connection (WAL: readers never block the
-hub's writer, and the writer never blocks a reader), opened on one dedicated thread
+The dashboard reads the hub store through its own connection (SQLite: WAL, readers never block
+the hub's writer and the writer never blocks a reader; PostgreSQL: a read-only session; see
+readconn.py), opened on one dedicated thread
 (:class:`HubReader`), so a slow search never stalls the hub's event loop and never competes
 with the hub's writer thread for a connection.
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from medagent.hub.dashboard.readconn import ReadConnection, open_read_connection
 from medagent.hub.dashboard.window import RecentWindow
 from medagent.hub.records import MessageStatus
 
@@ -131,11 +133,12 @@ class DicomSeries:
 class HubReader:
     """One thread with one read connection to the hub's database (and one to the DICOM index)."""
 
-    def __init__(self, db_path: Path, dicom_path: Path | None = None) -> None:
-        self._path = Path(db_path)
+    def __init__(self, store: Path | str, dicom_path: Path | None = None) -> None:
+        """``store``: the hub.sqlite3 path, or the PostgreSQL URL of the hub store."""
+        self._store = store
         self._dicom_path = dicom_path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medagent-dashboard-reader")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: ReadConnection | None = None
         self._dicom: sqlite3.Connection | None = None
         #: last-hour counts, used on the reader thread only; ``None`` until the start-up count is done
         self.window: RecentWindow | None = None
@@ -150,20 +153,14 @@ class HubReader:
         self._bootstrap = asyncio.ensure_future(asyncio.to_thread(self._bootstrap_window))
 
     def _open(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=5000")
-        for statement in INDEXES:
-            conn.execute(statement)
-        conn.execute("PRAGMA query_only=ON")  # from here on this connection cannot write
-        self._conn = conn
+        self._conn = open_read_connection(self._store, INDEXES)
 
     def _bootstrap_window(self) -> None:
         window = RecentWindow()
-        conn = sqlite3.connect(self._path, check_same_thread=False)
+        conn = open_read_connection(self._store)
         try:
-            conn.execute("PRAGMA query_only=ON")
             window.bootstrap(conn, _now_ms())
-        except sqlite3.Error:  # the live counts then start from now; searches are unaffected
+        except Exception:  # the live counts then start from now; searches are unaffected
             log.exception("counting the last hour of messages failed")
             window = RecentWindow()
             window.last_id = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
@@ -184,7 +181,7 @@ class HubReader:
         self._executor.shutdown(wait=True)
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> ReadConnection:
         if self._conn is None:
             raise RuntimeError("the dashboard reader is not started")
         return self._conn

@@ -62,7 +62,9 @@ _SESSION_KEY: web.RequestKey[Session] = web.RequestKey("medagent_dashboard_sessi
 
 async def dashboard_lifecycle(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CTX_KEY]
-    reader = HubReader(ctx.store.path, Path(ctx.settings.data_dir) / DICOM_DB_FILE)
+    store = ctx.store.path if ctx.store.path is not None else ctx.settings.store  # the URL with its password
+    assert store is not None
+    reader = HubReader(store, Path(ctx.settings.data_dir) / DICOM_DB_FILE)
     await reader.start()
     db = DashboardDB(ctx.settings.data_dir)
     app[STATE_KEY] = DashboardState(ctx, db, reader)

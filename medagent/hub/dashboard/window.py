@@ -23,6 +23,10 @@ from __future__ import annotations
 import collections
 import sqlite3
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medagent.hub.dashboard.readconn import ReadConnection
 
 __all__ = ["BUCKET_MS", "WINDOW_MS", "RecentWindow"]
 
@@ -77,7 +81,7 @@ class RecentWindow:
                 if self.hour_total[agent_id] <= 0:
                     del self.hour_total[agent_id]
 
-    def refresh(self, conn: sqlite3.Connection, now_ms: int) -> None:
+    def refresh(self, conn: ReadConnection | sqlite3.Connection, now_ms: int) -> None:
         """Count the rows stored since the last refresh."""
         for _ in range(10_000):  # bounded: 10,000 chunks of 100,000 rows
             rows = conn.execute(
@@ -88,7 +92,7 @@ class RecentWindow:
             if len(rows) < _REFRESH_CHUNK:
                 break
 
-    def bootstrap(self, conn: sqlite3.Connection, now_ms: int) -> None:
+    def bootstrap(self, conn: ReadConnection | sqlite3.Connection, now_ms: int) -> None:
         """Count the last hour once, aggregated by SQLite (the rows never reach Python one by one).
 
         The newest id is read first (rows stored meanwhile are left to :meth:`refresh`); then,

@@ -18,9 +18,9 @@ DICOM_JSON = "application/dicom+json"
 PREFIX = "/dicomweb"
 
 
-def authorize(request: web.Request) -> DicomStore:
+async def authorize(request: web.Request) -> DicomStore:
     """The store, for a caller holding the admin token or an agent token (401 otherwise)."""
-    principal(request)
+    await principal(request)
     return request.app[STORE_KEY]
 
 

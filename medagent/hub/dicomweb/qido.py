@@ -53,7 +53,7 @@ def _level(request: web.Request) -> str:
 
 
 async def handle_qido(request: web.Request) -> web.Response:
-    store = authorize(request)
+    store = await authorize(request)
     level = _level(request)
     params = list(request.query.items())
     names = [n for n in ("study", "series") if n in request.match_info]

@@ -119,7 +119,7 @@ def _referenced(base: str, info: InstanceInfo) -> dict[str, Any]:
 
 
 async def handle_stow(request: web.Request) -> web.Response:
-    store = authorize(request)
+    store = await authorize(request)
     study = path_uids(request, "study")[0] if "study" in request.match_info else None
     media, params = _media_parameters(request.headers.get("Content-Type", ""))
     if media != "multipart/related" or params.get("type", "application/dicom").lower() != "application/dicom":

@@ -47,8 +47,8 @@ def _accepted_syntaxes(accept: str) -> set[str] | None:
     return allowed
 
 
-def _selected(request: web.Request) -> list[StoredInstance]:
-    store = authorize(request)
+async def _selected(request: web.Request) -> list[StoredInstance]:
+    store = await authorize(request)
     names = [n for n in ("study", "series", "instance") if n in request.match_info]
     uids = path_uids(request, *names) + [None] * (3 - len(names))
     found = store.instances(uids[0], uids[1], uids[2])  # type: ignore[arg-type]
@@ -82,7 +82,7 @@ async def _stream_multipart(request: web.Request, parts: Sequence[tuple[str, Pat
 
 
 async def handle_retrieve(request: web.Request) -> web.StreamResponse:
-    instances = _selected(request)
+    instances = await _selected(request)
     allowed = _accepted_syntaxes(request.headers.get("Accept", ""))
     if allowed is not None:
         instances = [i for i in instances if i.transfer_syntax in allowed]
@@ -94,7 +94,7 @@ async def handle_retrieve(request: web.Request) -> web.StreamResponse:
 
 async def handle_metadata(request: web.Request) -> web.Response:
     out = []
-    for instance in _selected(request):
+    for instance in await _selected(request):
         metadata = dict(instance.metadata)
         metadata["00083002"] = {"vr": "UI", "Value": [instance.transfer_syntax]}
         out.append(metadata)
@@ -118,7 +118,7 @@ def _frames(path: Path, numbers: list[int]) -> tuple[str, list[bytes]]:
 
 
 async def handle_frames(request: web.Request) -> web.StreamResponse:
-    instance = _selected(request)[0]
+    instance = (await _selected(request))[0]
     try:
         numbers = [int(n) for n in request.match_info["frames"].split(",")]
     except ValueError:
