@@ -16,12 +16,16 @@ iteration is INSERTed in ONE transaction. While that transaction is being writte
 submits gather in the next group, which starts as soon as the previous one finished (natural
 batching: the busier the agent, the bigger the groups). Each record's `on_commit` runs on the
 loop thread after COMMIT; a storage failure arrives as `CommitResult.error`, never as an
-exception. Confirmations, failures and attempt counts ride along in the next write job.
+exception. Confirmations, failures and attempt counts ride along in the next write job;
+confirmations alone wait up to `_CONFIRM_HOLD_S` for one (they gate no ACK: a confirmation
+lost in a crash only makes the row go to the hub again, which recognises the resend).
 
 Ordering. Every writer job reports back through `loop.call_soon` (inline) or
 `loop.call_soon_threadsafe` (thread), so completions are handled on the loop strictly in the
-order the jobs ran. All in-memory delivery state is changed only by those handlers and by the
-loop-side API, never by a writer job.
+order the jobs ran. One shortcut keeps that order: an inline group commit with no earlier
+completion still scheduled is completed at once, so its records' `on_commit` (the devices'
+ACKs) run in the same loop turn as the COMMIT. All in-memory delivery state is changed only by
+those handlers and by the loop-side API, never by a writer job.
 
 Delivery. Freshly committed rows go to an in-memory deque (no SELECT on the hot path), bounded
 by `memory_max_rows` / `memory_max_bytes`. Beyond the bound, or after a restart, rows are left on
@@ -118,6 +122,12 @@ _REFILL_RETRY_S = 0.5
 _SMALL_WAL_BYTES = 1024 * 1024  # below this a pending WAL truncate does not hold intake back
 _RELAPSE_WINDOW_S = 60.0
 _MAX_PROBE_INTERVAL_S = 30.0
+# Confirmations are not an ACK gate (a row confirmed but not yet marked is only sent again after
+# a crash, and the hub recognises the resend), so they wait for the next group commit to ride
+# along instead of a transaction of their own, at most this long or this many. At one lock-step
+# sender in original mode that is one commit per message instead of two (benchmarks/perf-log.md).
+_CONFIRM_HOLD_S = 0.05
+_CONFIRM_HOLD_MAX = 5000
 
 
 class QueueClosed(QueueError):
@@ -168,7 +178,6 @@ class _Maintenance:
     requeue_generation: int
     swept: int
     sweep_done: bool
-    store_stats: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +200,16 @@ def _row_id(message: QueuedMessage) -> int:
 
 def _with_one_more_attempt(message: QueuedMessage) -> QueuedMessage:
     return dataclasses.replace(message, attempts=message.attempts + 1)
+
+
+def _read_stats(path: Path, data_dir: Path) -> dict[str, Any]:
+    """QueueStore.stats() on a connection of its own (no writes: the database exists and is
+    current, the writer opened it). Raises QueueError."""
+    store = QueueStore(path, create=False, data_dir=data_dir)
+    try:
+        return store.stats()
+    finally:
+        store.close()
 
 
 def default_holder() -> str:
@@ -282,9 +301,11 @@ class DurableQueue:
         self._failures: list[tuple[int, str]] = []
         self._attempts: list[int] = []
         self._rescan_requested = False
+        self._confirm_timer: asyncio.TimerHandle | None = None  # writes held confirmations when due
         self._held_back: list[_WriteWork] = []  # state changes a storage error held back
         self._flush_scheduled = False
         self._writing = False
+        self._inline_pending = 0  # inline completions scheduled and not run yet (they keep job order)
         self._writes_idle = asyncio.Event()  # binds to the running loop on first wait
         self._writes_idle.set()
 
@@ -388,6 +409,9 @@ class DurableQueue:
 
     async def _close_once(self) -> None:
         self._phase = _Phase.CLOSING
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()  # _drain_writes writes them now
+            self._confirm_timer = None
         self._rows_available.set()  # wake next_batch waiters: they raise QueueClosed
         if self._maintenance_task is not None:
             self._maintenance_task.cancel()
@@ -445,11 +469,8 @@ class DurableQueue:
         loop = self._loop
         assert loop is not None and self._executor is not None
         if self._inline:
-            try:
-                inline_outcome = _Outcome(value=job())
-            except Exception as exc:  # noqa: BLE001 - handed to on_done like the threaded path
-                inline_outcome = _Outcome(error=exc)
-            loop.call_soon(on_done, inline_outcome)
+            self._inline_pending += 1
+            loop.call_soon(self._inline_done, on_done, self._run_inline(job))
             return
 
         def run() -> None:
@@ -461,6 +482,17 @@ class DurableQueue:
                 loop.call_soon_threadsafe(on_done, outcome)
 
         self._executor.submit(run)
+
+    @staticmethod
+    def _run_inline(job: Callable[[], Any]) -> _Outcome:
+        try:
+            return _Outcome(value=job())
+        except Exception as exc:  # noqa: BLE001 - handed to on_done like the threaded path
+            return _Outcome(error=exc)
+
+    def _inline_done(self, on_done: Callable[[_Outcome], None], outcome: _Outcome) -> None:
+        self._inline_pending -= 1
+        on_done(outcome)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         assert self._loop is not None
@@ -549,6 +581,24 @@ class DurableQueue:
     def _has_writes(self) -> bool:
         return bool(self._records or self._confirms or self._failures or self._attempts or self._rescan_requested)
 
+    def _urgent_writes(self) -> bool:
+        """Writes that should start now; confirmations alone may wait (_hold_confirms)."""
+        return bool(self._records or self._failures or self._attempts or self._rescan_requested
+                    or len(self._confirms) >= _CONFIRM_HOLD_MAX)
+
+    def _hold_confirms(self) -> None:
+        """Let confirmations ride along with the next group commit, or write them when due."""
+        if self._records or self._flush_scheduled:
+            return  # a group commit is coming: they go with it
+        if len(self._confirms) >= _CONFIRM_HOLD_MAX:
+            self._request_flush()
+        elif self._confirm_timer is None and self._phase is _Phase.OPEN:
+            self._confirm_timer = self._loop.call_later(_CONFIRM_HOLD_S, self._confirms_due)  # type: ignore[union-attr]
+
+    def _confirms_due(self) -> None:
+        self._confirm_timer = None
+        self._request_flush()
+
     def _request_flush(self) -> None:
         if self._phase in (_Phase.OPEN, _Phase.CLOSING) and not (self._flush_scheduled or self._writing):
             self._flush_scheduled = True
@@ -579,6 +629,11 @@ class DurableQueue:
         self._writing = True
         self._writes_idle.clear()
         self._largest_group = max(self._largest_group, len(work.records))
+        if self._inline and not self._inline_pending:
+            # Nothing completes before it: commit and answer in this same loop turn (one turn and
+            # one handle fewer per group; what matters at one lock-step sender).
+            self._flush_done(work, self._run_inline(partial(self._write_in_writer, work)))
+            return
         self._run_in_writer(partial(self._write_in_writer, work), partial(self._flush_done, work))
 
     def _write_in_writer(self, work: _WriteWork) -> _WriteOutcome:
@@ -625,8 +680,11 @@ class DurableQueue:
         self._accept_committed(work.records, written.results)
         for on_commit, result in zip(work.callbacks, written.results):
             self._run_callback(on_commit, result)
-        if self._has_writes() and not self._flush_scheduled:
-            self._start_flush()
+        if not self._flush_scheduled:
+            if self._urgent_writes():
+                self._start_flush()
+            elif self._confirms:
+                self._hold_confirms()
         if not self._writing:
             self._writes_idle.set()
 
@@ -790,7 +848,9 @@ class DurableQueue:
         self._settle(row_ids)
         self._confirms.extend(row_ids)
         self._counts["confirmed"] += len(row_ids)
-        self._request_flush()
+        if self._writing:
+            return  # the write in progress ends with _hold_confirms or a flush
+        self._hold_confirms()
 
     def fail(self, row_id: int, reason: str) -> None:
         """Give a row up (the hub rejected it for good); `reason` must not contain PHI."""
@@ -994,10 +1054,9 @@ class DurableQueue:
         for _ in range(1_000_000):  # bounded; each step deletes or examines a bounded slice
             result = await self._call(self._maintain_in_writer, True)
             swept += result.swept
-            if result.store_stats is not None:
-                self._store_stats = result.store_stats
             if result.sweep_done:
                 break
+        await self._refresh_store_stats()
         self._counts["swept"] += swept
         if swept:
             logger.info("queue %s: retention removed %d rows", self.path, swept)
@@ -1007,12 +1066,22 @@ class DurableQueue:
         store = self._require_store()
         store.renew_lease(self.holder, self._lease_ttl_s)
         if not sweep:
-            return _Maintenance(store.requeue_generation(), 0, True, None)
+            return _Maintenance(store.requeue_generation(), 0, True)
         # One bounded step (it may run on the loop between intake commits): never a table walk.
         swept, done = store.sweep_slice(*self._retention, chunk_rows=_SWEEP_CHUNK_ROWS, scan_rows=_SWEEP_SCAN_ROWS)
         if done:
             store.sweep_orphan_files(self._orphan_grace_s)
-        return _Maintenance(store.requeue_generation(), swept, done, store.stats() if done else None)
+        return _Maintenance(store.requeue_generation(), swept, done)
+
+    async def _refresh_store_stats(self) -> None:
+        """Recount the store's stats after a retention pass, on a connection of its own (it only
+        reads) in a worker thread: the count is a scan of the whole table (0.3-0.5 s at 300,000
+        rows), which on the writer (the loop, or the writer thread) stalled every intake commit
+        behind it. WAL lets it read while commits go on."""
+        try:
+            self._store_stats = await asyncio.to_thread(_read_stats, self.path, self.data_dir)
+        except QueueError as exc:  # keep the previous figures; storage trouble is reported elsewhere
+            logger.warning("queue %s: cannot refresh the stats: %s", self.path, exc)
 
     def _update_rate(self) -> None:
         now, committed = time.monotonic(), self._counts["committed"]

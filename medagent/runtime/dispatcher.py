@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import time
 import uuid
@@ -113,6 +112,13 @@ MAX_UNCONFIRMED = 5_000
 #: ... and at most this many body bytes (one more batch may go over it), whatever the row sizes.
 MAX_UNCONFIRMED_BYTES = 8 * 1024 * 1024
 
+#: After a batch whose replies nobody awaits (fast/immediate modes), wait this long so more rows
+#: gather into the next agent:batch. The hub's cost is mostly per batch (one store round, one
+#: ack), so at one lock-step sender (~2k msg/s) 2 ms gave ~3 rows per batch and 10 ms ~18:
+#: hub CPU per message -40 %, agent -8 % (benchmarks/perf-log.md). It delays only the hub's copy;
+#: devices in these modes were answered at commit, and original/two-phase rows never wait here.
+LINGER_S = 0.010
+
 #: A byte-stream channel (tcp://, serial://) configured with bodyEncoding=utf-8.
 BYTES_AS_UTF8 = "bytes-as-utf-8"
 _BYTE_STREAM_KINDS = frozenset({"tcp", "serial"})
@@ -144,7 +150,7 @@ class Dispatcher:
         data_dir: Path | None = None,
         max_batch: int = 1000,
         confirm_timeout_s: float = 60.0,
-        linger_s: float = 0.002,
+        linger_s: float = LINGER_S,
         upload_concurrency: int = 4,
         upload_backoff: UploadBackoff = UploadBackoff(),
         max_unconfirmed: int | None = None,
@@ -298,10 +304,9 @@ class Dispatcher:
     def send_immediate(self, record: InboundRecord) -> None:
         link = self._require_link()
         target = self._channel(record.channel)
+        no_reply = True if "batch" in link.features else None  # the device had its AA already
         message = self._transmit(record.channel, record.remote, record.content_type, record.body,
-                                 f"{self._immediate_prefix}{uuid.uuid4()}", _encoding_of(target))
-        if "batch" in link.features:
-            message = dataclasses.replace(message, no_reply=True)  # the device had its AA already
+                                 f"{self._immediate_prefix}{uuid.uuid4()}", _encoding_of(target), None, no_reply)
         if link.live and not self._immediate and link.send_transmit(message):
             self.sent += 1
             return
@@ -420,10 +425,13 @@ class Dispatcher:
         target = self._channel(row.channel)
         wants_reply = target is not None and target.wants_replies
         encoding = _encoding_of(target)
-        message = self._transmit(row.channel, row.remote, content_type, body, self.callback_for(row.row_id), encoding)
+        duplicate_of: str | None = None
+        no_reply: bool | None = None
         if "batch" in link.features:  # medagent hub: extensions allowed (see messages.py)
             duplicate_of = None if row.duplicate_of is None else self.callback_for(row.duplicate_of)
-            message = dataclasses.replace(message, duplicate_of=duplicate_of, no_reply=not wants_reply or None)
+            no_reply = not wants_reply or None
+        message = self._transmit(row.channel, row.remote, content_type, body, self.callback_for(row.row_id),
+                                 encoding, duplicate_of, no_reply)  # one object per row, no replace()
         if not link.send_transmit(message):
             self._queue.release([r.row_id for r in rows[index:]])
             return None
@@ -475,8 +483,9 @@ class Dispatcher:
 
     @staticmethod
     def _transmit(channel: str, remote: str, content_type: str, body: bytes, callback: str,
-                  encoding: str) -> TransmitRequest:
-        """The transmit of one unit; ``encoding`` is its channel's text encoding."""
+                  encoding: str, duplicate_of: str | None = None, no_reply: bool | None = None) -> TransmitRequest:
+        """The transmit of one unit; ``encoding`` is its channel's text encoding; `duplicate_of`
+        and `no_reply` are the medagent hub's extensions (None towards a Medplum hub)."""
         if content_type == HL7_V2_CONTENT_TYPE:
             try:
                 text = hl7.decode(body, default=encoding)
@@ -489,7 +498,8 @@ class Dispatcher:
         else:  # JSON documents (file uploaders' results) are UTF-8; other text is in the channel's encoding
             json_like = content_type == "application/json" or content_type.endswith("+json")
             text = body.decode("utf-8" if json_like else encoding, errors="replace")
-        return TransmitRequest(remote=remote, content_type=content_type, body=text, channel=channel, callback=callback)
+        return TransmitRequest(remote=remote, content_type=content_type, body=text, channel=channel, callback=callback,
+                               duplicate_of=duplicate_of, no_reply=no_reply)
 
 
 def _file_of(row: QueuedMessage) -> Any:

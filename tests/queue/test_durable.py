@@ -208,6 +208,26 @@ async def test_confirm_release_fail(queue: DurableQueue) -> None:
     assert attempts == {1: 2, 2: 0, 3: 2, 4: 1, 5: 0, 6: 1}
 
 
+async def test_confirmations_ride_along_with_the_next_group_or_are_written_alone_soon(queue: DurableQueue) -> None:
+    """Confirmations gate no ACK: they join the next group commit (one transaction for both)
+    and, when no record comes, are written by themselves within a bounded time."""
+    await submit_all(queue, [record(str(i)) for i in range(4)])
+    await drain(queue, 4)
+    flushes = queue.stats()["flushes"]
+    queue.confirm([1, 2, 3])
+    assert (await queue.submit_wait(record("next"))).row_id == 5
+    assert queue.stats()["flushes"] == flushes + 1  # the insert and the confirmations: one commit
+    assert db_states(queue.path) == {1: RowState.CONFIRMED, 2: RowState.CONFIRMED, 3: RowState.CONFIRMED,
+                                     4: RowState.RECEIVED, 5: RowState.RECEIVED}
+    queue.confirm([4])  # nothing else to write: it goes alone
+    for _ in range(int(WAIT_S / 0.01)):
+        if db_states(queue.path)[4] == RowState.CONFIRMED:
+            break
+        await asyncio.sleep(0.01)
+    assert db_states(queue.path)[4] == RowState.CONFIRMED
+    assert queue.stats()["flushes"] == flushes + 2
+
+
 async def test_late_confirm_of_a_released_row_is_not_delivered_again(queue: DurableQueue) -> None:
     await submit_all(queue, [record(str(i)) for i in range(3)])
     await drain(queue, 3)
@@ -234,6 +254,30 @@ async def test_memory_bound_spills_to_disk_and_keeps_order(tmp_path: Path) -> No
             got += [m.row_id for m in batch]
         assert got == list(range(1, 301))
         assert queue.stats()["loaded_from_disk"] > 0
+    finally:
+        await queue.close()
+
+
+async def test_commits_completing_while_a_refill_is_pending_keep_every_row(tmp_path: Path) -> None:
+    """A group commit that finishes while a read-back from disk has not reported yet must not be
+    handled before it (the shortcut that answers a commit in its own loop turn waits its turn):
+    otherwise the read-back's 'disk exhausted' would hide the new row and it would never be
+    handed out."""
+    queue = DurableQueue(tmp_path / "queue.sqlite3", memory_max_rows=4, memory_max_bytes=1_000_000)
+    await queue.open()
+    try:
+        await submit_all(queue, [record(f"a{i}") for i in range(6)])  # rows 5 and 6 stay on disk
+        first = await asyncio.wait_for(queue.next_batch(4), WAIT_S)
+        assert [m.row_id for m in first] == [1, 2, 3, 4] and queue.stats()["backlog_on_disk"]
+        committed: list[CommitResult] = []
+        # next_batch's first step reads rows 5 and 6 back (its report is scheduled), then the
+        # commit of row 7, scheduled after it, runs before that report
+        task = asyncio.ensure_future(queue.next_batch(4))
+        queue.submit(record("b"), committed.append)
+        got = [m.row_id for m in await asyncio.wait_for(task, WAIT_S)]
+        got += [m.row_id for m in await drain(queue, 3 - len(got))]
+        assert got == [5, 6, 7]
+        assert [r.row_id for r in committed] == [7]
     finally:
         await queue.close()
 

@@ -3,6 +3,7 @@ changes, lease, retention and stats, on real SQLite files in tmp_path."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import subprocess
 import sys
@@ -10,9 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from medagent.queue.records import DuplicatePolicy, InboundRecord, RowState
-from medagent.queue.store import SCHEMA_VERSION, QueueError, QueueLocked, QueueStore, SchemaTooNew
+from medagent.queue.store import (
+    SCHEMA_VERSION,
+    QueueError,
+    QueueLocked,
+    QueueStore,
+    SchemaTooNew,
+    id_runs,
+)
 
 OFF, FLAG, DROP = DuplicatePolicy.OFF, DuplicatePolicy.FLAG, DuplicatePolicy.DROP
 
@@ -194,6 +204,52 @@ def test_state_changes(store: QueueStore) -> None:
     assert store.retry_failed() == 1
     assert store.requeue_generation() == generation + 1
     assert store.first_pending_id() == 1
+
+
+@pytest.mark.parametrize(("ids", "runs"), [
+    ([], []),
+    ([5], [(5, 5)]),
+    ([7, 3, 4, 5, 9, 8, 4], [(3, 5), (7, 9)]),
+    ([1, 3, 5], [(1, 1), (3, 3), (5, 5)]),
+])
+def test_id_runs_groups_consecutive_ids(ids: list[int], runs: list[tuple[int, int]]) -> None:
+    assert id_runs(ids) == runs
+
+
+@given(st.lists(st.integers(min_value=1, max_value=200), max_size=60))
+def test_id_runs_cover_exactly_the_given_ids(ids: list[int]) -> None:
+    runs = id_runs(ids)
+    assert [i for first, last in runs for i in range(first, last + 1)] == sorted(set(ids))
+    assert all(later[0] > earlier[1] + 1 for earlier, later in itertools.pairwise(runs))  # maximal runs
+
+
+def test_cumulative_confirmation_settles_exactly_the_listed_rows(store: QueueStore) -> None:
+    """Confirmations are written one statement per run of ids: the gaps between runs stay pending."""
+    store.insert_batch([record(str(i)) for i in range(12)], [OFF] * 12)
+    assert store.mark_failed(6, "refused") == 1
+    assert store.mark_confirmed([2, 3, 4, 6, 9, 10, 12, 3]) == 7  # 3 twice; 6 FAILED -> CONFIRMED
+    pending = [1, 5, 7, 8, 11]
+    assert {i for i, state in states(store.path).items() if state == RowState.CONFIRMED} == {2, 3, 4, 6, 9, 10, 12}
+    assert [m.row_id for m in store.load_pending(0, 100)] == pending
+    assert store.mark_confirmed([9, 10]) == 0  # already confirmed: nothing changes
+    # the same rule inside the insert transaction (confirmations riding along with a group)
+    results = store.insert_batch([record("n")], [OFF], confirm_ids=[7, 8, 11])
+    assert results[0].row_id == 13
+    assert [m.row_id for m in store.load_pending(0, 100)] == [1, 5, 13]
+
+
+def test_a_group_of_one_gets_the_id_sqlite_assigned(store: QueueStore) -> None:
+    """One record per group (a lock-step sender) skips the id prediction; ids stay AUTOINCREMENT."""
+    assert [store.insert_batch([record(f"s{i}")], [FLAG])[0].row_id for i in range(3)] == [1, 2, 3]
+    store.mark_confirmed([3])
+    assert store.purge([RowState.CONFIRMED]) == 1
+    again = store.insert_batch([record("s0")], [FLAG])[0]  # a resend of row 1, after the newest was deleted
+    assert again.row_id == 4 and again.duplicate_of == 1 and again.ok
+    dropped = store.insert_batch([record("s1")], [DROP])[0]
+    assert dropped.row_id is None and dropped.duplicate_of == 2
+    reused = store.insert_batch([record("s1", body=b"MSH|^~\\&|other")], [FLAG])[0]
+    assert reused.row_id == 5 and reused.control_id_reused and reused.duplicate_of is None
+    assert store.insert_batch([record(str(i)) for i in range(2)], [OFF] * 2)[1].row_id == 7
 
 
 def test_purge_refuses_pending_rows(store: QueueStore) -> None:
