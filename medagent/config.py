@@ -214,9 +214,11 @@ class HubSection:
     token_ttl_s: int = 3600
     #: the hub store URL (postgresql://… or sqlite:///…); None: hub.sqlite3 in data_dir
     store: str | None = None
+    #: the bus between hub processes (redis://host:port/db) or None: this hub alone
+    bus: str | None = None
 
     def __repr__(self) -> str:
-        return _masked_repr(self, ("admin_token", "store"))  # a store URL may carry a password
+        return _masked_repr(self, ("admin_token", "store", "bus"))  # a store or bus URL may carry a password
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +287,13 @@ def _hub_store(value: str) -> str | None:
     return "must be postgresql://user@host:port/database or sqlite:///path/to/hub.sqlite3"
 
 
+def _hub_bus(value: str) -> str | None:
+    """The hub bus URL: its form only (the hub reports an unreachable Redis)."""
+    if value == "local" or value.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "must be 'local' or a Redis URL: redis://host:port/db, rediss://... or unix:///path.sock"
+
+
 def _existing_file(value: Path) -> str | None:
     return None if value.is_file() else f"file not found: {value}"
 
@@ -343,6 +352,7 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "tls_key": _Key(_Kind.PATH, None, _existing_file),
         "token_ttl_s": _Key(_Kind.INT, 3600, _at_least(1)),
         "store": _Key(_Kind.STR, None, _hub_store),
+        "bus": _Key(_Kind.STR, None, _hub_bus),
     },
 }
 _CHANNEL_SECTION = "channel"

@@ -154,7 +154,9 @@ def channel_json(c: ChannelRecord) -> dict[str, Any]:
 
 async def healthz(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    return _json({"status": "ok", "version": __version__, "agents_connected": len(ctx.registry)})
+    # still 200 while the bus is down: inbound traffic and local agents work without Redis
+    return _json({"status": "ok", "version": __version__, "agents_connected": len(ctx.registry),
+                  "bus": "ok" if ctx.bus.available else "unavailable"})
 
 
 async def list_messages(request: web.Request) -> web.Response:

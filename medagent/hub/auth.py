@@ -19,10 +19,15 @@ Theory of operation
   generation current when it was issued; :meth:`TokenSigner.verify` with a ``generation_of``
   lookup (:meth:`TokenSigner.verify_current`) refuses a token whose generation is no longer current (one primary-key read). The
   counter moves on ``POST /admin/agents/{id}/revoke-tokens``, when the agent is set ``off`` and
-  when its secret is rotated. The signing key is 32 random bytes generated on first start and
-  kept in ``<data_dir>/hub-signing-key`` with mode 0600; deleting that file revokes every token.
+  when its secret is rotated. The signing key is 32 random bytes generated on first start.
 * The operator API takes ``Authorization: Bearer <admin token>``; the admin token is generated on
-  first start into ``<data_dir>/admin-token`` (0600) unless the settings give one.
+  first start unless the settings give one.
+* Both secrets are hub-wide (:func:`load_shared_secret`): the store's ``hub_secrets`` table holds
+  them, so every hub process of one store (each with its own data directory) signs and checks
+  with the same key and accepts the same admin token. The first process to start stores them
+  (seeded from ``<data_dir>/hub-signing-key`` / ``admin-token`` when an older hub left those
+  files, so its tokens stay valid); every process keeps a copy in those files (0600) for the
+  operator and local tools. Deleting the ``hub_secrets`` row of the key revokes every token.
 
 Invariants: no secret or token is ever logged; every comparison of secret material uses
 :func:`hmac.compare_digest`; key files are created with mode 0600 atomically (O_EXCL), so a
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import orjson
 
-from medagent.storage.files import tighten_file
+from medagent.storage.files import tighten_file, write_private_file
 
 __all__ = [
     "ADMIN_TOKEN_FILE",
@@ -54,6 +59,7 @@ __all__ = [
     "bearer_token",
     "hash_secret",
     "load_or_create_secret_file",
+    "load_shared_secret",
     "new_client_secret",
     "verify_secret",
 ]
@@ -184,6 +190,23 @@ def load_or_create_secret_file(path: Path, make: bytes) -> bytes:
     with os.fdopen(fd, "wb") as f:
         f.write(make)
     return make
+
+
+async def load_shared_secret(stored: Callable[[str, str], Awaitable[str]], path: Path, name: str,
+                             make: Callable[[], str]) -> str:
+    """The hub-wide secret ``name``: ``await stored(name, proposed)`` returns the value in the
+    store, storing ``proposed`` if there is none yet (the local copy ``path``, if an older hub
+    left one, else ``make()``). ``path`` is then made to hold the stored value (mode 0600)."""
+    local: str | None = None
+    if path.is_file():
+        tighten_file(path)
+        local = path.read_text().strip()
+        if not local:
+            raise ValueError(f"{path} is empty; delete it to have the hub's secret copied there again")
+    value = await stored(name, local or make())
+    if value != local:
+        write_private_file(path, value.encode())
+    return value
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -4,7 +4,9 @@
 command carries ``func(args) -> int`` (the exit status: 0 ok, 1 the work failed, 2 usage or
 configuration error). :func:`main` runs the same parser standalone
 (``python -m medagent.hub.cli hub add-agent lab --json``). ``serve`` takes the admin token from
-``MEDAGENT_HUB_ADMIN_TOKEN`` when set, else from ``<data-dir>/admin-token``.
+``MEDAGENT_HUB_ADMIN_TOKEN`` when set, else from the store (a copy is kept in
+``<data-dir>/admin-token``), and the bus from ``--bus`` or ``MEDAGENT_HUB_BUS``
+(``redis://...``: several hub processes on one store act as one hub, docs/scale-out.md).
 
 Subcommands: ``serve`` (the default), ``add-agent NAME``, ``add-channel AGENT NAME ADDRESS``, ``add-user NAME``, ``revoke-tokens AGENT``, ``rotate-secret AGENT``,
 ``list-agents``, ``messages``, ``migrate-store FROM TO``. Management commands work on the store
@@ -54,6 +56,7 @@ MAX_PAGE = 1000
 #: the operator token for ``serve`` (DESIGN.md: every key settable as MEDAGENT_<SECTION>_<KEY>)
 ADMIN_TOKEN_ENV = "MEDAGENT_HUB_ADMIN_TOKEN"
 STORE_ENV = "MEDAGENT_HUB_STORE"
+BUS_ENV = "MEDAGENT_HUB_BUS"
 T = TypeVar("T")
 
 
@@ -77,6 +80,11 @@ def _listen_options() -> argparse.ArgumentParser:
     listen.add_argument("--tls-key", type=Path, default=argparse.SUPPRESS, help="PEM private key of --tls-cert")
     listen.add_argument("--store-pool-size", type=_bounded_int("--store-pool-size", 1, 1000), default=argparse.SUPPRESS,
                         help="connections of a PostgreSQL store's pool (default 10)")
+    listen.add_argument("--bus", default=argparse.SUPPRESS, metavar="URL",
+                        help="the bus between hub processes: redis://host:port/db (several processes on one store "
+                             f"act as one hub) or local (default; env {BUS_ENV})")
+    listen.add_argument("--fd", type=_bounded_int("--fd", 0, 1_000_000), default=argparse.SUPPRESS, metavar="N",
+                        help="serve on the inherited listening socket N instead of binding --host/--port")
     return listen
 
 
@@ -191,6 +199,7 @@ def _settings(args: argparse.Namespace) -> HubSettings:
         port=getattr(args, "port", DEFAULT_PORT), tls_cert=tls_cert, tls_key=tls_key,
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None, store=_store_url(args),
         store_pool_size=getattr(args, "store_pool_size", 10),
+        bus=getattr(args, "bus", None) or os.environ.get(BUS_ENV) or None, listen_fd=getattr(args, "fd", None),
     )
     settings.validate()
     return settings
@@ -272,11 +281,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(settings: HubSettings) -> int:
+    from medagent.hub.bus import BusConfigError
     from medagent.hub.server import HubServer
 
     server = HubServer(settings)
     try:
         await server.start()
+    except BusConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except OSError as exc:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", EXIT_FAILURE)
     stop = asyncio.Event()
@@ -292,6 +304,7 @@ async def _serve_until_signal(settings: HubSettings) -> int:
     print(f"  data dir:    {server.data_dir.resolve()}", flush=True)
     print(f"  admin token: {token_file.resolve() if token_file else '(given in the settings)'}", flush=True)
     print(f"  store:       {server.store.url}", flush=True)
+    print(f"  bus:         {type(server.context.bus).__name__} (process {server.context.bus.process_id})", flush=True)
     try:
         await stop.wait()
     finally:

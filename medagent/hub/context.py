@@ -12,10 +12,12 @@ from aiohttp import web
 
 from medagent.hub.auth import TokenSigner
 from medagent.hub.botrunner import BotRunner
+from medagent.hub.bus import AgentBus
 from medagent.hub.intake import ChannelDispatcher
 from medagent.hub.registry import AgentRegistry, Connection, PendingReplies
 from medagent.hub.settings import HubSettings
 from medagent.hub.store import HubStore
+from medagent.hub.upgrades import UpgradeWatcher
 from medagent.hub.writer import StoreWriter
 
 __all__ = ["CONNECTIONS_KEY", "CTX_KEY", "HubContext"]
@@ -32,6 +34,10 @@ class HubContext:
     pending: PendingReplies
     dispatcher: ChannelDispatcher
     admin_token: str
+    #: routes agent operations to the process holding the socket, and answers presence
+    bus: AgentBus
+    #: follows accepted $upgrade requests to their outcome (the upgrade part of $status)
+    upgrades: UpgradeWatcher
 
 
 #: the application keys under which HubServer stores the context and the open agent sockets

@@ -1,9 +1,13 @@
 """Agent operations over HTTP (medplum-protocol.md §7), under ``/fhir/R4`` and at the root.
 
 ``/Agent/{id}/$push``, ``$status``, ``$reload-config``, ``$upgrade``, ``$fetch-logs``, ``$stats``.
-All require the admin token. An operation that needs the agent sends one request frame on the
-agent's current socket with a fresh callback (``Agent/<id>-<uuid>``) and waits, up to its
-timeout, for the frame that echoes it (:class:`~medagent.hub.registry.PendingReplies`):
+All require the admin token. An operation that needs the agent sends one request frame with a
+fresh callback (``Agent/<id>-<uuid>``) through the hub's bus (:mod:`medagent.hub.bus`) to the
+process holding the agent's socket — this one, or another hub process over Redis — and waits, up
+to its timeout, for the frame that echoes it. On the holding process :func:`deliver_local` puts
+the frame on the socket and waits for the echo (:class:`~medagent.hub.registry.PendingReplies`).
+Presence (``$status``, ``$bulk-status``, ``/metrics``) is the bus's, so every process answers
+alike:
 
 * ``$push`` (POST; JSON or ``Parameters``: ``destination`` — an ``mllp://…`` URL or, for ping, a
   host — ``contentType``, ``body``, ``waitForResponse``, ``waitTimeout`` ms, default 10000, max
@@ -11,8 +15,9 @@ timeout, for the frame that echoes it (:class:`~medagent.hub.registry.PendingRep
   Waiting: the agent's reply *raw* (its status code, content type and body); ``agent:error`` or
   a status >= 400 -> 400 OperationOutcome with the text; no reply in time -> 400 "Timeout".
   ``Device/…`` destinations are refused (this hub stores no Devices).
-* ``$status`` (GET) -> ``Parameters{status connected|disconnected, version, lastUpdated}``; no
-  frame is sent. ``/Agent/$bulk-status`` (GET, type level) takes Medplum's Agent search
+* ``$status`` (GET) -> ``Parameters{status connected|disconnected, version, lastUpdated}``, and
+  ``upgrade`` (valueString, JSON ``{state, targetVersion, fromVersion, error, switchedAt,
+  intakePauseS}``) once an upgrade was seen (:mod:`medagent.hub.upgrades`); no frame is sent. ``/Agent/$bulk-status`` (GET, type level) takes Medplum's Agent search
   parameters (``name``, ``status``, ``_count`` <= 100, default 20; ``identifier`` and ``_tag``
   match nothing here, since this hub's agents carry neither) and answers
   ``Bundle{type: collection}`` of ``Parameters{agent: Agent, result: Parameters}``
@@ -28,13 +33,14 @@ timeout, for the frame that echoes it (:class:`~medagent.hub.registry.PendingRep
   the Prometheus text format (medagent.ops.metrics.hub_families).
 
 Common errors: unknown agent 404; agent not connected 400 "Agent not connected"; an unknown
-operation 404; a wrong method 405.
+operation 404; a wrong method 405; the bus (Redis) unreachable 503.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +62,7 @@ from medagent.cloud.messages import (
     new_callback,
 )
 from medagent.hub.access import require_admin
+from medagent.hub.bus import AgentNotConnected, AgentTimeout, BusError, BusUnavailable, Presence
 from medagent.hub.context import CTX_KEY, HubContext
 from medagent.hub.fhir_json import (
     agent_resource,
@@ -73,7 +80,7 @@ from medagent.hub.releases import add_release_routes
 from medagent.hub.store import NotFound
 from medagent.ops.metrics import hub_families, metrics_response
 
-__all__ = ["OperationError", "add_operation_routes"]
+__all__ = ["OperationError", "add_operation_routes", "deliver_local", "presences_or_unknown"]
 
 AGENT_NOT_CONNECTED = "Agent not connected"
 TIMEOUT = "Timeout"
@@ -132,27 +139,57 @@ def _truthy(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("true", "1", "yes"))
 
 
-def _connection(ctx: HubContext, agent_id: str) -> Any:
+async def deliver_local(ctx: HubContext, agent_id: str, message: AgentMessage,
+                        timeout_s: float | None) -> AgentMessage | None:
+    """The bus's deliver handler: put ``message`` on this process's socket of the agent and, with
+    a timeout, wait for the frame that echoes its callback (TimeoutError when none comes)."""
     connection = ctx.registry.current(agent_id)
     if connection is None:
-        raise OperationError(400, AGENT_NOT_CONNECTED)
-    return connection
+        raise AgentNotConnected(agent_id)
+    try:
+        if timeout_s is None:
+            await connection.send(message)
+            return None
+        callback = message.callback  # type: ignore[attr-defined]
+        reply = ctx.pending.expect(callback)
+        try:
+            await connection.send(message)
+            return await asyncio.wait_for(reply, timeout_s)
+        finally:
+            ctx.pending.forget(callback)
+    except (ConnectionError, RuntimeError):
+        raise AgentNotConnected(agent_id) from None
+
+
+@contextmanager
+def _bus_errors() -> Iterator[None]:
+    """The bus's error contract as OperationOutcomes (Medplum's texts for the agent's two)."""
+    try:
+        yield
+    except AgentNotConnected:
+        raise OperationError(400, AGENT_NOT_CONNECTED) from None
+    except AgentTimeout:
+        raise OperationError(400, TIMEOUT, "timeout") from None
+    except BusUnavailable:
+        raise OperationError(503, "The hub cannot reach the agent's hub process (bus unavailable); try again",
+                             "transient") from None
+    except BusError as exc:
+        raise OperationError(502, str(exc), "transient") from None
+
+
+async def presences_or_unknown(ctx: HubContext, agent_ids: list[str]) -> dict[str, Presence]:
+    """Presence for pages that must render while the bus is down (the dashboard): an agent
+    whose presence cannot be read shows disconnected, with nothing known."""
+    try:
+        return await ctx.bus.presence_many(agent_ids)
+    except BusError:
+        return {agent_id: Presence(False) for agent_id in agent_ids}
 
 
 async def _ask(ctx: HubContext, agent_id: str, make: Callable[[str], AgentMessage], timeout_s: float) -> AgentMessage:
     """Send the request built by ``make(callback)`` and wait for the frame echoing the callback."""
-    connection = _connection(ctx, agent_id)
-    callback = new_callback(agent_id)
-    reply = ctx.pending.expect(callback)
-    try:
-        await connection.send(make(callback))
-        return await asyncio.wait_for(reply, timeout_s)
-    except TimeoutError:
-        raise OperationError(400, TIMEOUT, "timeout") from None
-    except (ConnectionError, RuntimeError):
-        raise OperationError(400, AGENT_NOT_CONNECTED) from None
-    finally:
-        ctx.pending.forget(callback)
+    with _bus_errors():
+        return await ctx.bus.request(agent_id, make(new_callback(agent_id)), timeout_s)
 
 
 def _fail_on_error(reply: AgentMessage) -> None:
@@ -182,10 +219,8 @@ async def op_push(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> 
         return TransmitRequest(remote=destination, content_type=content_type, body=body, callback=callback)
 
     if not wait:
-        try:
-            await _connection(ctx, agent_id).send(request(None))
-        except (ConnectionError, RuntimeError):
-            raise OperationError(400, AGENT_NOT_CONNECTED) from None
+        with _bus_errors():
+            await ctx.bus.send(agent_id, request(None))
         return all_ok()
     reply = await _ask(ctx, agent_id, request, timeout_s)
     _fail_on_error(reply)
@@ -194,20 +229,23 @@ async def op_push(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> 
     return web.Response(text=reply.body, status=reply.status_code or 200, content_type=reply.content_type)
 
 
-def _status_parameters(ctx: HubContext, agent_id: str) -> dict[str, Any]:
-    presence = ctx.registry.presence(agent_id)
+def _status_parameters(presence: Presence, upgrade: str | None) -> dict[str, Any]:
     values: dict[str, tuple[str, Any]] = {
         "status": ("valueCode", "connected" if presence.connected else "disconnected"),
         "version": ("valueString", presence.version or "unknown"),
     }
     if presence.last_updated is not None:
         values["lastUpdated"] = ("valueInstant", iso_instant(presence.last_updated))
+    if upgrade is not None:
+        values["upgrade"] = ("valueString", upgrade)
     return parameters(**values)
 
 
 async def op_status(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) -> web.StreamResponse:
     await ctx.store.get_agent(agent_id)
-    return fhir_response(_status_parameters(ctx, agent_id))
+    with _bus_errors():
+        presence = await ctx.bus.presence(agent_id)
+    return fhir_response(_status_parameters(presence, await ctx.upgrades.latest(agent_id)))
 
 
 async def _search_agents(ctx: HubContext, query: Mapping[str, str]) -> list[AgentRecord]:
@@ -241,8 +279,13 @@ async def op_bulk_status(request: web.Request) -> web.StreamResponse:
         agents = await _search_agents(ctx, request.query)
     except OperationError as exc:
         return error_response(exc.status, str(exc), exc.code)
+    try:
+        with _bus_errors():
+            presences = await ctx.bus.presence_many([a.id for a in agents])
+    except OperationError as exc:
+        return error_response(exc.status, str(exc), exc.code)
     entries = [parameters(agent=("resource", agent_resource(a, await ctx.store.list_channels(a.id))),
-                          result=("resource", _status_parameters(ctx, a.id)))
+                          result=("resource", _status_parameters(presences[a.id], await ctx.upgrades.latest(a.id))))
                for a in agents]
     return fhir_response(bundle(entries, "collection"))
 
@@ -253,9 +296,15 @@ async def hub_metrics(request: web.Request) -> web.StreamResponse:
     by_status: dict[str, int] = {}
     versions: dict[str, int] = {}
     connected = 0
-    for agent in await ctx.store.list_agents():
+    agents = await ctx.store.list_agents()
+    try:
+        with _bus_errors():
+            presences = await ctx.bus.presence_many([a.id for a in agents])
+    except OperationError as exc:
+        return error_response(exc.status, str(exc), exc.code)
+    for agent in agents:
         by_status[agent.status.value] = by_status.get(agent.status.value, 0) + 1
-        presence = ctx.registry.presence(agent.id)
+        presence = presences[agent.id]
         if presence.connected:
             connected += 1
             versions[presence.version or "unknown"] = versions.get(presence.version or "unknown", 0) + 1
@@ -276,6 +325,7 @@ async def op_upgrade(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) 
     await ctx.store.get_agent(agent_id)
     request = lambda cb: UpgradeRequest(version=str(version) if version else None, force=force, callback=cb)
     _fail_on_error(await _ask(ctx, agent_id, request, timeout_s))
+    ctx.upgrades.watch(agent_id)  # accepted: follow it to its outcome
     return all_ok()
 
 
@@ -302,6 +352,7 @@ async def op_stats(ctx: HubContext, agent_id: str, params: Mapping[str, Any]) ->
     _fail_on_error(reply)
     if not isinstance(reply, StatsResponse):
         raise OperationError(400, f"the agent answered with {reply.TYPE}")
+    await ctx.upgrades.record(agent_id, reply.stats)
     return fhir_response(parameters(stats=("valueString", orjson.dumps(reply.stats).decode())))
 
 

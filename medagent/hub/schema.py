@@ -86,6 +86,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_channel_age ON messages (channel, received_at);
     CREATE INDEX messages_channel_body_age ON messages (channel, received_at) WHERE body_purged_at IS NULL;
     """,
+    # v3: secrets every hub process of one store shares (the token signing key, the admin
+    # token), so that several processes with their own data directories act as one hub; and
+    # the last known outcome of each agent's remote upgrade, for $status on any process.
+    """
+    CREATE TABLE hub_secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE agent_upgrades (
+        agent_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

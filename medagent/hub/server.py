@@ -2,13 +2,17 @@
 
 Theory of operation
 -------------------
-:meth:`HubServer.start` opens the store (migrating it), loads or creates the token signing key
-and the admin token (files in the data directory, mode 0600), builds the aiohttp application —
+:meth:`HubServer.start` makes the bus (``settings.bus``: :class:`~medagent.hub.bus.LocalBus`, or
+Redis when several hub processes share one store), opens the store (migrating it), takes the
+token signing key and the admin token from the store (shared by every hub process; a copy in the
+data directory, mode 0600), builds the aiohttp application —
 ``/oauth2/token``, ``/ws/agent``, the FHIR reads under ``/fhir/R4``, the Agent operations under
 ``/fhir/R4`` and at the root, ``/messages``, ``/admin/...``, ``/healthz`` — and binds it to
-``host:port`` (``port=0`` picks a free port, read back from :attr:`HubServer.port`), with TLS
-when a certificate and key are configured. :meth:`HubServer.stop` closes every agent socket
-(1001 "going away"), fails pending operations, drains the channel workers, stops the listener,
+``host:port`` (``port=0`` picks a free port, read back from :attr:`HubServer.port`) or serves on
+an inherited listening socket (``listen_fd``), with TLS when a certificate and key are
+configured; the bus starts delivering routed operations before the listener opens.
+:meth:`HubServer.stop` closes every agent socket, stops the upgrade watches and the bus (this
+process's agents read disconnected at once), fails pending operations, drains the channel workers, stops the listener,
 finishes the queued store writes and closes the store — in that order, so nothing already
 acknowledged is lost.
 
@@ -27,8 +31,10 @@ idempotent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
+import socket
 import ssl
 from pathlib import Path
 
@@ -40,9 +46,10 @@ from medagent.hub.auth import (
     ADMIN_TOKEN_FILE,
     SIGNING_KEY_FILE,
     TokenSigner,
-    load_or_create_secret_file,
+    load_shared_secret,
 )
 from medagent.hub.botrunner import BotRunner
+from medagent.hub.bus import AgentBus, make_bus
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
 from medagent.hub.dashboard import add_dashboard_routes
 from medagent.hub.dicomweb import add_dicomweb_routes
@@ -51,11 +58,12 @@ from medagent.hub.fhir import add_fhir_routes
 from medagent.hub.httplog import HttpErrorLog
 from medagent.hub.intake import ChannelDispatcher
 from medagent.hub.oauth import add_oauth_routes
-from medagent.hub.operations import add_operation_routes
+from medagent.hub.operations import add_operation_routes, deliver_local
 from medagent.hub.registry import AgentRegistry, Connection, PendingReplies
 from medagent.hub.retention import RetentionWorker
 from medagent.hub.settings import HubSettings
 from medagent.hub.store import HubStore, open_store
+from medagent.hub.upgrades import UpgradeWatcher
 from medagent.hub.websocket import handle_agent_websocket
 from medagent.hub.writer import StoreWriter
 from medagent.storage.files import ensure_private_dir, tighten_file
@@ -76,6 +84,7 @@ class HubServer:
         self.settings = settings
         self.data_dir = Path(settings.data_dir)
         self.port: int = settings.port
+        self.host: str = settings.host
         self._ctx: HubContext | None = None
         self._runner: web.AppRunner | None = None
         self._app: web.Application | None = None
@@ -116,7 +125,7 @@ class HubServer:
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:8103`` (``https`` with TLS)."""
-        host = self.settings.host
+        host = self.host
         if ":" in host:
             host = f"[{host}]"
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
@@ -132,15 +141,20 @@ class HubServer:
             raise RuntimeError("the hub is already started")
         ensure_private_dir(self.data_dir)
         tighten_file(self.data_dir / LOG_FILE)  # opened by a parent process, maybe under umask 022
+        bus = make_bus(self.settings.bus)  # BusConfigError (a ValueError) before anything opens
         store = await open_store(self.settings.store, self.data_dir, pool_size=self.settings.store_pool_size)
+        started_bus = False
         try:
-            ctx = await self._build_context(store)
+            ctx = await self._build_context(store, bus)
             app = self._build_app(ctx)
+            await bus.start(functools.partial(deliver_local, ctx))
+            started_bus = True
             runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=HttpErrorLog())
             await runner.setup()
-            site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=self._ssl_context())
-            await site.start()
+            await self._site(runner).start()
         except BaseException:
+            if started_bus:
+                await bus.close()
             if self._free_pages is not None:
                 await self._free_pages.stop()
                 self._free_pages = None
@@ -152,16 +166,18 @@ class HubServer:
                                           settings.retention_max_bytes, settings.retention_interval_s,
                                           settings.retention_batch_rows)
         self._retention.start()
-        self.port = _bound_port(runner, self.settings.port)
-        log.info("medagent hub %s listening on %s (data in %s, store %s)", __version__, self.url, self.data_dir,
-                 store.url)
+        host, self.port = _bound_address(runner, self.settings.host, self.settings.port)
+        if self.settings.listen_fd is not None:
+            self.host = host  # an inherited socket's address is known only now
+        log.info("medagent hub %s listening on %s (data in %s, store %s, bus %s)", __version__, self.url,
+                 self.data_dir, store.url, type(bus).__name__)
 
-    async def _build_context(self, store: HubStore) -> HubContext:
+    async def _build_context(self, store: HubStore, bus: AgentBus) -> HubContext:
         settings = self.settings
-        key = bytes.fromhex(load_or_create_secret_file(self.data_dir / SIGNING_KEY_FILE, secrets.token_hex(32).encode()).decode())
-        admin_token = settings.admin_token or load_or_create_secret_file(
-            self.data_dir / ADMIN_TOKEN_FILE, secrets.token_urlsafe(32).encode()
-        ).decode()
+        key = bytes.fromhex(await load_shared_secret(store.shared_secret, self.data_dir / SIGNING_KEY_FILE,
+                                                     SIGNING_KEY_FILE, lambda: secrets.token_hex(32)))
+        admin_token = settings.admin_token or await load_shared_secret(
+            store.shared_secret, self.data_dir / ADMIN_TOKEN_FILE, ADMIN_TOKEN_FILE, lambda: secrets.token_urlsafe(32))
         writer = StoreWriter(store)
         await writer.start()
         bots = BotRunner(settings.bot_workers, settings.bot_timeout_s)
@@ -171,7 +187,8 @@ class HubServer:
         disk = DiskWatermark(self.data_dir, settings.min_free_bytes, settings.min_free_percent, self._free_pages)
         dispatcher = ChannelDispatcher(store, writer, bots, registry, settings.max_backlog_messages, disk)  # type: ignore[arg-type]
         signer = TokenSigner(key, settings.token_ttl_s, store.token_generation)
-        return HubContext(settings, store, writer, signer, bots, registry, PendingReplies(), dispatcher, admin_token)
+        return HubContext(settings, store, writer, signer, bots, registry, PendingReplies(), dispatcher, admin_token,
+                          bus, UpgradeWatcher(store, bus, settings.upgrade_poll_s))
 
     def _build_app(self, ctx: HubContext) -> web.Application:
         app = web.Application(client_max_size=ctx.settings.max_frame_bytes)
@@ -185,6 +202,16 @@ class HubServer:
         add_dicomweb_routes(app)
         add_dashboard_routes(app)
         return app
+
+    def _site(self, runner: web.AppRunner) -> web.BaseSite:
+        """Where to listen: ``host:port``, or an inherited listening socket (``listen_fd``: the
+        port is handed over by a parent, e.g. an agent upgrading its embedded hub)."""
+        ssl_context = self._ssl_context()
+        if self.settings.listen_fd is None:
+            return web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=ssl_context)
+        sock = socket.socket(fileno=self.settings.listen_fd)
+        sock.setblocking(False)
+        return web.SockSite(runner, sock, ssl_context=ssl_context)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if self.settings.tls_cert is None or self.settings.tls_key is None:
@@ -207,6 +234,8 @@ class HubServer:
             self._free_pages = None
         connections = list(app[CONNECTIONS_KEY])
         await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
+        await ctx.upgrades.close()
+        await ctx.bus.close()
         ctx.pending.cancel_all()
         await ctx.dispatcher.close()
         await runner.cleanup()
@@ -223,8 +252,10 @@ class HubServer:
         await self.stop()
 
 
-def _bound_port(runner: web.AppRunner, requested: int) -> int:
+def _bound_address(runner: web.AppRunner, host: str, port: int) -> tuple[str, int]:
+    """The address actually listened on (``port=0`` and an inherited socket are known only now)."""
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return requested
+            bound = str(address[0])
+            return (host if bound in ("0.0.0.0", "::") else bound), int(address[1])
+    return host, port

@@ -27,6 +27,11 @@ class HubSettings:
     #: the store (medagent.hub.store.open_store): None = hub.sqlite3 in data_dir,
     #: sqlite:///path, or postgresql://user@host:port/db (docs/hub-store.md)
     store: str | None = None
+    #: the bus between hub processes (medagent.hub.bus.make_bus): None/"local" = this process
+    #: alone, redis://host:port/db = several processes sharing one store (docs/scale-out.md)
+    bus: str | None = None
+    #: serve on this inherited listening socket (file descriptor) instead of binding host:port
+    listen_fd: int | None = None
     #: connections of a PostgreSQL store's pool (one is the hot path's writer at a time)
     store_pool_size: int = 10
     host: str = "127.0.0.1"
@@ -56,6 +61,8 @@ class HubSettings:
     retention_max_bytes: int | None = None
     retention_interval_s: float = 10.0
     retention_batch_rows: int = 200
+    #: after an accepted $upgrade, ask the agent's $stats this often until the upgrade's outcome
+    upgrade_poll_s: float = 5.0
     #: free-space watermark: intake is refused (agent:error, nothing stored) while the data
     #: directory's file system has less than max(min_free_bytes, min_free_percent of its size)
     min_free_bytes: int = 50 * 1024 * 1024
@@ -68,6 +75,8 @@ class HubSettings:
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.listen_fd is not None and self.listen_fd < 0:
+            raise ValueError(f"listen_fd must be a file descriptor number (>= 0), not {self.listen_fd}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
         positives = {
@@ -80,7 +89,7 @@ class HubSettings:
             "token_requests_per_address_per_min": self.token_requests_per_address_per_min,
             "token_burst_per_address": self.token_burst_per_address,
             "retention_interval_s": self.retention_interval_s, "retention_batch_rows": self.retention_batch_rows,
-            "store_pool_size": self.store_pool_size,
+            "store_pool_size": self.store_pool_size, "upgrade_poll_s": self.upgrade_poll_s,
         }
         for name, value in positives.items():
             if value <= 0:

@@ -12,6 +12,13 @@ module moves frames between it and aiohttp and does what needs the hub's state:
   ``agent:error "Invalid access token"``, no callback, socket left open). On success the
   connection becomes the agent's current one in the registry, an intake pipeline starts, and the
   core answers ``agent:connect:response`` with ``features.batch = {maxMessages, maxBytes}``;
+* the connection is also announced on the hub's bus (:meth:`AgentBus.attach`), so that an
+  operation called on any hub process reaches it and ``$status`` sees it; every frame notes the
+  heartbeat in memory (:meth:`AgentBus.touch`), the socket's close detaches it;
+* revocation: the token generation the connection was accepted with is compared with the
+  store's on every heartbeat answer; once the agent's tokens are revoked (by the API, the
+  dashboard or ``medagent hub revoke-tokens`` in another process) the socket is closed
+  (1008 policy violation) within one heartbeat interval, and the agent must log in again;
 * transmit requests (alone or in an ``agent:batch``) go to the
   :class:`~medagent.hub.intake.IntakePipeline`, whose ``agent:batch:ack`` passes through the core
   (never for a seq not received, never twice);
@@ -31,11 +38,12 @@ import asyncio
 import logging
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from medagent import __version__
 from medagent.cloud.messages import AgentMessage, Batch, BatchAck, ErrorMessage
 from medagent.hub.auth import AuthError
+from medagent.hub.bus import Hold
 from medagent.hub.context import CONNECTIONS_KEY, CTX_KEY, HubContext
 from medagent.hub.intake import IntakePipeline
 from medagent.hub.store import NotFound
@@ -78,6 +86,8 @@ class AgentConnection:
         self._ticker: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()  # frames leave in the order the core queued them
         self._closing = False
+        self._hold: Hold | None = None
+        self._generation: int | None = None  # the token generation the connection was accepted with
 
     @property
     def state(self) -> SessionState:
@@ -146,7 +156,7 @@ class AgentConnection:
         session = self._core
         events = session.receive_frame(data)
         if session.live:
-            self._ctx.registry.touch(session.agent_id)  # type: ignore[arg-type]
+            self._ctx.bus.touch(session.agent_id)  # type: ignore[arg-type]
         for event in events:
             kind = type(event)
             if kind is core.TransmitsReceived:
@@ -155,7 +165,9 @@ class AgentConnection:
             elif kind is core.Reply:
                 self._settle(event.message)  # type: ignore[union-attr]
             elif kind is core.HeartbeatAnswered:
-                self._ctx.registry.touch(session.agent_id, event.version)  # type: ignore
+                self._ctx.bus.touch(session.agent_id, event.version)  # type: ignore
+                if await self._revoked():
+                    return
             elif kind is core.ConnectRequested:
                 await self._on_connect(event)  # type: ignore[arg-type]
             elif kind is core.Violation:
@@ -165,25 +177,43 @@ class AgentConnection:
 
     async def _on_connect(self, request: core.ConnectRequested) -> None:
         agent_id = request.agent_id
-        if not await self._token_allows(request.access_token, agent_id):
+        generation = await self._token_generation(request.access_token, agent_id)
+        if generation is None:
             self._core.refuse(INVALID_ACCESS_TOKEN)
             return
+        self._generation = generation
+        ctx = self._ctx
         if self._intake is None:
-            ctx = self._ctx
             self._intake = IntakePipeline(agent_id, self, ctx.store, ctx.writer, ctx.dispatcher)
-        self._ctx.registry.register(agent_id, self)
+        ctx.registry.register(agent_id, self)
+        if self._hold is None:
+            self._hold = await ctx.bus.attach(agent_id)
         settings = self._ctx.settings
         features = {"batch": {"maxMessages": settings.batch_max_messages, "maxBytes": settings.batch_max_bytes}}
         self._core.accept(agent_id, features, request.callback)
         log.info("agent %s connected from %s", agent_id, self.peer)
 
-    async def _token_allows(self, token: str, agent_id: str) -> bool:
+    async def _token_generation(self, token: str, agent_id: str) -> int | None:
+        """The token's generation when it is current and the agent's, else None."""
         try:
             claims = await self._ctx.signer.verify_current(token)
             await self._ctx.store.get_agent(agent_id)
         except (AuthError, NotFound):
+            return None
+        return claims.generation if claims.agent_id == agent_id else None
+
+    async def _revoked(self) -> bool:
+        """Close the socket if the agent's tokens were revoked since it connected (one
+        primary-key read per heartbeat); True when it was closed."""
+        agent_id = self.agent_id
+        if agent_id is None or self._generation is None:
             return False
-        return claims.agent_id == agent_id
+        current = await self._ctx.store.token_generation(agent_id)
+        if current == self._generation:
+            return False
+        log.info("agent %s: its tokens were revoked; closing its websocket", agent_id)
+        await self.close(WSCloseCode.POLICY_VIOLATION, b"access token revoked")
+        return True
 
     def _settle(self, message: AgentMessage) -> None:
         callback = getattr(message, "callback", None)
@@ -209,7 +239,7 @@ class AgentConnection:
 
     # -- closing ----------------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, code: int = WSCloseCode.OK, reason: bytes = b"") -> None:
         if self._closing:
             return
         self._closing = True
@@ -218,11 +248,13 @@ class AgentConnection:
             self._ticker.cancel()
         if self.agent_id is not None:
             self._ctx.registry.unregister(self.agent_id, self)
+            if self._hold is not None:
+                await self._ctx.bus.detach(self._hold)
             log.info("agent %s disconnected", self.agent_id)
         if self._intake is not None:
             await self._intake.close()
         if not self._ws.closed:
-            await self._ws.close()
+            await self._ws.close(code=code, message=reason)
 
 
 async def handle_agent_websocket(request: web.Request) -> web.StreamResponse:

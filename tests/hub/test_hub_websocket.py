@@ -66,7 +66,7 @@ async def test_hub_sends_heartbeats_and_records_agent_version(tmp_path: Path) ->
         request = await client.recv_type("agent:heartbeat:request")
         assert request == {"type": "agent:heartbeat:request"}
         await client.send({"type": "agent:heartbeat:response", "version": "9.8.7"})
-        await wait_for(lambda: hub.context.registry.presence(credentials.agent_id).version == "9.8.7")
+        await wait_for(lambda: _version_is(hub, credentials.agent_id, "9.8.7"))
         await client.close()
 
 
@@ -115,9 +115,11 @@ async def test_binary_frames_are_accepted(hub: HubServer, agent: AgentCredential
 
 async def test_disconnect_unregisters(hub: HubServer, agent: AgentCredentials) -> None:
     client = await SpecAgent.connected(hub, agent)
-    assert hub.context.registry.presence(agent.agent_id).connected
+    assert (await hub.context.bus.presence(agent.agent_id)).connected
+    assert hub.context.registry.current(agent.agent_id) is not None
     await client.close()
-    await wait_for(lambda: not hub.context.registry.presence(agent.agent_id).connected)
+    await wait_for(lambda: _disconnected(hub, agent.agent_id))
+    assert hub.context.registry.current(agent.agent_id) is None
 
 
 async def test_batch_seq_must_climb_and_acks_follow_storage(hub: HubServer, agent: AgentCredentials) -> None:
@@ -133,3 +135,11 @@ async def test_batch_seq_must_climb_and_acks_follow_storage(hub: HubServer, agen
     stored = {m.callback for m in (await hub.store.query_messages(MessageQuery(agent_id=agent.agent_id))).messages}
     assert stored == {"seq-1", "seq-3"}
     await client.close()
+
+
+async def _version_is(hub: HubServer, agent_id: str, version: str) -> bool:
+    return (await hub.context.bus.presence(agent_id)).version == version
+
+
+async def _disconnected(hub: HubServer, agent_id: str) -> bool:
+    return not (await hub.context.bus.presence(agent_id)).connected

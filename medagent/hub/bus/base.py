@@ -58,7 +58,7 @@ def new_process_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Presence:
-    """What ``$status`` reports for one agent (field names as registry.AgentPresence)."""
+    """What ``$status`` reports for one agent, whichever hub process holds its socket."""
 
     connected: bool
     version: str | None = None

@@ -18,6 +18,7 @@ from medagent.hub.dashboard.layout import (
 from medagent.hub.dashboard.live import overview_snapshot
 from medagent.hub.dashboard.markup import Markup, age, join, render
 from medagent.hub.dashboard.state import audit, state_of
+from medagent.hub.operations import presences_or_unknown
 from medagent.hub.records import AgentRecord
 from medagent.hub.store import NotFound
 
@@ -97,7 +98,7 @@ def _kind(address: str) -> str:
 async def _agent_body(request: web.Request, agent: AgentRecord, result: actions.OperationResult | None) -> Markup:
     state = state_of(request)
     ctx = state.ctx
-    presence = ctx.registry.presence(agent.id)
+    presence = (await presences_or_unknown(ctx, [agent.id]))[agent.id]
     seen = None if presence.last_updated is None else time.time() - presence.last_updated
     channels = await ctx.store.list_channels(agent.id)
     channel_rows = join(render(

@@ -39,6 +39,7 @@ from medagent.hub.dashboard.actions import agent_stats
 from medagent.hub.dashboard.queries import percentile
 from medagent.hub.dashboard.security import COOKIE, secure_headers
 from medagent.hub.dashboard.state import DashboardState, state_of
+from medagent.hub.operations import presences_or_unknown
 from medagent.hub.store import NotFound
 
 __all__ = ["TICK_S", "agent_snapshot", "events", "overview_snapshot"]
@@ -62,8 +63,9 @@ async def overview_snapshot(state: DashboardState) -> dict[str, Any]:
     total = await reader.run(reader.stored_total)
     now = time.time()
     rows: dict[str, Any] = {}
+    presences = await presences_or_unknown(ctx, [a.id for a in agents])
     for agent in agents:
-        presence = ctx.registry.presence(agent.id)
+        presence = presences[agent.id]
         c = counts[agent.id]
         rows[agent.id] = {
             "online": presence.connected, "version": presence.version,

@@ -102,6 +102,21 @@ class HubStore(abc.ABC):
         """Refuse every access token issued to the agent so far; returns the new generation."""
 
     @abc.abstractmethod
+    async def shared_secret(self, name: str, proposed: str) -> str:
+        """The hub-wide secret ``name`` (the token signing key, the admin token): stored as
+        ``proposed`` if absent; the first process to store it wins and every process gets the
+        stored value, so several hub processes sign and check with the same key."""
+
+    @abc.abstractmethod
+    async def set_upgrade_status(self, agent_id: str, status: str) -> None:
+        """Keep ``status`` (JSON text: the agent's ``$stats`` upgrade section) as the agent's
+        latest remote-upgrade outcome."""
+
+    @abc.abstractmethod
+    async def upgrade_status(self, agent_id: str) -> str | None:
+        """The JSON text kept by :meth:`set_upgrade_status`; None: nothing known."""
+
+    @abc.abstractmethod
     async def set_agent_status(self, agent_id: str, status: AgentStatus) -> None:
         """Set ``Agent.status``; turning an agent ``off`` also revokes its tokens."""
 

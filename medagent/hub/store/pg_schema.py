@@ -88,6 +88,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX messages_channel_age ON messages (channel, received_at)",
         "CREATE INDEX messages_channel_body_age ON messages (channel, received_at) WHERE body_purged_at IS NULL",
     ),
+    # v3: secrets shared by every hub process (see medagent.hub.schema v3)
+    (
+        "CREATE TABLE hub_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL, created_at BIGINT NOT NULL)",
+        "CREATE TABLE agent_upgrades (agent_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at BIGINT NOT NULL)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

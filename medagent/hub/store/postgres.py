@@ -234,6 +234,22 @@ class PostgresHubStore(HubStore):
             raise NotFound(f"no agent with id {agent_id!r}")
         return int(row[0])
 
+    async def shared_secret(self, name: str, proposed: str) -> str:
+        async with self._pool.connection() as conn:
+            await conn.execute(_pg("INSERT INTO hub_secrets (name, value, created_at) VALUES (?, ?, ?)"
+                                   " ON CONFLICT (name) DO NOTHING"), (name, proposed, now_ms()))
+            cur = await conn.execute(_pg("SELECT value FROM hub_secrets WHERE name = ?"), (name,))
+            return str((await cur.fetchone())[0])
+
+    async def set_upgrade_status(self, agent_id: str, status: str) -> None:
+        await self._rowcount("INSERT INTO agent_upgrades (agent_id, status, updated_at) VALUES (?, ?, ?)"
+                             " ON CONFLICT (agent_id) DO UPDATE SET status = excluded.status,"
+                             " updated_at = excluded.updated_at", (agent_id, status, now_ms()))
+
+    async def upgrade_status(self, agent_id: str) -> str | None:
+        row = await self._one("SELECT status FROM agent_upgrades WHERE agent_id = ?", (agent_id,))
+        return None if row is None else str(row[0])
+
     async def set_agent_status(self, agent_id: str, status: AgentStatus) -> None:
         status = AgentStatus(status)
         await self._update_agent(agent_id, "status", status.value, revoke=status is AgentStatus.OFF)

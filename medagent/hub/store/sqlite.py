@@ -225,6 +225,22 @@ class SqliteCore:
                 raise NotFound(f"no agent with id {agent_id!r}")
             return int(conn.execute("SELECT token_generation FROM agents WHERE id = ?", (agent_id,)).fetchone()[0])
 
+    def shared_secret(self, name: str, proposed: str) -> str:
+        with self._write() as conn:
+            conn.execute("INSERT INTO hub_secrets (name, value, created_at) VALUES (?, ?, ?)"
+                         " ON CONFLICT (name) DO NOTHING", (name, proposed, now_ms()))
+            return str(conn.execute("SELECT value FROM hub_secrets WHERE name = ?", (name,)).fetchone()[0])
+
+    def set_upgrade_status(self, agent_id: str, status: str) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO agent_upgrades (agent_id, status, updated_at) VALUES (?, ?, ?)"
+                         " ON CONFLICT (agent_id) DO UPDATE SET status = excluded.status,"
+                         " updated_at = excluded.updated_at", (agent_id, status, now_ms()))
+
+    def upgrade_status(self, agent_id: str) -> str | None:
+        row = self._conn().execute("SELECT status FROM agent_upgrades WHERE agent_id = ?", (agent_id,)).fetchone()
+        return None if row is None else str(row[0])
+
     def set_agent_status(self, agent_id: str, status: AgentStatus) -> None:
         status = AgentStatus(status)
         self._update_agent(agent_id, "status", status.value, revoke=status is AgentStatus.OFF)
@@ -570,6 +586,9 @@ class SqliteHubStore(HubStore):
     list_agents = _threaded("list_agents")
     client_secret_hash = _threaded("client_secret_hash")
     token_generation = _threaded("token_generation")
+    shared_secret = _threaded("shared_secret")
+    set_upgrade_status = _threaded("set_upgrade_status")
+    upgrade_status = _threaded("upgrade_status")
     revoke_tokens = _threaded("revoke_tokens")
     set_agent_status = _threaded("set_agent_status")
     set_agent_settings = _threaded("set_agent_settings")
