@@ -177,6 +177,11 @@ class EmbeddedHub:
             env["MEDAGENT_HUB_ADMIN_TOKEN"] = self._config.hub.admin_token
         if self._config.hub.store:  # in the environment, not argv: the URL may carry a password
             env["MEDAGENT_HUB_STORE"] = self._config.hub.store
+        # The embedded hub routes through Redis only when this configuration says so, never because
+        # the operator's shell happens to export MEDAGENT_HUB_BUS for a standalone hub.
+        env.pop("MEDAGENT_HUB_BUS", None)
+        if self._config.hub.bus:
+            env["MEDAGENT_HUB_BUS"] = self._config.hub.bus
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)  # data files 0600 whatever the umask (an older log may be wider)
         with os.fdopen(fd, "ab") as log_file:
