@@ -181,6 +181,27 @@ class BotRunner:
             bot = self._bots[spec] = load_bot(spec)
         return bot
 
+    def is_inline(self, spec: str) -> bool:
+        """Whether bot ``spec`` runs on the loop without awaiting (an :func:`inline_bot`, or a bot
+        that cannot be loaded: its AE outcome is immediate too), so the intake may run it in place."""
+        try:
+            return self.load(spec).kind is BotKind.INLINE
+        except BotLoadError:
+            return True
+
+    def run_inline(self, spec: str, event: BotEvent) -> BotOutcome:
+        """:meth:`run` for a bot for which :meth:`is_inline` is true, without a coroutine."""
+        try:
+            bot = self.load(spec)
+        except BotLoadError as exc:
+            log.error("bot load failed: %s", exc)
+            return failure_outcome(event, "AE", str(exc))
+        try:
+            result = bot.function(event)
+        except Exception as exc:
+            return _raised(spec, exc, event)
+        return _outcome(spec, result, event)
+
     async def run(self, spec: str, event: BotEvent) -> BotOutcome:
         """Run bot ``spec`` on ``event``; failures become AE/AR outcomes (see module docstring)."""
         try:
@@ -194,12 +215,8 @@ class BotRunner:
             log.warning("bot %s timed out after %gs (callback %s)", spec, self.timeout_s, event.callback)
             return failure_outcome(event, "AR", f"bot {spec} did not answer within {self.timeout_s:g} s")
         except Exception as exc:
-            log.warning("bot %s raised %s (callback %s)", spec, type(exc).__name__, event.callback)
-            return failure_outcome(event, "AE", f"bot {spec} failed: {_describe(exc)}")
-        try:
-            return BotOutcome(_reply_from_result(result, event), MessageStatus.PROCESSED)
-        except TypeError as exc:
-            return failure_outcome(event, "AE", f"bot {spec} returned an unusable reply: {exc}")
+            return _raised(spec, exc, event)
+        return _outcome(spec, result, event)
 
     async def _call(self, bot: LoadedBot, event: BotEvent) -> Any:
         if bot.kind is BotKind.INLINE:
@@ -218,6 +235,18 @@ class BotRunner:
     def close(self) -> None:
         """Stop accepting work; threads still running a bot finish in the background."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _raised(spec: str, exc: Exception, event: BotEvent) -> BotOutcome:
+    log.warning("bot %s raised %s (callback %s)", spec, type(exc).__name__, event.callback)
+    return failure_outcome(event, "AE", f"bot {spec} failed: {_describe(exc)}")
+
+
+def _outcome(spec: str, result: Any, event: BotEvent) -> BotOutcome:
+    try:
+        return BotOutcome(_reply_from_result(result, event), MessageStatus.PROCESSED)
+    except TypeError as exc:
+        return failure_outcome(event, "AE", f"bot {spec} returned an unusable reply: {exc}")
 
 
 def _reply_from_result(result: Any, event: BotEvent) -> StoredReply:

@@ -19,28 +19,46 @@ received meanwhile and, per drained group:
    "Channel not found"`` (Medplum's ``handleTransmit`` does the same), nothing stored — an agent
    can never write into another agent's channel (issue 18, defect 6); then stores every other
    message in **one** transaction on the writer thread (deduplicated by callback);
-3. only then sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative);
-4. answers resends of already answered callbacks with the stored reply (the bot is not run
-   again) and hands every other message to the hub-wide :class:`ChannelDispatcher`.
+3. answers resends of already answered callbacks with the stored reply (or, while that reply's
+   result is not yet committed, with the reply kept in memory; the bot is not run again) and
+   hands every other message to the hub-wide :class:`ChannelDispatcher`, which runs the inline
+   bots (:func:`~medagent.hub.botrunner.inline_bot`, e.g. the built-in ACK bot) right here, in
+   this task, when their channel has nothing queued;
+4. sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative), then the
+   replies of the group's inline bots.
 
-The dispatcher keeps one FIFO per (agent, channel), so one channel's messages reach its bot in
-the order received, while channels proceed independently. A channel worker drains its FIFO,
-runs the bot for each message in order, records all outcomes in one transaction, then sends the
-``agent:transmit:response`` frames — to the agent's *current* connection, so a reply survives a
-reconnect — wrapped in ``agent:batch`` frames when that connection batches.
+Other bots (thread, async) and channels with messages still queued go through the dispatcher's
+FIFO per (agent, channel), so one channel's messages reach its bot in the order received, while
+channels proceed independently. A channel worker drains its FIFO, runs the bot for each message
+in order, then sends the ``agent:transmit:response`` frames — to the agent's *current*
+connection, so a reply survives a reconnect — wrapped in ``agent:batch`` frames when that
+connection batches.
+
+Replies go out as soon as the bot answered; the bot's result (reply, status) is recorded by the
+writer's *next* round (:meth:`StoreWriter.defer_results`), normally the one storing the next
+inbound group. The reply never claims more than is committed: the message itself was committed
+before its batch ack, and the agent keeps a message until that ack. A hub that stops between a
+reply and its result's commit leaves the message stored without a result; if the agent resends
+it (it lost the reply with the link), the bot runs again — built-in bots are idempotent, a user
+bot must be too (or tolerate it).
+
+The agent's post-switch health message (channel :data:`HEALTH_CHANNEL`, medagent.ops.post_switch)
+is, on a hub without a channel of that name, answered AA and not stored: it is a probe of the
+new agent version, not data, and a "Channel not found" error would log a WARNING at every upgrade.
 
 Backpressure: each agent has a :class:`Backlog` of messages received but not yet answered; when
 it exceeds ``max_backlog_messages`` the socket reader waits, and TCP flow control slows the agent.
 
 Invariants: ``agent:batch:ack`` for seq n is sent only after every message of the batches up to
-n was committed; a callback is in the hub's in-flight set from storage until its reply is
-recorded, and a resend arriving meanwhile is not run again; nothing here logs message text.
+n was committed; a callback is in the hub's in-flight map from storage until its result is
+committed, and a resend arriving meanwhile is not run again; nothing here logs message text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -51,6 +69,7 @@ import orjson
 
 from medagent.cloud.messages import (
     CONTENT_TYPE_HL7_V2,
+    CONTENT_TYPE_TEXT,
     AgentMessage,
     BatchAck,
     ErrorMessage,
@@ -59,7 +78,7 @@ from medagent.cloud.messages import (
     new_callback,
 )
 from medagent.hub import hl7text
-from medagent.hub.botrunner import BotEvent, BotRunner, failure_outcome
+from medagent.hub.botrunner import NO_REPLY_STATUS, BotEvent, BotOutcome, BotRunner, failure_outcome
 from medagent.hub.botstore import BotStore
 from medagent.hub.diskspace import CHECK_INTERVAL_S, DiskWatermark
 from medagent.hub.records import (
@@ -78,12 +97,17 @@ from medagent.hub.writer import StoreWriter
 if TYPE_CHECKING:
     from medagent.proto.hl7 import Header
 
-__all__ = ["AGENT_OFF_ERROR", "CHANNEL_NOT_FOUND", "Backlog", "ChannelDispatcher", "IntakePipeline"]
+__all__ = [
+    "AGENT_OFF_ERROR", "CHANNEL_NOT_FOUND", "HEALTH_CHANNEL", "Backlog", "ChannelDispatcher", "Inflight", "IntakePipeline",
+]
 
 log = logging.getLogger(__name__)
 
 AGENT_OFF_ERROR = "Agent.status is currently set to off"
 CHANNEL_NOT_FOUND = "Channel not found"
+#: the channel of an agent's post-switch health message (medagent.ops.post_switch.HEALTH_CHANNEL);
+#: a hub without a channel of that name answers it AA and stores nothing (no "Channel not found")
+HEALTH_CHANNEL = "upgrade-health"
 #: a message with a NUL character, on a store that cannot keep one (PostgreSQL text)
 NUL_REFUSED = "The message contains a NUL character, which this hub's store cannot keep"
 _WORKER_GROUP_MAX = 1000
@@ -147,6 +171,14 @@ def response_for(message: IncomingMessage, reply: StoredReply) -> TransmitRespon
     )
 
 
+class Inflight(dict[str, "StoredReply | None"]):
+    """Callbacks being answered: None while the bot runs, then the reply until its result is
+    committed (a resend meanwhile gets that reply, and the bot does not run again)."""
+
+    def add(self, callback: str) -> None:
+        self[callback] = None
+
+
 class ChannelDispatcher:
     """Hub-wide FIFO per (agent, channel) feeding the bots; answers through the registry."""
 
@@ -158,12 +190,13 @@ class ChannelDispatcher:
         self.disk = disk
         self._writer = writer
         self._bots = bots
-        self._registry = registry
+        #: the hub's agent -> current connection map (answers go to the current one)
+        self.registry = registry
         self._backlog_limit = backlog_limit
         self._queues: dict[tuple[str, str], collections.deque[BotJob]] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._backlogs: dict[str, Backlog] = {}
-        self.inflight: set[str] = set()
+        self.inflight = Inflight()
 
     def backlog(self, agent_id: str) -> Backlog:
         backlog = self._backlogs.get(agent_id)
@@ -171,14 +204,37 @@ class ChannelDispatcher:
             backlog = self._backlogs[agent_id] = Backlog(self._backlog_limit)
         return backlog
 
-    def submit(self, jobs: Sequence[BotJob]) -> None:
+    def dispatch(self, agent_id: str, jobs: Sequence[BotJob]) -> list[AgentMessage]:
+        """Run the jobs of channels with an inline bot and nothing queued right here, and return
+        their replies; queue every other job on its channel's worker (which answers itself).
+
+        Once a job of a channel is queued, the later jobs of that channel queue behind it, so a
+        channel's messages are answered in the order received either way."""
+        done: list[BotJob] = []
+        outcomes: list[BotOutcome] = []
         for job in jobs:
-            key = (job.message.agent_id, job.message.channel)
+            key = (agent_id, job.message.channel)
             queue = self._queues.get(key)
-            if queue is None:
-                queue = self._queues[key] = collections.deque()
-                self._tasks[key] = asyncio.create_task(self._work(key, queue), name=f"medagent-hub-channel-{key[1]}")
-            queue.append(job)
+            if queue is None and (job.bot is None or self._bots.is_inline(job.bot)):
+                event = self._event(agent_id, job)
+                outcomes.append(self._bots.run_inline(job.bot, event) if job.bot is not None
+                                else failure_outcome(event, "AR", job.refusal or "no bot for this channel"))
+                done.append(job)
+                continue
+            self._enqueue(key, job)
+        return self._finish(agent_id, done, outcomes) if done else []
+
+    def submit(self, jobs: Sequence[BotJob]) -> None:
+        """Queue every job on its channel's worker (which answers through the registry)."""
+        for job in jobs:
+            self._enqueue((job.message.agent_id, job.message.channel), job)
+
+    def _enqueue(self, key: tuple[str, str], job: BotJob) -> None:
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = collections.deque()
+            self._tasks[key] = asyncio.create_task(self._work(key, queue), name=f"medagent-hub-channel-{key[1]}")
+        queue.append(job)
 
     async def _work(self, key: tuple[str, str], queue: collections.deque[BotJob]) -> None:
         try:
@@ -186,36 +242,56 @@ class ChannelDispatcher:
                 jobs = [queue.popleft() for _ in range(min(len(queue), _WORKER_GROUP_MAX))]
                 await self._process(key[0], jobs)
         finally:
-            # no await between the last emptiness check and this: submit() sees a consistent state
+            # no await between the last emptiness check and this: dispatch() sees a consistent state
             del self._queues[key]
             del self._tasks[key]
 
+    def _event(self, agent_id: str, job: BotJob) -> BotEvent:
+        message = job.message
+        return BotEvent(
+            input=message.body, header=job.header, content_type=message.content_type, agent_id=agent_id,
+            channel=message.channel, remote=message.remote, callback=message.callback,
+            received_at=message.received_at, store=self._bot_store,
+        )
+
     async def _process(self, agent_id: str, jobs: list[BotJob]) -> None:
-        results: list[MessageResult] = []
-        responses: list[AgentMessage] = []
+        outcomes: list[BotOutcome] = []
         try:
             for job in jobs:
-                event = BotEvent(
-                    input=job.message.body, header=job.header, content_type=job.message.content_type,
-                    agent_id=agent_id, channel=job.message.channel, remote=job.message.remote,
-                    callback=job.message.callback, received_at=job.message.received_at, store=self._bot_store,
-                )
+                event = self._event(agent_id, job)
                 if job.bot is None:
-                    outcome = failure_outcome(event, "AR", job.refusal or "no bot for this channel")
+                    outcomes.append(failure_outcome(event, "AR", job.refusal or "no bot for this channel"))
                 else:
-                    outcome = await self._bots.run(job.bot, event)
-                results.append(MessageResult(job.message.callback, outcome.status, outcome.reply, outcome.error, now_ms()))
-                if job.message.reply_wanted:
-                    responses.append(response_for(job.message, outcome.reply))
-            await self._writer.record_results(results)
-        except Exception:
-            log.exception("recording the results of %d messages failed; the agent will resend them", len(jobs))
-            responses = []
-        finally:
-            for job in jobs:
-                self.inflight.discard(job.message.callback)
-            self.backlog(agent_id).release(len(jobs))
-        await send_to_agent(self._registry, agent_id, responses)
+                    outcomes.append(await self._bots.run(job.bot, event))
+        finally:  # cancelled (hub stopping): the jobs not run are forgotten, the agent resends them
+            for job in jobs[len(outcomes):]:
+                self.inflight.pop(job.message.callback, None)
+            self.backlog(agent_id).release(len(jobs) - len(outcomes))
+        await send_to_agent(self.registry, agent_id, self._finish(agent_id, jobs, outcomes))
+
+    def _finish(self, agent_id: str, jobs: Sequence[BotJob], outcomes: Sequence[BotOutcome]) -> list[AgentMessage]:
+        """Answered: keep each reply in :attr:`inflight` (a resend gets it) until the result,
+        deferred to the writer's next round, is committed; release the backlog; the replies."""
+        at = now_ms()
+        results: list[MessageResult] = []
+        responses: list[AgentMessage] = []
+        inflight = self.inflight
+        for job, outcome in zip(jobs, outcomes):
+            message = job.message
+            results.append(MessageResult(message.callback, outcome.status, outcome.reply, outcome.error, at))
+            inflight[message.callback] = outcome.reply
+            if message.reply_wanted:
+                responses.append(response_for(message, outcome.reply))
+        self.backlog(agent_id).release(len(jobs))
+        self._writer.defer_results(results, functools.partial(self._recorded, [job.message.callback for job in jobs]))
+        return responses
+
+    def _recorded(self, callbacks: list[str], error: BaseException | None) -> None:
+        for callback in callbacks:
+            self.inflight.pop(callback, None)
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            log.error("recording the results of %d answered messages failed (%s); they stay stored without a reply",
+                      len(callbacks), type(error).__name__)
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
@@ -237,6 +313,20 @@ async def send_to_agent(registry: AgentRegistry[Connection], agent_id: str, mess
     except (ConnectionError, RuntimeError) as exc:
         log.info("sending %d replies to agent %s failed (%s); they wait for its resend",
                  len(messages), agent_id, type(exc).__name__)
+
+
+def health_reply(request: TransmitRequest) -> list[AgentMessage]:
+    """The answer to an agent's post-switch health message (medagent.ops.post_switch) on a hub
+    with no channel of that name: not stored, no bot, AA (its ACK when the MSH is readable)."""
+    if request.no_reply:
+        return []
+    header = hl7text.scan_header(request.body) if request.content_type == CONTENT_TYPE_HL7_V2 else None
+    try:
+        reply = StoredReply(hl7text.ack_text(request.body, header, "AA"), CONTENT_TYPE_HL7_V2, 200)
+    except hl7text.Hl7Error:
+        reply = StoredReply("", CONTENT_TYPE_TEXT, NO_REPLY_STATUS)
+    return [TransmitResponse(remote=request.remote, content_type=reply.content_type, body=reply.body,
+                             channel=request.channel, callback=request.callback, status_code=reply.status_code)]
 
 
 class IntakePipeline:
@@ -285,17 +375,22 @@ class IntakePipeline:
     async def _process(self, group: list[tuple[Sequence[TransmitRequest], int | None]]) -> None:
         requests = [r for frame, _ in group for r in frame]
         seqs = [seq for _, seq in group if seq is not None]
-        committed, replies = True, []
+        committed = True
+        replies: list[AgentMessage] = []
+        answers: list[AgentMessage] = []
         if requests and not await self._agent_active():
             replies = [ErrorMessage(AGENT_OFF_ERROR, r.callback) for r in requests]
             self._backlog.release(len(requests))
         elif requests:
             await self._wait_for_room(len(requests))
-            committed, replies = await self._store_group(requests)
+            committed, replies, answers = await self._store_group(requests)
         if seqs and committed:
             await self._connection.send(BatchAck(max(seqs)))
-        if replies:
-            await self._connection.send_many(replies)
+        if answers and self._dispatcher.registry.current(self.agent_id) is not self._connection:
+            await send_to_agent(self._dispatcher.registry, self.agent_id, answers)  # it reconnected meanwhile
+            answers = []
+        if replies or answers:
+            await self._connection.send_many(replies + answers)
 
     async def _wait_for_room(self, count: int) -> None:
         """Hold this group while the disk is under the watermark (see the module docstring)."""
@@ -319,8 +414,9 @@ class IntakePipeline:
             self._active_until, self._active_generation = now + LOOKUP_TTL_S, self._store.config_generation
         return active
 
-    async def _store_group(self, requests: list[TransmitRequest]) -> tuple[bool, list[AgentMessage]]:
-        """Store the group; ``(committed, replies to send now)``."""
+    async def _store_group(self, requests: list[TransmitRequest]) -> tuple[bool, list[AgentMessage], list[AgentMessage]]:
+        """Store the group and run its inline bots; ``(committed, replies for this connection,
+        bot answers for the agent's current connection)``."""
         received_at = now_ms()
         incoming: list[IncomingMessage] = []
         headers: list[Header | None] = []
@@ -334,7 +430,10 @@ class IntakePipeline:
             if r.channel not in channels:
                 channels[r.channel] = await self._channel_bot(r.channel)
             if channels[r.channel] is None:
-                replies.append(ErrorMessage(CHANNEL_NOT_FOUND, r.callback))
+                if r.channel == HEALTH_CHANNEL:
+                    replies.extend(health_reply(r))
+                else:
+                    replies.append(ErrorMessage(CHANNEL_NOT_FOUND, r.callback))
                 self._backlog.release()
                 continue
             if not self._store.stores_nul and "\x00" in f"{r.body}{r.remote}{r.callback}{r.duplicate_of}":
@@ -362,10 +461,9 @@ class IntakePipeline:
             return False, replies + [
                 ErrorMessage(f"The hub could not store the message ({type(exc).__name__}); resend it", m.callback)
                 for m in incoming
-            ]
+            ], []
         jobs = await self._jobs(incoming, headers, results, replies)
-        self._dispatcher.submit(jobs)
-        return True, replies
+        return True, replies, self._dispatcher.dispatch(self.agent_id, jobs)
 
     async def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
               replies: list[AgentMessage]) -> list[BotJob]:
@@ -374,8 +472,10 @@ class IntakePipeline:
         inflight = self._dispatcher.inflight
         for message, header, result in zip(incoming, headers, results):
             if result.kind is IntakeKind.DUPLICATE:
-                if result.reply is not None:
-                    replies.append(response_for(message, result.reply))
+                # the reply is stored, or answered but its result not yet committed (then in memory)
+                reply = result.reply or inflight.get(message.callback) or inflight.get(message.duplicate_of or "")
+                if reply is not None:
+                    replies.append(response_for(message, reply))
                     self._backlog.release()
                     continue
                 if message.callback in inflight:
@@ -385,7 +485,7 @@ class IntakePipeline:
                 channels[message.channel] = await self._channel_bot(message.channel)
             found = channels[message.channel]
             bot, refusal = found if found is not None else (None, CHANNEL_NOT_FOUND)
-            inflight.add(message.callback)
+            inflight[message.callback] = None
             jobs.append(BotJob(message, header, bot, refusal))
         return jobs
 

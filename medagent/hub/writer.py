@@ -3,11 +3,19 @@
 Theory of operation
 -------------------
 Every message costs the hub two writes: it is stored before its batch is acknowledged
-(`store_incoming`) and its bot's reply is recorded after the bot ran (`record_results`). Both
-calls queue their work and await a future. ONE drain task per hub process takes everything
-queued — replies first, then each inbound group — and writes it in ONE transaction through
-:meth:`HubStore.write_round`, resolves the futures, and repeats while work is queued. Under load
-one commit thus covers several agents' batches and the replies of earlier ones.
+(`store_incoming`) and its bot's reply is recorded after the bot ran. ONE drain task per hub
+process takes everything queued — replies first, then each inbound group — and writes it in ONE
+transaction through :meth:`HubStore.write_round`, resolves the callers, and repeats while work
+is queued. Under load one commit thus covers several agents' batches and the replies of earlier
+ones.
+
+Inbound messages start a round at once: their batch ack waits for it. The intake records bot
+results with :meth:`StoreWriter.defer_results`, which does *not* start a round: the results ride
+the next one an inbound group starts (at one sender, the next message's), or a round of their own
+after :data:`RESULT_LINGER_S` when nothing arrives. That halves the rounds per message when
+traffic is sparse; the reply has already gone to the agent, which holds nothing for it (the
+message itself was committed before its batch ack). :meth:`record_results` (awaitable, starts a
+round) remains for callers that must know the result is durable.
 
 Rounds never overlap (one writer, so the hub never contends with itself for the database's
 write lock or a row), and they pipeline: while a round waits for its commit (PostgreSQL: the
@@ -23,13 +31,19 @@ transaction fails, every call in it raises the store's exception (nothing was wr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from medagent.hub.records import IncomingMessage, IntakeResult, MessageResult
 from medagent.hub.store import HubStore
 
-__all__ = ["StoreWriter"]
+__all__ = ["RESULT_LINGER_S", "StoreWriter"]
+
+#: How long deferred results wait for an inbound round to ride before they get one of their own.
+RESULT_LINGER_S = 0.005
+
+#: Told once the deferred results are committed (None) or their round failed (the exception).
+ResultsDone = Callable[[BaseException | None], None]
 
 
 class StoreWriter:
@@ -38,8 +52,9 @@ class StoreWriter:
     def __init__(self, store: HubStore) -> None:
         self._store = store
         self._incoming: list[tuple[Sequence[IncomingMessage], asyncio.Future[list[IntakeResult]]]] = []
-        self._results: list[tuple[Sequence[MessageResult], asyncio.Future[None]]] = []
+        self._results: list[tuple[Sequence[MessageResult], asyncio.Future[None] | ResultsDone]] = []
         self._drain_task: asyncio.Task[None] | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._started = False
         self.rounds = 0
 
@@ -60,6 +75,18 @@ class StoreWriter:
         self._schedule()
         await future
 
+    def defer_results(self, results: Sequence[MessageResult], done: ResultsDone) -> None:
+        """Queue results for the next round without starting one (see the module docstring);
+        ``done`` is called after that round committed or failed."""
+        self._results.append((results, done))
+        if self._drain_task is None and self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(RESULT_LINGER_S, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        if self._results:
+            self._schedule()
+
     def _schedule(self) -> None:
         if self._drain_task is None:
             self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="medagent-hub-writer")
@@ -74,7 +101,11 @@ class StoreWriter:
     async def _round(self) -> None:
         incoming, self._incoming = self._incoming, []
         results, self._results = self._results, []
-        waiters: list[asyncio.Future[Any]] = [f for _, f in incoming] + [f for _, f in results]
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        waiters: list[asyncio.Future[Any]] = [f for _, f in incoming] + [
+            f for _, f in results if isinstance(f, asyncio.Future)]
         try:
             outcome = await self._store.write_round(
                 [messages for messages, _ in incoming], [r for batch, _ in results for r in batch]
@@ -83,28 +114,48 @@ class StoreWriter:
             for future in waiters:
                 if not future.done():
                     future.set_exception(exc)
+            _tell(results, exc)
             return
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             for future in waiters:
                 future.cancel()
+            _tell(results, exc)
             raise
         self.rounds += 1
         for (_, future), intake in zip(incoming, outcome):
             if not future.done():
                 future.set_result(intake)
         for _, done in results:
-            if not done.done():
+            if not isinstance(done, asyncio.Future):
+                done(None)
+            elif not done.done():
                 done.set_result(None)
 
     async def close(self) -> None:
         """Finish the round in progress, cancel what is still queued, stop the store's hot path.
         Call after the intake stopped."""
+        if self._results:
+            self._schedule()  # deferred results are written, not dropped
         task = self._drain_task
         if task is not None:
             await asyncio.wait({task}, timeout=30)
-        for _, future in [*self._incoming, *self._results]:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        for _, future in self._incoming:
             if not future.done():
                 future.cancel()
+        _tell(self._results, asyncio.CancelledError())
         self._incoming, self._results = [], []
         if self._started:
             await self._store.stop_hot_path()
+
+
+def _tell(results: list[tuple[Sequence[MessageResult], asyncio.Future[None] | ResultsDone]],
+          error: BaseException) -> None:
+    """Fail the waiters of results that were not written (futures, or deferred callbacks)."""
+    for _, done in results:
+        if not isinstance(done, asyncio.Future):
+            done(error)
+        elif not done.done() and isinstance(error, asyncio.CancelledError):
+            done.cancel()

@@ -64,3 +64,29 @@ def test_adt_mapping_edge_cases() -> None:
 def test_bot_reply_dataclass_defaults() -> None:
     reply = BotReply("x")
     assert (reply.content_type, reply.status_code) == ("x-application/hl7-v2+er7", 200)
+
+
+async def test_run_inline_gives_the_outcomes_of_run() -> None:
+    """The intake runs inline bots (and bots that cannot load) with run_inline: same outcomes, no coroutine."""
+    runner = BotRunner(workers=1, timeout_s=0.2)
+    try:
+        assert runner.is_inline("medagent.hub.bots.ack:handler") and runner.is_inline("hubtest_bots:does_not_exist")
+        assert not runner.is_inline("hubtest_bots:counting") and not runner.is_inline("hubtest_bots:async_echo")
+        cases = [("medagent.hub.bots.ack:handler", event(adt("I1"))),
+                 ("medagent.hub.bots.ack:handler", event("not hl7", content_type="text/plain")),  # the bot raises
+                 ("hubtest_bots:does_not_exist", event(adt("I2")))]
+        for spec, bot_event in cases:
+            inline, awaited = runner.run_inline(spec, bot_event), await runner.run(spec, bot_event)
+            assert (inline.status, inline.error, inline.reply.status_code, inline.reply.content_type) == (
+                awaited.status, awaited.error, awaited.reply.status_code, awaited.reply.content_type)
+            if inline.reply.content_type == "text/plain":
+                assert inline.reply.body == awaited.reply.body
+            else:  # an ACK: its own control id and time differ, the MSA does not
+                assert msa(inline.reply.body)[1:] == msa(awaited.reply.body)[1:]
+        ok = runner.run_inline("medagent.hub.bots.ack:handler", event(adt("I3")))
+        assert ok.status is MessageStatus.PROCESSED and msa(ok.reply.body)[1:3] == ["AA", "I3"]
+        raised = runner.run_inline("medagent.hub.bots.ack:handler", event("not hl7", content_type="text/plain"))
+        assert raised.status is MessageStatus.ERROR and raised.reply.status_code == 400
+        assert raised.error is not None and raised.error.startswith("bot medagent.hub.bots.ack:handler failed: ValueError")
+    finally:
+        runner.close()

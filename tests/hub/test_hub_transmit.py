@@ -12,11 +12,24 @@ from medagent.hub.store import NotFound
 
 
 async def stored(hub: HubServer, callback: str) -> MessageRecord:
+    """The message's row once its bot's result is recorded: a reply goes out before its result
+    commits (the result rides the writer's next round), so a test reading right after a reply waits."""
+    await wait_for(lambda: is_recorded(hub, callback))
     return await hub.store.get_message(callback)
 
 
+async def is_recorded(hub: HubServer, callback: str) -> bool:
+    try:
+        return (await hub.store.get_message(callback)).processed_at is not None
+    except NotFound:
+        return False
+
+
 async def has_status(hub: HubServer, callback: str, status: MessageStatus) -> bool:
-    return (await stored(hub, callback)).status is status
+    try:
+        return (await hub.store.get_message(callback)).status is status
+    except NotFound:
+        return False
 
 
 async def test_round_trip_through_ack_bot(hub: HubServer, agent: AgentCredentials) -> None:
@@ -135,7 +148,7 @@ async def test_duplicate_of_replays_the_original_reply(hub: HubServer, agent: Ag
     assert copy["callback"] == "copy-1"
     assert copy["body"] == original["body"]
     assert hubtest_bots.CALLS == ["orig-1"]
-    assert (await stored(hub, "copy-1")).duplicate_of == "orig-1"
+    assert (await hub.store.get_message("copy-1")).duplicate_of == "orig-1"  # a copy gets no result of its own
     await client.close()
 
 

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from hubtest import wait_for
 
 from medagent.hub import MessageStatus
 from medagent.hub.records import IncomingMessage, IntakeKind, MessageResult, StoredReply
@@ -99,5 +100,63 @@ async def _fifty_connections(store: HubStore) -> None:
         assert writer.rounds < 50 * 20  # group commit: several callers per round
         assert await store.count_rows("messages") == 50 * 20 * 5
         assert (await store.get_message("c7-3-1")).duplicate == 1
+    finally:
+        await writer.close()
+
+
+async def test_deferred_results_ride_the_next_inbound_round(store: HubStore) -> None:
+    agent = (await store.add_agent("lab")).agent_id
+    writer = StoreWriter(store)
+    await writer.start()
+    told: list[BaseException | None] = []
+    try:
+        await writer.store_incoming([incoming(agent, "cb-1")])
+        reply = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
+        writer.defer_results([MessageResult("cb-1", MessageStatus.PROCESSED, reply, None, 2_000)], told.append)
+        assert told == [] and writer.rounds == 1  # no round of their own yet
+        [resend] = await writer.store_incoming([incoming(agent, "cb-1")])
+        assert told == [None] and writer.rounds == 2  # one commit for the inbound message and the result
+        assert resend.reply == reply
+    finally:
+        await writer.close()
+
+
+async def test_deferred_results_alone_commit_after_the_linger(store: HubStore) -> None:
+    agent = (await store.add_agent("lab")).agent_id
+    writer = StoreWriter(store)
+    await writer.start()
+    told: list[BaseException | None] = []
+    try:
+        await writer.store_incoming([incoming(agent, "cb-1")])
+        reply = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
+        writer.defer_results([MessageResult("cb-1", MessageStatus.PROCESSED, reply, None, 2_000)], told.append)
+        await wait_for(lambda: told == [None])
+        assert (await store.get_message("cb-1")).status is MessageStatus.PROCESSED
+    finally:
+        await writer.close()
+
+
+async def test_close_writes_deferred_results_and_a_failed_round_tells_them(store: HubStore) -> None:
+    agent = (await store.add_agent("lab")).agent_id
+    writer = StoreWriter(store)
+    await writer.start()
+    told: list[BaseException | None] = []
+    await writer.store_incoming([incoming(agent, "cb-1")])
+    reply = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
+    writer.defer_results([MessageResult("cb-1", MessageStatus.PROCESSED, reply, None, 2_000)], told.append)
+    await writer.close()
+    assert told == [None]
+    assert (await store.get_message("cb-1")).status is MessageStatus.PROCESSED
+
+    writer = StoreWriter(store)
+    await writer.start()
+    broken = IncomingMessage(agent_id=agent, channel="adt", remote="r", callback="cb-x",
+                             content_type="text/plain", body=None, received_at=1)  # type: ignore[arg-type]
+    try:
+        writer.defer_results([MessageResult("cb-1", MessageStatus.ERROR, reply, "x", 3_000)], told.append)
+        with pytest.raises(Exception):  # noqa: B017 - each engine raises its own error type
+            await writer.store_incoming([broken])
+        assert told[1] is not None  # the result shared the failed round: its owner learns of it
+        assert (await store.get_message("cb-1")).status is MessageStatus.PROCESSED  # nothing written
     finally:
         await writer.close()
