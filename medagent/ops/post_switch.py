@@ -10,11 +10,11 @@ What it proves, within ``timeout_s``:
    committed to this process's durable queue and answered ``AA``: the channel code, the HL7
    kernels, intake and the queue (with its lease) of the new version all work.
 
-The health message is then delivered like any queued message; the hub has no channel named
-:data:`HEALTH_CHANNEL`, so it stores nothing, runs no bot and answers "Channel not found" (one
-``WARNING`` line of the link per upgrade). A medagent hub's cumulative batch acknowledgement
-settles the row as confirmed; a Medplum server's plain protocol settles it as failed (one
-failed row per upgrade in ``medagent queue``).
+The health message is then delivered like any queued message. A medagent hub recognises
+:data:`HEALTH_CHANNEL` as a probe: it answers ``AA``, stores nothing and runs no bot (unless the
+site defined a real channel of that name). A Medplum server has no such channel: it answers
+"Channel not found" (one ``WARNING`` line of the link per upgrade) and its plain protocol settles
+the row as failed (one failed row per upgrade in ``medagent queue``).
 Raises :class:`HealthCheckFailed` with the reason.
 """
 
