@@ -46,6 +46,9 @@ RTT_WINDOW = 1000
 PENDING_TTL_S = 300.0
 #: A hard bound on pending sends (a link that never answers must not grow memory).
 PENDING_MAX = 100_000
+#: How often a send looks for pending entries past PENDING_TTL_S (not on every send: per-message
+#: glue on the one-sender hot path, issue 19).
+EXPIRE_EVERY_S = 1.0
 RATE_WINDOWS_S: dict[str, float] = {"1m": 60.0, "5m": 300.0, "15m": 900.0}
 
 
@@ -80,25 +83,42 @@ class RttTracker:
         self._clock = clock
         self._pending: dict[str, tuple[str, float]] = {}  # callback -> (channel, sent at); insertion-ordered
         self._samples: dict[str, collections.deque[float]] = {}
+        self._expire_due = -math.inf
 
     def sent(self, callback: str | None, channel: str | None) -> None:
         if not callback or channel is None:
             return
         now = self._clock()
-        self._pending[callback] = (channel, now)
-        if len(self._pending) > PENDING_MAX:
-            self._pending.pop(next(iter(self._pending)))
-        self._expire(now)
+        pending = self._pending
+        pending[callback] = (channel, now)
+        if len(pending) > PENDING_MAX:
+            pending.pop(next(iter(pending)))
+        if now >= self._expire_due:  # amortised: one look at the oldest entry per second, not per send
+            self._expire_due = now + EXPIRE_EVERY_S
+            self._expire(now)
 
     def answered(self, callback: str | None) -> None:
         entry = self._pending.pop(callback, None) if callback else None
-        if entry is None:
-            return
+        if entry is not None:
+            self._sample(entry, self._clock())
+
+    def answered_all(self, callbacks: Sequence[str]) -> None:
+        """:meth:`answered` for a batch (a confirmation frame): one clock read for all of them."""
+        pop = self._pending.pop
+        now: float | None = None
+        for callback in callbacks:
+            entry = pop(callback, None)
+            if entry is not None:
+                if now is None:
+                    now = self._clock()
+                self._sample(entry, now)
+
+    def _sample(self, entry: tuple[str, float], now: float) -> None:
         channel, sent_at = entry
         window = self._samples.get(channel)
         if window is None:
             window = self._samples[channel] = collections.deque(maxlen=RTT_WINDOW)
-        window.append((self._clock() - sent_at) * 1000.0)
+        window.append((now - sent_at) * 1000.0)
 
     def _expire(self, now: float) -> None:
         # Oldest first (dicts keep insertion order): stop at the first young entry.
@@ -121,17 +141,30 @@ class RttTracker:
 
 
 class _TrackedLink:
-    """The link as the dispatcher sees it: every successful ``send_transmit`` starts a round trip."""
+    """The link as the dispatcher sees it: every successful ``send_transmit`` starts a round trip.
+
+    ``live`` and ``features`` are read on every send: they are forwarded explicitly, because the
+    ``__getattr__`` fallback first fails a normal lookup (an AttributeError raised and cleared
+    inside CPython per access)."""
 
     def __init__(self, link: Any, tracker: RttTracker) -> None:
         self._link = link
-        self._tracker = tracker
+        self._send = link.send_transmit
+        self._sent = tracker.sent
 
     def send_transmit(self, message: Any) -> bool:
-        ok = bool(self._link.send_transmit(message))
-        if ok:
-            self._tracker.sent(message.callback, message.channel)
-        return ok
+        if self._send(message):
+            self._sent(message.callback, message.channel)
+            return True
+        return False
+
+    @property
+    def live(self) -> Any:
+        return self._link.live
+
+    @property
+    def features(self) -> Any:
+        return self._link.features
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._link, name)
@@ -145,8 +178,7 @@ class _TrackedHandler:
         self._tracker = tracker
 
     def on_confirmed(self, callbacks: Sequence[str]) -> None:
-        for callback in callbacks:
-            self._tracker.answered(callback)
+        self._tracker.answered_all(callbacks)
         self._handler.on_confirmed(callbacks)
 
     def on_transmit_response(self, message: Any) -> None:

@@ -11,7 +11,18 @@ its own, runs `PRAGMA wal_checkpoint(PASSIVE)` every `interval_s`. PASSIVE never
 writer; it copies what it can. If the WAL still grows past `truncate_above_bytes` (a reader
 held old frames), or an owner asked for it with :meth:`request_truncate` (storage ran full and
 the WAL's blocks should go back to the file system), a TRUNCATE checkpoint resets it to zero
-bytes; that one waits briefly for the writer.
+bytes; that one holds the writer out while it runs.
+
+PASSIVE never restarts the WAL: the next writer does, and only if at its BEGIN every frame was
+already copied. Under steady writes a round (0.5 s of commits, ~8 MB at 10 lock-step senders,
+50-150 ms on a busy disk) never catches up with the commits made while it ran, so the WAL only
+grew, and every ~4 s the size limit's TRUNCATE held the writer out for 190-240 ms: the 200-390
+ms slowest ACKs of the soak (issue 19; the writer sleeps in SQLite's busy handler meanwhile).
+So once the WAL holds more than `restart_above_bytes`, a RESTART checkpoint follows the PASSIVE
+one: it holds the writer out only while it copies the few frames the PASSIVE left and syncs the
+database (4-70 ms measured under load, waiting at most `_RESTART_WAIT_MS` for the writer and
+old readers), and the next commit starts the WAL over from its first frame. The file keeps its
+size (bounded by that threshold; appends then need no new blocks); TRUNCATE stays the backstop.
 
 Used by the agent's queue and by the hub's store (this module is neutral: no queue or hub
 imports).
@@ -32,11 +43,22 @@ __all__ = ["WalCheckpointer"]
 
 log = logging.getLogger("medagent.storage.checkpoint")
 
+#: Each WAL frame is a page plus this header (SQLite's file format).
+_FRAME_HEADER_BYTES = 24
+#: How long a RESTART checkpoint waits for the writer and for readers of old frames (it holds
+#: the writer out meanwhile; if they are not done it gives up until the next round).
+_RESTART_WAIT_MS = 20
+#: How long a TRUNCATE (size backstop, or asked for after a full disk) waits for them.
+_TRUNCATE_WAIT_MS = 5000
+
 
 class WalCheckpointer:
-    def __init__(self, path: Path, *, interval_s: float = 0.5, truncate_above_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, *, interval_s: float = 0.5, restart_above_bytes: int = 16 * 1024 * 1024,
+                 truncate_above_bytes: int = 64 * 1024 * 1024) -> None:
         self.path = Path(path)
         self.interval_s = interval_s
+        self.restart_above_bytes = restart_above_bytes
+        self.restarts = 0
         self.truncate_above_bytes = truncate_above_bytes
         self.checkpoints = 0
         self.truncations = 0
@@ -71,37 +93,57 @@ class WalCheckpointer:
 
     def _run(self) -> None:
         try:
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=_TRUNCATE_WAIT_MS / 1000, isolation_level=None)
         except sqlite3.Error as exc:
             log.error("WAL checkpointer for %s cannot open the database: %s", self.path, exc)
             return
-        wal = Path(f"{self.path}-wal")
+        try:
+            frame_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0]) + _FRAME_HEADER_BYTES
+        except sqlite3.Error:
+            frame_bytes = 4096 + _FRAME_HEADER_BYTES  # SQLite's default page
         try:
             while True:
                 self._wake.wait(self.interval_s)
                 self._wake.clear()
                 if self._stop.is_set():
                     break
-                self._checkpoint(conn, "PASSIVE")
-                try:
-                    oversized = wal.stat().st_size > self.truncate_above_bytes
-                except OSError:
-                    oversized = False
-                if oversized or self._truncate_requested.is_set():
-                    if self._checkpoint(conn, "TRUNCATE"):
+                frames = self._checkpoint(conn, "PASSIVE")
+                # frames[1]: frames written since the WAL last started over
+                wal_bytes = (frames[1] if frames is not None else 0) * frame_bytes
+                restart = wal_bytes > self.restart_above_bytes and not self._truncate_requested.is_set()
+                if restart and self._restart(conn):
+                    self.restarts += 1
+                    continue
+                if wal_bytes > self.truncate_above_bytes or self._truncate_requested.is_set():
+                    frames = self._checkpoint(conn, "TRUNCATE")
+                    if frames is not None and not frames[0]:
                         self._truncate_requested.clear()
                         self.truncations += 1
         finally:
             conn.close()
 
-    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> bool:
-        """One checkpoint; True when it ran to the end (SQLite's busy flag is 0)."""
+    def _restart(self, conn: sqlite3.Connection) -> bool:
+        """A RESTART checkpoint that waits at most _RESTART_WAIT_MS (it holds the writer out while
+        it waits for readers of old frames); True when it ran to the end."""
         try:
-            busy = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+            conn.execute(f"PRAGMA busy_timeout = {_RESTART_WAIT_MS}")
+            try:
+                frames = self._checkpoint(conn, "RESTART")
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {_TRUNCATE_WAIT_MS}")
+        except sqlite3.Error:  # setting the timeout failed: leave it to the next round
+            return False
+        return frames is not None and not frames[0]
+
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> tuple[int, int, int] | None:
+        """One checkpoint: SQLite's (busy, frames in the WAL, frames copied), or None on failure.
+        ``busy`` is 0 when it ran to the end."""
+        try:
+            busy, in_wal, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         except sqlite3.Error as exc:  # busy, I/O, disk full: try again next round
             self.errors += 1
             if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
                 log.warning("WAL checkpoint of %s failed (%d so far): %s", self.path, self.errors, exc)
-            return False
+            return None
         self.checkpoints += 1
-        return not busy
+        return int(busy), int(in_wal), int(copied)

@@ -45,6 +45,43 @@ def test_rtt_tracker_pairs_sends_with_answers_and_forgets_old_pending() -> None:
     assert tracker.summary("adt")["count"] == 1
 
 
+def test_a_confirmation_batch_ends_its_round_trips_and_the_proxies_forward_the_link() -> None:
+    clock = Clock()
+    tracker = RttTracker(clock)
+
+    class Link:
+        def __init__(self) -> None:
+            self.live, self.features, self.sent = True, frozenset({"batch"}), []
+
+        def send_transmit(self, message: object) -> bool:
+            self.sent.append(message)
+            return self.live
+
+    class Message:
+        def __init__(self, callback: str) -> None:
+            self.callback, self.channel = callback, "adt"
+
+    class Handler:
+        def __init__(self) -> None:
+            self.confirmed: list[str] = []
+
+        def on_confirmed(self, callbacks: list[str]) -> None:
+            self.confirmed.extend(callbacks)
+
+    link, handler = Link(), Handler()
+    tracked_link, tracked_handler = tracker.wrap_link(link), tracker.wrap_handler(handler)
+    assert tracked_link.live is True and tracked_link.features == {"batch"}
+    assert tracked_link.send_transmit(Message("cb1")) and tracked_link.send_transmit(Message("cb2"))
+    link.live = False
+    assert not tracked_link.send_transmit(Message("cb3")) and tracked_link.live is False  # refused: not pending
+    assert tracker.summary("adt")["pendingCount"] == 2
+    clock.now += 0.002
+    tracked_handler.on_confirmed(["cb1", "cb2", "cb3", "unknown"])
+    assert handler.confirmed == ["cb1", "cb2", "cb3", "unknown"]
+    summary = tracker.summary("adt")
+    assert summary["count"] == 2 and summary["pendingCount"] == 0 and abs(summary["max"] - 2.0) < 1e-6
+
+
 def test_rate_meter_windows_and_counter_restart() -> None:
     clock = Clock()
     meter = RateMeter(interval_s=5.0, clock=clock)
