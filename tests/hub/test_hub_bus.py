@@ -403,7 +403,9 @@ def test_no_bus_or_local_is_the_local_bus() -> None:
 def test_a_redis_url_without_the_redis_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     # as if redis-py were not installed: importing a module that sys.modules maps to None fails,
     # and the bus modules that import it are imported afresh
-    for name in [n for n in sys.modules if n == "redis" or n.startswith("redis.")]:
+    # (whether or not this worker imported redis-py yet: a test run alone may not have)
+    loaded = {n for n in sys.modules if n == "redis" or n.startswith("redis.")}
+    for name in loaded | {"redis", "redis.asyncio", "redis.asyncio.connection"}:
         monkeypatch.setitem(sys.modules, name, None)  # type: ignore[arg-type]
     for name in ("medagent.hub.bus.redisbus", "medagent.hub.bus.redis_presence"):
         monkeypatch.delitem(sys.modules, name, raising=False)
