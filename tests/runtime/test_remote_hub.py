@@ -18,25 +18,21 @@ tests can look for log lines (never for message bodies) and a full pipe never bl
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
+from childproc import WAIT_S, MedagentChild
 from serve_harness import MllpClient, ack_fields, child_env, hl7_message
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the harness uses POSIX process groups")
 
-WAIT_S = 30.0  # upper bound of any single wait; a healthy run needs a fraction of it
 CLI_TIMEOUT_S = 60.0
 _HUB_URL = re.compile(r"medagent hub listening on (http://127\.0\.0\.1:(\d+))")
 _CHANNEL_LINE = re.compile(r"channel (\S+)\s+mllp://127\.0\.0\.1:(\d+)")
@@ -45,69 +41,9 @@ _CHANNEL_LINE = re.compile(r"channel (\S+)\s+mllp://127\.0\.0\.1:(\d+)")
 # ------------------------------------------------------------------------------------ children
 
 
-class Child:
-    """A `python -m medagent ...` process in its own session, with all its output collected."""
-
+class Child(MedagentChild):
     def __init__(self, args: list[str]) -> None:
-        self.args = args
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "medagent", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = WAIT_S) -> re.Match[str]:
-        """The first output line matching `pattern`; fails if the child exits or time runs out."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for line in self.lines[seen:]:
-                    if match := regex.search(line):
-                        return match
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
-                    break
-                self._changed.wait(min(remaining, 0.2))
-        raise AssertionError(f"{' '.join(self.args[:2])}: no line matching {regex.pattern!r} "
-                             f"(exit status {self.process.poll()}); output:\n{self.output}")
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM to the process group, SIGKILL if it does not end in time; the exit status."""
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.process.wait(10)
-        self._reader.join(5)
-        return self.process.returncode
-
-    def _signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
+        super().__init__(args, env=child_env())
 
 
 @pytest.fixture
