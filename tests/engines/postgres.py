@@ -25,7 +25,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from engines import engine_missing, free_port
 
 __all__ = ["STORES", "PostgresServer", "postgres_binaries", "postgres_server", "postgres_url", "store_url"]
 
@@ -54,17 +55,8 @@ def postgres_binaries() -> Path:
     if found is None and shutil.which("initdb"):
         found = Path(shutil.which("initdb")).parent  # type: ignore[arg-type]
     if found is None:
-        message = "PostgreSQL is not installed (apt-get install postgresql)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        engine_missing("PostgreSQL is not installed (apt-get install postgresql)")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class PostgresServer:
@@ -96,7 +88,7 @@ class PostgresServer:
                         "--no-sync"], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, cwd=self.workdir, **self._as_user)
         for _attempt in range(_PORT_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             if self._launch(data, port):
                 self.port = port
                 return

@@ -14,7 +14,6 @@ CI installs it (``apt-get install redis-server``) and a silent skip there would 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from engines import engine_missing, free_port
 
 __all__ = ["RedisServer", "own_redis_server", "redis_server", "redis_server_binary"]
 
@@ -35,17 +36,8 @@ _PORT_ATTEMPTS = 5
 def redis_server_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        engine_missing("redis-server is not installed (apt-get install redis-server)")
     return binary
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class RedisServer:
@@ -69,7 +61,7 @@ class RedisServer:
             raise RuntimeError("redis-server is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for _attempt in range(_PORT_ATTEMPTS if self.port == 0 else 1):
-            port = self.port or _free_port()
+            port = self.port or free_port()
             if self._launch(port):
                 self.port = port
                 return
