@@ -10,13 +10,29 @@ DurableQueue's writer thread, or an admin command); it does not lock anything it
   when it returns, which survives kill -9 of the process but not a power loss.
   `durability="fsync"` runs `synchronous=FULL`: each COMMIT is fsynced, which survives power loss.
 * Every write is one explicit `BEGIN IMMEDIATE ... COMMIT`. `insert_batch` inserts a whole group of
-  messages in one transaction (group commit: one WAL append, one fsync in "fsync" mode).
+  messages in one transaction (group commit: one WAL append, one fsync in "fsync" mode). A lone
+  record without confirmations (one lock-step sender) is one autocommit INSERT, its dedup lookup an
+  autocommit read before it: we hold the single-writer lease and the one writer connection, so no
+  insert can come between the two, and BEGIN/COMMIT were half the statements each message paid.
+  (Folding the lookup into the INSERT, `INSERT ... SELECT/VALUES (subquery) ... RETURNING`, was
+  measured and not kept: RETURNING and the self-referencing INSERT cost SQLite ephemeral tables,
+  2-6 us more than the two statements.)
 * Schema: versioned by `PRAGMA user_version`; `MIGRATIONS[i]` takes version i to i+1, each in one
   transaction, forward only, never dropping data. A database written by newer code raises
   `SchemaTooNew` rather than being touched.
-* Row ids are `AUTOINCREMENT`: never reused, even after retention deleted the newest rows, so
-  `queue_uuid` + row id names one message for ever (the dispatcher builds websocket callback ids
-  from them, and the hub may de-duplicate on them).
+* Row ids are never reused, even after retention deleted the newest rows, so `queue_uuid` + row
+  id names one message for ever (the dispatcher builds websocket callback ids from them, and the
+  hub may de-duplicate on them). Schema 3 dropped AUTOINCREMENT (its sqlite_sequence row was one
+  of four pages each commit wrote): the store hands out ids from a counter seeded at open from
+  max(max(id), meta `id_high_water`), and every delete transaction raises `id_high_water` to the
+  largest id it deleted (retention is batched, so that costs nothing per message).
+* Pending rows are found without an index (schema 3 dropped the partial `messages_pending` index,
+  another page per commit): scans walk the rowid B-tree from a floor below which no row is pending.
+  The floor lives in memory, only ever moves up to a pending row a scan found, and is saved in
+  meta `pending_floor` by the delete transactions and the lease's renewals and release. The one way a
+  row below it becomes pending again, `retry_failed` (maybe from another process), lowers the
+  saved floor and bumps `requeue_generation` in its transaction; whenever this store sees a new
+  generation it lowers its own floor to the saved one. So the floor may be too low, never too high.
 * De-duplication (issue 13, defect 3): a duplicate has the same (channel, sender, control_id)
   AND the same content as a non-FAILED row received within `dedup_window_s` before it. Content
   is the body's bytes for inline payloads and the channel's SHA-256 for file payloads. Why no
@@ -157,14 +173,57 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # (benchmarks/queue_insert.py, group 100: 21.2 vs 16.7 us/row). Retention reads the file
         # column of the rows it deletes anyway; stats count files in their one table scan.
     ),
+    (
+        # 2 -> 3 (issue 19): the table rebuilt without AUTOINCREMENT and without the partial
+        # pending index, two of the four pages each single-row commit wrote (see the module
+        # docstring for what keeps ids unique and pending scans cheap). The old sequence becomes
+        # the id high-water; the pending floor starts at the oldest pending row.
+        """CREATE TABLE messages_v3 (
+            id INTEGER PRIMARY KEY,
+            channel TEXT NOT NULL,
+            remote TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            control_id TEXT NOT NULL,
+            message_type TEXT NOT NULL,
+            content_type TEXT NOT NULL,
+            body BLOB NOT NULL,
+            received_at REAL NOT NULL,
+            state INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            duplicate_of INTEGER,
+            last_error TEXT,
+            updated_at REAL NOT NULL,
+            file_path TEXT,
+            file_size INTEGER,
+            file_sha256 TEXT
+        )""",
+        (
+            "INSERT INTO messages_v3 SELECT id, channel, remote, sender, control_id, message_type, content_type,"
+            " body, received_at, state, attempts, duplicate_of, last_error, updated_at, file_path, file_size,"
+            " file_sha256 FROM messages ORDER BY id"
+        ),
+        "INSERT OR REPLACE INTO meta (key, value) SELECT 'id_high_water', seq FROM sqlite_sequence WHERE name = 'messages'",
+        "DROP TABLE messages",  # its indexes and its sqlite_sequence row go with it
+        "ALTER TABLE messages_v3 RENAME TO messages",
+        "CREATE INDEX messages_dedup ON messages (channel, sender, control_id)",
+        (
+            "INSERT OR REPLACE INTO meta (key, value) SELECT 'pending_floor', coalesce("
+            f"(SELECT min(id) FROM messages WHERE state < {int(RowState.CONFIRMED)}),"
+            " (SELECT coalesce(max(id), 0) + 1 FROM messages))"
+        ),
+    ),
 )
+# Target versions whose migration rebuilds the messages table: logged with the row count when
+# the queue is large, since it runs at start-up and takes seconds per million rows.
+_REBUILDS = frozenset({3})
+_REBUILD_LOG_ROWS = 100_000
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PENDING_FILTER = f"state < {int(RowState.CONFIRMED)}"
 _INSERT_SQL = (
-    "INSERT INTO messages (channel, remote, sender, control_id, message_type, content_type, body,"
+    "INSERT INTO messages (id, channel, remote, sender, control_id, message_type, content_type, body,"
     " received_at, state, attempts, duplicate_of, updated_at, file_path, file_size, file_sha256)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?)"
 )
 # Earlier non-FAILED rows with the same (channel, sender, control_id) as any record of a chunk;
 # their content: the file's SHA-256 for a file payload, else the body.
@@ -208,6 +267,18 @@ _INFO_KEYS = (
     "received_at", "state", "attempts", "duplicate_of", "last_error", "updated_at", "file", "file_size",
 )
 REQUEUE_GENERATION_KEY = "requeue_generation"
+ID_HIGH_WATER_KEY = "id_high_water"  # the largest id any delete removed (ids are never reused)
+PENDING_FLOOR_KEY = "pending_floor"  # no row below this id is pending (see the module docstring)
+_MARKS_SQL = f"SELECT key, value FROM meta WHERE key IN ('{REQUEUE_GENERATION_KEY}', '{PENDING_FLOOR_KEY}')"
+_SET_META_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_RAISE_HIGH_WATER_SQL = (
+    f"INSERT INTO meta (key, value) VALUES ('{ID_HIGH_WATER_KEY}', ?1) ON CONFLICT (key)"
+    " DO UPDATE SET value = max(CAST(value AS INTEGER), ?1)"
+)
+_LOWER_FLOOR_SQL = (
+    f"INSERT INTO meta (key, value) VALUES ('{PENDING_FLOOR_KEY}', ?1) ON CONFLICT (key)"
+    " DO UPDATE SET value = min(CAST(value AS INTEGER), ?1)"
+)
 
 
 def content_key(record: InboundRecord) -> bytes | str:
@@ -286,6 +357,12 @@ def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
+_FIRST_PENDING_SQL = (
+    f"SELECT (SELECT id FROM messages WHERE id >= ?1 AND {_PENDING_FILTER} ORDER BY id LIMIT 1),"
+    " (SELECT max(id) FROM messages)"
+)
+
+
 def _confirm_params(ids: Iterable[int], now: float) -> list[tuple[float, int, int]]:
     return [(now, first, last) for first, last in id_runs(ids)]
 
@@ -329,6 +406,7 @@ class QueueStore:
             self._configure(durability, max_db_mb)
             self._migrate()
             self.queue_uuid = self._ensure_queue_uuid()
+            self._last_id, self._floor, self._generation = self._read_marks()
         except sqlite3.Error as exc:
             self._conn.close()
             raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
@@ -370,17 +448,58 @@ class QueueStore:
         if version == SCHEMA_VERSION:
             return
         conn.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        rows = 0
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]  # re-read under the lock
             self._check_not_too_new(version)
+            if version and _REBUILDS.intersection(range(version + 1, SCHEMA_VERSION + 1)):
+                rows = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+                if rows >= _REBUILD_LOG_ROWS:
+                    log.warning("queue %s: upgrading schema %d -> %d rebuilds %d rows; this takes a few seconds"
+                                " per million rows and needs free disk space about the database's size",
+                                self.path, version, SCHEMA_VERSION, rows)
             for target, statements in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in statements:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {target}")
             conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise QueueError(
+                f"cannot upgrade queue database {self.path} from schema {version} to {SCHEMA_VERSION}"
+                f" ({storage_error_reason(exc)}); it was left unchanged: free disk space (an upgrade may"
+                " copy the table) and start again, or run the medagent that wrote it"
+            ) from exc
         except BaseException:
             self._rollback_quietly()
             raise
+        if rows >= _REBUILD_LOG_ROWS:
+            log.warning("queue %s: schema upgraded to %d in %.1f s", self.path, SCHEMA_VERSION,
+                        time.monotonic() - started)
+
+    def _read_marks(self) -> tuple[int, int, int]:
+        """(the largest id ever handed out, the pending floor, the requeue generation) at open."""
+        conn = self._conn
+        marks = {key: int(value) for key, value in conn.execute(
+            f"SELECT key, value FROM meta WHERE key IN ('{ID_HIGH_WATER_KEY}', '{PENDING_FLOOR_KEY}',"
+            f" '{REQUEUE_GENERATION_KEY}')")}
+        largest = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0  # rowid b-tree: O(log n)
+        return (max(largest, marks.get(ID_HIGH_WATER_KEY, 0)), marks.get(PENDING_FLOOR_KEY, 0),
+                marks.get(REQUEUE_GENERATION_KEY, 0))
+
+    def _sync_marks(self, conn: sqlite3.Connection, *, save_floor: bool) -> int:
+        """Apply another process's `retry_failed` (a new requeue generation: lower the floor to
+        the saved one), and with `save_floor` save ours (inside the caller's write transaction,
+        so no retry can slip between the check and the write). Returns the generation."""
+        marks = {key: int(value) for key, value in conn.execute(_MARKS_SQL)}
+        generation = marks.get(REQUEUE_GENERATION_KEY, 0)
+        if generation != self._generation:
+            self._floor = min(self._floor, marks.get(PENDING_FLOOR_KEY, 0))
+            self._generation = generation
+        if save_floor and marks.get(PENDING_FLOOR_KEY) != self._floor:
+            conn.execute(_SET_META_SQL, (PENDING_FLOOR_KEY, self._floor))
+        return generation
 
     def _check_not_too_new(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -451,27 +570,36 @@ class QueueStore:
         if not records:
             return []
         cursor = self._cursor
+        alone = len(records) == 1 and not confirm_ids  # one autocommit INSERT (module docstring)
         try:
-            cursor.execute("BEGIN IMMEDIATE")
             now = time.time()
-            results = self._insert_rows(records, dedup, now)
+            if not alone:
+                cursor.execute("BEGIN IMMEDIATE")
+            results, rows = self._resolve(records, dedup, now)
+            if len(rows) == 1:
+                cursor.execute(_INSERT_SQL, rows[0])
+            elif rows:
+                cursor.executemany(_INSERT_SQL, rows)
             if confirm_ids:
                 cursor.executemany(_CONFIRM_SQL, _confirm_params(confirm_ids, now))
-            cursor.execute("COMMIT")
+            if not alone:
+                cursor.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly()
+            if isinstance(exc, sqlite3.IntegrityError):  # an id taken behind our back: never hand it out
+                with contextlib.suppress(sqlite3.Error):
+                    self._last_id = max(self._last_id, self._read_marks()[0])
             failed = CommitResult(None, None, storage_error_reason(exc))
             return [failed] * len(records)
+        if rows:
+            self._last_id = rows[-1][0]
         return results
 
-    def _insert_rows(
+    def _resolve(
         self, records: Sequence[InboundRecord], dedup: Sequence[DuplicatePolicy], now: float
-    ) -> list[CommitResult]:
-        """Resolve duplicates (one lookup query per chunk, in-batch repeats in Python), then insert
-        every kept record with one executemany. Ids are predicted from the AUTOINCREMENT sequence
-        (we hold the write lock, so they are consecutive) and checked after the insert. A group of
-        one record (one lock-step sender) is one INSERT whose id SQLite reports: two statements
-        fewer on the path that gates each ACK.
+    ) -> tuple[list[CommitResult], list[tuple[Any, ...]]]:
+        """Resolve duplicates (one lookup query per chunk, in-batch repeats in Python) and build
+        the rows to insert, with ids from the store's counter (it advances once they committed).
 
         A record is a duplicate of the oldest row in its window with the same key and content; a
         row with the same key but other content makes it a reused control id (a new message)."""
@@ -479,8 +607,7 @@ class QueueStore:
         checks_duplicates = any(policy is not off for policy in dedup)
         earlier = self._earlier_rows(records) if checks_duplicates else {}
         window = self.dedup_window_s
-        single = len(records) == 1
-        next_id = 0 if single else self._last_assigned_id()
+        next_id = self._last_id
         rows: list[tuple[Any, ...]] = []
         results: list[CommitResult] = []
         for record, policy in zip(records, dedup):
@@ -514,26 +641,13 @@ class QueueStore:
                             continue
             next_id += 1
             rows.append((
-                record.channel, record.remote, record.sender, record.control_id, record.message_type,
+                next_id, record.channel, record.remote, record.sender, record.control_id, record.message_type,
                 record.content_type, record.body, record.received_at, duplicate_of, now, *file_columns,
             ))
             results.append(CommitResult(next_id, duplicate_of, None, reused))
             if keyed:
                 earlier.setdefault(key, []).append((next_id, record.received_at, content))
-        if single and rows:
-            cursor = self._cursor
-            cursor.execute(_INSERT_SQL, rows[0])
-            result = results[0]
-            results[0] = CommitResult(cursor.lastrowid, result.duplicate_of, None, result.control_id_reused)
-        elif rows:
-            self._cursor.executemany(_INSERT_SQL, rows)
-            if self._last_assigned_id() != next_id:
-                raise sqlite3.DatabaseError("row ids out of sequence (was sqlite_sequence edited by hand?)")
-        return results
-
-    def _last_assigned_id(self) -> int:
-        row = self._cursor.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-        return int(row[0]) if row else 0
+        return results, rows
 
     def _earlier_rows(
         self, records: Sequence[InboundRecord]
@@ -561,14 +675,18 @@ class QueueStore:
     # ----------------------------------------------------------------- delivery side
 
     def load_pending(self, after_id: int, limit: int, *, up_to_id: int | None = None) -> list[QueuedMessage]:
-        """Up to `limit` RECEIVED/SENT rows with after_id < id (<= up_to_id), in id order."""
-        sql = f"SELECT {_QUEUED_COLUMNS} FROM messages WHERE {_PENDING_FILTER} AND id > ?"
-        params: tuple[int, ...] = (after_id,)
+        """Up to `limit` RECEIVED/SENT rows with after_id < id (<= up_to_id), in id order: a
+        rowid range walk from the pending floor or `after_id`, whichever is higher."""
+        start = max(after_id, self._floor - 1)
+        sql = f"SELECT {_QUEUED_COLUMNS} FROM messages WHERE id > ? AND {_PENDING_FILTER}"
+        params: tuple[int, ...] = (start,)
         if up_to_id is not None:
             sql += " AND id <= ?"
             params += (up_to_id,)
         with _reading(self.path):
             rows = self._conn.execute(sql + " ORDER BY id LIMIT ?", params + (limit,)).fetchall()
+        if rows and start == self._floor - 1:  # the walk began at the floor: nothing before its first row is pending
+            self._floor = rows[0][0]
         return [_queued(row) for row in rows]
 
     def _set_state(self, ids: Iterable[int], state: RowState, only_from: str) -> int:
@@ -596,8 +714,9 @@ class QueueStore:
 
     def requeue_sent(self) -> int:
         """Every SENT row back to RECEIVED: they were in flight when the last process stopped."""
-        sql = f"UPDATE messages SET state = {int(RowState.RECEIVED)}, updated_at = ? WHERE state = {int(RowState.SENT)}"
-        return self._write(lambda conn: conn.execute(sql, (time.time(),)).rowcount)
+        sql = (f"UPDATE messages SET state = {int(RowState.RECEIVED)}, updated_at = ?"
+               f" WHERE id >= ? AND state = {int(RowState.SENT)}")
+        return self._write(lambda conn: conn.execute(sql, (time.time(), self._floor)).rowcount)
 
     def mark_failed(self, row_id: int, reason: str) -> int:
         """A pending row -> FAILED with `reason` (no PHI). Returns rows changed (0 or 1)."""
@@ -618,9 +737,12 @@ class QueueStore:
     # ----------------------------------------------------------------- operator actions
 
     def first_pending_id(self) -> int | None:
-        """Smallest id of a RECEIVED/SENT row, or None."""
+        """Smallest id of a RECEIVED/SENT row, or None; moves the pending floor up to it (or past
+        the newest row when nothing is pending)."""
         with _reading(self.path):
-            return self._conn.execute(f"SELECT min(id) FROM messages WHERE {_PENDING_FILTER}").fetchone()[0]
+            first, newest = self._conn.execute(_FIRST_PENDING_SQL, (self._floor,)).fetchone()
+        self._floor = max(self._floor, first if first is not None else (newest or 0) + 1)
+        return first  # type: ignore[no-any-return]
 
     def list_failed(self, limit: int = 100) -> list[dict[str, Any]]:
         """FAILED rows, oldest first, without bodies (`size` is the body length)."""
@@ -644,10 +766,13 @@ class QueueStore:
 
         def work(conn: sqlite3.Connection) -> int:
             if ids is None:
+                lowest = conn.execute(f"SELECT min(id) FROM messages WHERE state = {int(RowState.FAILED)}").fetchone()[0]
                 changed = conn.execute(base, (now,)).rowcount
             else:
+                lowest = min(ids, default=None)
                 changed = conn.executemany(base + " AND id = ?", [(now, i) for i in ids]).rowcount
-            if changed:
+            if changed:  # rows below the pending floor may be pending again: lower it, for every store
+                conn.execute(_LOWER_FLOOR_SQL, (int(lowest),))
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
                     " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
@@ -658,10 +783,10 @@ class QueueStore:
         return self._write(work)
 
     def requeue_generation(self) -> int:
-        """Counter bumped whenever rows are put back to RECEIVED behind a running queue's back."""
+        """Counter bumped whenever rows are put back to RECEIVED behind a running queue's back
+        (reading a new one also lowers this store's pending floor to theirs)."""
         with _reading(self.path):
-            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (REQUEUE_GENERATION_KEY,)).fetchone()
-        return int(row[0]) if row else 0
+            return self._sync_marks(self._conn, save_floor=False)
 
     def purge(self, states: Iterable[RowState], older_than_s: float | None = None) -> int:
         """Delete rows in `states` (settled ones only: CONFIRMED, FAILED) last changed more than
@@ -807,7 +932,10 @@ class QueueStore:
         def work(conn: sqlite3.Connection) -> tuple[int, list[tuple[str, int]]]:
             files = [(path, size or 0) for row_id, path, size in conn.execute(files_sql, (min(ids), max(ids)))
                      if row_id in wanted]
-            return conn.executemany(sql, [(i,) for i in ids]).rowcount, files
+            deleted = conn.executemany(sql, [(i,) for i in ids]).rowcount
+            conn.execute(_RAISE_HIGH_WATER_SQL, (max(ids),))  # ids are never reused (module docstring)
+            self._sync_marks(conn, save_floor=True)
+            return deleted, files
 
         deleted, files = self._write(work)
         self._unlink_payloads(path for path, _ in files)
@@ -970,7 +1098,9 @@ class QueueStore:
         channels = {
             channel: {"pending": count, "oldest_pending_age_s": max(0.0, now - oldest)}
             for channel, count, oldest in conn.execute(
-                f"SELECT channel, count(*), min(received_at) FROM messages WHERE {_PENDING_FILTER} GROUP BY channel"
+                "SELECT channel, count(*), min(received_at) FROM messages NOT INDEXED"  # a rowid range walk
+                f" WHERE id >= ? AND {_PENDING_FILTER}"
+                " GROUP BY channel", (self._floor,)
             )
         }
         return {
@@ -1023,6 +1153,9 @@ class QueueStore:
                 " VALUES (1, ?, ?, ?, ?, ?)",
                 (holder, host, os.getpid(), now, now + ttl_s),
             )
+            # the holder's renewals save its pending floor: after a kill -9 the next holder's
+            # first scan starts from at most one lease period behind
+            self._sync_marks(conn, save_floor=True)
 
         self._write(work)
 
@@ -1031,8 +1164,13 @@ class QueueStore:
         self.acquire_lease(holder, ttl_s)
 
     def release_lease(self, holder: str) -> None:
-        """Give the lease up (only if `holder` holds it)."""
-        self._write(lambda conn: conn.execute("DELETE FROM lease WHERE id = 1 AND holder = ?", (holder,)))
+        """Give the lease up (only if `holder` holds it), saving the pending floor for the next
+        holder (else its first scan walks from an older one)."""
+        def work(conn: sqlite3.Connection) -> None:
+            if conn.execute("DELETE FROM lease WHERE id = 1 AND holder = ?", (holder,)).rowcount:
+                self._sync_marks(conn, save_floor=True)
+
+        self._write(work)
 
     def lease_info(self) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT holder, host, pid, acquired_at, expires_at FROM lease WHERE id = 1").fetchone()

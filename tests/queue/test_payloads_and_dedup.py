@@ -99,7 +99,7 @@ def test_file_payloads_dedup_on_the_file_digest_not_the_metadata(store: QueueSto
 
 
 def test_rows_from_a_version_1_database_keep_their_dedup(tmp_path: Path) -> None:
-    """Forward-only migration 1 -> 2: a version-1 database keeps its rows and its dedup."""
+    """Forward-only migrations 1 -> 2 -> 3: a version-1 database keeps its rows and its dedup."""
     path = tmp_path / "queue.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -115,7 +115,7 @@ def test_rows_from_a_version_1_database_keep_their_dedup(tmp_path: Path) -> None
     conn.close()
     store = QueueStore(path)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         resend, reused = store.insert_batch([record("V1", b"old body"), record("V1", b"new body")], [FLAG, FLAG])
         assert resend.duplicate_of == 1 and not resend.control_id_reused
         assert reused.duplicate_of is None and reused.control_id_reused

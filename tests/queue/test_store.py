@@ -238,8 +238,8 @@ def test_cumulative_confirmation_settles_exactly_the_listed_rows(store: QueueSto
     assert [m.row_id for m in store.load_pending(0, 100)] == [1, 5, 13]
 
 
-def test_a_group_of_one_gets_the_id_sqlite_assigned(store: QueueStore) -> None:
-    """One record per group (a lock-step sender) skips the id prediction; ids stay AUTOINCREMENT."""
+def test_a_group_of_one_gets_the_next_id_even_after_the_newest_was_deleted(store: QueueStore) -> None:
+    """One record per group (a lock-step sender) is one autocommit INSERT; ids are never reused."""
     assert [store.insert_batch([record(f"s{i}")], [FLAG])[0].row_id for i in range(3)] == [1, 2, 3]
     store.mark_confirmed([3])
     assert store.purge([RowState.CONFIRMED]) == 1
