@@ -12,7 +12,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_mllp", "_hl7"]
+MODULES = ["_mllp", "_hl7", "_hl7session"]
 #: Written into medagent/_fast when an optional compile failed; read by medagent._compat.
 BUILD_FAILED_FILE = "BUILD_FAILED.txt"
 

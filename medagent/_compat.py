@@ -4,8 +4,8 @@
 extensions when they are importable". Non-CPython interpreters always run pure Python.
 
 Invariant: the selection is made once, at first import, and every selector module
-(`medagent.proto.mllp`, `medagent.proto.hl7`) asks `load_fast()` rather than importing
-`medagent._fast` itself, so `EXTENSIONS_ACTIVE` always tells the truth about what is in use.
+(`medagent.proto.mllp`, `medagent.proto.hl7`, `medagent.proto.hl7_session`) asks `load_fast()`
+rather than importing `medagent._fast` itself, so `EXTENSIONS_ACTIVE` always tells the truth about what is in use.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import platform
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["EXTENSIONS_ACTIVE", "NO_EXTENSIONS", "FAST_MODULES", "load_fast", "implementation_summary"]
+__all__ = ["EXTENSIONS_ACTIVE", "FAST_MODULES", "NO_EXTENSIONS", "implementation_summary", "load_fast"]
 
 #: Every Cython kernel shipped in medagent/_fast; each has a pure twin in medagent/proto.
-FAST_MODULES = ("_mllp", "_hl7")
+FAST_MODULES = ("_mllp", "_hl7", "_hl7session")
 
 
 def _env_disables_extensions() -> bool:

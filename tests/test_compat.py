@@ -19,7 +19,7 @@ def test_extensions_active_unless_disabled() -> None:
 def _probe(value: str) -> str:
     env = dict(os.environ, MEDAGENT_NO_EXTENSIONS=value)
     code = "import medagent._compat as c; print(c.NO_EXTENSIONS)"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False).stdout.strip()
 
 
 def test_env_values() -> None:
@@ -31,7 +31,7 @@ def test_env_values() -> None:
 
 def test_bad_env_value_is_a_clear_error() -> None:
     env = dict(os.environ, MEDAGENT_NO_EXTENSIONS="maybe")
-    proc = subprocess.run([sys.executable, "-c", "import medagent._compat"], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", "import medagent._compat"], env=env, capture_output=True, text=True, check=False)
     assert proc.returncode != 0
     assert "MEDAGENT_NO_EXTENSIONS" in proc.stderr
 
@@ -65,3 +65,24 @@ def test_auto_build_failure_warns_and_records_why(tmp_path, capsys) -> None:
     assert "C extensions were NOT built: error: command 'gcc' failed" in capsys.readouterr().err
     recorded = tmp_path / "medagent" / "_fast" / "BUILD_FAILED.txt"
     assert recorded.read_text().strip() == "error: command 'gcc' failed: No such file or directory"
+
+
+def test_every_fast_module_is_built_selected_and_named() -> None:
+    """setup.py builds exactly the kernels _compat selects; each has its .pyx and .pyi, and the
+    summary (``medagent --version``, serve banner) names every one that is active."""
+    import runpy
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "setup.py").exists():
+        pytest.skip("needs the source tree (setup.py)")
+    namespace = runpy.run_path(str(root / "setup.py"), run_name="medagent_setup")
+    assert tuple(namespace["MODULES"]) == _compat.FAST_MODULES
+    for name in _compat.FAST_MODULES:
+        assert (root / "medagent" / "_fast" / f"{name}.pyx").is_file(), name
+        assert (root / "medagent" / "_fast" / f"{name}.pyi").is_file(), name
+        if _compat.EXTENSIONS_ACTIVE:
+            assert _compat.load_fast(name) is not None
+            assert name.lstrip("_") in _compat.implementation_summary()

@@ -1,14 +1,17 @@
-"""The pure HL7 ACK sequencer (medagent.proto.hl7_session), without sockets or a loop.
+"""The HL7 ACK sequencer (medagent.proto.hl7_session), both twins, without sockets or a loop.
 
 Example tests pin each transition; the differential test (hypothesis) drives the session and a
 deliberately naive reference model (a list, decided flags, flush the decided prefix) through the
 same random interleaving of receipts, commits (any order, any outcome), bot replies and timeout
-expiries, in every ACK mode, and compares what the device would read after every step. Both
-twins of the header/ACK kernels the session calls are used (``impl``).
+expiries, in every ACK mode, and compares what the device would read after every step. Every
+test runs against both twins (``impl``): the pure session with the pure header/ACK kernels, and
+the Cython session (which always calls the Cython kernels). The two twins are compared with
+each other, event by event and byte by byte, in test_hl7_session_differential.py.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,7 +21,7 @@ from hypothesis import strategies as st
 from testsupport import pick
 
 from medagent.channels.endpoint import MllpOptions
-from medagent.proto import ackpolicy
+from medagent.proto import ackpolicy, hl7_session
 from medagent.proto import hl7 as hl7proto
 from medagent.proto.ackpolicy import AckMode, CommitOutcome, DuplicateBehavior
 from medagent.proto.hl7_session import (
@@ -66,10 +69,16 @@ STORED = CommitResult(1)
 
 
 @pytest.fixture(autouse=True)
-def kernels(impl: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Run every test with the pure and the Cython header/ACK kernels."""
+def twin(impl: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run every test with the pure session (and kernels) and with the Cython session.
+
+    The test functions use this module's names Hl7Session, Slot, Hl7Counters, SequenceCounter;
+    they are rebound to the twin under test.
+    """
     for name in ("parse_header", "build_ack", "decode"):
         monkeypatch.setattr(hl7proto, name, pick(hl7proto, name, impl))
+    for name in ("Hl7Session", "Slot", "Hl7Counters", "SequenceCounter"):
+        monkeypatch.setattr(sys.modules[__name__], name, pick(hl7_session, name, impl))
     yield
 
 
