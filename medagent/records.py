@@ -12,7 +12,11 @@ channel and only referenced here, so they never sit in memory or in a queue row.
 payload ``body`` carries the small metadata document the hub's bot receives (e.g. DICOM JSON
 without bulk data) and may be empty.
 
-Values are frozen and slotted: they cross threads (the queue's writer) without copies or locks.
+Values are slotted and never changed after construction: they cross threads (the queue's
+writer) without copies or locks. The two made once per message, :class:`InboundRecord` and
+:class:`CommitResult`, are immutable by convention rather than ``frozen``: a frozen dataclass
+sets each field through ``object.__setattr__``, which made their construction 3-8x slower (issue
+19); they keep value equality and hashing (``unsafe_hash``).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class FilePayload:
     sha256: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # immutable by convention (module docstring)
 class InboundRecord:
     """One unit as accepted from a device, before it has a row id."""
 
@@ -85,7 +89,7 @@ class InboundRecord:
     file: FilePayload | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # immutable by convention (module docstring)
 class CommitResult:
     """Outcome of committing one InboundRecord.
 

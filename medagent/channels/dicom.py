@@ -382,7 +382,7 @@ class DicomChannel:
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"dicom-{self.name}", daemon=True)
         self._thread.start()
-        logger.info("dicom channel %s listening on %s:%d (AE %s, storage=%s)", self.name, self.endpoint.host,
+        logger.debug("dicom channel %s listening on %s:%d (AE %s, storage=%s)", self.name, self.endpoint.host,
                     self.port, self.options.aet or "any", self.options.storage.value)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:

@@ -10,10 +10,12 @@ the hot path) with its own :class:`~medagent.proto.mllp.MllpDecoder` and
 the sink; *which* ACK to send and in what order is the session's job::
 
     data_received -> decoder.feed -> for each frame: session.receive_frame
-        Slot          -> sink.accept(slot.record, on_commit=slot.committed)
+        Slot          -> sink.accept(slot.record, on_commit=slot.committed)   (durable modes)
+                         kept for after the write                            (IMMEDIATE)
         Rejected      -> one log line (the AR/CR is queued in the session)
         FramingError  -> one log line; close after 10 in a row
-    -> one transport.write(session.data_to_send())
+    -> one transport.write(session.data_to_send()), only when the FIFO head is completed
+    -> IMMEDIATE: the chunk's records to sink.accept (the device has its ACK first)
 
 Completions outside ``data_received`` (commit callbacks of a group commit, bot replies, the
 ORIGINAL timeout) are written at once when the session holds one slot (lock-step senders),
@@ -91,7 +93,7 @@ from medagent.proto.hl7_session import (
     Slot,
 )
 from medagent.proto.mllp import FrameTooLarge, MllpDecoder
-from medagent.records import CommitResult, DuplicatePolicy
+from medagent.records import CommitResult, DuplicatePolicy, InboundRecord
 
 __all__ = [
     "MAX_CONSECUTIVE_FRAMING_ERRORS",
@@ -132,6 +134,7 @@ class Hl7Connection(asyncio.Protocol):
         self._last_activity = 0.0
         self._junk_baseline = 0
         self._backlog: deque[bytes | FrameTooLarge] = deque()  # throttled (messagesPerMin)
+        self._handoff: list[InboundRecord] = []  # IMMEDIATE: records of this chunk, sunk after its ACKs
         self._closing = False
         self._next_dispatch = 0.0
         self._throttle_timer: asyncio.TimerHandle | None = None
@@ -168,7 +171,7 @@ class Hl7Connection(asyncio.Protocol):
             self._feed(data)
         finally:
             self._in_chunk = False
-        self._flush()
+        self._end_chunk()
         if self._decoder.discarded_bytes - self._junk_baseline > MAX_JUNK_BYTES:
             self._close_for_errors(f"more than {MAX_JUNK_BYTES} bytes outside MLLP frames")
 
@@ -238,7 +241,7 @@ class Hl7Connection(asyncio.Protocol):
         finally:
             self._in_chunk = in_chunk
         if not in_chunk:
-            self._flush()
+            self._end_chunk()
         if self._backlog and self._throttle_timer is None:
             self._throttle_timer = self._loop.call_at(self._next_dispatch, self._pump)
         self.update_reading()
@@ -267,18 +270,37 @@ class Hl7Connection(asyncio.Protocol):
         slot.record = None  # the sink owns it now; the slot keeps only what ACKs need
         if channel.log_phi:
             logger.debug("hl7 channel %s: %s message %r", channel.name, self.remote, record.body)
-        durable = self._session.durable
-        if durable and slot.deadline and self._deadline_timer is None:
+        if not self._session.durable:
+            # IMMEDIATE promises nothing beyond receipt: the ACK is written first (_end_chunk)
+            self._handoff.append(record)
+            return
+        if slot.deadline and self._deadline_timer is None:
             self._deadline_timer = self._loop.call_at(slot.deadline, self._expire_replies)
+        self._accept(record, slot)
+
+    def _accept(self, record: InboundRecord, slot: Slot | None) -> None:
+        """Hand one record to the sink (`slot`: durable, answered at its commit)."""
+        channel = self._channel
         try:
-            channel.sink.accept(record, durable=durable, dedup=channel.dedup_policy,
-                                on_commit=slot.committed if durable else None)
+            channel.sink.accept(record, durable=slot is not None, dedup=channel.dedup_policy,
+                                on_commit=slot.committed if slot is not None else None)
         except Exception as exc:  # noqa: BLE001 (any refusal of the runtime is answered as a storage error)
             self._counters.sink_errors += 1
             logger.error("hl7 channel %s: sink refused message %s from %s: %s",
                          channel.name, record.control_id, self.remote, exc)
-            if durable:
+            if slot is not None:
                 slot.committed(CommitResult(None, None, f"storage error: {exc}"))
+
+    def _end_chunk(self) -> None:
+        """After a chunk's frames: write the ACKs that are ready, then (IMMEDIATE) hand the
+        chunk's records to the sink. In durable modes nothing is ready yet (the commit comes
+        later), so no empty write is attempted."""
+        if self._session.writable:
+            self._flush()
+        if self._handoff:
+            records, self._handoff = self._handoff, []
+            for record in records:
+                self._accept(record, None)
 
     # ------------------------------------------------------------------ session completions
 
@@ -503,7 +525,7 @@ class Hl7Channel:
         self.tls = server_tls(f"hl7 channel {self.name}", self.endpoint)  # files read now: errors at start
         self._server = await listen(f"hl7 channel {self.name}", lambda: Hl7Connection(self), self.endpoint.host,
                                     self.endpoint.port, sock, self.tls, backlog=512)
-        logger.info("hl7 channel %s listening on %s:%d (ack mode %s%s)", self.name, self.host, self.port,
+        logger.debug("hl7 channel %s listening on %s:%d (ack mode %s%s)", self.name, self.host, self.port,
                     self.options.ack_mode.value, "" if self.tls is None else ", TLS")
 
     def listening_sockets(self) -> list[socket.socket]:

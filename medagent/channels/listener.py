@@ -171,7 +171,7 @@ class TlsTcpListener(TcpListener):
         self._server = await listen(what, lambda: TcpLine(self), self.host, self.port, sock, self.tls)
         name = self._server.sockets[0].getsockname()
         self.host, self.port = name[0], int(name[1])
-        logger.info("%s listening on %s:%d%s", what, self.host, self.port, "" if self.tls is None else " (TLS)")
+        logger.debug("%s listening on %s:%d%s", what, self.host, self.port, "" if self.tls is None else " (TLS)")
 
     def admit(self, line: TcpLine) -> bool:
         refusal = self.tls.refusal(line.transport) if self.tls is not None else None

@@ -135,7 +135,7 @@ class TcpListener:
                                      f"{exc.strerror or exc}") from exc
         name = self._server.sockets[0].getsockname()
         self.host, self.port = name[0], int(name[1])
-        logger.info("%s channel %s listening on %s:%d", self.kind, self.channel, self.host, self.port)
+        logger.debug("%s channel %s listening on %s:%d", self.kind, self.channel, self.host, self.port)
 
     def listening_sockets(self) -> list[Any]:
         return list(self._server.sockets) if self._server is not None else []

@@ -141,7 +141,7 @@ class _Phase(enum.IntEnum):
     CLOSED = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per group: not frozen (frozen construction costs ~3x; never mutated)
 class _WriteWork:
     """One writer job: a group of inserts plus the state changes gathered meanwhile."""
 
@@ -154,14 +154,14 @@ class _WriteWork:
     rescan: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per group: not frozen (frozen construction costs ~3x; never mutated)
 class _WriteOutcome:
     results: list[CommitResult]
     update_error: str | None
     first_pending_id: int | None  # only when the work asked for a rescan
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per group: not frozen (frozen construction costs ~3x; never mutated)
 class _Outcome:
     value: Any = None
     error: BaseException | None = None
@@ -320,7 +320,9 @@ class DurableQueue:
         self._refill_future: asyncio.Future[None] | None = None
 
         # counters (cheap, loop thread only)
-        self._counts: collections.Counter[str] = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()  # per batch or rarer
+        self._committed = 0  # per message: plain ints, not Counter keys
+        self._flushes = 0
         self._largest_group = 0
         self._bytes_since_sweep = 0
         self._requeue_generation = 0
@@ -631,10 +633,16 @@ class DurableQueue:
         self._largest_group = max(self._largest_group, len(work.records))
         if self._inline and not self._inline_pending:
             # Nothing completes before it: commit and answer in this same loop turn (one turn and
-            # one handle fewer per group; what matters at one lock-step sender).
-            self._flush_done(work, self._run_inline(partial(self._write_in_writer, work)))
+            # one handle fewer per group; what matters at one lock-step sender), without the
+            # job/outcome wrappers the scheduled paths need.
+            try:
+                written = self._write_in_writer(work)
+            except Exception as exc:  # noqa: BLE001 - reported like a failed writer job
+                self._flush_done(work, None, exc)
+                return
+            self._flush_done(work, written, None)
             return
-        self._run_in_writer(partial(self._write_in_writer, work), partial(self._flush_done, work))
+        self._run_in_writer(partial(self._write_in_writer, work), partial(self._flush_outcome, work))
 
     def _write_in_writer(self, work: _WriteWork) -> _WriteOutcome:
         store = self._require_store()
@@ -659,27 +667,35 @@ class DurableQueue:
             update_error = _reason(exc)
         return _WriteOutcome(results, update_error, first_pending)
 
-    def _flush_done(self, work: _WriteWork, outcome: _Outcome) -> None:
+    def _flush_outcome(self, work: _WriteWork, outcome: _Outcome) -> None:
+        self._flush_done(work, outcome.value, outcome.error)
+
+    def _flush_done(self, work: _WriteWork, written: _WriteOutcome | None, error: BaseException | None) -> None:
+        """A group's write ended: settle state, then run its records' on_commit (the ACKs)."""
         self._writing = False
-        self._counts["flushes"] += 1
-        if outcome.error is not None:
-            logger.error("queue %s: write job failed: %s", self.path, outcome.error)
-            failed = CommitResult(None, None, storage_error_reason(outcome.error))
-            written = _WriteOutcome([failed] * len(work.records), storage_error_reason(outcome.error), None)
-        else:
-            written = outcome.value
-        storage_failure = written.update_error or next(
-            (r.error for r in written.results if r.error is not None and r.error.startswith(STORAGE_ERROR_PREFIX)),
-            None,
-        )
+        self._flushes += 1
+        if written is None:
+            assert error is not None
+            logger.error("queue %s: write job failed: %s", self.path, error)
+            failed = CommitResult(None, None, storage_error_reason(error))
+            written = _WriteOutcome([failed] * len(work.records), storage_error_reason(error), None)
+        results = written.results
+        storage_failure = written.update_error
+        if storage_failure is None:
+            for result in results:
+                if result.error is not None and result.error.startswith(STORAGE_ERROR_PREFIX):
+                    storage_failure = result.error
+                    break
         if storage_failure is not None:
             self._storage_failed(storage_failure)
-        self._settle_updates(work, written.update_error)
-        if work.rescan and outcome.error is None:
+        if work.confirms or work.failures or written.update_error is not None:
+            self._settle_updates(work, written.update_error)
+        if work.rescan and error is None:
             self._restart_from_disk(written.first_pending_id)
-        self._accept_committed(work.records, written.results)
-        for on_commit, result in zip(work.callbacks, written.results):
-            self._run_callback(on_commit, result)
+        self._accept_committed(work.records, results)
+        run_callback = self._run_callback
+        for on_commit, result in zip(work.callbacks, results):
+            run_callback(on_commit, result)
         if not self._flush_scheduled:
             if self._urgent_writes():
                 self._start_flush()
@@ -708,8 +724,10 @@ class DurableQueue:
         self._held_back.clear()
 
     def _accept_committed(self, records: list[InboundRecord], results: list[CommitResult]) -> None:
+        """Count a group's results and put its new rows in the ready deque (while memory allows)."""
         counts = self._counts
-        added = 0
+        ready = self._ready
+        added = committed = group_bytes = 0
         for record, result in zip(records, results):
             row_id = result.row_id
             if result.error is not None:
@@ -719,7 +737,7 @@ class DurableQueue:
                 counts["duplicates_flagged" if row_id is not None else "duplicates_dropped"] += 1
             if row_id is None:
                 continue
-            counts["committed"] += 1
+            committed += 1
             if result.control_id_reused:
                 counts["control_id_reused"] += 1
                 # ids are not message bodies: channel, sender and control id only (no PHI)
@@ -729,20 +747,23 @@ class DurableQueue:
                     self.path, record.channel, record.sender, record.control_id, row_id,
                 )
             size = len(record.body)
-            self._bytes_since_sweep += size
-            self._space.wrote(2 * size)  # the WAL now, the database file at the next checkpoint
+            group_bytes += size
             if self._backlog_on_disk:
                 continue
-            if len(self._ready) >= self._memory_max_rows or self._ready_bytes + size > self._memory_max_bytes:
+            if len(ready) >= self._memory_max_rows or self._ready_bytes + size > self._memory_max_bytes:
                 self._backlog_on_disk = True  # this row and later ones are read back from disk
                 continue
-            self._ready.append(QueuedMessage(
+            ready.append(QueuedMessage(
                 row_id, record.channel, record.remote, record.control_id, record.message_type,
                 record.body, record.content_type, record.received_at, 0, result.duplicate_of, record.file,
             ))
             self._ready_bytes += size
             self._memory_high_id = row_id
             added += 1
+        self._committed += committed
+        if group_bytes:
+            self._bytes_since_sweep += group_bytes
+            self._space.wrote(2 * group_bytes)  # the WAL now, the database file at the next checkpoint
         if added or self._backlog_on_disk:
             self._rows_available.set()
 
@@ -1084,7 +1105,7 @@ class DurableQueue:
             logger.warning("queue %s: cannot refresh the stats: %s", self.path, exc)
 
     def _update_rate(self) -> None:
-        now, committed = time.monotonic(), self._counts["committed"]
+        now, committed = time.monotonic(), self._committed
         then, before = self._rate_mark
         if now > then:
             self._committed_per_s = (committed - before) / (now - then)
@@ -1097,7 +1118,7 @@ class DurableQueue:
             "queue_uuid": self._queue_uuid,
             "open": self._phase is _Phase.OPEN,
             "submitted_waiting": len(self._records),
-            "committed": counts["committed"],
+            "committed": self._committed,
             "commit_errors": counts["commit_errors"],
             # Medplum-style name asked for by issue 13 (defect 3): reused control ids, new content
             "controlIdReused": counts["control_id_reused"],
@@ -1105,7 +1126,7 @@ class DurableQueue:
             "storage": self._storage_stats(),
             "duplicates_flagged": counts["duplicates_flagged"],
             "duplicates_dropped": counts["duplicates_dropped"],
-            "flushes": counts["flushes"],
+            "flushes": self._flushes,
             "largest_group": self._largest_group,
             "ready_in_memory": len(self._ready),
             "ready_bytes": self._ready_bytes,

@@ -30,7 +30,9 @@ Hub requests (`agent:transmit:request` pushes, reload-config, logs, stats) are a
 request handler given at construction.
 
 Immediate-mode messages skip the queue: they are sent from a bounded in-memory buffer and
-promise nothing (DESIGN.md, ACK modes).
+promise nothing (DESIGN.md, ACK modes). Like rows nobody awaits, they linger up to `linger_s` (or
+until `max_batch` gathered) so the link writes one batch frame for many; their callback is ``Agent/<agent id>-<random uuid of this
+dispatcher>.<n>``.
 
 Invariants: rows are handed to the link in id order; nothing here logs a message body; a row is
 confirmed, failed or released only through the queue.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 import uuid
@@ -116,12 +119,35 @@ MAX_UNCONFIRMED_BYTES = 8 * 1024 * 1024
 #: gather into the next agent:batch. The hub's cost is mostly per batch (one store round, one
 #: ack), so at one lock-step sender (~2k msg/s) 2 ms gave ~3 rows per batch and 10 ms ~18:
 #: hub CPU per message -40 %, agent -8 % (benchmarks/perf-log.md). It delays only the hub's copy;
-#: devices in these modes were answered at commit, and original/two-phase rows never wait here.
+#: devices in these modes were answered at commit (or receipt), and original/two-phase rows never
+#: wait here. Immediate-mode messages linger in their buffer the same way.
 LINGER_S = 0.010
 
 #: A byte-stream channel (tcp://, serial://) configured with bodyEncoding=utf-8.
 BYTES_AS_UTF8 = "bytes-as-utf-8"
 _BYTE_STREAM_KINDS = frozenset({"tcp", "serial"})
+
+
+class _Batch:
+    """What a batch of sends looks up once instead of per row: the link, whether the hub takes
+    medagent's extensions, the send time, and per channel name (wants replies, encoding)."""
+
+    __slots__ = ("channels", "extended", "link", "lookup", "now")
+
+    def __init__(self, link: TransmitLink, lookup: Callable[[str], ReplyTarget | None]) -> None:
+        self.link = link
+        self.extended = "batch" in link.features  # medagent hub: extensions allowed (see messages.py)
+        self.now = time.monotonic()
+        self.lookup = lookup
+        self.channels: dict[str, tuple[bool, str]] = {}
+
+    def channel(self, name: str) -> tuple[bool, str]:
+        """(a device waits for the bot's reply, the text encoding) of channel `name`."""
+        info = self.channels.get(name)
+        if info is None:
+            target = self.lookup(name)
+            info = self.channels[name] = (target is not None and target.wants_replies, _encoding_of(target))
+        return info
 
 
 def _encoding_of(channel: Any) -> str:
@@ -162,7 +188,10 @@ class Dispatcher:
         self._hub = hub
         self._data_dir = data_dir
         self._prefix = f"Agent/{agent_id}-{queue.queue_uuid}-"
-        self._immediate_prefix = f"Agent/{agent_id}-"
+        # Immediate units have no row: a random id per dispatcher plus a counter keeps their
+        # callbacks unique (the hub deduplicates by callback) without a uuid4 per message.
+        self._immediate_prefix = f"Agent/{agent_id}-{uuid.uuid4()}."
+        self._immediate_ids = itertools.count(1)
         self._max_batch = max_batch
         self._confirm_timeout_s = confirm_timeout_s
         self._linger_s = linger_s
@@ -174,7 +203,8 @@ class Dispatcher:
         # and that settlement must not confirm a row the hub did not store.
         self._resend: set[int] = set()
         self._awaiting_reply: dict[int, _AwaitingReply] = {}
-        self._immediate: collections.deque[TransmitRequest] = collections.deque()
+        self._immediate: collections.deque[InboundRecord] = collections.deque()
+        self._immediate_timer: asyncio.TimerHandle | None = None  # the buffer's linger
         self._live = asyncio.Event()
         # Flow control: at most max_unconfirmed rows out on the link; a stalled link (alive but
         # not confirming) must not pull the whole backlog from disk into memory.
@@ -205,6 +235,8 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self._link is not None:
+            self._flush_immediate()  # what lingers goes out before the link closes (timer cancelled)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -302,25 +334,37 @@ class Dispatcher:
 
     # -- immediate mode ------------------------------------------------------------------------
     def send_immediate(self, record: InboundRecord) -> None:
-        link = self._require_link()
-        target = self._channel(record.channel)
-        no_reply = True if "batch" in link.features else None  # the device had its AA already
-        message = self._transmit(record.channel, record.remote, record.content_type, record.body,
-                                 f"{self._immediate_prefix}{uuid.uuid4()}", _encoding_of(target), None, no_reply)
-        if link.live and not self._immediate and link.send_transmit(message):
-            self.sent += 1
-            return
-        if len(self._immediate) >= IMMEDIATE_BUFFER_LIMIT:
-            self._immediate.popleft()
+        """Buffer an immediate-mode unit; its transmit is built and sent with the buffer's batch."""
+        immediate = self._immediate
+        if len(immediate) >= IMMEDIATE_BUFFER_LIMIT:
+            immediate.popleft()
             self.immediate_dropped += 1
-        self._immediate.append(message)
+        immediate.append(record)
+        if not self._live.is_set():
+            return  # on_live sends the buffer
+        if len(immediate) >= self._max_batch or self._linger_s <= 0:
+            self._flush_immediate()
+        elif self._immediate_timer is None:
+            self._immediate_timer = asyncio.get_running_loop().call_later(self._linger_s, self._flush_immediate)
 
     def _flush_immediate(self) -> None:
+        if self._immediate_timer is not None:
+            self._immediate_timer.cancel()
+            self._immediate_timer = None
+        immediate = self._immediate
         link = self._require_link()
-        while self._immediate and link.live:
-            if not link.send_transmit(self._immediate[0]):
+        if not immediate or not link.live:
+            return
+        batch = _Batch(link, self._channel)
+        no_reply = True if batch.extended else None  # the device had its AA already
+        prefix, ids = self._immediate_prefix, self._immediate_ids
+        while immediate:
+            record = immediate[0]
+            message = self._transmit(record.channel, record.remote, record.content_type, record.body,
+                                     f"{prefix}{next(ids)}", batch.channel(record.channel)[1], None, no_reply)
+            if not link.send_transmit(message):
                 return
-            self._immediate.popleft()
+            immediate.popleft()
             self.sent += 1
 
     # -- housekeeping ---------------------------------------------------------------------------
@@ -396,11 +440,12 @@ class Dispatcher:
             if index == end:
                 continue
             uploaded = await self._upload(rows[index:end])
+            batch = _Batch(self._require_link(), self._channel)  # after the await: a fresh look
             for offset, result in enumerate(uploaded):
                 if result is None:  # this row and every later one go back, in order
                     self._queue.release([r.row_id for r in rows[index + offset :]])
                     return replies_awaited
-                reply_wanted = self._send_row(rows, index + offset, *result)
+                reply_wanted = self._send_row(rows, index + offset, *result, batch)
                 if reply_wanted is None:
                     return replies_awaited
                 replies_awaited |= reply_wanted
@@ -409,33 +454,34 @@ class Dispatcher:
 
     def _send_inline(self, rows: Sequence[QueuedMessage], start: int, end: int) -> tuple[bool, bool]:
         waits = False
+        if start == end:
+            return True, waits
+        batch = _Batch(self._require_link(), self._channel)
         for index in range(start, end):
             row = rows[index]
-            sent = self._send_row(rows, index, row.body, row.content_type)
+            sent = self._send_row(rows, index, row.body, row.content_type, batch)
             if sent is None:
                 return False, waits
             waits |= sent
         return True, waits
 
-    def _send_row(self, rows: Sequence[QueuedMessage], index: int, body: bytes, content_type: str) -> bool | None:
+    def _send_row(self, rows: Sequence[QueuedMessage], index: int, body: bytes, content_type: str,
+                  batch: _Batch) -> bool | None:
         """Send rows[index] with ``body``: whether a device waits for its reply, or None when the
         link refused the write (then it and every later row went back to the queue)."""
-        link = self._require_link()
         row = rows[index]
-        target = self._channel(row.channel)
-        wants_reply = target is not None and target.wants_replies
-        encoding = _encoding_of(target)
+        wants_reply, encoding = batch.channel(row.channel)
         duplicate_of: str | None = None
         no_reply: bool | None = None
-        if "batch" in link.features:  # medagent hub: extensions allowed (see messages.py)
+        if batch.extended:
             duplicate_of = None if row.duplicate_of is None else self.callback_for(row.duplicate_of)
             no_reply = not wants_reply or None
         message = self._transmit(row.channel, row.remote, content_type, body, self.callback_for(row.row_id),
                                  encoding, duplicate_of, no_reply)  # one object per row, no replace()
-        if not link.send_transmit(message):
+        if not batch.link.send_transmit(message):
             self._queue.release([r.row_id for r in rows[index:]])
             return None
-        now = time.monotonic()
+        now = batch.now
         self._sent_at[row.row_id] = now
         self._sent_bytes[row.row_id] = len(body)
         self._inflight_bytes += len(body)

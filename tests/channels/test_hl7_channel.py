@@ -318,6 +318,35 @@ async def test_immediate_mode_acks_before_storage(start: Harness, connect, queue
     assert channel.deliver_reply(client.local, "I1", "MSH|^~\\&|B\rMSA|AA|I1\r") is False
 
 
+class AckWatchingSink(QueueSink):
+    """Notes, for each immediate record, how many AAs the channel had written when it arrived."""
+
+    def __init__(self, queue: DurableQueue | None) -> None:
+        super().__init__(queue)
+        self.channel: Hl7Channel | None = None
+        self.acks_written_at_accept: list[int] = []
+
+    def accept(self, record: InboundRecord, *, durable: bool, dedup: DuplicatePolicy,
+               on_commit: Callable[[CommitResult], None] | None) -> None:
+        assert self.channel is not None
+        self.acks_written_at_accept.append(self.channel.counters.answers.get("AA", 0))
+        super().accept(record, durable=durable, dedup=dedup, on_commit=on_commit)
+
+
+async def test_immediate_mode_writes_the_acks_before_handing_records_on(start: Harness, connect,
+                                                                        queue: DurableQueue) -> None:
+    sink = AckWatchingSink(queue)
+    channel, _ = await start("ackMode=immediate", sink=sink)
+    sink.channel = channel
+    client = await connect(channel)
+    await client.send(msg("I1"), msg("I2"))  # one chunk: both ACKs in one write, then both records
+    assert [msa(await client.ack())[:2] for _ in range(2)] == [("AA", "I1"), ("AA", "I2")]
+    await wait_until(lambda: len(sink.immediate) == 2)
+    assert [r.control_id for r in sink.immediate] == ["I1", "I2"]
+    # each record moved on only after its own ACK was written (both, when they came in one chunk)
+    assert all(written > index for index, written in enumerate(sink.acks_written_at_accept))
+
+
 # ------------------------------------------------------------------ MSH-15 / MSH-16
 
 
