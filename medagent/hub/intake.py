@@ -18,12 +18,15 @@ received meanwhile and, per drained group:
 2. refuses a message for a channel the sending agent does not have with ``agent:error
    "Channel not found"`` (Medplum's ``handleTransmit`` does the same), nothing stored — an agent
    can never write into another agent's channel (issue 18, defect 6); then stores every other
-   message in **one** transaction on the writer thread (deduplicated by callback);
+   message in **one** transaction (deduplicated by callback). Inside that transaction, once
+   its lookup found which messages need their bot, the inline bots
+   (:func:`~medagent.hub.botrunner.inline_bot`, e.g. the built-in ACK bot) of channels with
+   nothing queued run (:meth:`IntakePipeline._answerer`): each such message is inserted with
+   its result, one row write, and its reply is committed before it leaves;
 3. answers resends of already answered callbacks with the stored reply (or, while that reply's
    result is not yet committed, with the reply kept in memory; the bot is not run again) and
-   hands every other message to the hub-wide :class:`ChannelDispatcher`, which runs the inline
-   bots (:func:`~medagent.hub.botrunner.inline_bot`, e.g. the built-in ACK bot) right here, in
-   this task, when their channel has nothing queued;
+   hands every message not answered yet to the hub-wide :class:`ChannelDispatcher`, which runs
+   the inline bots right here, in this task, when their channel has nothing queued;
 4. sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative), then the
    replies of the group's inline bots.
 
@@ -34,10 +37,11 @@ in order, then sends the ``agent:transmit:response`` frames — to the agent's *
 connection, so a reply survives a reconnect — wrapped in ``agent:batch`` frames when that
 connection batches.
 
-Replies go out as soon as the bot answered; the bot's result (reply, status) is recorded by the
-writer's *next* round (:meth:`StoreWriter.defer_results`), normally the one storing the next
-inbound group. The reply never claims more than is committed: the message itself was committed
-before its batch ack, and the agent keeps a message until that ack. A hub that stops between a
+Replies of bots run outside the round go out as soon as the bot answered; the bot's result
+(reply, status) is recorded by the writer's *next* round (:meth:`StoreWriter.defer_results`),
+normally the one storing the next inbound group. The reply never claims more than is
+committed: the message itself was committed before its batch ack, and the agent keeps a message
+until that ack. A hub that stops between a
 reply and its result's commit leaves the message stored without a result; if the agent resends
 it (it lost the reply with the link), the bot runs again — built-in bots are idempotent, a user
 bot must be too (or tolerate it).
@@ -83,6 +87,7 @@ from medagent.hub.botstore import BotStore
 from medagent.hub.diskspace import CHECK_INTERVAL_S, DiskWatermark
 from medagent.hub.records import (
     AgentStatus,
+    Answer,
     ChannelStatus,
     IncomingMessage,
     IntakeKind,
@@ -213,16 +218,24 @@ class ChannelDispatcher:
         done: list[BotJob] = []
         outcomes: list[BotOutcome] = []
         for job in jobs:
-            key = (agent_id, job.message.channel)
-            queue = self._queues.get(key)
-            if queue is None and (job.bot is None or self._bots.is_inline(job.bot)):
-                event = self._event(agent_id, job)
-                outcomes.append(self._bots.run_inline(job.bot, event) if job.bot is not None
-                                else failure_outcome(event, "AR", job.refusal or "no bot for this channel"))
+            outcome = self.answer_now(agent_id, job.message, job.header, job.bot, job.refusal)
+            if outcome is None:
+                self._enqueue((agent_id, job.message.channel), job)
+            else:
+                outcomes.append(outcome)
                 done.append(job)
-                continue
-            self._enqueue(key, job)
         return self._finish(agent_id, done, outcomes) if done else []
+
+    def answer_now(self, agent_id: str, message: IncomingMessage, header: Header | None, bot: str | None,
+                   refusal: str | None) -> BotOutcome | None:
+        """The outcome of ``message`` when its channel's bot is inline (or it is refused) and the
+        channel has nothing queued; ``None`` when it must queue behind its channel's worker."""
+        if (agent_id, message.channel) in self._queues or (bot is not None and not self._bots.is_inline(bot)):
+            return None
+        event = self._event(agent_id, message, header)
+        if bot is None:
+            return failure_outcome(event, "AR", refusal or "no bot for this channel")
+        return self._bots.run_inline(bot, event)
 
     def submit(self, jobs: Sequence[BotJob]) -> None:
         """Queue every job on its channel's worker (which answers through the registry)."""
@@ -246,10 +259,9 @@ class ChannelDispatcher:
             del self._queues[key]
             del self._tasks[key]
 
-    def _event(self, agent_id: str, job: BotJob) -> BotEvent:
-        message = job.message
+    def _event(self, agent_id: str, message: IncomingMessage, header: Header | None) -> BotEvent:
         return BotEvent(
-            input=message.body, header=job.header, content_type=message.content_type, agent_id=agent_id,
+            input=message.body, header=header, content_type=message.content_type, agent_id=agent_id,
             channel=message.channel, remote=message.remote, callback=message.callback,
             received_at=message.received_at, store=self._bot_store,
         )
@@ -258,7 +270,7 @@ class ChannelDispatcher:
         outcomes: list[BotOutcome] = []
         try:
             for job in jobs:
-                event = self._event(agent_id, job)
+                event = self._event(agent_id, job.message, job.header)
                 if job.bot is None:
                     outcomes.append(failure_outcome(event, "AR", job.refusal or "no bot for this channel"))
                 else:
@@ -454,7 +466,7 @@ class IntakePipeline:
                 duplicate_of=r.duplicate_of, reply_wanted=not r.no_reply,
             ))
         try:
-            results = await self._writer.store_incoming(incoming)
+            results = await self._writer.store_incoming(incoming, self._answerer(incoming, headers, channels))
         except Exception as exc:
             log.error("storing %d messages of agent %s failed: %s", len(incoming), self.agent_id, type(exc).__name__)
             self._backlog.release(len(incoming))
@@ -462,15 +474,46 @@ class IntakePipeline:
                 ErrorMessage(f"The hub could not store the message ({type(exc).__name__}); resend it", m.callback)
                 for m in incoming
             ], []
-        jobs = await self._jobs(incoming, headers, results, replies)
-        return True, replies, self._dispatcher.dispatch(self.agent_id, jobs)
+        answers: list[AgentMessage] = []
+        jobs = await self._jobs(incoming, headers, results, replies, answers)
+        return True, replies, answers + self._dispatcher.dispatch(self.agent_id, jobs)
+
+    def _answerer(self, incoming: list[IncomingMessage], headers: list[Header | None],
+                  channels: dict[str, tuple[str | None, str | None] | None]) -> Answer:
+        """The store round's :data:`~medagent.hub.records.Answer` for this group: the inline bots
+        run inside the round (after the round's lookup found the message needs its bot), so each
+        such message is written once, with its result, and is never in :attr:`ChannelDispatcher.inflight`.
+        A callback being answered elsewhere, or a channel with messages queued, is left to
+        :meth:`_jobs`."""
+        agent_id, inflight, answer_now = self.agent_id, self._dispatcher.inflight, self._dispatcher.answer_now
+
+        def answer(i: int) -> MessageResult | None:
+            message = incoming[i]
+            if message.callback in inflight:
+                return None
+            found = channels.get(message.channel)
+            bot, refusal = found if found is not None else (None, CHANNEL_NOT_FOUND)
+            outcome = answer_now(agent_id, message, headers[i], bot, refusal)
+            if outcome is None:
+                return None
+            return MessageResult(message.callback, outcome.status, outcome.reply, outcome.error, now_ms())
+
+        return answer
 
     async def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
-              replies: list[AgentMessage]) -> list[BotJob]:
+                    replies: list[AgentMessage], answers: list[AgentMessage]) -> list[BotJob]:
+        """Sort the stored group: the replies of messages answered in the round go to ``answers``,
+        stored replies of resends to ``replies``; the rest are the jobs for the dispatcher."""
         jobs: list[BotJob] = []
         channels = self._channels()
         inflight = self._dispatcher.inflight
+        answered = 0
         for message, header, result in zip(incoming, headers, results):
+            if result.kind is IntakeKind.NEW and result.reply is not None:  # answered in the round
+                if message.reply_wanted:
+                    answers.append(response_for(message, result.reply))
+                answered += 1
+                continue
             if result.kind is IntakeKind.DUPLICATE:
                 # the reply is stored, or answered but its result not yet committed (then in memory)
                 reply = result.reply or inflight.get(message.callback) or inflight.get(message.duplicate_of or "")
@@ -487,6 +530,7 @@ class IntakePipeline:
             bot, refusal = found if found is not None else (None, CHANNEL_NOT_FOUND)
             inflight[message.callback] = None
             jobs.append(BotJob(message, header, bot, refusal))
+        self._backlog.release(answered)
         return jobs
 
     def _channels(self) -> dict[str, tuple[str | None, str | None] | None]:

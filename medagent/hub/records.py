@@ -8,6 +8,7 @@ milliseconds, like the Medplum agent's queue (medplum-protocol.md §5).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "IncomingMessage",
     "IntakeResult",
     "MessageResult",
+    "Answer",
     "MessageRecord",
     "MessageQuery",
     "MessagePage",
@@ -135,6 +137,8 @@ class IntakeResult:
 
     For a duplicate, ``reply`` is the stored reply when the first copy was already processed;
     ``None`` means the first copy was stored but never answered (the hub stopped meanwhile).
+    A new message has a ``reply`` when the round's :data:`Answer` answered it (the reply was
+    committed with the row).
     """
 
     kind: IntakeKind
@@ -150,6 +154,13 @@ class MessageResult:
     reply: StoredReply | None
     error: str | None
     processed_at: int
+
+
+#: Asked by a store round, with a message's position in its group, for the result of a message
+#: that needs its bot (new, or a resend of one stored without a reply); a result is written in
+#: that same transaction (the row is inserted with it), ``None`` leaves the message unanswered.
+#: The hub's intake runs inline bots this way: one row write per message, no later update.
+Answer = Callable[[int], "MessageResult | None"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,17 @@
 
 Theory of operation
 -------------------
-Every message costs the hub two writes: it is stored before its batch is acknowledged
-(`store_incoming`) and its bot's reply is recorded after the bot ran. ONE drain task per hub
-process takes everything queued — replies first, then each inbound group — and writes it in ONE
-transaction through :meth:`HubStore.write_round`, resolves the callers, and repeats while work
-is queued. Under load one commit thus covers several agents' batches and the replies of earlier
+A message is stored before its batch is acknowledged (`store_incoming`). One whose inline bot
+answers it inside that round (the caller's :data:`~medagent.hub.records.Answer`) is stored with
+its result: one row write. Any other bot's reply is recorded after the bot ran: a second write
+of the row. ONE drain task per hub process takes everything queued — replies first, then each
+inbound group — and writes it in ONE transaction through :meth:`HubStore.write_round`, resolves
+the callers, and repeats while work is queued. Under load one commit thus covers several agents' batches and the replies of earlier
 ones.
 
-Inbound messages start a round at once: their batch ack waits for it. The intake records bot
-results with :meth:`StoreWriter.defer_results`, which does *not* start a round: the results ride
-the next one an inbound group starts (at one sender, the next message's), or a round of their own
+Inbound messages start a round at once: their batch ack waits for it. The intake records the
+results of bots run outside the round with :meth:`StoreWriter.defer_results`, which does *not*
+start a round: the results ride the next one an inbound group starts (at one sender, the next message's), or a round of their own
 after :data:`RESULT_LINGER_S` when nothing arrives. That halves the rounds per message when
 traffic is sparse; the reply has already gone to the agent, which holds nothing for it (the
 message itself was committed before its batch ack). :meth:`record_results` (awaitable, starts a
@@ -34,7 +35,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from medagent.hub.records import IncomingMessage, IntakeResult, MessageResult
+from medagent.hub.records import Answer, IncomingMessage, IntakeResult, MessageResult
 from medagent.hub.store import HubStore
 
 __all__ = ["RESULT_LINGER_S", "StoreWriter"]
@@ -51,7 +52,7 @@ class StoreWriter:
 
     def __init__(self, store: HubStore) -> None:
         self._store = store
-        self._incoming: list[tuple[Sequence[IncomingMessage], asyncio.Future[list[IntakeResult]]]] = []
+        self._incoming: list[tuple[Sequence[IncomingMessage], Answer | None, asyncio.Future[list[IntakeResult]]]] = []
         self._results: list[tuple[Sequence[MessageResult], asyncio.Future[None] | ResultsDone]] = []
         self._drain_task: asyncio.Task[None] | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -63,9 +64,12 @@ class StoreWriter:
         await self._store.start_hot_path()
         self._started = True
 
-    async def store_incoming(self, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
+    async def store_incoming(self, messages: Sequence[IncomingMessage],
+                             answer: Answer | None = None) -> list[IntakeResult]:
+        """Store ``messages`` in the next round; ``answer`` (see :data:`~medagent.hub.records.Answer`)
+        gives results that commit with the rows."""
         future: asyncio.Future[list[IntakeResult]] = asyncio.get_running_loop().create_future()
-        self._incoming.append((messages, future))
+        self._incoming.append((messages, answer, future))
         self._schedule()
         return await future
 
@@ -104,11 +108,12 @@ class StoreWriter:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        waiters: list[asyncio.Future[Any]] = [f for _, f in incoming] + [
+        waiters: list[asyncio.Future[Any]] = [f for _, _, f in incoming] + [
             f for _, f in results if isinstance(f, asyncio.Future)]
         try:
             outcome = await self._store.write_round(
-                [messages for messages, _ in incoming], [r for batch, _ in results for r in batch]
+                [messages for messages, _, _ in incoming], [r for batch, _ in results for r in batch],
+                [answer for _, answer, _ in incoming],
             )
         except Exception as exc:  # noqa: BLE001 - every caller of this round learns of it
             for future in waiters:
@@ -122,7 +127,7 @@ class StoreWriter:
             _tell(results, exc)
             raise
         self.rounds += 1
-        for (_, future), intake in zip(incoming, outcome):
+        for (_, _, future), intake in zip(incoming, outcome):
             if not future.done():
                 future.set_result(intake)
         for _, done in results:
@@ -142,7 +147,7 @@ class StoreWriter:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        for _, future in self._incoming:
+        for _, _, future in self._incoming:
             if not future.done():
                 future.cancel()
         _tell(self._results, asyncio.CancelledError())

@@ -1,5 +1,6 @@
-"""Original mode's fast path through the real hub, on each store engine: inline bots answer in
-the intake without a task, the reply goes out before its result commits (the result rides the
+"""Original mode's fast path through the real hub, on each store engine: inline bots answer
+inside the round that stores their message (the row is written once, with its result, before
+the reply leaves), other bots' replies go out before their result commits (it rides the
 writer's next round), per-channel order holds, resends are answered once, and the agent's
 post-switch health message is answered AA without being stored."""
 
@@ -52,14 +53,24 @@ async def test_an_inline_bot_waits_behind_its_channels_queued_messages(hub: HubS
     await client.close()
 
 
-async def test_the_result_is_recorded_after_the_reply(hub: HubServer, agent: AgentCredentials) -> None:
+async def test_an_inline_bots_result_is_committed_with_its_message(hub: HubServer, agent: AgentCredentials) -> None:
     client = await SpecAgent.connected(hub, agent)
     await client.send(transmit("adt", adt("R1"), "result-1"))
     [response] = await client.responses(1)
-    await wait_for(lambda: recorded(hub, "result-1"))
-    record = await hub.store.get_message("result-1")
+    record = await hub.store.get_message("result-1")  # no wait: it committed before the reply left
     assert record.status is MessageStatus.PROCESSED and record.reply_body == response["body"]
-    await wait_for(lambda: "result-1" not in hub.context.dispatcher.inflight)  # forgotten once committed
+    assert "result-1" not in hub.context.dispatcher.inflight
+    await client.close()
+
+
+async def test_a_thread_bots_result_is_recorded_after_the_reply(hub: HubServer, agent: AgentCredentials) -> None:
+    client = await SpecAgent.connected(hub, agent)
+    await client.send(transmit("counting", adt("T1"), "result-2"))
+    [response] = await client.responses(1)
+    await wait_for(lambda: recorded(hub, "result-2"))
+    record = await hub.store.get_message("result-2")
+    assert record.status is MessageStatus.PROCESSED and record.reply_body == response["body"]
+    await wait_for(lambda: "result-2" not in hub.context.dispatcher.inflight)  # forgotten once committed
     await client.close()
 
 

@@ -81,6 +81,36 @@ async def test_intake_deduplicates_by_callback(store: HubStore) -> None:
     assert (await store.get_message("cb-10")).duplicate_of == "cb-1"
 
 
+async def test_a_round_answer_is_asked_only_for_messages_that_need_their_bot(store: HubStore) -> None:
+    """The round's Answer: a new message is inserted with its result (one write); a resend of an
+    answered message, a flagged copy of a stored one and a repeat inside the group are not asked;
+    a resend of a message stored without a reply is, and its result is written in the round."""
+    await store.store_incoming([incoming("a", 1), incoming("a", 2)])
+    await store.record_results([MessageResult("cb-1", MessageStatus.PROCESSED, StoredReply("ACK", "x", 200), None, 2_000)])
+    group = [incoming("a", 1), incoming("a", 2), incoming("a", 3), incoming("a", 3), incoming("a", 4, duplicate_of="cb-1"),
+             incoming("a", 5)]
+    asked: list[str] = []
+
+    def answer(i: int) -> MessageResult | None:
+        asked.append(group[i].callback)
+        if group[i].callback == "cb-5":
+            return None  # left to a bot outside the round
+        return MessageResult(group[i].callback, MessageStatus.PROCESSED, StoredReply(f"R{i}", "x", 200), None, 3_000)
+
+    results = await store.store_incoming(group, answer)
+    assert asked == ["cb-2", "cb-3", "cb-5"]
+    assert [(r.kind, r.reply and r.reply.body) for r in results] == [
+        (IntakeKind.DUPLICATE, "ACK"), (IntakeKind.DUPLICATE, "R1"), (IntakeKind.NEW, "R2"), (IntakeKind.DUPLICATE, "R2"),
+        (IntakeKind.DUPLICATE, "ACK"), (IntakeKind.NEW, None)]
+    for callback, body, duplicate in (("cb-2", "R1", 1), ("cb-3", "R2", 1)):
+        record = await store.get_message(callback)
+        assert (record.status, record.reply_body, record.processed_at, record.duplicate) == (
+            MessageStatus.PROCESSED, body, 3_000, duplicate)
+    for callback in ("cb-4", "cb-5"):
+        record = await store.get_message(callback)
+        assert (record.status, record.reply_body, record.processed_at) == (MessageStatus.RECEIVED, None, None)
+
+
 async def test_keyset_paging_and_filters(store: HubStore) -> None:
     await store.store_incoming([incoming("a", i, received_at=1_000 + i) for i in range(25)])
     await store.store_incoming([incoming("b", 100 + i, channel="lab", message_type="ORU^R01") for i in range(5)])

@@ -4,6 +4,7 @@ nothing, rounds never overlapping, many callers per round under load."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,32 @@ async def test_a_failed_round_fails_every_caller_and_writes_nothing(store: HubSt
         assert writer.rounds == 0
         with pytest.raises(Exception):
             await store.get_message("cb-ok")
+    finally:
+        await writer.close()
+
+
+async def test_each_group_of_a_shared_round_is_answered_by_its_own_caller(store: HubStore) -> None:
+    agent = (await store.add_agent("lab")).agent_id
+    writer = StoreWriter(store)
+    await writer.start()
+    asked: list[tuple[str, int]] = []
+
+    def answerer(tag: str, group: list[IncomingMessage]) -> Callable[[int], MessageResult | None]:
+        def answer(i: int) -> MessageResult:
+            asked.append((tag, i))
+            return MessageResult(group[i].callback, MessageStatus.PROCESSED, StoredReply(f"{tag}{i}", "x", 200), None, 5)
+        return answer
+
+    try:
+        first = [incoming(agent, "a-0"), incoming(agent, "a-1")]
+        second = [incoming(agent, "b-0")]
+        rounds = writer.rounds
+        one, two = await asyncio.gather(writer.store_incoming(first, answerer("A", first)),
+                                        writer.store_incoming(second, answerer("B", second)))
+        assert writer.rounds == rounds + 1  # both groups in one transaction
+        assert sorted(asked) == [("A", 0), ("A", 1), ("B", 0)]
+        assert [r.reply and r.reply.body for r in one + two] == ["A0", "A1", "B0"]
+        assert (await store.get_message("b-0")).reply_body == "B0"
     finally:
         await writer.close()
 

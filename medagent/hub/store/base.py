@@ -12,7 +12,9 @@ Invariants every engine keeps (tests/hub run against each):
   the stored row and gets the stored reply instead of a new row — also when several hub
   processes take the same resend at once (PostgreSQL).
 * A message row exists (committed) before ``write_round`` returns, hence before the agent gets
-  ``agent:batch:ack`` and before its bot runs.
+  ``agent:batch:ack`` or a reply. Its bot runs after that commit, or — an inline bot, through
+  the round's :data:`~medagent.hub.records.Answer` — inside the transaction, its result
+  committed with the row (one row write per message instead of an insert and an update).
 * Message queries are keyset-paginated by id and never return more than 1000 rows.
 * ``config_generation`` increases with every agent/channel change made through this object, so
   in-process caches (intake) see the change at once.
@@ -29,6 +31,7 @@ from medagent.hub.records import (
     AgentCredentials,
     AgentRecord,
     AgentStatus,
+    Answer,
     BotRecord,
     ChannelRecord,
     ChannelStatus,
@@ -159,15 +162,19 @@ class HubStore(abc.ABC):
 
     @abc.abstractmethod
     async def write_round(
-        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult]
+        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
+        answers: Sequence[Answer | None] = (),
     ) -> list[list[IntakeResult]]:
         """Both hot-path writes of one round in ONE transaction: first the replies of processed
         messages, then each group of inbound messages (so a resend in a group already sees a
-        reply recorded in the same round). Returns the intake results per group."""
+        reply recorded in the same round). ``answers`` (one per group, or empty) is asked for
+        the result of each message of its group that needs its bot; the result commits with the
+        message. Returns the intake results per group."""
 
-    async def store_incoming(self, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
+    async def store_incoming(self, messages: Sequence[IncomingMessage],
+                             answer: Answer | None = None) -> list[IntakeResult]:
         """Store many inbound messages in one transaction; one result per message, in order."""
-        return (await self.write_round([messages], ()))[0]
+        return (await self.write_round([messages], (), [answer]))[0]
 
     async def record_results(self, results: Iterable[MessageResult]) -> None:
         """Write the replies and statuses of many processed messages in one transaction."""

@@ -15,6 +15,7 @@ import orjson
 from medagent.hub.records import (
     AgentRecord,
     AgentStatus,
+    Answer,
     ChannelRecord,
     ChannelStatus,
     IncomingMessage,
@@ -108,10 +109,14 @@ MESSAGE_COLUMNS = (
     " length(body), received_at, status, reply_body, reply_content_type, reply_status, error,"
     " duplicate, duplicate_of, processed_at"
 )
+#: the row with its result when the round answered it (no later UPDATE of the same row)
 INSERT_MESSAGE = (
     "INSERT INTO messages (agent_id, channel, remote, callback, control_id, message_type, content_type,"
-    " body, received_at, duplicate, duplicate_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " body, received_at, duplicate, duplicate_of, status, reply_body, reply_content_type, reply_status, error,"
+    " processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: columns of INSERT_MESSAGE's parameters (:func:`insert_params`)
+INSERT_WIDTH = 17
 RECORD_RESULT = (
     "UPDATE messages SET status = ?, reply_body = ?, reply_content_type = ?, reply_status = ?,"
     " error = ?, processed_at = ? WHERE callback = ?"
@@ -156,9 +161,14 @@ def result_params(r: MessageResult) -> tuple[Any, ...]:
     )
 
 
-def insert_params(m: IncomingMessage, duplicate: int, duplicate_of: str | None) -> tuple[Any, ...]:
-    return (m.agent_id, m.channel, m.remote, m.callback, m.control_id, m.message_type, m.content_type,
-            m.body, m.received_at, duplicate, duplicate_of)
+_UNANSWERED = (MessageStatus.RECEIVED.value, None, None, None, None, None)
+
+
+def insert_params(m: IncomingMessage, duplicate: int, duplicate_of: str | None,
+                  result: MessageResult | None = None) -> tuple[Any, ...]:
+    row = (m.agent_id, m.channel, m.remote, m.callback, m.control_id, m.message_type, m.content_type,
+           m.body, m.received_at, duplicate, duplicate_of)
+    return row + (_UNANSWERED if result is None else result_params(result)[:6])
 
 
 def wanted_callbacks(messages: Sequence[IncomingMessage]) -> set[str]:
@@ -167,31 +177,43 @@ def wanted_callbacks(messages: Sequence[IncomingMessage]) -> set[str]:
 
 
 def plan_group(
-    messages: Sequence[IncomingMessage], known: dict[str, StoredReply | None]
-) -> tuple[list[tuple[Any, ...]], list[tuple[str]], list[IntakeResult]]:
+    messages: Sequence[IncomingMessage], known: dict[str, StoredReply | None], answer: Answer | None = None,
+) -> tuple[list[tuple[Any, ...]], list[tuple[str]], list[tuple[Any, ...]], list[IntakeResult]]:
     """Decide, from the callbacks already stored (``known``, updated in place), which messages
-    of a group are inserted (rows), which are counted as resends, and each one's intake result.
+    of a group are inserted (rows), which are counted as resends, which stored rows get their
+    result now (RECORD_RESULT rows), and each message's intake result.
 
     A callback already stored (or seen earlier in the group) is a resend: its duplicate counter
-    goes up and its stored reply is returned. A new callback whose ``duplicate_of`` is stored is
-    inserted with ``duplicate = 1`` and answered with the original's reply.
+    goes up and its stored reply is returned; when it has none, ``answer`` may give it one now
+    (the hub stopped between storing it and its result). A new callback whose ``duplicate_of``
+    is stored is inserted with ``duplicate = 1`` and answered with the original's reply. Any
+    other new callback is inserted with the result ``answer`` gives it (if any), so a message
+    answered in the round costs one row write.
     """
     inserts: list[tuple[Any, ...]] = []
     resends: list[tuple[str]] = []
+    answered: list[tuple[Any, ...]] = []
     results: list[IntakeResult] = []
-    for m in messages:
-        if m.callback in known:
-            resends.append((m.callback,))
-            results.append(IntakeResult(IntakeKind.DUPLICATE, known[m.callback]))
+    for i, m in enumerate(messages):
+        callback = m.callback
+        if callback in known:
+            resends.append((callback,))
+            reply = known[callback]
+            if reply is None and answer is not None and (result := answer(i)) is not None:
+                answered.append(result_params(result))
+                reply = known[callback] = result.reply
+            results.append(IntakeResult(IntakeKind.DUPLICATE, reply))
             continue
-        original_known = m.duplicate_of is not None and m.duplicate_of in known
-        inserts.append(insert_params(m, 1 if original_known else 0, m.duplicate_of if original_known else None))
-        known[m.callback] = None
-        if original_known:
-            results.append(IntakeResult(IntakeKind.DUPLICATE, known[m.duplicate_of]))  # type: ignore[index]
-        else:
-            results.append(IntakeResult(IntakeKind.NEW))
-    return inserts, resends, results
+        if m.duplicate_of is not None and m.duplicate_of in known:
+            inserts.append(insert_params(m, 1, m.duplicate_of))
+            known[callback] = None
+            results.append(IntakeResult(IntakeKind.DUPLICATE, known[m.duplicate_of]))
+            continue
+        result = answer(i) if answer is not None else None
+        inserts.append(insert_params(m, 0, None, result))
+        reply = known[callback] = None if result is None else result.reply
+        results.append(IntakeResult(IntakeKind.NEW, reply))
+    return inserts, resends, answered, results
 
 
 def message_filters(q: MessageQuery) -> tuple[list[str], list[Any]]:

@@ -12,13 +12,15 @@ One :class:`psycopg_pool.AsyncConnectionPool` (``pool_size`` connections) serves
 call blocks the event loop. The hot path (:meth:`PostgresHubStore.write_round`, driven by the
 hub's single StoreWriter) runs one transaction per round: an ``executemany`` of replies, then per
 inbound group one ``callback = ANY(...)`` lookup, one ``INSERT … SELECT FROM unnest(arrays) ON
-CONFLICT (callback) DO NOTHING RETURNING callback`` and one duplicate-counter update — one
-statement per step whatever the batch size. While a
+CONFLICT (callback) DO NOTHING RETURNING callback`` (rows an inline bot answered in the round
+carry their result) and, when needed, one duplicate-counter update — one statement per step
+whatever the batch size. While a
 round waits for PostgreSQL the next one accumulates, so groups grow under load.
 
 Dedup, also across hub processes (two may take the same resend at once: an agent that
-reconnected elsewhere): a group is inserted with ``ON CONFLICT (callback) DO NOTHING`` before
-anything is looked up; the UNIQUE index makes a concurrent INSERT of the same callback wait for
+reconnected elsewhere): a group is inserted with ``ON CONFLICT (callback) DO NOTHING`` (after
+one lookup when the intake answers inline bots in the round, else before anything is looked
+up); the UNIQUE index makes a concurrent INSERT of the same callback wait for
 the first transaction and then do nothing. A row the round did not insert was stored before: it
 is counted as a duplicate and answered with its stored reply. A deadlock or serialization failure
 between two rounds retries the round (at most :data:`ROUND_ATTEMPTS` times).
@@ -40,6 +42,7 @@ from medagent.hub.records import (
     AgentCredentials,
     AgentRecord,
     AgentStatus,
+    Answer,
     BotRecord,
     ChannelRecord,
     ChannelStatus,
@@ -59,6 +62,7 @@ from medagent.hub.store.common import (
     CHANNEL_BOT_SELECT,
     CHANNEL_SELECT,
     DEFAULT_BOT,
+    INSERT_WIDTH,
     MAX_PAGE,
     MESSAGE_COLUMNS,
     RESOURCE_SELECT,
@@ -81,6 +85,7 @@ from medagent.hub.store.common import (
     resource_row,
     result_params,
     row_key,
+    wanted_callbacks,
 )
 from medagent.hub.store.pg_schema import migrate
 
@@ -331,35 +336,42 @@ class PostgresHubStore(HubStore):
     # -- messages (hot path) ------------------------------------------------------------------
 
     async def write_round(
-        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult]
+        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
+        answers: Sequence[Answer | None] = (),
     ) -> list[list[IntakeResult]]:
         rows = [result_params(r) for r in results]
         if not rows and not any(incoming):
             return [[] for _ in incoming]
+        answers = answers or [None] * len(incoming)
         errors = self._psycopg.errors
         for attempt in range(1, ROUND_ATTEMPTS + 1):
             try:
                 async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                     if rows:
                         await cur.execute(_RECORD_RESULTS, _columns(rows, 7))
-                    return [await self._store_group(cur, group) if group else [] for group in incoming]
+                    return [await self._store_group(cur, group, answer) if group else []
+                            for group, answer in zip(incoming, answers, strict=True)]
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 if attempt == ROUND_ATTEMPTS:
                     raise
                 log.warning("hub store round collided with another hub process (attempt %d); retrying", attempt)
         raise AssertionError("unreachable")
 
-    async def _store_group(self, cur: Any, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
-        """Insert first, look up after: the common group (no resends) costs one statement. Only
-        the originals that flagged copies name are looked up before (usually none); a callback
-        already stored (a resend, or one another hub process stored meanwhile) is an INSERT that
-        does nothing, and is then counted and answered with its stored reply."""
-        originals = {m.duplicate_of for m in messages if m.duplicate_of}
-        known = await _known_callbacks(cur, originals)
-        inserts, resends, results = plan_group(messages, known)
+    async def _store_group(self, cur: Any, messages: Sequence[IncomingMessage],
+                           answer: Answer | None) -> list[IntakeResult]:
+        """Without ``answer``, insert first and look up after: the common group (no resends)
+        costs one statement; only the originals that flagged copies name are looked up before.
+        With ``answer``, every callback is looked up first (one statement), so the bots run only
+        for messages not stored yet and each row is inserted with its result (no UPDATE, no dead
+        row version). Either way a callback already stored (a resend, or one another hub process
+        stored meanwhile: then its answer here is dropped) is an INSERT that does nothing, and is
+        then counted and answered with its stored reply."""
+        known = await _known_callbacks(
+            cur, wanted_callbacks(messages) if answer is not None else {m.duplicate_of for m in messages if m.duplicate_of})
+        inserts, resends, answered, results = plan_group(messages, known, answer)
         inserted: set[str] = set()
         if inserts:
-            await cur.execute(_INSERT_NEW, _columns(inserts, 11))
+            await cur.execute(_INSERT_NEW, _columns(inserts, INSERT_WIDTH))
             inserted.update(r[0] for r in await cur.fetchall())
         stored_before = {row[3] for row in inserts} - inserted
         if stored_before:
@@ -370,6 +382,8 @@ class PostgresHubStore(HubStore):
                     results[i] = IntakeResult(IntakeKind.DUPLICATE, replies.get(m.callback))
         if resends:
             await cur.execute(_COUNT_RESENDS, ([c for (c,) in resends],))
+        if answered:
+            await cur.execute(_RECORD_RESULTS, _columns(answered, 7))
         return results
 
     # -- messages (queries) -------------------------------------------------------------------
@@ -501,8 +515,10 @@ class PostgresHubStore(HubStore):
 # per message of one array statement, and PostgreSQL parses and plans it once.
 _INSERT_NEW = (
     "INSERT INTO messages (agent_id, channel, remote, callback, control_id, message_type, content_type, body,"
-    " received_at, duplicate, duplicate_of) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[],"
-    " %b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[], %b::int[], %b::text[])"
+    " received_at, duplicate, duplicate_of, status, reply_body, reply_content_type, reply_status, error,"
+    " processed_at) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[], %b::int[], %b::text[],"
+    " %b::text[], %b::text[], %b::text[], %b::int[], %b::text[], %b::bigint[])"
     " ON CONFLICT (callback) DO NOTHING RETURNING callback"
 )
 _RECORD_RESULTS = (

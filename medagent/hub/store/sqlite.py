@@ -20,9 +20,10 @@ itself. ``writer_thread=True`` selects the threaded variant (kept for the benchm
 checkpoints (an fsync each) are kept out of hot-path commits: the writer's connection turns
 automatic checkpoints off and a WalCheckpointer thread runs them.
 
-Hot path shape: one lookup of the callbacks already known, one ``executemany`` insert, one
-``executemany`` update of duplicate counters per group, one ``executemany`` of replies — all in
-one transaction.
+Hot path shape: one lookup of the callbacks already known and one ``executemany`` insert per
+group (a message its inline bot answered in the round is inserted with its result), plus, only
+when there are any, an update of duplicate counters and of the results of messages answered
+later (other bots) — all in one transaction.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from medagent.hub.records import (
     AgentCredentials,
     AgentRecord,
     AgentStatus,
+    Answer,
     BotRecord,
     ChannelRecord,
     ChannelStatus,
@@ -334,22 +336,31 @@ class SqliteCore:
     # -- messages (hot path) ----------------------------------------------------------------
 
     def write_round(
-        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult]
+        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
+        answers: Sequence[Answer | None] = (),
     ) -> list[list[IntakeResult]]:
         rows = [result_params(r) for r in results]
         if not rows and not any(incoming):
             return [[] for _ in incoming]
+        answers = answers or [None] * len(incoming)
         with self._write() as conn:
             if rows:
                 conn.executemany(RECORD_RESULT, rows)
-            return [self._store_group(conn, group) if group else [] for group in incoming]
+            return [self._store_group(conn, group, answer) if group else []
+                    for group, answer in zip(incoming, answers, strict=True)]
 
     @staticmethod
-    def _store_group(conn: sqlite3.Connection, messages: Sequence[IncomingMessage]) -> list[IntakeResult]:
+    def _store_group(conn: sqlite3.Connection, messages: Sequence[IncomingMessage],
+                     answer: Answer | None) -> list[IntakeResult]:
+        """Look up first, then write: under BEGIN IMMEDIATE no other writer can store one of these
+        callbacks meanwhile, so ``answer`` is asked only for messages that really need their bot."""
         known = _known_callbacks(conn, wanted_callbacks(messages))
-        inserts, resends, results = plan_group(messages, known)
+        inserts, resends, answered, results = plan_group(messages, known, answer)
         conn.executemany(INSERT_MESSAGE, inserts)
-        conn.executemany(COUNT_RESEND, resends)
+        if resends:
+            conn.executemany(COUNT_RESEND, resends)
+        if answered:
+            conn.executemany(RECORD_RESULT, answered)
         return results
 
     # -- messages (queries) -----------------------------------------------------------------
@@ -563,12 +574,13 @@ class SqliteHubStore(HubStore):
             writer.shutdown(wait=True)
 
     async def write_round(
-        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult]
+        self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
+        answers: Sequence[Answer | None] = (),
     ) -> list[list[IntakeResult]]:
-        if self._writer is not None:
+        if self._writer is not None:  # (the answers then run on the writer thread)
             return await asyncio.get_running_loop().run_in_executor(
-                self._writer, self.core.write_round, incoming, list(results))
-        return self.core.write_round(incoming, results)
+                self._writer, self.core.write_round, incoming, list(results), answers)
+        return self.core.write_round(incoming, results, answers)
 
     async def export_rows(self, table: str, batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:  # type: ignore[override]
         after: tuple[Any, ...] | None = None
