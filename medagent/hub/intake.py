@@ -28,7 +28,8 @@ received meanwhile and, per drained group:
    hands every message not answered yet to the hub-wide :class:`ChannelDispatcher`, which runs
    the inline bots right here, in this task, when their channel has nothing queued;
 4. sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative), then the
-   replies of the group's inline bots.
+   replies of the group's inline bots, in one flush of the connection (one TCP segment), so
+   that the agent wakes once for both.
 
 Other bots (thread, async) and channels with messages still queued go through the dispatcher's
 FIFO per (agent, channel), so one channel's messages reach its bot in the order received, while
@@ -396,13 +397,13 @@ class IntakePipeline:
         elif requests:
             await self._wait_for_room(len(requests))
             committed, replies, answers = await self._store_group(requests)
-        if seqs and committed:
-            await self._connection.send(BatchAck(max(seqs)))
         if answers and self._dispatcher.registry.current(self.agent_id) is not self._connection:
             await send_to_agent(self._dispatcher.registry, self.agent_id, answers)  # it reconnected meanwhile
             answers = []
-        if replies or answers:
-            await self._connection.send_many(replies + answers)
+        # the ack first, then the replies, in one flush (one segment: the agent wakes once)
+        outgoing: list[AgentMessage] = [BatchAck(max(seqs))] if seqs and committed else []
+        if outgoing or replies or answers:
+            await self._connection.send_many(outgoing + replies + answers)
 
     async def _wait_for_room(self, count: int) -> None:
         """Hold this group while the disk is under the watermark (see the module docstring)."""

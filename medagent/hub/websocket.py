@@ -35,8 +35,11 @@ them; nothing logs frame contents.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
+from collections.abc import Iterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -72,6 +75,29 @@ log = logging.getLogger(__name__)
 #: the connection's protocol state (the core's; kept under its old name)
 ConnectionState = SessionState
 
+#: Linux's TCP_CORK (None elsewhere): hold partial segments until uncorked.
+_CORK: int | None = getattr(socket, "TCP_CORK", None)
+
+
+@contextlib.contextmanager
+def _corked(sock: socket.socket | None) -> Iterator[None]:
+    """Send what is written inside as full segments: the frames of one flush (a batch ack and
+    the replies that follow it) reach the agent in one segment, so it wakes and reads once
+    instead of once per frame. A no-op without a socket or TCP_CORK."""
+    if sock is None or _CORK is None:
+        yield
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
+    except OSError:  # the socket is closing: write as usual, the write reports it
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
+
 
 class AgentConnection:
     """One agent websocket: a :class:`HubSession` plus the hub state it needs."""
@@ -88,6 +114,7 @@ class AgentConnection:
         self._closing = False
         self._hold: Hold | None = None
         self._generation: int | None = None  # the token generation the connection was accepted with
+        self._socket: socket.socket | None = ws.get_extra_info("socket") if _CORK is not None else None
 
     @property
     def state(self) -> SessionState:
@@ -114,9 +141,16 @@ class AgentConnection:
         await self._flush()
 
     async def send_many(self, messages: list[AgentMessage]) -> None:
-        """Send replies: one ``agent:batch`` frame per ``batch_max_messages`` when batching."""
-        self._check_open()
+        """Send replies: one ``agent:batch`` frame per ``batch_max_messages`` when batching.
+
+        A leading :class:`BatchAck` is queued first, so an ack and the replies it precedes
+        leave in one flush (one TCP segment, one wake-up of the agent; see :meth:`_flush`)."""
         session = self._core
+        if messages and isinstance(ack := messages[0], BatchAck):
+            session.acknowledge(ack.seq)
+            messages = messages[1:]
+        if messages:
+            self._check_open()
         if not session.batching or len(messages) == 1:
             for message in messages:
                 session.send(message)
@@ -134,8 +168,13 @@ class AgentConnection:
         if not self._core.has_data():
             return  # most frames (transmits waiting for storage) need no answer yet
         async with self._writing:
-            for frame in self._core.data_to_send():
-                await self._ws.send_frame(frame, WSMsgType.TEXT)
+            frames = self._core.data_to_send()
+            if len(frames) == 1:
+                await self._ws.send_frame(frames[0], WSMsgType.TEXT)
+                return
+            with _corked(self._socket):  # an ack and its replies: one segment, not one per frame
+                for frame in frames:
+                    await self._ws.send_frame(frame, WSMsgType.TEXT)
 
     # -- receiving --------------------------------------------------------------------------
 
