@@ -27,12 +27,18 @@ DurableQueue's writer thread, or an admin command); it does not lock anything it
   max(max(id), meta `id_high_water`), and every delete transaction raises `id_high_water` to the
   largest id it deleted (retention is batched, so that costs nothing per message).
 * Pending rows are found without an index (schema 3 dropped the partial `messages_pending` index,
-  another page per commit): scans walk the rowid B-tree from a floor below which no row is pending.
-  The floor lives in memory, only ever moves up to a pending row a scan found, and is saved in
-  meta `pending_floor` by the delete transactions and the lease's renewals and release. The one way a
-  row below it becomes pending again, `retry_failed` (maybe from another process), lowers the
-  saved floor and bumps `requeue_generation` in its transaction; whenever this store sees a new
-  generation it lowers its own floor to the saved one. So the floor may be too low, never too high.
+  another page per commit): scans walk rowid ranges of a `PendingMap` (pending_map.py), a few runs
+  of ids plus an open tail, a superset of the pending ids kept by this store's own state changes
+  (confirmations move the tail, leaving a run behind for an old row the hub has not confirmed;
+  walks tighten it), so one row left pending for days does not make every load from below it
+  walk the millions of settled rows after it. The map and its floor (its lowest id) are saved in
+  meta (`pending_map`, `pending_floor`) by the delete transactions and the lease's renewals and
+  release. The one way a settled row becomes pending again, `retry_failed` (maybe from another
+  process), lowers the saved floor, saves the ids it changed (`requeued_runs`) and bumps
+  `requeue_generation` in its transaction; a store that sees a new generation adds those ids to
+  its map (or, if it missed more than one retry, lowers its floor to the saved one), and a saved
+  map counts only for its own generation (or the next, with that retry's ids). So the map may
+  hold too much, never too little.
 * De-duplication (issue 13, defect 3): a duplicate has the same (channel, sender, control_id)
   AND the same content as a non-FAILED row received within `dedup_window_s` before it. Content
   is the body's bytes for inline payloads and the channel's SHA-256 for file payloads. Why no
@@ -76,20 +82,28 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from medagent.queue.records import CommitResult, DuplicatePolicy, FilePayload, InboundRecord, QueuedMessage, RowState
+from medagent.queue.pending_map import PendingMap, decode_runs, encode_runs, id_runs
+from medagent.queue.records import (
+    CommitResult,
+    DuplicatePolicy,
+    FilePayload,
+    InboundRecord,
+    QueuedMessage,
+    RowState,
+)
 from medagent.storage.errors import storage_error_reason
 from medagent.storage.files import ensure_private_dir, prepare_private_database
 
 __all__ = [
-    "Durability",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "SPOOL_DIRNAME",
+    "Durability",
     "QueueError",
     "QueueLocked",
+    "QueueStore",
     "SchemaTooNew",
     "StorageError",
-    "QueueStore",
-    "SPOOL_DIRNAME",
     "content_key",
     "id_runs",
     "spool_path_problem",
@@ -269,7 +283,13 @@ _INFO_KEYS = (
 REQUEUE_GENERATION_KEY = "requeue_generation"
 ID_HIGH_WATER_KEY = "id_high_water"  # the largest id any delete removed (ids are never reused)
 PENDING_FLOOR_KEY = "pending_floor"  # no row below this id is pending (see the module docstring)
-_MARKS_SQL = f"SELECT key, value FROM meta WHERE key IN ('{REQUEUE_GENERATION_KEY}', '{PENDING_FLOOR_KEY}')"
+PENDING_MAP_KEY = "pending_map"  # "<generation>/<PendingMap.encode()>": valid while the generation is current
+REQUEUED_KEY = "requeued_runs"  # "<generation>/<id runs>": the rows the retry that made that generation changed
+_MARKS_SQL = (
+    f"SELECT key, value FROM meta WHERE key IN ('{REQUEUE_GENERATION_KEY}', '{PENDING_FLOOR_KEY}',"
+    f" '{PENDING_MAP_KEY}', '{REQUEUED_KEY}')"
+)
+_DELETE_META_SQL = "DELETE FROM meta WHERE key = ?"
 _SET_META_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _RAISE_HIGH_WATER_SQL = (
     f"INSERT INTO meta (key, value) VALUES ('{ID_HIGH_WATER_KEY}', ?1) ON CONFLICT (key)"
@@ -334,33 +354,36 @@ def _pid_is_dead(pid: int) -> bool:
 
 # Cumulative confirmation: one statement per run of consecutive ids (the hub confirms whole
 # batches, so a group of confirmations is usually one run) instead of one per row.
+_MAX_ROWID = 2**63 - 1
 _CONFIRM_SQL = (
     f"UPDATE messages SET state = {int(RowState.CONFIRMED)}, updated_at = ?"
     f" WHERE id BETWEEN ? AND ? AND state != {int(RowState.CONFIRMED)}"
 )
 
 
-def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
-    """The distinct `ids` as (first, last) runs of consecutive integers, ascending:
-    [7, 3, 4, 5, 9, 8, 4] -> [(3, 5), (7, 9)]. Every id of a run is in `ids`."""
-    runs: list[tuple[int, int]] = []
-    first = last = None
-    for row_id in sorted(set(ids)):
-        if last is not None and row_id == last + 1:
-            last = row_id
-            continue
-        if first is not None:
-            runs.append((first, last))  # type: ignore[arg-type]
-        first = last = row_id
-    if first is not None:
-        runs.append((first, last))  # type: ignore[arg-type]
-    return runs
-
-
+_WALK_FROM_SQL = f"SELECT {{columns}} FROM messages WHERE id >= ? AND {_PENDING_FILTER} ORDER BY id LIMIT ?"
+_WALK_RANGE_SQL = (
+    f"SELECT {{columns}} FROM messages WHERE id BETWEEN ? AND ? AND {_PENDING_FILTER} ORDER BY id LIMIT ?"
+)
 _FIRST_PENDING_SQL = (
     f"SELECT (SELECT id FROM messages WHERE id >= ?1 AND {_PENDING_FILTER} ORDER BY id LIMIT 1),"
     " (SELECT max(id) FROM messages)"
 )
+
+
+def _requeued_runs(saved: str | None, generation: int, known: int) -> list[tuple[int, int]] | None:
+    """The rows the retry that made `generation` changed, if that retry is the only one after
+    the `known` generation and it saved them (meta `requeued_runs`); else None (then only the
+    saved floor is known)."""
+    if saved is None or generation != known + 1:
+        return None
+    saved_generation, _, runs = saved.partition("/")
+    if saved_generation != str(generation):
+        return None
+    try:
+        return decode_runs(runs)
+    except ValueError:
+        return None
 
 
 def _confirm_params(ids: Iterable[int], now: float) -> list[tuple[float, int, int]]:
@@ -406,7 +429,7 @@ class QueueStore:
             self._configure(durability, max_db_mb)
             self._migrate()
             self.queue_uuid = self._ensure_queue_uuid()
-            self._last_id, self._floor, self._generation = self._read_marks()
+            self._last_id, self._pending, self._generation = self._read_marks()
         except sqlite3.Error as exc:
             self._conn.close()
             raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
@@ -478,27 +501,59 @@ class QueueStore:
             log.warning("queue %s: schema upgraded to %d in %.1f s", self.path, SCHEMA_VERSION,
                         time.monotonic() - started)
 
-    def _read_marks(self) -> tuple[int, int, int]:
-        """(the largest id ever handed out, the pending floor, the requeue generation) at open."""
+    def _read_marks(self) -> tuple[int, PendingMap, int]:
+        """(the largest id ever handed out, where pending rows may be, the requeue generation) at
+        open: the saved pending map if it is of the current generation, else the saved floor."""
         conn = self._conn
-        marks = {key: int(value) for key, value in conn.execute(
-            f"SELECT key, value FROM meta WHERE key IN ('{ID_HIGH_WATER_KEY}', '{PENDING_FLOOR_KEY}',"
-            f" '{REQUEUE_GENERATION_KEY}')")}
+        marks = dict(conn.execute(_MARKS_SQL))
+        high_water = conn.execute(f"SELECT value FROM meta WHERE key = '{ID_HIGH_WATER_KEY}'").fetchone()
         largest = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0  # rowid b-tree: O(log n)
-        return (max(largest, marks.get(ID_HIGH_WATER_KEY, 0)), marks.get(PENDING_FLOOR_KEY, 0),
-                marks.get(REQUEUE_GENERATION_KEY, 0))
+        generation = int(marks.get(REQUEUE_GENERATION_KEY, 0))
+        pending = PendingMap(int(marks.get(PENDING_FLOOR_KEY, 0)))
+        saved_generation, _, saved_map = str(marks.get(PENDING_MAP_KEY, "")).partition("/")
+        # a map saved one generation back is still good with the rows that one retry changed
+        requeued = _requeued_runs(marks.get(REQUEUED_KEY), generation, generation - 1)
+        if saved_map and (saved_generation == str(generation)
+                          or (requeued is not None and saved_generation == str(generation - 1))):
+            try:
+                pending = PendingMap.decode(saved_map)
+            except ValueError:  # hand-edited or damaged: the floor alone is always safe
+                log.warning("queue %s: ignoring an unreadable saved pending map", self.path)
+            else:
+                if saved_generation != str(generation):
+                    pending.add(requeued or ())
+        return max(largest, int(high_water[0]) if high_water else 0), pending, generation
+
+    @property
+    def _floor(self) -> int:
+        """No row below this id is pending."""
+        return self._pending.floor
 
     def _sync_marks(self, conn: sqlite3.Connection, *, save_floor: bool) -> int:
-        """Apply another process's `retry_failed` (a new requeue generation: lower the floor to
-        the saved one), and with `save_floor` save ours (inside the caller's write transaction,
-        so no retry can slip between the check and the write). Returns the generation."""
-        marks = {key: int(value) for key, value in conn.execute(_MARKS_SQL)}
-        generation = marks.get(REQUEUE_GENERATION_KEY, 0)
+        """Apply a `retry_failed` (maybe another process's; a new requeue generation: add the
+        rows it changed to the pending map, or when they are not known, lower the floor to the
+        saved one), and with `save_floor` save ours (inside the caller's write transaction, so
+        no retry can slip between the check and the write). Returns the generation."""
+        marks = dict(conn.execute(_MARKS_SQL))
+        generation = int(marks.get(REQUEUE_GENERATION_KEY, 0))
         if generation != self._generation:
-            self._floor = min(self._floor, marks.get(PENDING_FLOOR_KEY, 0))
+            requeued = _requeued_runs(marks.get(REQUEUED_KEY), generation, self._generation)
+            if requeued is None:
+                self._pending.lower_floor(int(marks.get(PENDING_FLOOR_KEY, 0)))
+            else:
+                self._pending.add(requeued)
             self._generation = generation
-        if save_floor and marks.get(PENDING_FLOOR_KEY) != self._floor:
-            conn.execute(_SET_META_SQL, (PENDING_FLOOR_KEY, self._floor))
+        if save_floor:
+            floor = self._pending.floor
+            if marks.get(PENDING_FLOOR_KEY) != str(floor):
+                conn.execute(_SET_META_SQL, (PENDING_FLOOR_KEY, floor))
+            encoded = self._pending.encode()
+            saved = None if encoded is None else f"{generation}/{encoded}"
+            if saved != marks.get(PENDING_MAP_KEY):
+                if saved is None:
+                    conn.execute(_DELETE_META_SQL, (PENDING_MAP_KEY,))
+                else:
+                    conn.execute(_SET_META_SQL, (PENDING_MAP_KEY, saved))
         return generation
 
     def _check_not_too_new(self, version: int) -> None:
@@ -580,8 +635,9 @@ class QueueStore:
                 cursor.execute(_INSERT_SQL, rows[0])
             elif rows:
                 cursor.executemany(_INSERT_SQL, rows)
-            if confirm_ids:
-                cursor.executemany(_CONFIRM_SQL, _confirm_params(confirm_ids, now))
+            confirmed = _confirm_params(confirm_ids, now) if confirm_ids else ()
+            if confirmed:
+                cursor.executemany(_CONFIRM_SQL, confirmed)
             if not alone:
                 cursor.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -593,7 +649,14 @@ class QueueStore:
             return [failed] * len(records)
         if rows:
             self._last_id = rows[-1][0]
+        if confirmed:
+            self._settle(confirmed)
         return results
+
+    def _settle(self, confirmed: Iterable[tuple[float, int, int]]) -> None:
+        """Committed confirmations leave the pending map (the tail follows the hub)."""
+        for _now, first, last in confirmed:
+            self._pending.settle(first, last, self._last_id)
 
     def _resolve(
         self, records: Sequence[InboundRecord], dedup: Sequence[DuplicatePolicy], now: float
@@ -675,19 +738,34 @@ class QueueStore:
     # ----------------------------------------------------------------- delivery side
 
     def load_pending(self, after_id: int, limit: int, *, up_to_id: int | None = None) -> list[QueuedMessage]:
-        """Up to `limit` RECEIVED/SENT rows with after_id < id (<= up_to_id), in id order: a
-        rowid range walk from the pending floor or `after_id`, whichever is higher."""
-        start = max(after_id, self._floor - 1)
-        sql = f"SELECT {_QUEUED_COLUMNS} FROM messages WHERE id > ? AND {_PENDING_FILTER}"
-        params: tuple[int, ...] = (start,)
-        if up_to_id is not None:
-            sql += " AND id <= ?"
-            params += (up_to_id,)
-        with _reading(self.path):
-            rows = self._conn.execute(sql + " ORDER BY id LIMIT ?", params + (limit,)).fetchall()
-        if rows and start == self._floor - 1:  # the walk began at the floor: nothing before its first row is pending
-            self._floor = rows[0][0]
+        """Up to `limit` RECEIVED/SENT rows with after_id < id (<= up_to_id), in id order:
+        rowid range walks over the pending map's runs above `after_id`, then its tail."""
+        rows = self._walk_pending(_QUEUED_COLUMNS, after_id, limit, up_to_id)
         return [_queued(row) for row in rows]
+
+    def _walk_pending(self, columns: str, after_id: int, limit: int, up_to_id: int | None) -> list[Any]:
+        """Rows (first column: id) of up to `limit` pending rows after `after_id`; what a walk
+        saw tightens the map (a run walked to its end keeps only the pending ids it found)."""
+        rows: list[Any] = []
+        with _reading(self.path):
+            for first, last, is_tail in list(self._pending.spans(after_id, up_to_id)):
+                wanted = limit - len(rows)
+                if wanted <= 0:
+                    break
+                if last is None:
+                    found = self._conn.execute(_WALK_FROM_SQL.format(columns=columns), (first, wanted)).fetchall()
+                else:
+                    found = self._conn.execute(_WALK_RANGE_SQL.format(columns=columns),
+                                               (first, last, wanted)).fetchall()
+                rows += found
+                if is_tail:
+                    if found and first == self._pending.tail:
+                        self._pending.walked_tail([row[0] for row in found])
+                elif len(found) < wanted:  # the whole span was walked
+                    self._pending.learn(first, last, [row[0] for row in found])  # type: ignore[arg-type]
+                elif found:
+                    self._pending.learn(first, found[-1][0], [row[0] for row in found])
+        return rows
 
     def _set_state(self, ids: Iterable[int], state: RowState, only_from: str) -> int:
         now = time.time()
@@ -706,7 +784,9 @@ class QueueStore:
         params = _confirm_params(ids, time.time())
         if not params:
             return 0
-        return self._write(lambda conn: conn.executemany(_CONFIRM_SQL, params).rowcount)
+        changed = self._write(lambda conn: conn.executemany(_CONFIRM_SQL, params).rowcount)
+        self._settle(params)
+        return changed
 
     def requeue(self, ids: Iterable[int]) -> int:
         """SENT -> RECEIVED (attempts kept). Returns rows changed."""
@@ -715,8 +795,10 @@ class QueueStore:
     def requeue_sent(self) -> int:
         """Every SENT row back to RECEIVED: they were in flight when the last process stopped."""
         sql = (f"UPDATE messages SET state = {int(RowState.RECEIVED)}, updated_at = ?"
-               f" WHERE id >= ? AND state = {int(RowState.SENT)}")
-        return self._write(lambda conn: conn.execute(sql, (time.time(), self._floor)).rowcount)
+               f" WHERE id BETWEEN ? AND ? AND state = {int(RowState.SENT)}")
+        now = time.time()
+        spans = [(now, first, _MAX_ROWID if last is None else last) for first, last, _ in self._pending.spans(0, None)]
+        return self._write(lambda conn: conn.executemany(sql, spans).rowcount)
 
     def mark_failed(self, row_id: int, reason: str) -> int:
         """A pending row -> FAILED with `reason` (no PHI). Returns rows changed (0 or 1)."""
@@ -724,7 +806,9 @@ class QueueStore:
             f"UPDATE messages SET state = {int(RowState.FAILED)}, last_error = ?, updated_at = ?"
             f" WHERE id = ? AND {_PENDING_FILTER}"
         )
-        return self._write(lambda conn: conn.execute(sql, (reason, time.time(), row_id)).rowcount)
+        changed = self._write(lambda conn: conn.execute(sql, (reason, time.time(), row_id)).rowcount)
+        self._pending.settle(row_id, row_id, self._last_id)
+        return changed
 
     def increment_attempts(self, ids: Iterable[int]) -> int:
         """attempts + 1 for each id (an id listed twice counts twice). Returns rows changed."""
@@ -739,9 +823,14 @@ class QueueStore:
     def first_pending_id(self) -> int | None:
         """Smallest id of a RECEIVED/SENT row, or None; moves the pending floor up to it (or past
         the newest row when nothing is pending)."""
+        pending = self._pending
+        while pending.runs:  # the runs first: usually one old row, found without walking the rest
+            found = self._walk_pending("id", 0, 1, pending.runs[0][1])
+            if found:
+                return found[0][0]  # type: ignore[no-any-return]
         with _reading(self.path):
-            first, newest = self._conn.execute(_FIRST_PENDING_SQL, (self._floor,)).fetchone()
-        self._floor = max(self._floor, first if first is not None else (newest or 0) + 1)
+            first, newest = self._conn.execute(_FIRST_PENDING_SQL, (pending.tail,)).fetchone()
+        pending.raise_tail(first if first is not None else min((newest or 0), self._last_id) + 1)
         return first  # type: ignore[no-any-return]
 
     def list_failed(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -765,20 +854,28 @@ class QueueStore:
         now = time.time()
 
         def work(conn: sqlite3.Connection) -> int:
-            if ids is None:
-                lowest = conn.execute(f"SELECT min(id) FROM messages WHERE state = {int(RowState.FAILED)}").fetchone()[0]
-                changed = conn.execute(base, (now,)).rowcount
+            if ids is None:  # one table scan (admin only), returning the ids it changed
+                changed = [row_id for (row_id,) in conn.execute(base + " RETURNING id", (now,))]
             else:
-                lowest = min(ids, default=None)
-                changed = conn.executemany(base + " AND id = ?", [(now, i) for i in ids]).rowcount
-            if changed:  # rows below the pending floor may be pending again: lower it, for every store
-                conn.execute(_LOWER_FLOOR_SQL, (int(lowest),))
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
-                    " DO UPDATE SET value = CAST(value AS INTEGER) + 1",
-                    (REQUEUE_GENERATION_KEY,),
-                )
-            return changed
+                changed = [i for i in ids if conn.execute(base + " AND id = ? RETURNING id", (now, i)).fetchone()]
+            if not changed:
+                return 0
+            self._sync_marks(conn, save_floor=False)  # earlier retries first: ours is the next generation
+            runs = id_runs(changed)
+            generation = self._generation + 1
+            # rows below the pending floor may be pending again: every store lowers its floor, or
+            # (knowing which rows) adds them to its pending map; saved maps of older generations
+            # are ignored from now on
+            conn.execute(_LOWER_FLOOR_SQL, (runs[0][0],))
+            conn.execute(_SET_META_SQL, (REQUEUE_GENERATION_KEY, generation))
+            saved = encode_runs(runs)
+            if saved is None:
+                conn.execute(_DELETE_META_SQL, (REQUEUED_KEY,))
+            else:
+                conn.execute(_SET_META_SQL, (REQUEUED_KEY, f"{generation}/{saved}"))
+            self._pending.add(runs)
+            self._generation = generation
+            return len(changed)
 
         return self._write(work)
 
