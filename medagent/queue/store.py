@@ -145,11 +145,9 @@ class StorageError(QueueError):
         self.reason = reason or message
 
 
-# Forward-only migrations: MIGRATIONS[i] takes user_version i to i + 1 in one transaction.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
+# The message columns of schema 1 after the id (schema 3 rebuilds the table with the same ones
+# plus schema 2's file columns). Migrations only ever add columns, so this text never changes.
+_SCHEMA1_COLUMNS = """
             channel TEXT NOT NULL,
             remote TEXT NOT NULL,
             sender TEXT NOT NULL,
@@ -163,7 +161,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             duplicate_of INTEGER,
             last_error TEXT,
             updated_at REAL NOT NULL
-        )""",
+"""
+
+# Forward-only migrations: MIGRATIONS[i] takes user_version i to i + 1 in one transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, {_SCHEMA1_COLUMNS})",
         "CREATE INDEX messages_dedup ON messages (channel, sender, control_id)",
         # Partial index: only pending rows (RECEIVED, SENT) are in it, so it stays small and
         # walks pending rows in id (FIFO) order however many settled rows are kept.
@@ -192,25 +195,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # pending index, two of the four pages each single-row commit wrote (see the module
         # docstring for what keeps ids unique and pending scans cheap). The old sequence becomes
         # the id high-water; the pending floor starts at the oldest pending row.
-        """CREATE TABLE messages_v3 (
-            id INTEGER PRIMARY KEY,
-            channel TEXT NOT NULL,
-            remote TEXT NOT NULL,
-            sender TEXT NOT NULL,
-            control_id TEXT NOT NULL,
-            message_type TEXT NOT NULL,
-            content_type TEXT NOT NULL,
-            body BLOB NOT NULL,
-            received_at REAL NOT NULL,
-            state INTEGER NOT NULL DEFAULT 0,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            duplicate_of INTEGER,
-            last_error TEXT,
-            updated_at REAL NOT NULL,
-            file_path TEXT,
-            file_size INTEGER,
-            file_sha256 TEXT
-        )""",
+        f"CREATE TABLE messages_v3 (id INTEGER PRIMARY KEY, {_SCHEMA1_COLUMNS},"
+        " file_path TEXT, file_size INTEGER, file_sha256 TEXT)",
         (
             "INSERT INTO messages_v3 SELECT id, channel, remote, sender, control_id, message_type, content_type,"
             " body, received_at, state, attempts, duplicate_of, last_error, updated_at, file_path, file_size,"
