@@ -1,8 +1,8 @@
-"""Type stub of the Cython ACK sequencer; same public shape as medagent.proto._hl7_session_py."""
+"""Type stub of the Cython ACK sequencer; same public shape as medagent.proto._hl7session_py."""
 
 from typing import Any, ClassVar, final
 
-from medagent.proto._hl7_session_py import FramingError, Rejected, ReplyResult, SlotState
+from medagent.proto._hl7session_py import FramingError, Rejected, ReplyResult, SlotState
 from medagent.records import CommitResult, InboundRecord
 
 __all__ = ["Hl7CountersC", "Hl7SessionC", "SequenceCounterC", "SlotC"]

@@ -1,5 +1,5 @@
 # cython: language_level=3, embedsignature=True
-"""The per-connection HL7 ACK sequencer, Cython twin of `medagent.proto._hl7_session_py`.
+"""The per-connection HL7 ACK sequencer, Cython twin of `medagent.proto._hl7session_py`.
 
 The pure module is the specification (its docstring states the theory of operation and the
 invariants); this twin must be observably identical: the same events, slots, ACK bytes, counters
@@ -33,7 +33,7 @@ from medagent._fast._hl7 import decode as _decode
 from medagent._fast._hl7 import parse_header as _parse_header
 from medagent.proto import ackpolicy
 from medagent.proto._hl7_py import Hl7Error, codec_for_charset
-from medagent.proto._hl7_session_py import (
+from medagent.proto._hl7session_py import (
     MAX_AWAITED_REPLIES,
     MAX_CONSECUTIVE_FRAMING_ERRORS,
     FramingError,

@@ -1,6 +1,6 @@
 """The per-connection HL7 ACK sequencer: which ACK, when, and in what order (selector).
 
-``medagent.proto._hl7_session_py`` is the pure-Python specification (its docstring has the theory
+``medagent.proto._hl7session_py`` is the pure-Python specification (its docstring has the theory
 of operation and the invariants); ``medagent._fast._hl7session`` is its Cython twin. This module
 exports the active one under the public names (``Hl7Session``, ``Slot``, ``Hl7Counters``,
 ``SequenceCounter``), chosen once through :func:`medagent._compat.load_fast`, so every importer
@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from medagent._compat import load_fast
-from medagent.proto import _hl7_session_py as _py
-from medagent.proto._hl7_session_py import (
+from medagent.proto import _hl7session_py as _py
+from medagent.proto._hl7session_py import (
     MAX_AWAITED_REPLIES,
     MAX_CONSECUTIVE_FRAMING_ERRORS,
     FramingError,
