@@ -22,7 +22,6 @@ Use: ``python benchmarks/queue_insert.py [--group 10] [--groups 2000] [--repeat 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -30,20 +29,11 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from medagent.queue import store as current_store
+from store_module import load_store
+
 from medagent.queue.records import DuplicatePolicy, InboundRecord
 
 CORPUS_MESSAGE = Path(__file__).resolve().parent.parent / "tests" / "data" / "adt_a01.hl7"
-
-
-def _load_store(path: str | None) -> ModuleType:
-    if path is None:
-        return current_store
-    spec = importlib.util.spec_from_file_location("medagent_queue_store_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(template: bytes, count: int, start: int) -> list[InboundRecord]:
@@ -87,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure this store.py, alternating runs with the current one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    candidates = {args.store or "current": _load_store(args.store)}
+    candidates = {args.store or "current": load_store(args.store)}
     if args.compare:
-        candidates[args.compare] = _load_store(args.compare)
+        candidates[args.compare] = load_store(args.compare)
     best = dict.fromkeys(candidates, float("inf"))
     for _ in range(max(1, args.repeat)):  # alternate, so both see the same machine load
         for name, module in candidates.items():

@@ -24,7 +24,6 @@ Figures: benchmarks/perf-log.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sqlite3
@@ -36,20 +35,11 @@ from functools import partial
 from pathlib import Path
 from types import ModuleType
 
-from medagent.queue import store as current_store
+from store_module import load_store
+
 from medagent.queue.records import DuplicatePolicy, InboundRecord
 
 BODY = b"MSH|^~\\&|LAB|NORTH|HIS|MAIN|20261130120000||ADT^A01|0|P|2.5\r" + b"PID|1||12345^^^MRN||DOE^JOHN\r" * 4
-
-
-def _load_store(path: str | None) -> ModuleType:
-    if path is None:
-        return current_store
-    spec = importlib.util.spec_from_file_location("medagent_queue_store_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build(store_module: ModuleType, path: Path, settled: int, pending: int, stuck: bool) -> None:
@@ -105,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", metavar="STORE_PY", help="the store.py before the change")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    base = _load_store(args.compare)
-    candidates = {"current": current_store, **({"base": base} if args.compare else {})}
+    base = load_store(args.compare)
+    candidates = {"current": load_store(None), **({"base": base} if args.compare else {})}
     with tempfile.TemporaryDirectory() as tmp:
         for case in ("tail", "stuck"):
             copies = {}

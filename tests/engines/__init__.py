@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 import pytest
@@ -22,3 +25,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def await_ready(process: subprocess.Popen[bytes], ready: Callable[[], bool], start_timeout_s: float,
+                poll_s: float, failure: str) -> bool:
+    """Poll ``ready`` until the engine answers (True) or its process exits first (False: most
+    likely its port was taken meanwhile, so the caller retries on another). A process that neither
+    answers nor exits in time is killed and waited for, and ``failure`` is raised."""
+    deadline = time.monotonic() + start_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if ready():
+            return True
+        time.sleep(poll_s)
+    process.kill()
+    process.wait(start_timeout_s)
+    raise RuntimeError(f"{failure} within {start_timeout_s} s")

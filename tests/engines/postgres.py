@@ -27,15 +27,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engines import engine_missing, free_port
+from engines import await_ready, engine_missing, free_port
 
 __all__ = ["STORES", "PostgresServer", "postgres_binaries", "postgres_server", "postgres_url", "store_url"]
 
@@ -105,17 +105,11 @@ class PostgresServer:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir,
                                    **self._as_user)
         log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return False  # most likely the port was taken meanwhile
-            if _accepts(port):
-                self._process = process
-                return True
-            time.sleep(0.05)
-        process.kill()
-        process.wait(STOP_TIMEOUT_S)
-        raise RuntimeError(f"postgres on port {port} did not accept connections within {START_TIMEOUT_S} s")
+        if not await_ready(process, partial(_accepts, port), START_TIMEOUT_S, 0.05,
+                           f"postgres on port {port} did not accept connections"):
+            return False
+        self._process = process
+        return True
 
     def create_database(self) -> str:
         """A new empty database; returns its URL."""

@@ -18,13 +18,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from engines import engine_missing, free_port
+from engines import await_ready, engine_missing, free_port
 
 __all__ = ["RedisServer", "own_redis_server", "redis_server", "redis_server_binary"]
 
@@ -72,17 +72,11 @@ class RedisServer:
         args = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(self.workdir), "--daemonize", "no", "--logfile", str(log)]
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return False  # most likely the port was taken meanwhile
-            if _answers_ping(port):
-                self._process = process
-                return True
-            time.sleep(0.02)
-        process.kill()
-        process.wait(STOP_TIMEOUT_S)
-        raise RuntimeError(f"redis-server on port {port} did not answer PING within {START_TIMEOUT_S} s")
+        if not await_ready(process, partial(_answers_ping, port), START_TIMEOUT_S, 0.02,
+                           f"redis-server on port {port} did not answer PING"):
+            return False
+        self._process = process
+        return True
 
     def stop(self) -> None:
         """SIGTERM (Redis shuts down cleanly, saving nothing), SIGKILL if it lingers."""
