@@ -2,35 +2,54 @@
 
 What is measured
 ----------------
-:meth:`SqliteCore.write_round` driven the way the hub's StoreWriter drives it at one sender, in
-this process, without sockets or an event loop, for two shapes of the same work:
+:meth:`SqliteCore.write_round` driven the way the hub's StoreWriter drives it, in this process,
+without sockets or an event loop: each round inserts a group of ``--batch`` new messages with
+their results (the round's ``Answer``, as for the built-in ACK bot), on two index sets of the
+messages table:
 
-* ``two-write``: each round inserts a group of ``--batch`` new messages and records the results
-  (reply, status) of the previous group with an UPDATE by callback (the shape before the round's
-  ``Answer``: results deferred to the next round);
-* ``one-write``: each round inserts a group with its results, given by the round's ``Answer``
-  (the shape the intake uses for inline bots such as the built-in ACK bot).
+* ``v3``: schema v3's indexes (the retention pair ``messages_channel_age`` and the partial
+  ``messages_channel_body_age``), rebuilt on a fresh database for the comparison;
+* ``v4``: the current schema (one ``messages_retention`` index).
 
 Per shape: CPU per message (``time.process_time`` over the rounds, the commits included; WAL
-checkpoints are off, as on the hub's writer connection) and WAL bytes per message (the growth of
-``hub.sqlite3-wal``: pages written per message times the page size plus frame headers). The
-shapes run in alternating pairs (``--pairs``), each on a fresh database in a temporary directory,
-so drift on a shared machine hits both alike.
+checkpoints are off, as on the hub's writer connection), WAL bytes per message (the growth of
+``hub.sqlite3-wal``: pages written per message times the page size plus frame headers) and
+database bytes per message (after a checkpoint). The shapes run in alternating pairs
+(``--pairs``), each on a fresh database in a temporary directory, so drift on a shared machine
+hits both alike.
 
-Use: ``python benchmarks/hub_round.py [--batch 25] [--rounds 800] [--pairs 5] [--json]``.
+``--engine postgresql`` runs the same rounds through :class:`PostgresHubStore` against a
+PostgreSQL this script starts (initdb in a temporary directory, fsync on): CPU is this process's
+plus the server's processes' (from /proc), WAL bytes the ``pg_current_wal_lsn()`` advance, and
+database bytes ``pg_total_relation_size('messages')`` (table, TOAST and indexes).
+
+Use: ``python benchmarks/hub_round.py [--engine sqlite|postgresql] [--batch 1,25,250] [--messages 20000]
+[--pairs 5] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from medagent.hub.records import IncomingMessage, MessageResult, MessageStatus, StoredReply
+from medagent.hub.schema import PG_TYPES, SQLITE_TYPES, statements
 from medagent.hub.store.sqlite import SqliteCore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def v3_indexes(types: dict[str, str]) -> tuple[str, ...]:
+    """Schema v3's retention indexes (v2's two CREATE INDEX statements) in place of v4's one."""
+    return ("DROP INDEX messages_retention", *statements(1, types)[2:])
 
 BODY = ("MSH|^~\\&|ADT1|HOSP|MEDAGENT|CLOUD|20240101120000||ADT^A01^ADT_A01|{cid}|P|2.5.1\r"
         "EVN|A01|20240101120000\rPID|1||{cid}^^^HOSP^MR||DOE^JOHN^Q||19800102|M|||1 MAIN ST^^TOWN^ST^12345\r"
@@ -50,52 +69,121 @@ def group(round_no: int, batch: int) -> list[IncomingMessage]:
     ) for i in range(batch)]
 
 
-def run(shape: str, batch: int, rounds: int) -> tuple[float, float]:
-    """(CPU µs per message, WAL bytes per message) of ``rounds`` rounds of ``shape``."""
+def run(shape: str, batch: int, rounds: int) -> tuple[float, float, float]:
+    """(CPU µs, WAL bytes, database bytes) per message of ``rounds`` rounds on ``shape``'s indexes."""
     with tempfile.TemporaryDirectory(prefix="medagent-hub-round-") as tmp:
         core = SqliteCore(Path(tmp))
+        if shape == "v3":
+            for statement in v3_indexes(SQLITE_TYPES):
+                core._conn().execute(statement)
         core.disable_autocheckpoint()
         groups = [group(n, batch) for n in range(rounds)]
         wal = core.path.with_name(core.path.name + "-wal")
-        wal_before = wal.stat().st_size if wal.exists() else 0
-        previous: list[MessageResult] = []
+        core._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db_before = core.path.stat().st_size
         start = time.process_time()
         for messages in groups:
             results = [MessageResult(m.callback, MessageStatus.PROCESSED, REPLY, None, m.received_at) for m in messages]
-            if shape == "two-write":
-                core.write_round([messages], previous)
-                previous = results
-            else:
-                core.write_round([messages], (), [results.__getitem__])
-        if previous:
-            core.write_round((), previous)
+            core.write_round([messages], (), [results.__getitem__])
         cpu = time.process_time() - start
-        wal_bytes = wal.stat().st_size - wal_before
+        wal_bytes = wal.stat().st_size
+        core._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db_bytes = core.path.stat().st_size - db_before
         core.close()
     messages_total = batch * rounds
-    return cpu / messages_total * 1e6, wal_bytes / messages_total
+    return cpu / messages_total * 1e6, wal_bytes / messages_total, db_bytes / messages_total
+
+
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and every process below it."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)], times[int(entry)] = int(fields[1]), (int(fields[11]) + int(fields[12]))
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+async def _pg_rounds(url: str, server_pid: int, shape: str, batch: int, rounds: int) -> tuple[float, float, float]:
+    import psycopg
+
+    from medagent.hub.store.postgres import PostgresHubStore
+
+    store = await PostgresHubStore.open(url)
+    groups = [group(n, batch) for n in range(rounds)]
+    with psycopg.connect(url, autocommit=True) as conn:
+        if shape == "v3":
+            for statement in v3_indexes(PG_TYPES):
+                conn.execute(statement)
+        conn.execute("CHECKPOINT")
+        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+        start, server_start = time.process_time(), _tree_cpu_s(server_pid)
+        for messages in groups:
+            results = [MessageResult(m.callback, MessageStatus.PROCESSED, REPLY, None, m.received_at) for m in messages]
+            await store.write_round([messages], (), [results.__getitem__])
+        cpu = time.process_time() - start + _tree_cpu_s(server_pid) - server_start
+        wal_bytes, db_bytes = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s),"
+                                           " pg_total_relation_size('messages')", (lsn,)).fetchone()  # type: ignore[misc]
+    await store.close()
+    messages_total = batch * rounds
+    return cpu / messages_total * 1e6, float(wal_bytes) / messages_total, float(db_bytes) / messages_total
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=25, help="messages per round (the agent's frame)")
-    parser.add_argument("--rounds", type=int, default=800)
+    parser.add_argument("--engine", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--batch", default="1,25,250", help="messages per round, comma-separated")
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per run (rounds = messages / batch)")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    figures: dict[str, list[tuple[float, float]]] = {"two-write": [], "one-write": []}
-    for _ in range(args.pairs):
+    server = None
+    if args.engine == "postgresql":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from engines.postgres import PostgresServer
+
+        server = PostgresServer(fsync=True)
+        server.start()
+    try:
+        return _compare(args, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _compare(args: argparse.Namespace, server: Any) -> int:
+    report = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        rounds = max(1, args.messages // batch)
+        figures: dict[str, list[tuple[float, float, float]]] = {"v3": [], "v4": []}
+        for _ in range(args.pairs):
+            for shape, runs in figures.items():
+                if server is None:
+                    runs.append(run(shape, batch, rounds))
+                else:
+                    runs.append(asyncio.run(_pg_rounds(server.create_database(), server.pid, shape, batch, rounds)))
         for shape, runs in figures.items():
-            runs.append(run(shape, args.batch, args.rounds))
-    summary = {shape: {"cpu_us_per_msg": round(statistics.median(c for c, _ in runs), 1),
-                       "wal_bytes_per_msg": round(statistics.median(w for _, w in runs)),
-                       "cpu_runs": [round(c, 1) for c, _ in runs]} for shape, runs in figures.items()}
+            report.append({"engine": args.engine, "shape": shape, "batch": batch, "rounds": rounds,
+                           "cpu_us_per_msg": round(statistics.median(r[0] for r in runs), 1),
+                           "wal_bytes_per_msg": round(statistics.median(r[1] for r in runs)),
+                           "db_bytes_per_msg": round(statistics.median(r[2] for r in runs)),
+                           "cpu_runs": [round(r[0], 1) for r in runs]})
+            if not args.json:
+                s = report[-1]
+                print(f"{args.engine} {shape}  batch={batch:4}  CPU {s['cpu_us_per_msg']:6.1f} µs/msg  WAL {s['wal_bytes_per_msg']:6,} B/msg"
+                      f"  db {s['db_bytes_per_msg']:5,} B/msg  runs {s['cpu_runs']}", flush=True)
     if args.json:
-        print(json.dumps({"batch": args.batch, "rounds": args.rounds, **summary}, indent=2))
-    else:
-        for shape, s in summary.items():
-            print(f"{shape:9}  batch={args.batch:4}  CPU {s['cpu_us_per_msg']:6.1f} µs/msg"
-                  f"  WAL {s['wal_bytes_per_msg']:6,} B/msg  runs {s['cpu_runs']}")
+        print(json.dumps(report, indent=2))
     return 0
 
 

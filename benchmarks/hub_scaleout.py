@@ -37,14 +37,13 @@ from typing import Any
 
 import aiohttp
 import orjson
-from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(ROOT.parent / "tests")]
 
 from engines.postgres import PostgresServer
 from engines.redis_server import RedisServer
-from hub_store import ACK_BOT, TIMEOUT_S, _agent, _cpu_s
+from hub_store import ACK_BOT, TIMEOUT_S, _agent, _cpu_s, agent_socket
 
 _LISTENING = re.compile(rb"medagent hub listening on http://127\.0\.0\.1:(\d+)")
 
@@ -114,13 +113,7 @@ async def inbound(hubs: list[Hub], agents: list[list[str]], batch: int, warmup: 
 
 async def _answering_agent(port: int, creds: list[str], ready: asyncio.Event, stop: asyncio.Event) -> None:
     """A connected agent that answers every transmit request at once."""
-    agent_id, client_id, secret = creds
-    async with aiohttp.ClientSession() as http:
-        form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
-        async with http.post(f"http://127.0.0.1:{port}/oauth2/token", data=form) as response:
-            token = (await response.json())["access_token"]
-    async with connect(f"ws://127.0.0.1:{port}/ws/agent", max_size=None) as ws:
-        await ws.send(orjson.dumps({"type": "agent:connect:request", "accessToken": token, "agentId": agent_id}))
+    async with agent_socket(port, creds) as ws:
         while not stop.is_set():
             try:
                 frame = orjson.loads(await asyncio.wait_for(ws.recv(), 0.5))

@@ -35,13 +35,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 ADT = ("MSH|^~\\&|ADT1|HOSP|MEDAGENT|CLOUD|20240101120000||ADT^A01^ADT_A01|{cid}|P|2.5.1\r"
@@ -100,7 +102,10 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _agent(port: int, creds: list[str], batch: int, counter: list[int], stop: asyncio.Event, tag: str) -> None:
+@asynccontextmanager
+async def agent_socket(port: int, creds: list[str]) -> AsyncIterator[ClientConnection]:
+    """An agent's websocket to the hub at ``port``: token by client credentials, then
+    ``agent:connect:request`` sent (the caller reads the response)."""
     agent_id, client_id, secret = creds
     async with aiohttp.ClientSession() as http:
         form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
@@ -108,6 +113,12 @@ async def _agent(port: int, creds: list[str], batch: int, counter: list[int], st
             token = (await response.json())["access_token"]
     async with connect(f"ws://127.0.0.1:{port}/ws/agent", max_size=None) as ws:
         await ws.send(orjson.dumps({"type": "agent:connect:request", "accessToken": token, "agentId": agent_id}))
+        yield ws
+
+
+async def _agent(port: int, creds: list[str], batch: int, counter: list[int], stop: asyncio.Event, tag: str) -> None:
+    agent_id = creds[0]
+    async with agent_socket(port, creds) as ws:
         while orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT_S)).get("type") != "agent:connect:response":
             pass
         seq = 0

@@ -22,11 +22,9 @@ from medagent.hub.records import (
     MessageStatus,
     StoredReply,
 )
-from medagent.hub.schema import MIGRATIONS as SQLITE_MIGRATIONS
-from medagent.hub.schema import SCHEMA_VERSION, SchemaError
+from medagent.hub.schema import MIGRATIONS, SCHEMA_VERSION, SchemaError, migrate
 from medagent.hub.store import DB_FILE, StoreUnavailable, open_store
 from medagent.hub.store.common import TABLES
-from medagent.hub.store.pg_schema import MIGRATIONS as PG_MIGRATIONS
 from medagent.hub.store.postgres import PostgresHubStore
 from medagent.hub.store.sqlite import SqliteCore
 
@@ -42,10 +40,7 @@ def message(i: int, body: str = "MSH|^~\\&|A|B\rPID|1||X", agent: str = "agent-1
 
 def test_sqlite_upgrade_from_the_previous_version_keeps_rows(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / DB_FILE, isolation_level=None)
-    for statement in SQLITE_MIGRATIONS[0].split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    conn.execute("PRAGMA user_version = 1")
+    migrate(conn, 1)
     conn.execute("INSERT INTO agents (id, name, client_id, secret_hash, created_at, updated_at)"
                  " VALUES ('a1', 'lab', 'c1', 'h', 1, 1)")
     conn.close()
@@ -59,7 +54,7 @@ def test_sqlite_upgrade_from_the_previous_version_keeps_rows(tmp_path: Path) -> 
 
 async def test_postgres_fresh_schema_and_upgrade_from_the_previous_version(
         postgres_server: PostgresServer, postgres_url: str) -> None:
-    assert len(PG_MIGRATIONS) == SCHEMA_VERSION  # both engines move in step
+    assert len(MIGRATIONS) == SCHEMA_VERSION  # one list of migrations for both engines
     old = await PostgresHubStore.open(postgres_url, migrate_to=SCHEMA_VERSION - 1)
     try:
         await old.add_agent("lab")
@@ -74,7 +69,7 @@ async def test_postgres_fresh_schema_and_upgrade_from_the_previous_version(
         assert postgres_server.sql("SELECT version FROM medagent_schema_version", database) == [(SCHEMA_VERSION,)]
         indexes = {r[0] for r in postgres_server.sql("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'",
                                                        database)}
-        assert {"messages_channel_age", "messages_channel_body_age"} <= indexes
+        assert "messages_retention" in indexes and "messages_channel_age" not in indexes
     finally:
         await store.close()
     again = await PostgresHubStore.open(postgres_url)  # a second process: nothing to do, nothing lost

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from medagent.hub.dashboard.readconn import ReadConnection, open_read_connection
 from medagent.hub.dashboard.window import RecentWindow
 from medagent.hub.records import MessageStatus
+from medagent.hub.store.common import add_filters
 
 __all__ = ["INDEXES", "PAGE", "AgentCounts", "ChannelMinute", "DicomSeries", "HubReader", "MessageFilter", "MessageRow"]
 
@@ -231,23 +232,11 @@ class HubReader:
         """A page of messages newest first, and the ``before`` id of the next page (or ``None``)."""
         where: list[str] = ["id < ?"]
         params: list[Any] = [f.before_id if f.before_id is not None else 2**62]
-        for column, value in (("agent_id", f.agent_id), ("channel", f.channel), ("control_id", f.control_id)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
+        add_filters(where, params, agent_id=f.agent_id, channel=f.channel, control_id=f.control_id,
+                    message_type=f.message_type, since=f.since_ms, until=f.until_ms)
         if f.status is not None:
             # A literal, not a parameter: only then can SQLite use the partial index of failures.
             where.append(f"status = '{MessageStatus(f.status).value}'")
-        if f.message_type is not None:
-            escaped = f.message_type.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            where.append("(message_type = ? OR message_type LIKE ? ESCAPE '\\')")
-            params += [f.message_type, escaped + "^%"]
-        if f.since_ms is not None:
-            where.append("received_at >= ?")
-            params.append(f.since_ms)
-        if f.until_ms is not None:
-            where.append("received_at < ?")
-            params.append(f.until_ms)
         rows = self.conn.execute(
             f"SELECT {_ROW_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
             (*params, limit + 1),

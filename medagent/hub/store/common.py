@@ -122,6 +122,35 @@ RECORD_RESULT = (
     " error = ?, processed_at = ? WHERE callback = ?"
 )
 COUNT_RESEND = "UPDATE messages SET duplicate = duplicate + 1 WHERE callback = ?"
+#: retention's steps (schema v4's messages_retention index, keyed (channel, purged, received_at)):
+#: each reads only the rows it changes. A purge seeks the channel's unpurged rows older than the
+#: cutoff; a delete takes the purged ones first, then the unpurged (UNION ALL with a LIMIT stops
+#: before the second half when the first gave enough).
+_RETENTION_IDS = ("SELECT id FROM messages WHERE channel = ? AND (body_purged_at IS NOT NULL) = {purged}"
+                  " AND received_at < ? ORDER BY received_at LIMIT ?")
+PURGE_BODIES = ("UPDATE messages SET body = '', reply_body = NULL, body_purged_at = ? WHERE id IN ("
+                + _RETENTION_IDS.format(purged="FALSE") + ")")
+DELETE_EXPIRED = (
+    "DELETE FROM messages WHERE id IN (SELECT id FROM (" + _RETENTION_IDS.format(purged="TRUE") + ") AS p"
+    " UNION ALL SELECT id FROM (" + _RETENTION_IDS.format(purged="FALSE") + ") AS u LIMIT ?)"
+)
+DELETE_OLDEST = "DELETE FROM messages WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT ?)"
+#: every channel name with stored messages: a recursive skip-scan of the retention index
+MESSAGE_CHANNELS = (
+    "WITH RECURSIVE c(name) AS (SELECT min(channel) FROM messages UNION ALL"
+    " SELECT (SELECT min(channel) FROM messages WHERE channel > c.name) FROM c WHERE c.name IS NOT NULL)"
+    " SELECT name FROM c WHERE name IS NOT NULL"
+)
+
+
+def purge_params(channel: str, received_before: int, limit: int) -> tuple[Any, ...]:
+    return (now_ms(), channel, received_before, limit)
+
+
+def delete_params(channel: str, received_before: int, limit: int) -> tuple[Any, ...]:
+    return (channel, received_before, limit, channel, received_before, limit, limit)
+
+
 RESOURCE_SELECT = "SELECT resource_type, id, identifier, resource, updated_at FROM resources"
 #: tables in dependency order (migrate-store copies them in this order)
 TABLES = ("agents", "bots", "channels", "messages", "resources")
@@ -217,25 +246,34 @@ def plan_group(
 
 
 def message_filters(q: MessageQuery) -> tuple[list[str], list[Any]]:
-    where, params = ["id > ?"], [q.after_id]
-    for column, value in (("agent_id", q.agent_id), ("channel", q.channel), ("control_id", q.control_id)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if q.message_type is not None:
-        where.append("(message_type = ? OR message_type LIKE ? ESCAPE '\\')")
-        escaped = q.message_type.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        params += [q.message_type, escaped + "^%"]
-    if q.since is not None:
-        where.append("received_at >= ?")
-        params.append(q.since)
-    if q.until is not None:
-        where.append("received_at < ?")
-        params.append(q.until)
+    where: list[str] = ["id > ?"]
+    params: list[Any] = [q.after_id]
+    add_filters(where, params, agent_id=q.agent_id, channel=q.channel, control_id=q.control_id,
+                message_type=q.message_type, since=q.since, until=q.until)
     if q.status is not None:
         where.append("status = ?")
         params.append(MessageStatus(q.status).value)
     return where, params
+
+
+def add_filters(where: list[str], params: list[Any], *, agent_id: str | None, channel: str | None,
+                control_id: str | None, message_type: str | None, since: int | None, until: int | None) -> None:
+    """Append the message search conditions both the messages API and the dashboard accept (a
+    message type matches exactly or as the prefix before ``^``; ``since`` inclusive, ``until`` not)."""
+    for column, value in (("agent_id", agent_id), ("channel", channel), ("control_id", control_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if message_type is not None:
+        where.append("(message_type = ? OR message_type LIKE ? ESCAPE '\\')")
+        escaped = message_type.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        params += [message_type, escaped + "^%"]
+    if since is not None:
+        where.append("received_at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("received_at < ?")
+        params.append(until)
 
 
 #: columns of each table as migrate-store copies them, and the key it pages by

@@ -62,9 +62,13 @@ from medagent.hub.store.common import (
     CHANNEL_BOT_SELECT,
     CHANNEL_SELECT,
     DEFAULT_BOT,
+    DELETE_EXPIRED,
+    DELETE_OLDEST,
     INSERT_WIDTH,
     MAX_PAGE,
+    MESSAGE_CHANNELS,
     MESSAGE_COLUMNS,
+    PURGE_BODIES,
     RESOURCE_SELECT,
     TABLE_COLUMNS,
     InvalidValue,
@@ -76,12 +80,14 @@ from medagent.hub.store.common import (
     check_address,
     check_bot_spec,
     check_query_range,
+    delete_params,
     export_sql,
     import_sql,
     message_filters,
     message_row,
     now_ms,
     plan_group,
+    purge_params,
     resource_row,
     result_params,
     row_key,
@@ -409,26 +415,16 @@ class PostgresHubStore(HubStore):
 
     async def message_channels(self) -> list[str]:
         """Every channel name with stored messages (a recursive index skip-scan, as on SQLite)."""
-        rows = await self._all(
-            "WITH RECURSIVE c(name) AS (SELECT min(channel) FROM messages UNION ALL"
-            " SELECT (SELECT min(channel) FROM messages WHERE channel > c.name) FROM c WHERE c.name IS NOT NULL)"
-            " SELECT name FROM c WHERE name IS NOT NULL")
-        return [r[0] for r in rows]
+        return [r[0] for r in await self._all(MESSAGE_CHANNELS)]
 
     async def purge_bodies(self, channel: str, received_before: int, limit: int) -> int:
-        return await self._rowcount(
-            "UPDATE messages SET body = '', reply_body = NULL, body_purged_at = ? WHERE id IN"
-            " (SELECT id FROM messages WHERE channel = ? AND received_at < ? AND body_purged_at IS NULL"
-            " ORDER BY received_at LIMIT ?)", (now_ms(), channel, received_before, limit))
+        return await self._rowcount(PURGE_BODIES, purge_params(channel, received_before, limit))
 
     async def delete_messages(self, channel: str, received_before: int, limit: int) -> int:
-        return await self._rowcount(
-            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE channel = ? AND received_at < ?"
-            " ORDER BY received_at LIMIT ?)", (channel, received_before, limit))
+        return await self._rowcount(DELETE_EXPIRED, delete_params(channel, received_before, limit))
 
     async def delete_oldest_messages(self, limit: int) -> int:
-        return await self._rowcount("DELETE FROM messages WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT ?)",
-                                    (limit,))
+        return await self._rowcount(DELETE_OLDEST, (limit,))
 
     async def live_bytes(self) -> int:
         """Bytes the live rows of messages and resources take. Table files shrink only on VACUUM

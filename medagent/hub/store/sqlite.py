@@ -67,10 +67,14 @@ from medagent.hub.store.common import (
     COUNT_RESEND,
     DB_FILE,
     DEFAULT_BOT,
+    DELETE_EXPIRED,
+    DELETE_OLDEST,
     INSERT_MESSAGE,
     LOOKUP_CHUNK,
     MAX_PAGE,
+    MESSAGE_CHANNELS,
     MESSAGE_COLUMNS,
+    PURGE_BODIES,
     RECORD_RESULT,
     RESOURCE_SELECT,
     TABLE_COLUMNS,
@@ -82,12 +86,14 @@ from medagent.hub.store.common import (
     check_address,
     check_bot_spec,
     check_query_range,
+    delete_params,
     export_sql,
     import_sql,
     message_filters,
     message_row,
     now_ms,
     plan_group,
+    purge_params,
     resource_row,
     result_params,
     row_key,
@@ -388,40 +394,19 @@ class SqliteCore:
 
     def message_channels(self) -> list[str]:
         """Every channel name that has stored messages (an index skip-scan: one seek per name)."""
-        rows = self._conn().execute(
-            "WITH RECURSIVE c(name) AS (SELECT min(channel) FROM messages UNION ALL"
-            " SELECT (SELECT min(channel) FROM messages WHERE channel > c.name) FROM c WHERE c.name IS NOT NULL)"
-            " SELECT name FROM c WHERE name IS NOT NULL"
-        ).fetchall()
-        return [r[0] for r in rows]
+        return [r[0] for r in self._conn().execute(MESSAGE_CHANNELS).fetchall()]
 
     def purge_bodies(self, channel: str, received_before: int, limit: int) -> int:
         with self._write() as conn:
-            ids = [r[0] for r in conn.execute(
-                "SELECT id FROM messages INDEXED BY messages_channel_body_age WHERE channel = ?"
-                " AND received_at < ? AND body_purged_at IS NULL ORDER BY received_at LIMIT ?",
-                (channel, received_before, limit),
-            )]
-            stamp = now_ms()
-            conn.executemany(
-                "UPDATE messages SET body = '', reply_body = NULL, body_purged_at = ? WHERE id = ?",
-                [(stamp, i) for i in ids],
-            )
-            return len(ids)
+            return conn.execute(PURGE_BODIES, purge_params(channel, received_before, limit)).rowcount
 
     def delete_messages(self, channel: str, received_before: int, limit: int) -> int:
         with self._write() as conn:
-            return conn.execute(
-                "DELETE FROM messages WHERE id IN (SELECT id FROM messages INDEXED BY messages_channel_age"
-                " WHERE channel = ? AND received_at < ? ORDER BY received_at LIMIT ?)",
-                (channel, received_before, limit),
-            ).rowcount
+            return conn.execute(DELETE_EXPIRED, delete_params(channel, received_before, limit)).rowcount
 
     def delete_oldest_messages(self, limit: int) -> int:
         with self._write() as conn:
-            return conn.execute(
-                "DELETE FROM messages WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT ?)", (limit,)
-            ).rowcount
+            return conn.execute(DELETE_OLDEST, (limit,)).rowcount
 
     def live_bytes(self) -> int:
         """Bytes of hub.sqlite3 holding data (its size less the free pages SQLite will reuse)."""
