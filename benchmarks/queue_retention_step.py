@@ -3,15 +3,20 @@
 The agent (durability "normal") runs queue writes and retention steps inline on its event loop,
 between intake commits: the longest step is the longest intake stall retention can cause. This
 script fills a real queue database (tmp dir) with N CONFIRMED rows of the 625-byte ADT^A01,
-sets the size cap below the live data, and times every step of one full retention pass:
+sets the size cap below the live data, and times every step of one full retention pass, with
+the WAL checkpointed by a `WalCheckpointer` thread as in the agent (no checkpoint inside a commit):
 
 * ``sweep(max_rows=2000)``: the pre-issue-19 step (each step restarts the age walks at id 0
   and counts spool usage with a table scan);
 * ``sweep_slice(chunk_rows=500, scan_rows=20000)``: the incremental pass (bounded id windows,
-  spool usage once per pass).
+  spool usage once per pass; since the step budget, one age walk per pass and every step stops
+  after ``QueueStore.step_budget_s`` of work).
+
+Run it against a frozen copy of an older tree with ``PYTHONPATH=<copy> python -P
+benchmarks/queue_retention_step.py`` to compare designs in one sitting.
 
 Usage: python benchmarks/queue_retention_step.py [--rows 300000] [--cap-fraction 0.8]
-Prints rows, steps, total seconds and the longest step for each variant (plus the end-of-pass
+Prints rows, steps, total seconds, the median, 99th percentile and longest step for each variant (plus the end-of-pass
 stats() scan the maintenance task does once per pass).
 """
 
@@ -25,6 +30,7 @@ from pathlib import Path
 from medagent.bench.loadgen import SAMPLE_ADT_A01
 from medagent.queue.records import DuplicatePolicy, InboundRecord
 from medagent.queue.store import QueueStore
+from medagent.storage.checkpoint import WalCheckpointer
 
 CHUNK, SCAN, MAX_STEPS = 2000, 20_000, 1_000_000
 NEW_CHUNK = 500  # the incremental pass deletes 500 rows per step (durable._SWEEP_CHUNK_ROWS)
@@ -43,17 +49,17 @@ def fill(store: QueueStore, rows: int) -> None:
         done += n
 
 
-def timed_pass(step) -> tuple[int, int, float, float]:
-    steps = deleted = 0
-    longest = total = 0.0
+def timed_pass(step) -> tuple[int, list[float]]:
+    """Rows deleted and the duration of every step of one pass."""
+    deleted, spent = 0, []
     for _ in range(MAX_STEPS):
         t0 = time.perf_counter()
         count, finished = step()
-        spent = time.perf_counter() - t0
-        steps, deleted, total, longest = steps + 1, deleted + count, total + spent, max(longest, spent)
+        spent.append(time.perf_counter() - t0)
+        deleted += count
         if finished:
             break
-    return steps, deleted, total, longest
+    return deleted, spent
 
 
 def measure(rows: int, cap_fraction: float, variant: str) -> None:
@@ -69,14 +75,23 @@ def measure(rows: int, cap_fraction: float, variant: str) -> None:
             else:
                 def step():
                     return store.sweep_slice(7, cap_mb, 90, chunk_rows=NEW_CHUNK, scan_rows=SCAN)
-            steps, deleted, total, longest = timed_pass(step)
+            store.disable_autocheckpoint()
+            checkpointer = WalCheckpointer(store.path)
+            checkpointer.start()
+            try:
+                deleted, spent = timed_pass(step)
+            finally:
+                checkpointer.stop()
             t0 = time.perf_counter()
             store.stats()
             stats_s = time.perf_counter() - t0
         finally:
             store.close()
-    print(f"{variant:12s} rows {rows:>9,}  deleted {deleted:>8,}  steps {steps:>5}  pass {total * 1e3:>9.1f} ms  "
-          f"longest step {longest * 1e3:>8.1f} ms  stats() {stats_s * 1e3:>7.1f} ms", flush=True)
+    ordered = sorted(spent)
+    p50, p99 = (ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.99))
+    print(f"{variant:12s} rows {rows:>9,}  deleted {deleted:>8,}  steps {len(spent):>5}  pass {sum(spent) * 1e3:>9.1f} ms  "
+          f"step p50 {p50 * 1e3:>6.1f} p99 {p99 * 1e3:>6.1f} max {ordered[-1] * 1e3:>7.1f} ms  "
+          f"stats() {stats_s * 1e3:>7.1f} ms", flush=True)
 
 
 def main() -> None:

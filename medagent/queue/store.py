@@ -60,7 +60,10 @@ DurableQueue's writer thread, or an admin command); it does not lock anything it
   then the oldest CONFIRMED rows while the live data (database pages plus spool files)
   exceeds `retention_max_mb`, and FAILED rows
   older than `failed_retention_days`. It never deletes RECEIVED or SENT rows. Deletion goes in
-  chunks of short transactions so the writer is never held for long.
+  chunks of short transactions so the writer is never held for long. The incremental pass
+  (`sweep_slice`) applies the same rules in steps of at most `_STEP_BUDGET_S` of work: one walk
+  over the ids for both age rules (the table is read once per pass, not twice), then the size
+  trim in chunks sized from the measured cost of the previous ones.
 
 Error contract: `insert_batch` never raises for storage errors (disk full, read-only, locked,
 I/O): it rolls back and returns a `CommitResult` with `error` for every record. The other write
@@ -120,6 +123,19 @@ _SYNCHRONOUS: dict[str, str] = {"normal": "NORMAL", "fsync": "FULL"}
 _MIB = 1024 * 1024
 _DAY_S = 86400.0
 _T = TypeVar("_T")
+
+#: How long one step of an incremental retention pass (`sweep_slice`) may work before it returns
+#: (it may overrun by one sub-window or one delete chunk). The agent runs steps inline on its
+#: event loop between intake commits, so this bounds the intake stall a step causes (issue 19:
+#: a 20,000-id age window took 40-85 ms of loop time under load, 12-19 ms of it CPU, twice per
+#: pass over the whole table).
+_STEP_BUDGET_S = 0.010
+#: Ids one read of the age walk covers: the rows hold their bodies inline, so 2,000 ids read
+#: ~1.4 MB of pages (~3-6 ms), and the budget is checked between reads.
+_AGE_SUBWINDOW_IDS = 2000
+#: First guess of one trimmed row's cost before a pass measured it, and the floor of a chunk.
+_TRIM_ROW_COST_S = 50e-6
+_TRIM_MIN_ROWS = 16
 
 
 class QueueError(Exception):
@@ -428,6 +444,8 @@ class QueueStore:
         self._pass_phase = 0
         self._pass_cursor = 0
         self._pass_spool_bytes: int | None = None
+        self.step_budget_s = _STEP_BUDGET_S
+        self._trim_row_cost_s = _TRIM_ROW_COST_S  # seconds per trimmed row, from the last chunk
 
     # ----------------------------------------------------------------- opening and schema
 
@@ -923,59 +941,72 @@ class QueueStore:
         scan_rows: int = 20_000,
     ) -> tuple[int, bool]:
         """One bounded step of an incremental retention pass: the same rules as `sweep`, but a
-        step deletes at most `chunk_rows` rows and an age phase examines at most `scan_rows` ids,
-        so a step costs about the same however large the table is (the agent runs steps between
-        intake commits on its event loop; a full table walk there stalls every sender).
+        step deletes at most `chunk_rows` rows, examines at most `scan_rows` ids, and stops once
+        it worked `step_budget_s` (the agent runs steps between intake commits on its event
+        loop: a step is an intake stall, and its cost must not grow with the table).
         Returns (rows deleted, whether the pass is complete). The position is kept between calls
-        (in this object): phase 0 walks CONFIRMED rows by age, phase 1 trims to size (spool usage
-        counted once per pass), phase 2 walks FAILED rows by age."""
+        (in this object): phase 0 walks the ids once for both age rules (old CONFIRMED, old
+        FAILED), phase 1 trims to size (spool usage counted once per pass)."""
         now = time.time()
+        deadline = time.perf_counter() + self.step_budget_s
+        cutoffs = {RowState.CONFIRMED: now - retention_days * _DAY_S,
+                   RowState.FAILED: now - failed_retention_days * _DAY_S}
         finished = False
         with _reading(self.path):
             if self._pass_phase == 0:
-                deleted, ended = self._age_window(RowState.CONFIRMED, now - retention_days * _DAY_S,
-                                                  chunk_rows, scan_rows)
+                deleted, ended = self._age_walk(cutoffs, chunk_rows, scan_rows, deadline)
                 if ended:
                     self._pass_phase, self._pass_cursor, self._pass_spool_bytes = 1, 0, None
-            elif self._pass_phase == 1:
-                deleted = self._trim_slice(retention_max_mb * _MIB, chunk_rows)
-                if deleted < chunk_rows:
-                    self._pass_phase, self._pass_cursor = 2, 0
             else:
-                deleted, ended = self._age_window(RowState.FAILED, now - failed_retention_days * _DAY_S,
-                                                  chunk_rows, scan_rows)
-                if ended:
+                deleted = self._trim_slice(retention_max_mb * _MIB, chunk_rows)
+                if deleted == 0:
                     self._pass_phase, self._pass_cursor, finished = 0, 0, True
         return deleted, finished
 
-    def _age_window(self, state: RowState, updated_before: float, chunk_rows: int, scan_rows: int
-                    ) -> tuple[int, bool]:
-        """Delete `state` rows older than `updated_before` among the next `scan_rows` ids after
-        the pass cursor (at most `chunk_rows`); (deleted, whether the walk reached the end)."""
+    def _age_walk(self, cutoffs: dict[RowState, float], chunk_rows: int, scan_rows: int, deadline: float
+                  ) -> tuple[int, bool]:
+        """Delete rows of the states in `cutoffs` settled before their cutoff, reading the ids
+        after the pass cursor in sub-windows until `scan_rows` ids were read, `chunk_rows` rows
+        deleted or `deadline` (perf_counter) passed; (deleted, whether the walk reached the end)."""
         if self._pass_cursor == 0:  # start at the oldest row: ids are never reused, the table may start late
             first = self._conn.execute("SELECT min(id) FROM messages").fetchone()[0]
             self._pass_cursor = 0 if first is None else first - 1
-        low = self._pass_cursor
-        high = low + scan_rows
-        ids = [r[0] for r in self._conn.execute(
-            f"SELECT id FROM messages WHERE id > ? AND id <= ? AND state = {int(state)} AND updated_at < ?"
-            " ORDER BY id LIMIT ?", (low, high, updated_before, chunk_rows))]
-        deleted = self._delete_ids(ids, state) if ids else 0
-        if len(ids) == chunk_rows:  # more may wait in this window: continue after the last one
-            self._pass_cursor = ids[-1]
-            return deleted, False
-        self._pass_cursor = high
-        last = self._conn.execute("SELECT max(id) FROM messages").fetchone()[0]  # rowid b-tree: O(log n)
-        return deleted, last is None or high >= last
+        states = sorted(cutoffs)
+        match = " OR ".join(f"(state = {int(state)} AND updated_at < ?)" for state in states)
+        select = f"SELECT id, state FROM messages WHERE id > ? AND id <= ? AND ({match}) ORDER BY id LIMIT ?"
+        scanned = deleted = 0
+        while True:
+            low = self._pass_cursor
+            high = low + max(1, min(_AGE_SUBWINDOW_IDS, scan_rows - scanned))
+            limit = chunk_rows - deleted
+            rows = self._conn.execute(select, (low, high, *(cutoffs[s] for s in states), limit)).fetchall()
+            for state in states:
+                ids = [row_id for row_id, row_state in rows if row_state == state]
+                if ids:
+                    deleted += self._delete_ids(ids, state)
+            if len(rows) == limit:  # more may wait in this sub-window: continue after the last one
+                self._pass_cursor = rows[-1][0]
+                return deleted, False
+            self._pass_cursor, scanned = high, scanned + high - low
+            last = self._conn.execute("SELECT max(id) FROM messages").fetchone()[0]  # rowid b-tree: O(log n)
+            if last is None or high >= last:
+                return deleted, True
+            if scanned >= scan_rows or time.perf_counter() >= deadline:
+                return deleted, False
 
     def _trim_slice(self, max_bytes: float, chunk_rows: int) -> int:
-        """One chunk of `_trim_to_size`, with the spool usage scanned once per pass."""
+        """One chunk of `_trim_to_size`, with the spool usage scanned once per pass and the
+        chunk sized so it takes about `step_budget_s` at the cost per row the last one took."""
         if self._pass_spool_bytes is None:  # a table scan, unless no file payload exists at all
             self._pass_spool_bytes = 0 if self._spool_is_empty() else self.spool_usage()[1]
         if self.used_bytes() + self._pass_spool_bytes <= max_bytes:
             return 0
-        deleted, freed, self._pass_cursor = self._trim_chunk(max_bytes, chunk_rows, self._pass_spool_bytes,
-                                                             self._pass_cursor)
+        rows = max(_TRIM_MIN_ROWS, int(self.step_budget_s / self._trim_row_cost_s))
+        started = time.perf_counter()
+        deleted, freed, self._pass_cursor = self._trim_chunk(max_bytes, min(chunk_rows, rows),
+                                                             self._pass_spool_bytes, self._pass_cursor)
+        if deleted:
+            self._trim_row_cost_s = max(1e-6, (time.perf_counter() - started) / deleted)
         self._pass_spool_bytes -= freed
         return deleted
 

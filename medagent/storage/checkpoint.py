@@ -24,6 +24,17 @@ database (4-70 ms measured under load, waiting at most `_RESTART_WAIT_MS` for th
 old readers), and the next commit starts the WAL over from its first frame. The file keeps its
 size (bounded by that threshold; appends then need no new blocks); TRUNCATE stays the backstop.
 
+A RESTART (like TRUNCATE) syncs the WAL and then the database file, and it holds the writer out
+until both returned. On a busy ext4 disk an fsync waits for a journal commit, which writes back
+what was written since the last one (here: the frames committed while the PASSIVE ran, and other
+processes' new blocks). Measured 2026-11-30 on the shared 2-core box, a writer committing without
+pause: every commit over 100 ms overlapped a RESTART (120-320 ms) or a TRUNCATE (250-620 ms). So
+before a RESTART or TRUNCATE this thread fsyncs the WAL and the database file itself, holding no
+lock: the writer goes on committing, and the checkpoint's own syncs then wait only for what was
+written in between (6 alternating 15 s pairs: 38 commits over 100 ms instead of 59, p999 lower
+in 4 of 6; the longest one is unchanged when other processes' writes fill the journal). An extra
+fsync is always safe: it makes durable what SQLite wrote, it never changes it.
+
 Used by the agent's queue and by the hub's store (this module is neutral: no queue or hub
 imports).
 
@@ -35,6 +46,7 @@ are counted and logged at the 1st, 10th, 100th and every 1000th occurrence, neve
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -43,6 +55,8 @@ __all__ = ["WalCheckpointer"]
 
 log = logging.getLogger("medagent.storage.checkpoint")
 
+#: This process's open descriptors (Linux), to fsync files through SQLite's own descriptors.
+_OWN_FDS = "/proc/self/fd"
 #: Each WAL frame is a page plus this header (SQLite's file format).
 _FRAME_HEADER_BYTES = 24
 #: How long a RESTART checkpoint waits for the writer and for readers of old frames (it holds
@@ -63,6 +77,7 @@ class WalCheckpointer:
         self.checkpoints = 0
         self.truncations = 0
         self.errors = 0
+        self.syncs = 0  # rounds that fsynced the WAL and database, lock-free, before a RESTART or TRUNCATE
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by stop() and request_truncate(): no waiting out the interval
         self._truncate_requested = threading.Event()
@@ -111,6 +126,9 @@ class WalCheckpointer:
                 # frames[1]: frames written since the WAL last started over
                 wal_bytes = (frames[1] if frames is not None else 0) * frame_bytes
                 restart = wal_bytes > self.restart_above_bytes and not self._truncate_requested.is_set()
+                heavy = restart or wal_bytes > self.truncate_above_bytes or self._truncate_requested.is_set()
+                if heavy:
+                    self._sync_files()
                 if restart and self._restart(conn):
                     self.restarts += 1
                     continue
@@ -121,6 +139,34 @@ class WalCheckpointer:
                         self.truncations += 1
         finally:
             conn.close()
+
+    def _sync_files(self) -> None:
+        """fsync the WAL and the database file without holding any SQLite lock (module
+        docstring: the RESTART or TRUNCATE that follows then holds the writer out only for what
+        was written since), through the descriptors SQLite already holds in this process.
+        Why not a descriptor of our own: closing any descriptor of a file drops every POSIX lock
+        this process holds on it (SQLite's documented caveat; tried: another process then read
+        the queue as "database disk image is malformed"). fsync changes no lock; a descriptor
+        closed and reused meanwhile only means one harmless fsync of another file."""
+        wanted = set()
+        for path in (self.path, Path(f"{self.path}-wal")):
+            try:
+                wanted.add(path.resolve(strict=True))
+            except OSError:
+                pass
+        try:
+            descriptors = os.listdir(_OWN_FDS)
+        except OSError:  # no /proc: the checkpoint's own syncs do all the work
+            return
+        for name in descriptors:
+            try:
+                target = Path(os.readlink(f"{_OWN_FDS}/{name}"))
+                if target in wanted:  # each file once (the writer and this thread both hold one)
+                    os.fsync(int(name))
+                    wanted.discard(target)
+            except (OSError, ValueError):
+                continue  # closed meanwhile, or not a file: nothing to sync
+        self.syncs += 1
 
     def _restart(self, conn: sqlite3.Connection) -> bool:
         """A RESTART checkpoint that waits at most _RESTART_WAIT_MS (it holds the writer out while

@@ -22,6 +22,9 @@ def incoming(agent_id: str, callback: str) -> IncomingMessage:
                            content_type="x-application/hl7-v2+er7", body="MSH|^~\\&|A", received_at=1_000)
 
 
+REPLY = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
+
+
 async def test_writes_of_one_iteration_share_one_transaction(store: HubStore) -> None:
     agent = (await store.add_agent("lab")).agent_id
     writer = StoreWriter(store)
@@ -29,16 +32,15 @@ async def test_writes_of_one_iteration_share_one_transaction(store: HubStore) ->
     try:
         [first] = await writer.store_incoming([incoming(agent, "cb-1")])
         assert first.kind is IntakeKind.NEW and writer.rounds == 1
-        reply = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
         # a reply for cb-1, a resend of cb-1 and a new message, all requested in one iteration
         recorded, resend, new = await asyncio.gather(
-            writer.record_results([MessageResult("cb-1", MessageStatus.PROCESSED, reply, None, 2_000)]),
+            writer.record_results([MessageResult("cb-1", MessageStatus.PROCESSED, REPLY, None, 2_000)]),
             writer.store_incoming([incoming(agent, "cb-1")]),
             writer.store_incoming([incoming(agent, "cb-2")]),
         )
         assert writer.rounds == 2  # one commit for the three calls
         assert recorded is None
-        assert resend[0].kind is IntakeKind.DUPLICATE and resend[0].reply == reply  # reply written first
+        assert resend[0].kind is IntakeKind.DUPLICATE and resend[0].reply == REPLY  # reply written first
         assert new[0].kind is IntakeKind.NEW
         assert (await store.get_message("cb-2")).status is MessageStatus.RECEIVED
     finally:
@@ -131,32 +133,32 @@ async def _fifty_connections(store: HubStore) -> None:
         await writer.close()
 
 
-async def test_deferred_results_ride_the_next_inbound_round(store: HubStore) -> None:
+async def _writer_with_deferred_result(store: HubStore) -> tuple[StoreWriter, int, list[BaseException | None]]:
+    """A started writer that stored message cb-1 (one round) and holds its PROCESSED result,
+    deferred; (writer, agent id, what the result's callback was told so far)."""
     agent = (await store.add_agent("lab")).agent_id
     writer = StoreWriter(store)
     await writer.start()
     told: list[BaseException | None] = []
+    await writer.store_incoming([incoming(agent, "cb-1")])
+    writer.defer_results([MessageResult("cb-1", MessageStatus.PROCESSED, REPLY, None, 2_000)], told.append)
+    return writer, agent, told
+
+
+async def test_deferred_results_ride_the_next_inbound_round(store: HubStore) -> None:
+    writer, agent, told = await _writer_with_deferred_result(store)
     try:
-        await writer.store_incoming([incoming(agent, "cb-1")])
-        reply = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
-        writer.defer_results([MessageResult("cb-1", MessageStatus.PROCESSED, reply, None, 2_000)], told.append)
         assert told == [] and writer.rounds == 1  # no round of their own yet
         [resend] = await writer.store_incoming([incoming(agent, "cb-1")])
         assert told == [None] and writer.rounds == 2  # one commit for the inbound message and the result
-        assert resend.reply == reply
+        assert resend.reply == REPLY
     finally:
         await writer.close()
 
 
 async def test_deferred_results_alone_commit_after_the_linger(store: HubStore) -> None:
-    agent = (await store.add_agent("lab")).agent_id
-    writer = StoreWriter(store)
-    await writer.start()
-    told: list[BaseException | None] = []
+    writer, _agent, told = await _writer_with_deferred_result(store)
     try:
-        await writer.store_incoming([incoming(agent, "cb-1")])
-        reply = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
-        writer.defer_results([MessageResult("cb-1", MessageStatus.PROCESSED, reply, None, 2_000)], told.append)
         await wait_for(lambda: told == [None])
         assert (await store.get_message("cb-1")).status is MessageStatus.PROCESSED
     finally:
@@ -164,13 +166,7 @@ async def test_deferred_results_alone_commit_after_the_linger(store: HubStore) -
 
 
 async def test_close_writes_deferred_results_and_a_failed_round_tells_them(store: HubStore) -> None:
-    agent = (await store.add_agent("lab")).agent_id
-    writer = StoreWriter(store)
-    await writer.start()
-    told: list[BaseException | None] = []
-    await writer.store_incoming([incoming(agent, "cb-1")])
-    reply = StoredReply("MSH|...|ACK", "x-application/hl7-v2+er7", 200)
-    writer.defer_results([MessageResult("cb-1", MessageStatus.PROCESSED, reply, None, 2_000)], told.append)
+    writer, agent, told = await _writer_with_deferred_result(store)
     await writer.close()
     assert told == [None]
     assert (await store.get_message("cb-1")).status is MessageStatus.PROCESSED
@@ -180,7 +176,7 @@ async def test_close_writes_deferred_results_and_a_failed_round_tells_them(store
     broken = IncomingMessage(agent_id=agent, channel="adt", remote="r", callback="cb-x",
                              content_type="text/plain", body=None, received_at=1)  # type: ignore[arg-type]
     try:
-        writer.defer_results([MessageResult("cb-1", MessageStatus.ERROR, reply, "x", 3_000)], told.append)
+        writer.defer_results([MessageResult("cb-1", MessageStatus.ERROR, REPLY, "x", 3_000)], told.append)
         with pytest.raises(Exception):  # noqa: B017 - each engine raises its own error type
             await writer.store_incoming([broken])
         assert told[1] is not None  # the result shared the failed round: its owner learns of it
