@@ -112,6 +112,7 @@ def run_event_loop(main: Callable[[], Any]) -> int:
 
 
 async def _serve(config: Config, serve_argv: list[str], spec: Any) -> int:
+    from medagent.gcpolicy import freeze_startup_heap
     from medagent.ops.sdnotify import notify
     from medagent.ops.switch import LEASE_WAIT_S, switch_available, switch_over, take_over
     from medagent.ops.upgrade import Staged
@@ -153,6 +154,7 @@ async def _serve(config: Config, serve_argv: list[str], spec: Any) -> int:
         log.exception("startup failed")
         print(f"medagent: cannot start: {exc}", file=sys.stderr)
         return 1
+    freeze_startup_heap()
     print(_banner(runtime), flush=True)
     try:
         while True:

@@ -281,6 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(settings: HubSettings) -> int:
+    from medagent.gcpolicy import freeze_startup_heap
     from medagent.hub.bus import BusConfigError
     from medagent.hub.server import HubServer
 
@@ -298,6 +299,7 @@ async def _serve_until_signal(settings: HubSettings) -> int:
             loop.add_signal_handler(signum, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C raises KeyboardInterrupt
             pass
+    freeze_startup_heap()
     token_file = server.admin_token_file
     print(f"medagent hub listening on {server.url}", flush=True)
     print(f"  websocket:   {server.ws_url}", flush=True)
