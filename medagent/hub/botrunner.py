@@ -191,24 +191,16 @@ class BotRunner:
 
     def run_inline(self, spec: str, event: BotEvent) -> BotOutcome:
         """:meth:`run` for a bot for which :meth:`is_inline` is true, without a coroutine."""
-        try:
-            bot = self.load(spec)
-        except BotLoadError as exc:
-            log.error("bot load failed: %s", exc)
-            return failure_outcome(event, "AE", str(exc))
-        try:
-            result = bot.function(event)
-        except Exception as exc:
-            return _raised(spec, exc, event)
-        return _outcome(spec, result, event)
+        bot = self._loaded(spec, event)
+        return _called(bot, event) if isinstance(bot, LoadedBot) else bot
 
     async def run(self, spec: str, event: BotEvent) -> BotOutcome:
         """Run bot ``spec`` on ``event``; failures become AE/AR outcomes (see module docstring)."""
-        try:
-            bot = self.load(spec)
-        except BotLoadError as exc:
-            log.error("bot load failed: %s", exc)
-            return failure_outcome(event, "AE", str(exc))
+        bot = self._loaded(spec, event)
+        if not isinstance(bot, LoadedBot):
+            return bot
+        if bot.kind is BotKind.INLINE:
+            return _called(bot, event)
         try:
             result = await self._call(bot, event)
         except BotTimeout:
@@ -218,9 +210,16 @@ class BotRunner:
             return _raised(spec, exc, event)
         return _outcome(spec, result, event)
 
+    def _loaded(self, spec: str, event: BotEvent) -> LoadedBot | BotOutcome:
+        """The bot, or the AE outcome of ``event`` when it cannot be loaded (logged)."""
+        try:
+            return self.load(spec)
+        except BotLoadError as exc:
+            log.error("bot load failed: %s", exc)
+            return failure_outcome(event, "AE", str(exc))
+
     async def _call(self, bot: LoadedBot, event: BotEvent) -> Any:
-        if bot.kind is BotKind.INLINE:
-            return bot.function(event)
+        """An async bot on the loop, or a plain one in the pool, under ``bot_timeout_s``."""
         scope = asyncio.timeout(self.timeout_s)
         try:
             async with scope:
@@ -235,6 +234,15 @@ class BotRunner:
     def close(self) -> None:
         """Stop accepting work; threads still running a bot finish in the background."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _called(bot: LoadedBot, event: BotEvent) -> BotOutcome:
+    """Call an inline bot on the loop; a raised exception becomes its AE outcome."""
+    try:
+        result = bot.function(event)
+    except Exception as exc:
+        return _raised(bot.spec, exc, event)
+    return _outcome(bot.spec, result, event)
 
 
 def _raised(spec: str, exc: Exception, event: BotEvent) -> BotOutcome:

@@ -144,6 +144,13 @@ class Backlog:
         self._room = asyncio.Event()
         self._room.set()
 
+    def try_reserve(self, n: int) -> bool:
+        """Take ``n`` at once when under the mark (the common case: no coroutine, no wait)."""
+        if self._count >= self._limit:
+            return False
+        self._count += n
+        return True
+
     async def reserve(self, n: int) -> None:
         while self._count >= self._limit:
             self._room.clear()
@@ -366,7 +373,7 @@ class IntakePipeline:
 
     async def submit(self, requests: Sequence[TransmitRequest], seq: int | None) -> None:
         """Queue one frame's transmit requests (``seq`` for an ``agent:batch``); may wait for room."""
-        if requests:
+        if requests and not self._backlog.try_reserve(len(requests)):
             await self._backlog.reserve(len(requests))
         self._pending.append((requests, seq))
         self._wake.set()
@@ -391,34 +398,38 @@ class IntakePipeline:
         committed = True
         replies: list[AgentMessage] = []
         answers: list[AgentMessage] = []
-        if requests and not await self._agent_active():
+        if requests and not (self._active_cached() or await self._agent_active()):
             replies = [ErrorMessage(AGENT_OFF_ERROR, r.callback) for r in requests]
             self._backlog.release(len(requests))
         elif requests:
-            await self._wait_for_room(len(requests))
+            disk = self._dispatcher.disk
+            if disk is not None and disk.refusal() is not None:
+                await self._wait_for_room(disk, len(requests))
             committed, replies, answers = await self._store_group(requests)
         if answers and self._dispatcher.registry.current(self.agent_id) is not self._connection:
             await send_to_agent(self._dispatcher.registry, self.agent_id, answers)  # it reconnected meanwhile
             answers = []
         # the ack first, then the replies, in one flush (one segment: the agent wakes once)
-        outgoing: list[AgentMessage] = [BatchAck(max(seqs))] if seqs and committed else []
-        if outgoing or replies or answers:
-            await self._connection.send_many(outgoing + replies + answers)
+        if seqs and committed:
+            await self._connection.send_many([BatchAck(max(seqs)), *replies, *answers])
+        elif replies or answers:
+            await self._connection.send_many(replies + answers)
 
-    async def _wait_for_room(self, count: int) -> None:
+    async def _wait_for_room(self, disk: DiskWatermark, count: int) -> None:
         """Hold this group while the disk is under the watermark (see the module docstring)."""
-        disk = self._dispatcher.disk
-        if disk is None or (reason := disk.refusal()) is None:
+        if (reason := disk.refusal()) is None:
             return
         disk.held += count
         await self._connection.send(ErrorMessage(f"{reason}; intake paused until there is room"))
         while disk.refusal() is not None:  # ends with room, or when close() cancels this task
             await asyncio.sleep(CHECK_INTERVAL_S)
 
+    def _active_cached(self) -> bool:
+        """The agent was seen active within LOOKUP_TTL_S and the hub's configuration is unchanged."""
+        return time.monotonic() < self._active_until and self._active_generation == self._store.config_generation
+
     async def _agent_active(self) -> bool:
         now = time.monotonic()
-        if now < self._active_until and self._active_generation == self._store.config_generation:
-            return True
         try:
             active = (await self._store.get_agent(self.agent_id)).status is AgentStatus.ACTIVE
         except NotFound:

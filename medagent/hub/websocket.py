@@ -35,11 +35,10 @@ them; nothing logs frame contents.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -75,46 +74,50 @@ log = logging.getLogger(__name__)
 #: the connection's protocol state (the core's; kept under its old name)
 ConnectionState = SessionState
 
-#: Linux's TCP_CORK (None elsewhere): hold partial segments until uncorked.
-_CORK: int | None = getattr(socket, "TCP_CORK", None)
+_TEXT_FIN = 0x81  # FIN + opcode 1 (text), RFC 6455 §5.2
+_HEADER_16 = struct.Struct("!BBH").pack
+_HEADER_64 = struct.Struct("!BBQ").pack
 
 
-@contextlib.contextmanager
-def _corked(sock: socket.socket | None) -> Iterator[None]:
-    """Send what is written inside as full segments: the frames of one flush (a batch ack and
-    the replies that follow it) reach the agent in one segment, so it wakes and reads once
-    instead of once per frame. A no-op without a socket or TCP_CORK."""
-    if sock is None or _CORK is None:
-        yield
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
-    except OSError:  # the socket is closing: write as usual, the write reports it
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
+def _frame_header(size: int) -> bytes:
+    """The header of one unmasked (server-to-client) FIN text frame of ``size`` payload bytes."""
+    if size < 126:
+        return bytes((_TEXT_FIN, size))
+    if size < 65536:
+        return _HEADER_16(_TEXT_FIN, 126, size)
+    return _HEADER_64(_TEXT_FIN, 127, size)
+
+
+def _framed(frames: list[bytes]) -> bytes:
+    """``frames`` as websocket frames, back to back, for one transport write: a batch ack and the
+    replies after it reach the agent in one segment (it wakes and reads once), and the flush costs
+    one ``send`` instead of one per frame plus two ``setsockopt`` (the TCP_CORK this replaced)."""
+    if len(frames) == 1:
+        return _frame_header(len(frames[0])) + frames[0]
+    parts: list[bytes] = []
+    for frame in frames:
+        parts.append(_frame_header(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
 
 
 class AgentConnection:
     """One agent websocket: a :class:`HubSession` plus the hub state it needs."""
 
-    def __init__(self, ctx: HubContext, ws: web.WebSocketResponse, peer: str) -> None:
+    def __init__(self, ctx: HubContext, ws: web.WebSocketResponse, peer: str, transport: asyncio.Transport,
+                 drain: Callable[[], Awaitable[None]]) -> None:
         self._ctx = ctx
         self._ws = ws
+        self._transport = transport  # the socket's, written directly (see _flush)
+        self._drain = drain  # waits while the transport's buffer is over its high-water mark
         self.peer = peer
         self._core = HubSession(version=__version__, now=time.monotonic(),
                                 heartbeat_s=ctx.settings.heartbeat_interval_s)
         self._intake: IntakePipeline | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self._writing = asyncio.Lock()  # frames leave in the order the core queued them
         self._closing = False
         self._hold: Hold | None = None
         self._generation: int | None = None  # the token generation the connection was accepted with
-        self._socket: socket.socket | None = ws.get_extra_info("socket") if _CORK is not None else None
 
     @property
     def state(self) -> SessionState:
@@ -165,16 +168,22 @@ class AgentConnection:
             raise ConnectionError(f"the websocket of agent {self.agent_id} is closed")
 
     async def _flush(self) -> None:
+        """Write what the core queued, in one transport write.
+
+        The frames are written here rather than through aiohttp's ``send_frame`` (one write per
+        frame): with no ``await`` between :meth:`HubSession.data_to_send` and the write, frames
+        leave in the core's order without a lock, and never interleave with aiohttp's own control
+        frames (pongs, close), which it also writes whole. aiohttp's flow control is kept: while
+        the transport's buffer is over its high-water mark the caller waits for it to drain."""
         if not self._core.has_data():
             return  # most frames (transmits waiting for storage) need no answer yet
-        async with self._writing:
-            frames = self._core.data_to_send()
-            if len(frames) == 1:
-                await self._ws.send_frame(frames[0], WSMsgType.TEXT)
-                return
-            with _corked(self._socket):  # an ack and its replies: one segment, not one per frame
-                for frame in frames:
-                    await self._ws.send_frame(frame, WSMsgType.TEXT)
+        transport = self._transport
+        if self._ws.closed or transport.is_closing():
+            self._core.data_to_send()  # a closed socket sends nothing more
+            raise ConnectionResetError(f"the websocket of agent {self.agent_id} is closing")
+        transport.write(_framed(self._core.data_to_send()))
+        if transport.get_write_buffer_size():
+            await self._drain()
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -212,7 +221,8 @@ class AgentConnection:
             elif kind is core.Violation:
                 log.info("agent %s (%s): %s (%d bytes), answered with agent:error", self.agent_id, self.peer,
                          event.problem, event.size)  # type: ignore[union-attr]
-        await self._flush()
+        if session.has_data():  # most frames (transmits waiting for storage) need no answer yet
+            await self._flush()
 
     async def _on_connect(self, request: core.ConnectRequested) -> None:
         agent_id = request.agent_id
@@ -304,7 +314,10 @@ async def handle_agent_websocket(request: web.Request) -> web.StreamResponse:
         max_msg_size=settings.max_frame_bytes, compress=False, heartbeat=max(30.0, 3 * settings.heartbeat_interval_s)
     )
     await ws.prepare(request)
-    connection = AgentConnection(ctx, ws, request.remote or "unknown")
+    transport = request.transport
+    if transport is None:  # the agent left during the handshake
+        return ws
+    connection = AgentConnection(ctx, ws, request.remote or "unknown", transport, request.writer.drain)
     request.app[CONNECTIONS_KEY].add(connection)
     try:
         await connection.serve()

@@ -1,24 +1,26 @@
 """The hub's batch ack and the replies after it leave in one TCP segment (hub/websocket.py _flush).
 
 At one lock-step sender every message costs the agent a wake-up per segment the hub sends it;
-the ack and the inline bot's reply of a batch are written in one flush and corked, so the agent
-reads both at once. Counted with the kernel's own per-socket counter (TCP_INFO data_segs_in), not
-with timing.
+the ack and the inline bot's reply of a batch are framed together and written in one transport
+write, so the agent reads both at once. Counted with the kernel's own per-socket counter (TCP_INFO
+data_segs_in), not with timing. The hub frames them itself, so the other tests here check every
+length encoding of RFC 6455 §5.2 and the write path's flow control with a real websocket client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import sys
 
+import orjson
 import pytest
-from hubtest import SpecAgent, adt, transmit
+from hubtest import SpecAgent, adt, transmit, wait_for
 
 from medagent.hub import AgentCredentials, HubServer
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux" or not hasattr(socket, "TCP_CORK"),
-                                reason="TCP_CORK and TCP_INFO's data_segs_in are Linux's")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO's data_segs_in is Linux's")
 
 #: offset of ``tcpi_data_segs_in`` (u32) in Linux's struct tcp_info (since 4.6)
 _DATA_SEGS_IN = 152
@@ -39,4 +41,57 @@ async def test_ack_and_reply_arrive_in_one_segment(hub: HubServer, agent: AgentC
         reply = await client.recv()
         assert reply["type"] == "agent:transmit:response" and reply["callback"] == f"seg-{seq}"
         assert data_segments_in(client) - before == 1
+    await client.close()
+
+
+async def test_frames_of_every_length_encoding_arrive_whole(hub: HubServer, agent: AgentCredentials) -> None:
+    """A 7-bit length (the ack), a 16-bit one (one reply) and a 64-bit one (400 replies in one
+    agent:batch frame), each written back to back with the ack before it."""
+    client = await SpecAgent.connected(hub, agent)
+    sizes: list[int] = []
+    for seq, count in ((1, 1), (2, 400)):
+        callbacks = [f"len-{seq}-{i}" for i in range(count)]
+        await client.send({"type": "agent:batch", "seq": seq,
+                           "messages": [transmit("adt", adt(c), c) for c in callbacks]})
+        for expected in ("agent:batch:ack", "agent:batch" if count > 1 else "agent:transmit:response"):
+            raw = await asyncio.wait_for(client.ws.recv(), 10)
+            frame = orjson.loads(raw)
+            assert frame["type"] == expected
+            sizes.append(len(raw))
+        items = frame["messages"] if count > 1 else [frame]
+        assert [m["callback"] for m in items] == callbacks
+    assert sizes[0] < 126 and 126 <= sizes[1] < 65536 and sizes[3] >= 65536
+    await client.close()
+
+
+async def test_replies_wait_for_an_agent_that_stops_reading(hub: HubServer, agent: AgentCredentials) -> None:
+    """More reply bytes than the sockets hold while the agent reads nothing: the hub's transport
+    holds the rest, over its high-water mark (where the hub's next write waits for it to drain,
+    aiohttp's flow control); once the agent reads, every frame arrives, whole and in order."""
+    client = await SpecAgent.connected(hub, agent)
+    connection = hub.context.registry.current(agent.agent_id)
+    assert connection is not None
+    hub_transport = connection._transport  # small buffers, so a few batches exceed them
+    hub_transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    hub_transport.set_write_buffer_limits(high=8192)
+    client.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.ws.transport.pause_reading()
+    batches, per_batch = 8, 200  # ~60 KB of replies per batch
+    for seq in range(1, batches + 1):
+        await client.send({"type": "agent:batch", "seq": seq,
+                           "messages": [transmit("adt", adt(f"bp{seq}"), f"bp-{seq}-{i}") for i in range(per_batch)]})
+    await wait_for(lambda: hub_transport.get_write_buffer_size() > 8192)  # held: the writer waits
+    client.ws.transport.resume_reading()
+    received: list[str] = []
+    acks: list[int] = []
+    async with asyncio.timeout(30):
+        while len(received) < batches * per_batch:
+            frame = await client.recv(timeout=30)
+            if frame["type"] == "agent:batch:ack":
+                acks.append(frame["seq"])
+            elif frame["type"] == "agent:batch":
+                received += [m["callback"] for m in frame["messages"]]
+    assert received == [f"bp-{seq}-{i}" for seq in range(1, batches + 1) for i in range(per_batch)]
+    assert acks == sorted(acks) and acks[-1] == batches
+    assert hub_transport.get_write_buffer_size() == 0
     await client.close()
