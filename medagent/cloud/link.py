@@ -22,8 +22,12 @@ One supervisor task (:meth:`AgentLink.start`) loops until :meth:`AgentLink.close
    and start over. The backoff resets after a session that stayed live for a heartbeat period.
 
 Sending. :meth:`AgentLink.send_transmit` is the hot path: the core appends the message to its list
-and the writer's event is set — no task, future or encoding per message. The writer wakes once per
-loop iteration and writes everything the core encodes (``agent:batch`` frames when the hub
+and one write is scheduled for the end of the loop turn (``call_soon``) — no task, future or
+encoding per message. A caller that queued a batch ends it with :meth:`AgentLink.flush`, so the
+frame leaves in the same turn (at one sender that is a loop turn and two task wake-ups fewer per
+message). The write runs on the loop and writes everything the core encodes; only when the socket
+pushed back (above the write buffer's high-water mark) or is not open does the writer task take
+over, waiting for the drain (or ending the session). Frames are ``agent:batch`` when the hub
 advertised ``features.batch`` and ``use_batching`` is on, else one frame per message; see the
 core). A hub ``"Invalid access token"`` marks the token for renewal, so the next attempt connects
 with a new one and the runtime re-sends what was unconfirmed (``on_down``).
@@ -189,12 +193,15 @@ class Backoff:
 class _Connection:
     """One websocket connection: its session core, its socket and the writer's wake-up."""
 
-    __slots__ = ("abort", "client", "core", "ended", "live_since", "wake")
+    __slots__ = ("abort", "client", "core", "ended", "live_since", "wake", "write_handle")
 
     def __init__(self, session: AgentSession) -> None:
         self.core = session
         self.client: WebSocketClient | None = None
+        #: wakes the writer task, which writes only when the socket pushed back (drain) or is not open
         self.wake = asyncio.Event()
+        #: a write of what the core holds, scheduled for the end of this loop turn (AgentLink._write_soon)
+        self.write_handle: asyncio.Handle | None = None
         #: resolved with the reason when the core ends the session
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.abort = False  # dead link: drop the socket instead of a closing handshake
@@ -307,8 +314,16 @@ class AgentLink:
         conn = self._conn
         if conn is None or not conn.core.send_transmit(message):
             return False
-        conn.wake.set()
+        if conn.write_handle is None:
+            self._write_soon(conn)
         return True
+
+    def flush(self) -> None:
+        """Write what is queued now (a caller that queued a batch of transmits in this loop turn
+        ends it with this: the frame leaves in the same turn, the scheduled write finds nothing)."""
+        conn = self._conn
+        if conn is not None:
+            self._write_now(conn)
 
     def send(self, message: m.AgentMessage) -> None:
         """Fire-and-forget any other frame; dropped (and logged at debug) when not connected."""
@@ -317,7 +332,8 @@ class AgentLink:
             log.debug("not connected: %s dropped", message.TYPE)
             return
         conn.core.send(message)
-        conn.wake.set()
+        if conn.write_handle is None:
+            self._write_soon(conn)
 
     async def request(
         self, message: m.AgentMessage, timeout: float | None = None
@@ -461,6 +477,9 @@ class AgentLink:
             reason = _session_end_reason(conn, client, tasks)
         finally:
             self._conn = None
+            if conn.write_handle is not None:
+                conn.write_handle.cancel()
+                conn.write_handle = None
             conn.core.close()
             await self._close_socket(conn, client)
             self._end_session(conn, reason)
@@ -508,15 +527,43 @@ class AgentLink:
 
     # -- the connection's tasks -----------------------------------------------------------------
 
+    def _write_soon(self, conn: _Connection) -> None:
+        """Write what the core holds at the end of this loop turn: what is queued meanwhile goes
+        in the same write, and no task is woken (a handle instead of two task steps per frame)."""
+        conn.write_handle = asyncio.get_running_loop().call_soon(self._write_now, conn)
+
+    def _write_now(self, conn: _Connection) -> None:
+        """Write what the core holds on the loop, or leave it to the writer task when the socket
+        pushed back or is not open (the task waits for the drain, or ends the session)."""
+        handle, conn.write_handle = conn.write_handle, None
+        if handle is not None:
+            handle.cancel()  # flush() came first: the scheduled write has nothing left to do
+        client = conn.client
+        if client is None or not client.writable:
+            conn.wake.set()
+            return
+        session = conn.core
+        if not session.has_data():
+            return
+        token = self._tokens.token
+        if token is not None:
+            session.access_token = token  # the Medplum agent fills it in at send time (§1.1)
+        client.send_text_frames(session.data_to_send())
+        if not client.writable:
+            conn.wake.set()  # above the high-water mark: the writer task waits for the drain
+
     async def _write_loop(self, conn: _Connection) -> None:
+        """The slow path of _write_now: wait until the socket drained, then write what waits;
+        a closed socket raises here, which ends the session."""
         session, client, wake, tokens = conn.core, conn.client, conn.wake, self._tokens
         assert client is not None
         while True:
             await wake.wait()
             wake.clear()
+            await client.drain()
             token = tokens.token
             if token is not None:
-                session.access_token = token  # the Medplum agent fills it in at send time (§1.1)
+                session.access_token = token
             frames = session.data_to_send()
             if frames:
                 client.send_text_frames(frames)
@@ -529,8 +576,8 @@ class AgentLink:
             if delay > 0:
                 await asyncio.sleep(delay)
             self._handle(conn, session.tick(time.monotonic()))
-            if session.has_data():
-                conn.wake.set()
+            if session.has_data() and conn.write_handle is None:
+                self._write_soon(conn)
             if session.live:
                 self._refresh_token_if_due()
 
@@ -565,8 +612,8 @@ class AgentLink:
                 log.error("handling a frame from the hub failed: %s", type(exc).__name__,
                           exc_info=_debugging())
                 session.send(m.ErrorMessage(body=f"WebSocket error on incoming message: {exc}"))
-        if session.has_data():
-            conn.wake.set()
+        if session.has_data() and conn.write_handle is None:
+            self._write_soon(conn)
 
     def _handle(self, conn: _Connection, events: list[core.Event]) -> None:
         handler = self._handler

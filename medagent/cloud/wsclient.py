@@ -71,6 +71,14 @@ class WebSocketClient(asyncio.Protocol):
 
     # -- writing --
 
+    @property
+    def writable(self) -> bool:
+        """Open, and the transport's write buffer below its high-water mark: a write now neither
+        raises nor needs a drain first."""
+        transport = self._transport
+        return (self._can_write.is_set() and self.protocol.state is State.OPEN and transport is not None
+                and not transport.is_closing())
+
     def send_text_frames(self, frames: Iterable[bytes]) -> None:
         """Frame each item as one TEXT message and write them together.
 

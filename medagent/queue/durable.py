@@ -16,9 +16,12 @@ iteration is INSERTed in ONE transaction. While that transaction is being writte
 submits gather in the next group, which starts as soon as the previous one finished (natural
 batching: the busier the agent, the bigger the groups). Each record's `on_commit` runs on the
 loop thread after COMMIT; a storage failure arrives as `CommitResult.error`, never as an
-exception. Confirmations, failures and attempt counts ride along in the next write job;
-confirmations alone wait up to `_CONFIRM_HOLD_S` for one (they gate no ACK: a confirmation
-lost in a crash only makes the row go to the hub again, which recognises the resend).
+exception. Failures and attempt counts ride along in the next write job. Confirmations gate no
+ACK (one lost in a crash only makes the row go to the hub again, which recognises the resend),
+so they are held up to `_CONFIRM_HOLD_S` (or `_CONFIRM_HOLD_MAX` of them) and then ride the next
+write job, or get one of their own when none comes: a lone record's commit stays one autocommit
+INSERT instead of a transaction with an UPDATE (at one lock-step sender every commit carried the
+previous message's confirmation).
 
 Ordering. Every writer job reports back through `loop.call_soon` (inline) or
 `loop.call_soon_threadsafe` (thread), so completions are handled on the loop strictly in the
@@ -202,6 +205,10 @@ def _with_one_more_attempt(message: QueuedMessage) -> QueuedMessage:
     return dataclasses.replace(message, attempts=message.attempts + 1)
 
 
+#: A stats recount that took d seconds is not repeated for _STATS_DUTY * d (_refresh_store_stats).
+_STATS_DUTY = 50
+
+
 def _read_stats(path: Path, data_dir: Path) -> dict[str, Any]:
     """QueueStore.stats() on a connection of its own (no writes: the database exists and is
     current, the writer opened it). Raises QueueError."""
@@ -281,7 +288,8 @@ class DurableQueue:
         # hand-off to a thread (two wake-ups and GIL convoys per group; measured 11.1-11.7k vs
         # 6.9-7.8k msg/s end to end at 10 lock-step senders). With fsync the commit waits for
         # the disk, so it runs in the writer thread and the loop keeps serving sockets meanwhile.
-        # Inline, a retention sweep slice (<= 2000 rows) briefly holds the loop.
+        # Inline, a retention step (at most QueueStore.step_budget_s, 10 ms, of work) briefly
+        # holds the loop.
         self._inline = (durability == "normal") if inline_writes is None else inline_writes
 
         self._phase = _Phase.NEW
@@ -302,6 +310,7 @@ class DurableQueue:
         self._attempts: list[int] = []
         self._rescan_requested = False
         self._confirm_timer: asyncio.TimerHandle | None = None  # writes held confirmations when due
+        self._confirms_held_at = 0.0  # monotonic time the oldest held confirmation arrived
         self._held_back: list[_WriteWork] = []  # state changes a storage error held back
         self._flush_scheduled = False
         self._writing = False
@@ -317,6 +326,7 @@ class DurableQueue:
         self._backlog_on_disk = True  # until the first load proves otherwise
         self._memory_high_id = 0  # highest id ever placed in memory (or skipped as settled)
         self._rows_available = asyncio.Event()
+        self._rows_listener: Callable[[], None] | None = None  # told of committed rows (set_rows_listener)
         self._refill_future: asyncio.Future[None] | None = None
 
         # counters (cheap, loop thread only)
@@ -330,6 +340,7 @@ class DurableQueue:
         self._rate_mark = (time.monotonic(), 0)
         self._committed_per_s = 0.0
         self._store_stats: dict[str, Any] = {}
+        self._stats_due = 0.0  # monotonic time before which a pass does not recount (see _refresh_store_stats)
         self._maintenance_wake = asyncio.Event()  # storage trouble: start probing now
 
     # ================================================================= lifecycle
@@ -589,13 +600,19 @@ class DurableQueue:
                     or len(self._confirms) >= _CONFIRM_HOLD_MAX)
 
     def _hold_confirms(self) -> None:
-        """Let confirmations ride along with the next group commit, or write them when due."""
-        if self._records or self._flush_scheduled:
-            return  # a group commit is coming: they go with it
+        """Hold confirmations until due (_confirms_due_now): a write job after that takes them,
+        and the timer makes one when none comes."""
         if len(self._confirms) >= _CONFIRM_HOLD_MAX:
             self._request_flush()
         elif self._confirm_timer is None and self._phase is _Phase.OPEN:
             self._confirm_timer = self._loop.call_later(_CONFIRM_HOLD_S, self._confirms_due)  # type: ignore[union-attr]
+
+    def _confirms_due_now(self) -> bool:
+        """Held confirmations go with this write job: held long enough or many, closing, or the
+        job is a transaction anyway (failures, attempts, a rescan)."""
+        return (len(self._confirms) >= _CONFIRM_HOLD_MAX or self._phase is not _Phase.OPEN
+                or bool(self._failures or self._attempts or self._rescan_requested)
+                or time.monotonic() - self._confirms_held_at >= _CONFIRM_HOLD_S)
 
     def _confirms_due(self) -> None:
         self._confirm_timer = None
@@ -621,12 +638,20 @@ class DurableQueue:
         # While FAILED only the maintenance probe writes; held updates wait (one last try at close).
         if not (self._health.writable or self._phase is _Phase.CLOSING) or not self._has_writes():
             return
+        confirms: list[int] = []
+        if self._confirms and (not self._records or self._confirms_due_now()):
+            confirms, self._confirms = self._confirms, []
+            if self._confirm_timer is not None:
+                self._confirm_timer.cancel()
+                self._confirm_timer = None
+        elif self._confirms:
+            self._hold_confirms()  # not due yet: a later job takes them, or the timer makes one
         work = _WriteWork(
             self._records, self._dedup, self._callbacks,
-            self._confirms, self._failures, self._attempts, self._rescan_requested,
+            confirms, self._failures, self._attempts, self._rescan_requested,
         )
         self._records, self._dedup, self._callbacks = [], [], []
-        self._confirms, self._failures, self._attempts = [], [], []
+        self._failures, self._attempts = [], []
         self._rescan_requested = False
         self._writing = True
         self._writes_idle.clear()
@@ -692,12 +717,14 @@ class DurableQueue:
             self._settle_updates(work, written.update_error)
         if work.rescan and error is None:
             self._restart_from_disk(written.first_pending_id)
-        self._accept_committed(work.records, results)
+        new_rows = self._accept_committed(work.records, results)
         run_callback = self._run_callback
         for on_commit, result in zip(work.callbacks, results):
             run_callback(on_commit, result)
+        if new_rows:
+            self._signal_rows()
         if not self._flush_scheduled:
-            if self._urgent_writes():
+            if self._urgent_writes() or (self._confirms and self._confirms_due_now()):
                 self._start_flush()
             elif self._confirms:
                 self._hold_confirms()
@@ -716,6 +743,8 @@ class DurableQueue:
         self._held_back.append(work)
 
     def _take_back_held(self) -> None:
+        if any(work.confirms for work in self._held_back):
+            self._confirms_held_at = -float("inf")  # written once storage works: due at once
         for work in self._held_back:
             self._confirms.extend(work.confirms)
             self._failures.extend(work.failures)
@@ -723,8 +752,9 @@ class DurableQueue:
             self._rescan_requested |= work.rescan
         self._held_back.clear()
 
-    def _accept_committed(self, records: list[InboundRecord], results: list[CommitResult]) -> None:
-        """Count a group's results and put its new rows in the ready deque (while memory allows)."""
+    def _accept_committed(self, records: list[InboundRecord], results: list[CommitResult]) -> bool:
+        """Count a group's results and put its new rows in the ready deque (while memory allows);
+        True when there are new rows to hand out (in memory or on disk)."""
         counts = self._counts
         ready = self._ready
         added = committed = group_bytes = 0
@@ -764,7 +794,18 @@ class DurableQueue:
         if group_bytes:
             self._bytes_since_sweep += group_bytes
             self._space.wrote(2 * group_bytes)  # the WAL now, the database file at the next checkpoint
-        if added or self._backlog_on_disk:
+        return bool(added or self._backlog_on_disk)
+
+    def _signal_rows(self) -> None:
+        """New rows committed (after their on_commit ran): the rows listener may take them at once;
+        next_batch waiters are woken only for what it left."""
+        listener = self._rows_listener
+        if listener is not None and self._ready:
+            try:
+                listener()
+            except Exception:
+                logger.exception("queue %s: rows listener failed", self.path)
+        if self._ready or self._backlog_on_disk:
             self._rows_available.set()
 
     # ================================================================= delivery side
@@ -792,11 +833,28 @@ class DurableQueue:
             available.clear()
             await available.wait()
 
-    def _hand_out(self, max_messages: int) -> list[QueuedMessage]:
+    def set_rows_listener(self, listener: Callable[[], None] | None) -> None:
+        """`listener()` runs on the loop right after a group commit put new rows in memory (after
+        their on_commit), before any next_batch waiter is woken: a consumer with nothing in hand
+        takes them with take_ready in the same loop turn as the commit (the dispatcher, at one
+        sender: no task wake-up per message). None removes it."""
+        self._rows_listener = listener
+
+    def take_ready(self, max_messages: int) -> list[QueuedMessage]:
+        """Up to `max_messages` rows already in memory, in id order, marked in flight, without
+        waiting or reading the disk, stopping before the first file payload (its upload needs a
+        task); [] when none (or not open). next_batch hands out the rest."""
+        if self._phase is not _Phase.OPEN or not self._ready:
+            return []
+        return self._hand_out(max_messages, stop_at_file=True)
+
+    def _hand_out(self, max_messages: int, stop_at_file: bool = False) -> list[QueuedMessage]:
         ready, inflight = self._ready, self._inflight
         batch: list[QueuedMessage] = []
         taken_bytes = 0
         while ready and len(batch) < max_messages:
+            if stop_at_file and ready[0].file is not None:
+                break
             message = ready.popleft()
             inflight[message.row_id] = message
             taken_bytes += len(message.body)
@@ -867,6 +925,8 @@ class DurableQueue:
     def confirm(self, row_ids: Sequence[int]) -> None:
         """The hub has these rows: settle them (written with the next group)."""
         self._settle(row_ids)
+        if not self._confirms:
+            self._confirms_held_at = time.monotonic()
         self._confirms.extend(row_ids)
         self._counts["confirmed"] += len(row_ids)
         if self._writing:
@@ -1098,11 +1158,17 @@ class DurableQueue:
         """Recount the store's stats after a retention pass, on a connection of its own (it only
         reads) in a worker thread: the count is a scan of the whole table (0.3-0.5 s at 300,000
         rows), which on the writer (the loop, or the writer thread) stalled every intake commit
-        behind it. WAL lets it read while commits go on."""
+        behind it. WAL lets it read while commits go on. The scan still costs CPU (traced in the
+        soak: 28 -> 470 ms as the table grew to its size cap, with a pass every ~20 s), so a
+        recount that took d seconds waits _STATS_DUTY * d before the next: at most ~2 % of the time."""
+        started = time.monotonic()
+        if started < self._stats_due:
+            return
         try:
             self._store_stats = await asyncio.to_thread(_read_stats, self.path, self.data_dir)
         except QueueError as exc:  # keep the previous figures; storage trouble is reported elsewhere
             logger.warning("queue %s: cannot refresh the stats: %s", self.path, exc)
+        self._stats_due = started + _STATS_DUTY * (time.monotonic() - started)
 
     def _update_rate(self) -> None:
         now, committed = time.monotonic(), self._committed

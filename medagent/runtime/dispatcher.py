@@ -26,6 +26,12 @@ concurrently (at most `upload_concurrency`); rows are still handed to the link i
 upload that fails puts the row and every later row of its batch back in the queue (the row stays
 pending), and the next batch waits with exponential backoff (`upload_backoff`).
 
+Wake-ups (issue 19). The task waits in `next_batch` when it has nothing in hand; the queue's
+rows listener (`_rows_committed`) then sends freshly committed rows in the commit's own loop
+turn and ends the batch with the link's `flush()`, so the frame leaves in that turn too: at one
+lock-step sender in original mode no task wakes per message. Rows nobody awaits replies to start
+a quiet period of `linger_s` in which new rows are left to the task, whose linger batches them.
+
 Hub requests (`agent:transmit:request` pushes, reload-config, logs, stats) are answered by the
 request handler given at construction.
 
@@ -214,6 +220,11 @@ class Dispatcher:
         self._sent_bytes: dict[int, int] = {}  # row id -> body bytes out on the link
         self._inflight_bytes = 0
         self._task: asyncio.Task[None] | None = None
+        self._link_flush: Callable[[], None] | None = None  # the link's flush(), when it has one
+        # The task waits in next_batch with no rows in hand: rows committed now may be sent by
+        # _rows_committed in the commit's loop turn (ordering holds: nothing older is in hand).
+        self._parked = False
+        self._quiet_until = 0.0  # until then, rows nobody awaits are left to the task's linger
         self.stopping = False
         self.sent = 0
         self.confirmed = 0
@@ -228,13 +239,16 @@ class Dispatcher:
     def attach(self, link: TransmitLink) -> None:
         """The link this dispatcher sends on (the link is built with the dispatcher as handler)."""
         self._link = link
+        self._link_flush = getattr(link, "flush", None)
 
     def start(self) -> None:
         assert self._link is not None, "attach(link) first"
+        self._queue.set_rows_listener(self._rows_committed)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="medagent-dispatcher")
 
     async def stop(self) -> None:
         self.stopping = True
+        self._queue.set_rows_listener(None)
         if self._link is not None:
             self._flush_immediate()  # what lingers goes out before the link closes (timer cancelled)
         if self._task is not None:
@@ -363,9 +377,15 @@ class Dispatcher:
             message = self._transmit(record.channel, record.remote, record.content_type, record.body,
                                      f"{prefix}{next(ids)}", batch.channel(record.channel)[1], None, no_reply)
             if not link.send_transmit(message):
-                return
+                break
             immediate.popleft()
             self.sent += 1
+        self._flush_link()
+
+    def _flush_link(self) -> None:
+        """The transmits queued in this loop turn leave now, as one write (AgentLink.flush)."""
+        if self._link_flush is not None:
+            self._link_flush()
 
     # -- housekeeping ---------------------------------------------------------------------------
     def expire_unconfirmed(self) -> int:
@@ -413,13 +433,40 @@ class Dispatcher:
             if self._upload_delay:
                 await asyncio.sleep(self._upload_delay)
             room = self._max_unconfirmed - len(self._sent_at)
-            rows = await self._queue.next_batch(min(self._max_batch, room))
+            self._parked = True
+            try:
+                rows = await self._queue.next_batch(min(self._max_batch, room))
+            finally:
+                self._parked = False
             replies_awaited = await self._send_rows(rows)
+            self._flush_link()
             if not replies_awaited and len(rows) < self._max_batch and self._linger_s > 0:
                 # Nobody waits on these (fast/immediate ACKs were sent at commit): let more rows
                 # gather so the hub handles fewer, larger batches. Original and two-phase rows
                 # never wait here, since a device is waiting for their bot reply.
                 await asyncio.sleep(self._linger_s)
+
+    def _rows_committed(self) -> None:
+        """The queue's rows listener: rows were just committed. While the task is parked in
+        next_batch, send them now, in the commit's loop turn, and write the frame (at one
+        lock-step sender in original mode: no dispatcher or writer task wake-up per message).
+        Rows nobody awaits replies to set a quiet period of `linger_s`, during which the task's
+        wake-up and linger gather them into larger batches as before."""
+        link = self._link
+        if not self._parked or self.stopping or self._upload_delay or link is None or not link.live:
+            return
+        room = self._max_unconfirmed - len(self._sent_at)
+        if room <= 0 or self._inflight_bytes >= MAX_UNCONFIRMED_BYTES:
+            return
+        if self._linger_s > 0 and self._quiet_until and time.monotonic() < self._quiet_until:
+            return
+        rows = self._queue.take_ready(min(self._max_batch, room))
+        if not rows:
+            return
+        _, replies_awaited = self._send_inline(rows, 0, len(rows))
+        self._flush_link()
+        if not replies_awaited and self._linger_s > 0:
+            self._quiet_until = time.monotonic() + self._linger_s
 
     async def _send_rows(self, rows: Sequence[QueuedMessage]) -> bool:
         """Hand rows to the link in order (uploading file payloads first); True when a device

@@ -237,6 +237,25 @@ async def test_connects_with_token_and_goes_live(hub: MedplumStandIn) -> None:
     assert link.state is LinkState.STOPPED
 
 
+async def test_transmits_are_written_at_the_end_of_the_turn_or_at_once_by_flush(hub: MedplumStandIn) -> None:
+    """No task wakes per frame: what send_transmit queued in a loop turn is written as one write
+    at the end of that turn, or at once by flush() (a dispatcher ending its batch)."""
+    handler = RecordingHandler()
+    async with running_link(hub, handler) as link:
+        await eventually(lambda: link.live, what="live")
+        before = link.stats()
+        assert link.send_transmit(transmit(1)) and link.send_transmit(transmit(2))
+        assert link.stats()["messages_sent"] == before["messages_sent"]  # queued, not written yet
+        link.flush()
+        after = link.stats()
+        assert after["messages_sent"] == before["messages_sent"] + 2
+        assert after["frames_sent"] == before["frames_sent"] + 2
+        assert link.send_transmit(transmit(3))
+        await asyncio.sleep(0)  # the scheduled write runs before this task resumes
+        assert link.stats()["messages_sent"] == before["messages_sent"] + 3
+        await eventually(lambda: len(handler.confirmed) == 3, what="the three confirmations")
+
+
 async def test_heartbeats_both_ways(hub: MedplumStandIn) -> None:
     async with running_link(hub) as link:
         await eventually(lambda: link.live, what="live")

@@ -8,6 +8,7 @@ every wait is bounded by asyncio.wait_for.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -21,9 +22,15 @@ from typing import Any
 
 import pytest
 
-from medagent.queue import admin
+from medagent.queue import admin, durable
 from medagent.queue.durable import DurableQueue, QueueClosed
-from medagent.queue.records import CommitResult, DuplicatePolicy, InboundRecord, RowState
+from medagent.queue.records import (
+    CommitResult,
+    DuplicatePolicy,
+    FilePayload,
+    InboundRecord,
+    RowState,
+)
 from medagent.queue.store import QueueLocked, QueueStore, SchemaTooNew
 
 WAIT_S = 10.0
@@ -208,25 +215,73 @@ async def test_confirm_release_fail(queue: DurableQueue) -> None:
     assert attempts == {1: 2, 2: 0, 3: 2, 4: 1, 5: 0, 6: 1}
 
 
-async def test_confirmations_ride_along_with_the_next_group_or_are_written_alone_soon(queue: DurableQueue) -> None:
-    """Confirmations gate no ACK: they join the next group commit (one transaction for both)
-    and, when no record comes, are written by themselves within a bounded time."""
+async def test_confirmations_are_held_then_ride_a_group_commit_or_are_written_alone(
+    queue: DurableQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Confirmations gate no ACK: while not due a lone record's commit goes without them (one
+    autocommit INSERT); once due they join the next group commit (one transaction for both) and,
+    when no record comes, are written by themselves."""
+    monkeypatch.setattr(durable, "_CONFIRM_HOLD_S", 3600.0)
     await submit_all(queue, [record(str(i)) for i in range(4)])
     await drain(queue, 4)
     flushes = queue.stats()["flushes"]
     queue.confirm([1, 2, 3])
     assert (await queue.submit_wait(record("next"))).row_id == 5
-    assert queue.stats()["flushes"] == flushes + 1  # the insert and the confirmations: one commit
+    assert queue.stats()["flushes"] == flushes + 1
+    assert set(db_states(queue.path).values()) == {RowState.RECEIVED}  # held: not due yet
+    monkeypatch.setattr(durable, "_CONFIRM_HOLD_S", 0.0)
+    assert (await queue.submit_wait(record("then"))).row_id == 6
+    assert queue.stats()["flushes"] == flushes + 2  # the insert and the confirmations: one commit
     assert db_states(queue.path) == {1: RowState.CONFIRMED, 2: RowState.CONFIRMED, 3: RowState.CONFIRMED,
-                                     4: RowState.RECEIVED, 5: RowState.RECEIVED}
+                                     4: RowState.RECEIVED, 5: RowState.RECEIVED, 6: RowState.RECEIVED}
     queue.confirm([4])  # nothing else to write: it goes alone
     for _ in range(int(WAIT_S / 0.01)):
         # (writer thread: the commit is visible before the loop has handled its completion)
-        if db_states(queue.path)[4] == RowState.CONFIRMED and queue.stats()["flushes"] > flushes + 1:
+        if db_states(queue.path)[4] == RowState.CONFIRMED and queue.stats()["flushes"] > flushes + 2:
             break
         await asyncio.sleep(0.01)
     assert db_states(queue.path)[4] == RowState.CONFIRMED
-    assert queue.stats()["flushes"] == flushes + 2
+    assert queue.stats()["flushes"] == flushes + 3
+
+
+async def test_the_rows_listener_takes_committed_rows_before_next_batch_waiters_wake(
+    queue: DurableQueue, tmp_path: Path
+) -> None:
+    """After a group's on_commit callbacks, the listener may take rows in the commit's loop turn
+    (take_ready: in id order, stopping before a file payload); a waiter gets only what is left,
+    and is not woken when nothing is."""
+    events: list[str] = []
+    taken: list[int] = []
+
+    def listener() -> None:
+        events.append("listener")
+        taken.extend(m.row_id for m in queue.take_ready(2))
+
+    queue.set_rows_listener(listener)
+    waiter = asyncio.ensure_future(queue.next_batch(10))
+    await asyncio.sleep(0)  # parked in next_batch
+    spooled = tmp_path / "spool" / "pacs" / "x.dcm"
+    spooled.parent.mkdir(parents=True)
+    spooled.write_bytes(b"DICM")
+    with_file = dataclasses.replace(record("f"), file=FilePayload("spool/pacs/x.dcm", 4, "ab" * 32))
+    loop = asyncio.get_running_loop()
+    done = [loop.create_future() for _ in range(4)]
+    for future, rec in zip(done, [record("a"), with_file, record("b"), record("c")], strict=True):
+        queue.submit(rec, lambda result, future=future: (events.append("on_commit"), future.set_result(result)))
+    await asyncio.wait_for(asyncio.gather(*done), WAIT_S)
+    assert events == ["on_commit"] * 4 + ["listener"]
+    assert taken == [1]  # stops before the file payload (row 2): its upload needs a task
+    assert [m.row_id for m in await asyncio.wait_for(waiter, WAIT_S)] == [2, 3, 4]
+
+    waiter = asyncio.ensure_future(queue.next_batch(10))
+    await asyncio.sleep(0)
+    await submit_all(queue, [record("d")])
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert taken == [1, 5] and not waiter.done()  # the listener took it all: the waiter sleeps on
+    queue.set_rows_listener(None)
+    await submit_all(queue, [record("e")])
+    assert [m.row_id for m in await asyncio.wait_for(waiter, WAIT_S)] == [6]
 
 
 async def test_late_confirm_of_a_released_row_is_not_delivered_again(queue: DurableQueue) -> None:
@@ -383,8 +438,8 @@ async def test_retention_runs_in_the_background(tmp_path: Path) -> None:
         await submit_all(queue, [record(str(i)) for i in range(10)])
         handed = await drain(queue, 10)
         queue.confirm([m.row_id for m in handed[:6]])
-        for _ in range(300):
-            if queue.stats()["swept"] == 6:
+        for _ in range(300):  # the store's recount may wait a pass or two (its duty-cycle bound)
+            if queue.stats()["swept"] == 6 and queue.stats()["store"].get("pending") == 4:
                 break
             await asyncio.sleep(0.01)
         assert queue.stats()["swept"] == 6
