@@ -840,6 +840,11 @@ class DurableQueue:
         sender: no task wake-up per message). None removes it."""
         self._rows_listener = listener
 
+    def peek_ready(self) -> QueuedMessage | None:
+        """The oldest row in memory not handed out yet (None when none): the rows listener looks
+        at it to decide whether to take the rows now or leave them to next_batch."""
+        return self._ready[0] if self._phase is _Phase.OPEN and self._ready else None
+
     def take_ready(self, max_messages: int) -> list[QueuedMessage]:
         """Up to `max_messages` rows already in memory, in id order, marked in flight, without
         waiting or reading the disk, stopping before the first file payload (its upload needs a

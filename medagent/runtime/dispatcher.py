@@ -29,8 +29,8 @@ pending), and the next batch waits with exponential backoff (`upload_backoff`).
 Wake-ups (issue 19). The task waits in `next_batch` when it has nothing in hand; the queue's
 rows listener (`_rows_committed`) then sends freshly committed rows in the commit's own loop
 turn and ends the batch with the link's `flush()`, so the frame leaves in that turn too: at one
-lock-step sender in original mode no task wakes per message. Rows nobody awaits replies to start
-a quiet period of `linger_s` in which new rows are left to the task, whose linger batches them.
+lock-step sender in original mode no task wakes per message. Rows nobody awaits replies to are
+left to the task, whose linger batches them.
 
 Hub requests (`agent:transmit:request` pushes, reload-config, logs, stats) are answered by the
 request handler given at construction.
@@ -224,7 +224,6 @@ class Dispatcher:
         # The task waits in next_batch with no rows in hand: rows committed now may be sent by
         # _rows_committed in the commit's loop turn (ordering holds: nothing older is in hand).
         self._parked = False
-        self._quiet_until = 0.0  # until then, rows nobody awaits are left to the task's linger
         self.stopping = False
         self.sent = 0
         self.confirmed = 0
@@ -448,25 +447,27 @@ class Dispatcher:
 
     def _rows_committed(self) -> None:
         """The queue's rows listener: rows were just committed. While the task is parked in
-        next_batch, send them now, in the commit's loop turn, and write the frame (at one
-        lock-step sender in original mode: no dispatcher or writer task wake-up per message).
-        Rows nobody awaits replies to set a quiet period of `linger_s`, during which the task's
-        wake-up and linger gather them into larger batches as before."""
+        next_batch and a device waits for the first row's reply, send them now, in the commit's
+        loop turn, and write the frame (at one lock-step sender in original mode: no dispatcher or
+        writer task wake-up per message). Rows nobody awaits are left to the task: its wake-up and
+        linger gather them into larger batches (sending them here too doubled the batches, and
+        the hub's rounds, at 50 senders in immediate mode)."""
         link = self._link
         if not self._parked or self.stopping or self._upload_delay or link is None or not link.live:
+            return
+        first = self._queue.peek_ready()
+        if first is None:
+            return
+        target = self._channel(first.channel)
+        if target is None or not target.wants_replies:
             return
         room = self._max_unconfirmed - len(self._sent_at)
         if room <= 0 or self._inflight_bytes >= MAX_UNCONFIRMED_BYTES:
             return
-        if self._linger_s > 0 and self._quiet_until and time.monotonic() < self._quiet_until:
-            return
         rows = self._queue.take_ready(min(self._max_batch, room))
-        if not rows:
-            return
-        _, replies_awaited = self._send_inline(rows, 0, len(rows))
-        self._flush_link()
-        if not replies_awaited and self._linger_s > 0:
-            self._quiet_until = time.monotonic() + self._linger_s
+        if rows:
+            self._send_inline(rows, 0, len(rows))
+            self._flush_link()
 
     async def _send_rows(self, rows: Sequence[QueuedMessage]) -> bool:
         """Hand rows to the link in order (uploading file payloads first); True when a device

@@ -106,12 +106,14 @@ async def test_a_row_awaiting_its_reply_is_written_in_its_commit_turn(wired: Any
     await until(lambda: dispatcher.stats()["inflight"] == 0, "the confirmations")
 
 
-async def test_rows_nobody_awaits_still_gather_during_the_linger(wired: Any) -> None:
-    """After a same-turn send of a fast-mode row, rows committed within `linger_s` are left to
-    the dispatcher's task, which sends them after its linger (fewer, larger batches)."""
+async def test_rows_nobody_awaits_are_left_to_the_task_and_its_linger(wired: Any) -> None:
+    """Fast-mode rows are not sent in their commit's turn (no device waits for them): the
+    dispatcher's task takes them when it wakes, and its linger gathers the rows that follow into
+    fewer, larger batches for the hub."""
     queue, dispatcher, link, _ = wired
     before = link.stats()["messages_sent"]
-    assert await commit_and_look(queue, link, record("fast", 0)) == before + 1  # nothing in hand: at once
-    assert await commit_and_look(queue, link, record("fast", 1)) == before + 1  # quiet period: the task's
+    assert await commit_and_look(queue, link, record("fast", 0)) == before  # left to the task
+    await until(lambda: link.stats()["messages_sent"] == before + 1, "the task to send the first row")
+    assert await commit_and_look(queue, link, record("fast", 1)) == before + 1  # the task lingers
     await until(lambda: link.stats()["messages_sent"] == before + 2, "the task to send the second row")
     await until(lambda: dispatcher.stats()["inflight"] == 0, "the confirmations")
