@@ -136,6 +136,20 @@ _AGE_SUBWINDOW_IDS = 2000
 #: First guess of one trimmed row's cost before a pass measured it, and the floor of a chunk.
 _TRIM_ROW_COST_S = 50e-6
 _TRIM_MIN_ROWS = 16
+#: Ids one read of the stats recount covers. Each read is its own short read transaction: a
+#: reader holds the WAL frames of its snapshot, and while it reads no checkpoint can copy past
+#: them nor start the WAL over (issue 19, T2: the recount as one whole-table scan read for
+#: 0.3-1 s at a 128 MB cap, PASSIVE rounds copied a fraction of the WAL meanwhile, and the
+#: TRUNCATE that followed held intake out until the scan ended). 2,000 ids: ~1.4 MB of pages,
+#: a few ms per read (like `_AGE_SUBWINDOW_IDS`).
+_STATS_RANGE_IDS = 2000
+#: The writer's `journal_size_limit`: the first commit after the WAL started over cuts the file
+#: back to this size. Under intake the WAL file is otherwise only cut by a TRUNCATE checkpoint
+#: when idle (storage/checkpoint.py), and that cut on the commit path costs time in proportion
+#: to what it frees (measured: ~300 ms for a 300 MB WAL cut to 64 MB), so this is a safety cap
+#: far above the steady state (16 MB RESTART threshold plus a round, ~20-60 MB): it only acts
+#: after a long reader kept the WAL from restarting.
+_WAL_SIZE_LIMIT_BYTES = 256 * _MIB
 
 
 class QueueError(Exception):
@@ -459,6 +473,7 @@ class QueueStore:
             )
         conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
         conn.execute("PRAGMA foreign_keys = OFF")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT_BYTES}")
         if max_db_mb is not None:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             max_pages = max(1, math.ceil(max_db_mb * _MIB / page_size))
@@ -1203,10 +1218,8 @@ class QueueStore:
         now = time.time()
         by_state = {state.name.lower(): 0 for state in RowState}
         spool_files = spool_bytes = 0
-        for state, count, files, size in conn.execute(  # one scan for states and spool usage
-            "SELECT state, count(*), count(file_path), coalesce(sum(file_size), 0) FROM messages GROUP BY state"
-        ):
-            by_state[RowState(state).name.lower()] = count
+        for state, count, files, size in self._count_by_state():
+            by_state[RowState(state).name.lower()] += count
             spool_files += files
             spool_bytes += size
         channels = {
@@ -1230,6 +1243,23 @@ class QueueStore:
             "spool_files": spool_files,
             "spool_bytes": spool_bytes,
         }
+
+    def _count_by_state(self) -> Iterator[tuple[int, int, int, int]]:
+        """(state, rows, file rows, file bytes) per id range of `_STATS_RANGE_IDS`, one short
+        read transaction each (see there), from the oldest row to the newest. Each row is counted
+        once, in the state it had when its range was read; rows added meanwhile past the newest
+        id read at the start are left to the next recount."""
+        conn = self._conn
+        # One aggregate per statement: SQLite reads min() or max() of the rowid from one end of
+        # the b-tree only then (both in one SELECT is a table scan).
+        low = conn.execute("SELECT min(id) FROM messages").fetchone()[0]
+        high = conn.execute("SELECT max(id) FROM messages").fetchone()[0]
+        if low is None or high is None:
+            return
+        sql = ("SELECT state, count(*), count(file_path), coalesce(sum(file_size), 0) FROM messages"
+               " WHERE id >= ? AND id < ? GROUP BY state")
+        for start in range(low, high + 1, _STATS_RANGE_IDS):
+            yield from conn.execute(sql, (start, start + _STATS_RANGE_IDS)).fetchall()
 
     def _file_bytes(self) -> int:
         total = 0

@@ -8,10 +8,9 @@ copy ends with an fsync, and it happens inside some unlucky COMMIT: measured on 
 queue under load it raised the p99 ACK latency from ~2 ms to ~6 ms. Here the writer connection
 turns automatic checkpoints off (`wal_autocheckpoint=0`) and this thread, with a connection of
 its own, runs `PRAGMA wal_checkpoint(PASSIVE)` every `interval_s`. PASSIVE never blocks the
-writer; it copies what it can. If the WAL still grows past `truncate_above_bytes` (a reader
-held old frames), or an owner asked for it with :meth:`request_truncate` (storage ran full and
-the WAL's blocks should go back to the file system), a TRUNCATE checkpoint resets it to zero
-bytes; that one holds the writer out while it runs.
+writer; it copies what it can. When an owner asks for it with :meth:`request_truncate` (storage
+ran full and the WAL's blocks should go back to the file system), or the WAL is idle, a TRUNCATE
+checkpoint resets it to zero bytes; that one holds the writer out while it runs (see the end).
 
 PASSIVE never restarts the WAL: the next writer does, and only if at its BEGIN every frame was
 already copied. Under steady writes a round (0.5 s of commits, ~8 MB at 10 lock-step senders,
@@ -35,6 +34,26 @@ written in between (6 alternating 15 s pairs: 38 commits over 100 ms instead of 
 in 4 of 6; the longest one is unchanged when other processes' writes fill the journal). An extra
 fsync is always safe: it makes durable what SQLite wrote, it never changes it.
 
+A RESTART or TRUNCATE also waits, with the writer held out, for every reader of old frames to
+finish. Under intake that wait is an intake stall, so (issue 19, T2, traced in capped soaks)
+neither runs while a reader pins the WAL, and TRUNCATE never runs while commits go on:
+
+* When the PASSIVE round could not even copy the frames the previous round saw (``copied <
+  previous in_wal``), a reader has held an old snapshot for a whole interval (the agent's stats
+  recount used to: a whole-table scan of 0.3-3 s at the size cap). A RESTART would hold the
+  writer out while it waited for that reader and then give up; it is deferred to the next round
+  (`deferrals`). The WAL grows meanwhile by what is committed while the reader reads: readers
+  must stay short (the queue's recount reads in id ranges, one short read transaction each; a
+  reader younger than a round ends within the RESTART's bounded wait).
+* The size backstop is a RESTART, not a TRUNCATE: cutting the file while writers append meant
+  a TRUNCATE that waited up to 5 s for readers with the writer held out (the soak's 338-441 ms
+  stalls fell in windows where the queue's files shrank). The file's size stays bounded by the
+  writer's ``journal_size_limit`` (SQLite cuts the WAL back to it at the first commit after a
+  restart) and by this thread when idle.
+* TRUNCATE runs when asked for (a full disk: intake is refused then, so it may wait) or when
+  the WAL is idle (no frame added for `_IDLE_S`, all copied): it gives the file's blocks back
+  once traffic stops, waiting at most `_RESTART_WAIT_MS`.
+
 Used by the agent's queue and by the hub's store (this module is neutral: no queue or hub
 imports).
 
@@ -49,6 +68,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 __all__ = ["WalCheckpointer"]
@@ -62,13 +82,21 @@ _FRAME_HEADER_BYTES = 24
 #: How long a RESTART checkpoint waits for the writer and for readers of old frames (it holds
 #: the writer out meanwhile; if they are not done it gives up until the next round).
 _RESTART_WAIT_MS = 20
-#: How long a TRUNCATE (size backstop, or asked for after a full disk) waits for them.
+#: How long a TRUNCATE asked for after a full disk waits for them (intake is refused meanwhile).
 _TRUNCATE_WAIT_MS = 5000
+#: No frame added for this long (at least two rounds) and the WAL counts as idle: a TRUNCATE may
+#: then cut its file. Long against a descheduled writer's pause on a loaded box, short against
+#: the end of a burst.
+_IDLE_S = 1.0
 
 
 class WalCheckpointer:
     def __init__(self, path: Path, *, interval_s: float = 0.5, restart_above_bytes: int = 16 * 1024 * 1024,
                  truncate_above_bytes: int = 64 * 1024 * 1024) -> None:
+        """`restart_above_bytes`: WAL content (frames since it last started over) past which a
+        RESTART follows the PASSIVE round. An idle WAL file larger than the smaller of the two
+        limits is cut to zero bytes (`truncate_above_bytes` no longer triggers a TRUNCATE under
+        load: module docstring)."""
         self.path = Path(path)
         self.interval_s = interval_s
         self.restart_above_bytes = restart_above_bytes
@@ -78,6 +106,8 @@ class WalCheckpointer:
         self.truncations = 0
         self.errors = 0
         self.syncs = 0  # rounds that fsynced the WAL and database, lock-free, before a RESTART or TRUNCATE
+        self.deferrals = 0  # rounds that skipped a due RESTART because a reader pinned old frames
+        self._idle_s = max(2 * interval_s, _IDLE_S)  # no frame added for this long: the WAL is idle
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by stop() and request_truncate(): no waiting out the interval
         self._truncate_requested = threading.Event()
@@ -117,28 +147,68 @@ class WalCheckpointer:
         except sqlite3.Error:
             frame_bytes = 4096 + _FRAME_HEADER_BYTES  # SQLite's default page
         try:
+            previous = None  # the last PASSIVE round's frame count
+            changed = time.monotonic()  # when a round last saw it change
             while True:
                 self._wake.wait(self.interval_s)
                 self._wake.clear()
                 if self._stop.is_set():
                     break
                 frames = self._checkpoint(conn, "PASSIVE")
-                # frames[1]: frames written since the WAL last started over
-                wal_bytes = (frames[1] if frames is not None else 0) * frame_bytes
-                restart = wal_bytes > self.restart_above_bytes and not self._truncate_requested.is_set()
-                heavy = restart or wal_bytes > self.truncate_above_bytes or self._truncate_requested.is_set()
-                if heavy:
-                    self._sync_files()
-                if restart and self._restart(conn):
-                    self.restarts += 1
-                    continue
-                if wal_bytes > self.truncate_above_bytes or self._truncate_requested.is_set():
-                    frames = self._checkpoint(conn, "TRUNCATE")
-                    if frames is not None and not frames[0]:
-                        self._truncate_requested.clear()
-                        self.truncations += 1
+                now = time.monotonic()
+                if frames is None or frames[1] != previous:
+                    changed = now
+                self._after_passive(conn, frames, previous, frame_bytes, idle=now - changed >= self._idle_s)
+                previous = None if frames is None else frames[1]
         finally:
             conn.close()
+
+    def _after_passive(self, conn: sqlite3.Connection, frames: tuple[int, int, int] | None,
+                       previous: int | None, frame_bytes: int, *, idle: bool) -> None:
+        """Decide what follows a PASSIVE round (module docstring): a RESTART once the WAL holds
+        more than `restart_above_bytes` and no old reader pins it, a TRUNCATE only when asked
+        for or idle. ``frames`` is the PASSIVE's (busy, frames in the WAL, frames copied),
+        ``previous`` the frames the round before saw (None: unknown, only PASSIVE this round),
+        ``idle``: no frame was added for `_idle_s`."""
+        requested = self._truncate_requested.is_set()
+        if frames is None:  # the PASSIVE failed (busy, I/O): an asked-for TRUNCATE may still work
+            if requested:
+                self._truncate(conn, _TRUNCATE_WAIT_MS)
+            return
+        _busy, in_wal, copied = frames
+        if requested:
+            self._truncate(conn, _TRUNCATE_WAIT_MS)
+            return
+        if in_wal == 0 or previous is None:  # nothing written since a restart, or nothing to compare
+            return
+        if previous <= in_wal and copied < previous:
+            # A reader older than the previous round holds frames: a RESTART would hold the
+            # writer out while it waited for it. (A younger one, e.g. a range of the recount,
+            # ends within milliseconds: the RESTART's bounded wait covers it. in_wal < previous:
+            # the WAL started over since, so no reader is older than that.)
+            if in_wal * frame_bytes > self.restart_above_bytes:
+                self.deferrals += 1
+            return
+        if idle and copied == in_wal:  # no commit for a while: give a large file's blocks back
+            if self._wal_file_bytes() > min(self.restart_above_bytes, self.truncate_above_bytes):
+                self._truncate(conn, _RESTART_WAIT_MS)
+            return
+        if in_wal * frame_bytes > self.restart_above_bytes:
+            self._sync_files()
+            if self._bounded(conn, "RESTART", _RESTART_WAIT_MS):
+                self.restarts += 1
+
+    def _truncate(self, conn: sqlite3.Connection, wait_ms: int) -> None:
+        self._sync_files()
+        if self._bounded(conn, "TRUNCATE", wait_ms):
+            self._truncate_requested.clear()
+            self.truncations += 1
+
+    def _wal_file_bytes(self) -> int:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
 
     def _sync_files(self) -> None:
         """fsync the WAL and the database file without holding any SQLite lock (module
@@ -168,13 +238,14 @@ class WalCheckpointer:
                 continue  # closed meanwhile, or not a file: nothing to sync
         self.syncs += 1
 
-    def _restart(self, conn: sqlite3.Connection) -> bool:
-        """A RESTART checkpoint that waits at most _RESTART_WAIT_MS (it holds the writer out while
-        it waits for readers of old frames); True when it ran to the end."""
+    def _bounded(self, conn: sqlite3.Connection, mode: str, wait_ms: int) -> bool:
+        """A RESTART or TRUNCATE checkpoint that waits at most `wait_ms` for the writer and for
+        readers of old frames (it holds the writer out while it waits; if they are not done it
+        gives up until a later round); True when it ran to the end."""
         try:
-            conn.execute(f"PRAGMA busy_timeout = {_RESTART_WAIT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
             try:
-                frames = self._checkpoint(conn, "RESTART")
+                frames = self._checkpoint(conn, mode)
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {_TRUNCATE_WAIT_MS}")
         except sqlite3.Error:  # setting the timeout failed: leave it to the next round

@@ -1,0 +1,90 @@
+"""Issue 19 (T2): while a writer commits, the WAL checkpointer never holds it out to wait for a
+reader, and it never cuts the WAL file; once the writer is idle the file is given back.
+
+The writer here has no busy timeout: any RESTART or TRUNCATE that held the write lock while it
+committed would show up as a "database is locked" error on its side (before this change, a
+reader that pinned old frames made every round attempt a RESTART, and the WAL past
+`truncate_above_bytes` a TRUNCATE that waited for the reader with the writer held out).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from medagent.storage.checkpoint import WalCheckpointer
+
+_ROW = b"x" * 4000
+
+
+def _wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_pinned_wal_defers_restarts_and_an_idle_wal_is_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)  # busy at once, never waits
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA synchronous = NORMAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE t (body BLOB)")
+    writer.execute("INSERT INTO t VALUES (?)", (_ROW,))
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 1  # holds this snapshot
+    wal = Path(f"{path}-wal")
+    checkpointer = WalCheckpointer(path, interval_s=0.02, restart_above_bytes=64 * 1024,
+                                   truncate_above_bytes=256 * 1024)
+    checkpointer.start()
+    written = 1
+    locked = 0
+    try:
+        deadline = time.monotonic() + 20.0
+        while checkpointer.deferrals < 3 and time.monotonic() < deadline:
+            try:
+                writer.execute("INSERT INTO t VALUES (?)", (_ROW,))
+                written += 1
+            except sqlite3.OperationalError as exc:  # only a checkpoint holding the write lock
+                assert "locked" in str(exc)
+                locked += 1
+        assert checkpointer.deferrals >= 3, "the reader never pinned the WAL past the RESTART threshold"
+        assert locked == 0, f"a checkpoint held the writer out {locked} times"
+        assert checkpointer.restarts == 0 and checkpointer.truncations == 0
+        assert wal.stat().st_size > 256 * 1024  # it grew: nothing cut it under the writer
+        reader.execute("COMMIT")
+        # The writer is idle now: the next rounds copy the rest and give the file back.
+        assert _wait_until(lambda: checkpointer.truncations >= 1 and wal.stat().st_size == 0)
+        assert checkpointer.errors == 0
+    finally:
+        checkpointer.stop()
+        reader.close()
+        writer.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT count(*) FROM t").fetchone()[0] == written
+
+
+def test_a_small_idle_wal_is_left_alone(tmp_path: Path) -> None:
+    """Below both limits an idle WAL keeps its file (the next writer starts it over in place):
+    sparse traffic does not pay a truncate and a file extension per message."""
+    path = tmp_path / "db.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE t (body BLOB)")
+    writer.executemany("INSERT INTO t VALUES (?)", [(_ROW,) for _ in range(10)])
+    wal = Path(f"{path}-wal")
+    size = wal.stat().st_size
+    checkpointer = WalCheckpointer(path, interval_s=0.02)  # default limits: 16 and 64 MB
+    checkpointer.start()
+    try:
+        assert _wait_until(lambda: checkpointer.checkpoints >= 5)
+        assert checkpointer.truncations == 0 and wal.stat().st_size == size
+    finally:
+        checkpointer.stop()
+        writer.close()
