@@ -3,7 +3,7 @@
 ``python benchmarks/dashboard_load.py [--messages 1000000] [--agents 100] [--keep DIR]``
 
 1. builds a hub store in a temporary directory: ``--agents`` agents (2 channels each) through
-   :class:`medagent.hub.store.HubStore`, then ``--messages`` ADT^A01 rows spread over the last
+   :class:`medagent.hub.store.sqlite.SqliteCore`, then ``--messages`` ADT^A01 rows spread over the last
    30 days (``--span-hours``; 1 % failed), bulk-inserted with ``executemany`` in one transaction per 100,000 rows;
 2. starts a real :class:`medagent.hub.HubServer` on 127.0.0.1:0 over it (timing the start, which
    includes the dashboard's one-off ``CREATE INDEX IF NOT EXISTS``), logs in with the admin token;
@@ -32,7 +32,8 @@ import aiohttp
 import orjson
 
 from medagent.hub import HubServer, HubSettings
-from medagent.hub.store import HubStore
+
+from medagent.hub.store.sqlite import SqliteCore
 
 BODY = ("MSH|^~\\&|ADT1|HOSP|MEDAGENT|CLOUD|20240101120000||ADT^A01^ADT_A01|{cid}|P|2.5.1\r"
         "EVN|A01|20240101120000\rPID|1||{mrn}^^^HOSP^MR||DOE^JOHN^Q||19800102|M|||1 MAIN ST^^TOWN^ST^12345\r"
@@ -43,7 +44,7 @@ CHUNK = 100_000
 
 def build_store(data_dir: Path, agents: int, messages: int, span_hours: float) -> tuple[list[str], float]:
     started = time.perf_counter()
-    store = HubStore(data_dir)
+    store = SqliteCore(data_dir)
     agent_ids = []
     for n in range(agents):
         credentials = store.add_agent(f"site-{n:03d}")
@@ -143,7 +144,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="medagent-dashboard-bench-") as tmp:
         data_dir = args.keep or Path(tmp) / "hub"
         if (data_dir / "hub.sqlite3").exists():
-            store = HubStore(data_dir)
+            store = SqliteCore(data_dir)
             agent_ids = [a.id for a in store.list_agents()]
             store.close()
             build_s = 0.0

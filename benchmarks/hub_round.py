@@ -4,12 +4,17 @@ What is measured
 ----------------
 :meth:`SqliteCore.write_round` driven the way the hub's StoreWriter drives it, in this process,
 without sockets or an event loop: each round inserts a group of ``--batch`` new messages with
-their results (the round's ``Answer``, as for the built-in ACK bot), on two index sets of the
-messages table:
+their results (the round's ``Answer``, as for the built-in ACK bot), on index sets of the
+messages table as a running hub has them (the dashboard, always served, adds its own at start):
 
 * ``v3``: schema v3's indexes (the retention pair ``messages_channel_age`` and the partial
-  ``messages_channel_body_age``), rebuilt on a fresh database for the comparison;
-* ``v4``: the current schema (one ``messages_retention`` index).
+  ``messages_channel_body_age``) and the dashboard's indexes before v5;
+* ``v4``: schema v4 (one ``messages_retention`` index) and the dashboard's indexes before v5
+  (``dashboard_messages_agent_time (agent_id, received_at, channel)`` and the partial index of
+  failures);
+* ``v5``: the current schema and the dashboard's current indexes (no index on time).
+
+``--shapes`` picks which (default ``v4,v5``).
 
 Per shape: CPU per message (``time.process_time`` over the rounds, the commits included; WAL
 checkpoints are off, as on the hub's writer connection), WAL bytes per message (the growth of
@@ -24,7 +29,7 @@ plus the server's processes' (from /proc), WAL bytes the ``pg_current_wal_lsn()`
 database bytes ``pg_total_relation_size('messages')`` (table, TOAST and indexes).
 
 Use: ``python benchmarks/hub_round.py [--engine sqlite|postgresql] [--batch 1,25,250] [--messages 20000]
-[--pairs 5] [--json]``.
+[--pairs 5] [--shapes v4,v5] [--json]``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medagent.hub.dashboard.queries import INDEXES as DASHBOARD_INDEXES
 from medagent.hub.records import IncomingMessage, MessageResult, MessageStatus, StoredReply
 from medagent.hub.schema import PG_TYPES, SQLITE_TYPES, statements
 from medagent.hub.store.sqlite import SqliteCore
@@ -47,9 +53,14 @@ from medagent.hub.store.sqlite import SqliteCore
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def v3_indexes(types: dict[str, str]) -> tuple[str, ...]:
-    """Schema v3's retention indexes (v2's two CREATE INDEX statements) in place of v4's one."""
-    return ("DROP INDEX messages_retention", *statements(1, types)[2:])
+#: the dashboard's index on time, created by dashboards before schema v5
+PRE_V5_DASHBOARD = "CREATE INDEX dashboard_messages_agent_time ON messages (agent_id, received_at, channel)"
+
+
+def shape_statements(shape: str, types: dict[str, str]) -> tuple[str, ...]:
+    """What turns a fresh current database (with the dashboard's current indexes) into ``shape``."""
+    v3 = ("DROP INDEX messages_retention", *statements(1, types)[2:])  # v2's two retention indexes
+    return {"v3": (*v3, PRE_V5_DASHBOARD), "v4": (PRE_V5_DASHBOARD,), "v5": ()}[shape]
 
 BODY = ("MSH|^~\\&|ADT1|HOSP|MEDAGENT|CLOUD|20240101120000||ADT^A01^ADT_A01|{cid}|P|2.5.1\r"
         "EVN|A01|20240101120000\rPID|1||{cid}^^^HOSP^MR||DOE^JOHN^Q||19800102|M|||1 MAIN ST^^TOWN^ST^12345\r"
@@ -73,9 +84,8 @@ def run(shape: str, batch: int, rounds: int) -> tuple[float, float, float]:
     """(CPU µs, WAL bytes, database bytes) per message of ``rounds`` rounds on ``shape``'s indexes."""
     with tempfile.TemporaryDirectory(prefix="medagent-hub-round-") as tmp:
         core = SqliteCore(Path(tmp))
-        if shape == "v3":
-            for statement in v3_indexes(SQLITE_TYPES):
-                core._conn().execute(statement)
+        for statement in (*DASHBOARD_INDEXES, *shape_statements(shape, SQLITE_TYPES)):
+            core._conn().execute(statement)
         core.disable_autocheckpoint()
         groups = [group(n, batch) for n in range(rounds)]
         wal = core.path.with_name(core.path.name + "-wal")
@@ -122,9 +132,8 @@ async def _pg_rounds(url: str, server_pid: int, shape: str, batch: int, rounds: 
     store = await PostgresHubStore.open(url)
     groups = [group(n, batch) for n in range(rounds)]
     with psycopg.connect(url, autocommit=True) as conn:
-        if shape == "v3":
-            for statement in v3_indexes(PG_TYPES):
-                conn.execute(statement)
+        for statement in (*DASHBOARD_INDEXES, *shape_statements(shape, PG_TYPES)):
+            conn.execute(statement)
         conn.execute("CHECKPOINT")
         lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
         start, server_start = time.process_time(), _tree_cpu_s(server_pid)
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1,25,250", help="messages per round, comma-separated")
     parser.add_argument("--messages", type=int, default=20_000, help="messages per run (rounds = messages / batch)")
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--shapes", default="v4,v5", help="index sets compared in alternation (v3, v4, v5)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     server = None
@@ -165,7 +175,7 @@ def _compare(args: argparse.Namespace, server: Any) -> int:
     report = []
     for batch in (int(b) for b in args.batch.split(",")):
         rounds = max(1, args.messages // batch)
-        figures: dict[str, list[tuple[float, float, float]]] = {"v3": [], "v4": []}
+        figures: dict[str, list[tuple[float, float, float]]] = {shape: [] for shape in args.shapes.split(",")}
         for _ in range(args.pairs):
             for shape, runs in figures.items():
                 if server is None:

@@ -113,6 +113,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX messages_channel_body_age",
         "CREATE INDEX messages_retention ON messages (channel, (body_purged_at IS NOT NULL), received_at)",
     ),
+    # v5: no index on time per stored message. Dashboards before v5 created
+    # dashboard_messages_agent_time (agent_id, received_at, channel) on the hub's database when
+    # they opened; they now turn a time bound into an id bound (medagent.hub.dashboard.idbound)
+    # and read ranges of the primary key or of messages_agent, so existing hubs drop it here.
+    (
+        "DROP INDEX IF EXISTS dashboard_messages_agent_time",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

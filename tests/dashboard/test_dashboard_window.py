@@ -13,8 +13,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medagent.hub.dashboard.queries import INDEXES
+from medagent.hub.dashboard.idbound import DISORDER_MS, id_ceiling, id_floor
+from medagent.hub.dashboard.queries import INDEXES, MessageFilter
 from medagent.hub.dashboard.window import BUCKET_MS, WINDOW_MS, RecentWindow
+from medagent.hub.schema import migrate
 from medagent.hub.store.sqlite import SqliteCore
 
 NOW = 1_800_000_000_000
@@ -72,12 +74,14 @@ def test_bootstrap_starts_at_the_last_hour_and_refresh_reads_only_new_rows(tmp_p
     insert = ("INSERT INTO messages (agent_id, channel, remote, callback, content_type, body, received_at)"
               " VALUES (?, ?, 'r', ?, 'text/plain', 'x', ?)")
     conn.executemany(insert, [(agents[i % 3], "adt", f"cb{i}", t) for i, t in enumerate(times)])
-    plan = " ".join(str(r) for r in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT channel, received_at - received_at % 10000, count(*) FROM messages"
-        " WHERE agent_id = ? AND received_at >= ? AND received_at <= ? AND id <= ? GROUP BY 1, 2", ("a", 0, 1, 1)))
-    assert "COVERING INDEX dashboard_messages_agent_time" in plan  # the table's rows are never read
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
     window = RecentWindow()
     window.bootstrap(conn, NOW)
+    conn.set_trace_callback(None)
+    count = next(q for q in statements if "GROUP BY" in q)
+    plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + count))
+    assert "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan  # the hour's id range only
     for n, agent in enumerate(agents):
         mine = [t for i, t in enumerate(times) if i % 3 == n]
         whole = sum(1 for t in mine if t >= NOW - WINDOW_MS + BUCKET_MS)  # the oldest bucket may be cut
@@ -122,5 +126,94 @@ async def test_counts_are_unknown_until_the_start_up_count_is_done(tmp_path: Pat
         assert minutes["adt"].errors == 2 and sum(minutes["adt"].counts) == 0  # failures known, counts not yet
         await asyncio.to_thread(reader._bootstrap_window)
         assert reader.window is not None and reader.window.last_id == 5
+    finally:
+        await reader.close()
+
+
+def memory_store(times: list[int], agents: tuple[str, ...] = ("a1", "a2")) -> sqlite3.Connection:
+    """The hub's schema in memory, one row per time (ids 1, 2, ... in that order)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(conn)
+    conn.executemany("INSERT INTO messages (agent_id, channel, remote, callback, content_type, body, received_at)"
+                     " VALUES (?, ?, 'r', ?, 'text/plain', 'x', ?)",
+                     [(agents[i % len(agents)], ("adt", "lab")[i % 3 == 0], f"cb{i}", t) for i, t in enumerate(times)])
+    return conn
+
+
+def disordered_times(draw_steps: list[int], jitters: list[int], start: int) -> list[int]:
+    """Times that grow with id except for a jitter below DISORDER_MS: a row may have been received
+    up to that much later than a row stored after it (the bound idbound.py works under)."""
+    times, base = [], start
+    for step, jitter in zip(draw_steps, jitters, strict=False):
+        base += step
+        times.append(base + jitter)
+    return times
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 40_000), min_size=0, max_size=400),
+       st.lists(st.integers(0, DISORDER_MS - 1), min_size=400, max_size=400),
+       st.integers(-2 * WINDOW_MS, 0), st.integers(0, 200))
+def test_start_up_count_equals_reading_every_row_when_times_are_out_of_order(
+        steps: list[int], jitters: list[int], start: int, deleted: int) -> None:
+    """The window's semantics: a row counts by its received_at (the last hour, to the 10 s bucket),
+    whatever its id. The start-up count, which reads only the id range from the hour's first id
+    on, must equal counting every row one by one (RecentWindow.add), out-of-order times near the
+    hour's start included; rows deleted by retention leave gaps in the ids it bisects."""
+    times = disordered_times(steps, jitters, NOW + start)
+    conn = memory_store(times)
+    conn.execute("DELETE FROM messages WHERE id % 7 = ? ", (deleted % 7,))
+    rows = conn.execute("SELECT id, agent_id, channel, received_at FROM messages ORDER BY id").fetchall()
+    every_row = RecentWindow()
+    every_row.add(rows, NOW)
+    started = RecentWindow()
+    started.bootstrap(conn, NOW)
+    assert started.hour_total == every_row.hour_total
+    assert started.last_id == every_row.last_id
+    for agent in ("a1", "a2"):
+        assert started.per_minute(agent, NOW) == every_row.per_minute(agent, NOW)
+        assert started.hour_total.get(agent, 0) == sum(1 for _, a, _, t in rows if a == agent
+                                                       and NOW - WINDOW_MS <= t <= NOW + WINDOW_MS)
+    for at in (NOW - WINDOW_MS, NOW - 60_000, NOW + start):
+        floor, ceiling = id_floor(conn, at), id_ceiling(conn, at)
+        assert all(t < at for i, _, _, t in rows if i < floor)
+        assert all(t >= at for i, _, _, t in rows if i >= ceiling)
+    conn.close()
+
+
+async def test_searches_and_latencies_by_time_select_the_rows_received_then(tmp_path: Path) -> None:
+    """A search's since/until and the bot latencies of the last 5 minutes select rows by
+    received_at exactly, with times out of order (by less than DISORDER_MS) around the bounds."""
+    from medagent.hub.dashboard.queries import HubReader
+
+    store = SqliteCore(tmp_path)
+    agent = (store.add_agent("a")).agent_id
+    store.close()
+    rng = random.Random(19)
+    times = disordered_times([rng.randint(0, 3_000) for _ in range(3000)],
+                             [rng.randrange(DISORDER_MS) for _ in range(3000)], NOW - 3_000 * 1_500)
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3", isolation_level=None)
+    conn.executemany("INSERT INTO messages (agent_id, channel, remote, callback, content_type, body, received_at,"
+                     " status, processed_at) VALUES (?, 'adt', 'r', ?, 'text/plain', 'x', ?, 'processed', ?)",
+                     [(agent, f"cb{i}", t, t + i % 50) for i, t in enumerate(times)])
+    conn.close()
+    now = max(times)
+    reader = HubReader(tmp_path / "hub.sqlite3")
+    await reader.run(reader._open)
+    try:
+        for since, until in ((now - 600_000, None), (None, now - 900_000), (now - 2_000_000, now - 1_000_000)):
+            found, before = [], None
+            while True:  # every page of the search
+                page, before = await reader.run(reader.search, MessageFilter(
+                    agent_id=agent, since_ms=since, until_ms=until, before_id=before), 400)
+                found += [r.id for r in page]
+                if before is None:
+                    break
+            expected = [i + 1 for i, t in enumerate(times)
+                        if (since is None or t >= since) and (until is None or t < until)]
+            assert sorted(found) == expected and found, (since, until)
+        minutes = await reader.run(reader.channel_minutes, agent, now)
+        latencies = sorted((i % 50) for i, t in enumerate(times) if t >= now - 300_000)
+        assert sorted(minutes["adt"].latencies_ms) == latencies and latencies
     finally:
         await reader.close()

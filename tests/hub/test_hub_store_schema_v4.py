@@ -75,7 +75,7 @@ def test_sqlite_v3_to_v4_keeps_every_row_and_serves_retention(tmp_path: Path) ->
     try:
         assert sqlite_rows(core.path) == before
         conn = sqlite3.connect(core.path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION  # v4, then v5 (no index change here)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
                                               " AND tbl_name = 'messages' AND sql IS NOT NULL")}
         assert indexes == V4_INDEXES

@@ -8,15 +8,17 @@ readconn.py), opened on one dedicated thread
 (:class:`HubReader`), so a slow search never stalls the hub's event loop and never competes
 with the hub's writer thread for a connection.
 
-Indexes (created idempotently at dashboard start, ``CREATE INDEX IF NOT EXISTS``; the hub's
-own schema has ``messages_agent (agent_id, id)`` and ``messages_control_id``):
+Indexes: the hub's schema has ``messages_agent (agent_id, id)`` and ``messages_control_id``;
+the dashboard adds one at start (idempotently, ``CREATE INDEX IF NOT EXISTS``):
+``dashboard_messages_failed (agent_id, id) WHERE status = 'error'`` — a *partial* index: it
+holds only failed messages, so counting and listing failures is cheap and a message that
+succeeds costs the hub's insert path nothing extra for it.
 
-* ``dashboard_messages_agent_time (agent_id, received_at, channel)`` — one agent's recent rows
-  (bot reply latencies of the last 5 minutes, searches by agent and time) and, covering, the
-  one-off count of the last hour at start (:meth:`RecentWindow.bootstrap`);
-* ``dashboard_messages_failed (agent_id, id) WHERE status = 'error'`` — a *partial* index: it
-  holds only failed messages, so counting and listing failures is cheap and a message that
-  succeeds costs the hub's insert path nothing extra for it.
+No index on ``received_at``: it would be one more B-tree written for every stored message. A
+time bound (the last 5 minutes of bot latencies, a search's since/until, the start-up count of
+the last hour) becomes an id bound first (idbound.py: a bisection over the primary key, ids grow
+with time), and the query ranges over ``id`` with its ``received_at`` condition kept, so the
+rows it selects are the same. Schema v5 drops the time index earlier dashboards created.
 
 Counts of the last minute and hour (overview, live ticks, per-channel charts) come from
 :class:`~medagent.hub.dashboard.window.RecentWindow`, which reads each new row once instead of
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from medagent.hub.dashboard.idbound import id_ceiling, id_floor
 from medagent.hub.dashboard.readconn import ReadConnection, open_read_connection
 from medagent.hub.dashboard.window import RecentWindow
 from medagent.hub.records import MessageStatus
@@ -49,9 +52,11 @@ log = logging.getLogger(__name__)
 
 PAGE = 50
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS dashboard_messages_agent_time ON messages (agent_id, received_at, channel)",
     "CREATE INDEX IF NOT EXISTS dashboard_messages_failed ON messages (agent_id, id) WHERE status = 'error'",
 )
+#: bot latencies of a channel page: the newest rows of this long (at most LATENCY_ROWS of them)
+LATENCY_WINDOW_MS = 300_000
+LATENCY_ROWS = 20_000
 
 T = TypeVar("T")
 
@@ -192,7 +197,9 @@ class HubReader:
     def agent_counts(self, agent_ids: list[str], now_ms: int | None = None) -> dict[str, AgentCounts]:
         now_ms = now_ms if now_ms is not None else _now_ms()
         conn = self.conn
-        failed = dict(conn.execute("SELECT agent_id, count(*) FROM messages WHERE status = 'error' GROUP BY agent_id"))
+        failed = dict(conn.execute(  # the partial index: SQLite would rather walk messages_agent (every row)
+            "SELECT agent_id, count(*) FROM messages INDEXED BY dashboard_messages_failed"
+            " WHERE status = 'error' GROUP BY agent_id"))
         window = self.window
         if window is None:  # still counting the last hour at start-up
             return {a: AgentCounts(None, None, failed.get(a, 0)) for a in agent_ids}
@@ -219,11 +226,13 @@ class HubReader:
             (agent_id, now_ms - 3_600_000),
         ):
             channels.setdefault(channel, ChannelMinute()).errors = errors
-        # Latency percentiles from the last 5 minutes, at most 20,000 rows (newest first).
+        # Latency percentiles from the last 5 minutes, at most LATENCY_ROWS rows, the newest
+        # (by id: the order they were stored in) first; messages_agent read backwards from the top.
+        since = now_ms - LATENCY_WINDOW_MS
         for channel, received, processed in self.conn.execute(
-            "SELECT channel, received_at, processed_at FROM messages WHERE agent_id = ? AND received_at >= ?"
-            " AND processed_at IS NOT NULL ORDER BY received_at DESC LIMIT 20000",
-            (agent_id, now_ms - 300_000),
+            "SELECT channel, received_at, processed_at FROM messages WHERE agent_id = ? AND id >= ?"
+            " AND received_at >= ? AND processed_at IS NOT NULL ORDER BY id DESC LIMIT ?",
+            (agent_id, id_floor(self.conn, since), since, LATENCY_ROWS),
         ):
             channels.setdefault(channel, ChannelMinute()).latencies_ms.append(processed - received)
         return channels
@@ -232,6 +241,12 @@ class HubReader:
         """A page of messages newest first, and the ``before`` id of the next page (or ``None``)."""
         where: list[str] = ["id < ?"]
         params: list[Any] = [f.before_id if f.before_id is not None else 2**62]
+        # A time filter also bounds the ids read (same rows: the received_at conditions stay).
+        if f.until_ms is not None:
+            params[0] = min(params[0], id_ceiling(self.conn, f.until_ms))
+        if f.since_ms is not None:
+            where.append("id >= ?")
+            params.append(id_floor(self.conn, f.since_ms))
         add_filters(where, params, agent_id=f.agent_id, channel=f.channel, control_id=f.control_id,
                     message_type=f.message_type, since=f.since_ms, until=f.until_ms)
         if f.status is not None:

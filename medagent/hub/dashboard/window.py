@@ -10,8 +10,9 @@ adds them to 10-second buckets per (agent, channel); buckets older than an hour 
 their counts subtracted from the running per-agent totals. So the last-hour total of an agent
 is a dictionary lookup, the last minute six buckets, and a channel's per-minute chart sixty sums.
 
-Start-up (:meth:`RecentWindow.bootstrap`) lets SQLite count the last hour per (agent, channel,
-bucket) from a covering index, once; from then on only new rows are read.
+Start-up (:meth:`RecentWindow.bootstrap`) lets the database count the last hour per (agent,
+channel, bucket) over a primary-key range (the hour's first id found by bisection, idbound.py:
+no index on time is written per message for this), once; from then on only new rows are read.
 
 Invariants: every row is counted at most once (``last_id`` only grows); a row counts only while
 its ``received_at`` is within the last hour; ``hour_total[agent]`` always equals the sum of the
@@ -24,6 +25,8 @@ import collections
 import sqlite3
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+from medagent.hub.dashboard.idbound import id_floor
 
 if TYPE_CHECKING:
     from medagent.hub.dashboard.readconn import ReadConnection
@@ -93,24 +96,25 @@ class RecentWindow:
                 break
 
     def bootstrap(self, conn: ReadConnection | sqlite3.Connection, now_ms: int) -> None:
-        """Count the last hour once, aggregated by SQLite (the rows never reach Python one by one).
+        """Count the last hour once, aggregated by the database (the rows never reach Python one by one).
 
-        The newest id is read first (rows stored meanwhile are left to :meth:`refresh`); then,
-        per agent, the rows of the hour up to that id are counted per (channel, bucket) from the
-        index ``(agent_id, received_at, channel)`` alone, without reading the table's rows.
+        The newest id is read first (rows stored meanwhile are left to :meth:`refresh`); then the
+        rows of the hour up to that id are counted per (agent, channel, bucket) in one range scan
+        of the primary key from the hour's first id (:func:`id_floor`). The ``received_at``
+        conditions are the ones :meth:`add` applies, so the counts are what reading every row
+        would give.
         """
         newest = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
-        agents = [r[0] for r in conn.execute("SELECT id FROM agents")]
-        for agent_id in agents:  # one covering range scan of the index per agent
-            for channel, start, count in conn.execute(
-                "SELECT channel, received_at - received_at % ?, count(*) FROM messages"
-                " WHERE agent_id = ? AND received_at >= ? AND received_at <= ? AND id <= ? GROUP BY 1, 2",
-                (BUCKET_MS, agent_id, now_ms - WINDOW_MS, now_ms + WINDOW_MS, newest),
-            ):
-                bucket = self._buckets.setdefault(start, {})
-                channels = bucket.setdefault(agent_id, {})
-                channels[channel] = channels.get(channel, 0) + count
-                self.hour_total[agent_id] += count
+        oldest = now_ms - WINDOW_MS
+        for agent_id, channel, start, count in conn.execute(
+            "SELECT agent_id, channel, received_at - received_at % ?, count(*) FROM messages"
+            " WHERE id >= ? AND id <= ? AND received_at >= ? AND received_at <= ? GROUP BY 1, 2, 3",
+            (BUCKET_MS, id_floor(conn, oldest), newest, oldest, now_ms + WINDOW_MS),
+        ):
+            bucket = self._buckets.setdefault(start, {})
+            channels = bucket.setdefault(agent_id, {})
+            channels[channel] = channels.get(channel, 0) + count
+            self.hour_total[agent_id] += count
         self._buckets = collections.OrderedDict(sorted(self._buckets.items()))
         self.last_id = max(self.last_id, newest)
         self.expire(now_ms)
