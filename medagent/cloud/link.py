@@ -21,16 +21,13 @@ One supervisor task (:meth:`AgentLink.start`) loops until :meth:`AgentLink.close
    the socket closes, back off (jittered exponential, ``reconnect_min_s`` .. ``reconnect_max_s``)
    and start over. The backoff resets after a session that stayed live for a heartbeat period.
 
-Sending. :meth:`AgentLink.send_transmit` is the hot path: the core encodes the message into its
-list and one write is scheduled for the end of the loop turn (``call_soon``) — no task or future
-per message. A caller that queued a batch ends it with :meth:`AgentLink.flush`, so the
+Sending. :meth:`AgentLink.send_transmit` is the hot path: the core appends the message to its list
+and one write is scheduled for the end of the loop turn (``call_soon``) — no task, future or
+encoding per message. A caller that queued a batch ends it with :meth:`AgentLink.flush`, so the
 frame leaves in the same turn (at one sender that is a loop turn and two task wake-ups fewer per
-message). A caller that spreads one batch over several loop turns (the dispatcher, so that devices
-are served between its slices) calls :meth:`AgentLink.hold` first: no write is scheduled until
-its ``flush()``, and the batch still leaves as one frame. The write runs on the loop and writes
-everything the core encodes; only when the socket pushed back (above the write buffer's
-high-water mark) or is not open does the writer task take over, waiting for the drain (or ending
-the session). Frames are ``agent:batch`` when the hub
+message). The write runs on the loop and writes everything the core encodes; only when the socket
+pushed back (above the write buffer's high-water mark) or is not open does the writer task take
+over, waiting for the drain (or ending the session). Frames are ``agent:batch`` when the hub
 advertised ``features.batch`` and ``use_batching`` is on, else one frame per message; see the
 core). A hub ``"Invalid access token"`` marks the token for renewal, so the next attempt connects
 with a new one and the runtime re-sends what was unconfirmed (``on_down``).
@@ -250,7 +247,6 @@ class AgentLink:
         self._connects = 0
         self._totals = dict.fromkeys(_COUNTERS, 0)  # counters of the sessions that ended
         self._last_ping_ms: float | None = None
-        self._held = False  # hold(): transmits wait for flush()
 
     @staticmethod
     def _tls_context(settings: LinkSettings) -> ssl.SSLContext:
@@ -318,21 +314,13 @@ class AgentLink:
         conn = self._conn
         if conn is None or not conn.core.send_transmit(message):
             return False
-        if conn.write_handle is None and not self._held:
+        if conn.write_handle is None:
             self._write_soon(conn)
         return True
 
-    def hold(self) -> None:
-        """Transmits queued from now on wait for :meth:`flush` (which ends the hold): a caller
-        that yields to the loop between parts of one batch keeps it one frame. Any other write
-        (a heartbeat, a reply) still takes what is queued with it."""
-        self._held = True
-
     def flush(self) -> None:
         """Write what is queued now (a caller that queued a batch of transmits in this loop turn
-        ends it with this: the frame leaves in the same turn, the scheduled write finds nothing);
-        ends a :meth:`hold`."""
-        self._held = False
+        ends it with this: the frame leaves in the same turn, the scheduled write finds nothing)."""
         conn = self._conn
         if conn is not None:
             self._write_now(conn)

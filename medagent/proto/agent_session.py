@@ -33,9 +33,7 @@ described in :mod:`medagent.cloud.messages`):
   handshake). The agent also ends a socket that is not live after ``MAX_NOT_LIVE_TICKS`` ticks
   (Medplum: a lost connect request).
 * **Batch bookkeeping**. Agent: transmits queued with :meth:`AgentSession.send_transmit` are
-  encoded as they are queued (so a caller can spread a large batch over several loop turns and
-  the write only frames it; a token changed before the write re-encodes them) and framed by
-  :meth:`AgentSession.data_to_send` — one frame each towards a plain Medplum hub
+  encoded by :meth:`AgentSession.data_to_send` — one frame each towards a plain Medplum hub
   (confirmed by the transmit response or ``agent:error`` with the same callback), or packed into
   ``agent:batch`` frames with ``seq`` = 1, 2, ... when the hub advertised ``features.batch``
   (confirmed cumulatively by ``agent:batch:ack {seq}``). Hub: each batch's ``seq`` must be above
@@ -116,8 +114,6 @@ MAX_NOT_LIVE_TICKS: Final = 2
 BATCH_FRAME_TARGET_BYTES: Final = 96 * 1024
 
 _HEARTBEAT_REQUEST_FRAME: Final = m.encode(m.HeartbeatRequest())
-#: ``_encoded_token`` when the queued transmits were encoded with different tokens (equals no token).
-_STALE: Final = object()
 _NOT_JSON: Final = object()  # _parse's answer for bytes that are not JSON (JSON null is None)
 
 
@@ -382,11 +378,6 @@ class AgentSession(_Session):
         #: (max messages, max bytes) per agent:batch frame, or None in plain mode
         self.batch_limits: tuple[int, int] | None = None
         self._transmits: list[m.TransmitRequest] = []
-        # Each queued transmit is encoded when queued (the caller's work stays in proportion to
-        # what it queues; data_to_send only frames), with the token current then; a token changed
-        # before the write makes data_to_send encode them again (§1.1: the token of the write).
-        self._encoded: list[bytes] = []
-        self._encoded_token: object = None  # a str, None, or _STALE
         self._next_seq = 1
         self._unacked: deque[tuple[int, list[str]]] = deque()
         self._unconfirmed: set[str] = set()  # plain mode: sent, not yet answered
@@ -410,13 +401,7 @@ class AgentSession(_Session):
             return False
         if message.callback is None:
             raise ValueError("send_transmit needs a message with a callback (its confirmation id)")
-        token = self.access_token
-        if not self._transmits:
-            self._encoded_token = token
-        elif token != self._encoded_token:
-            self._encoded_token = _STALE  # mixed tokens: data_to_send encodes them all again
         self._transmits.append(message)
-        self._encoded.append(m.encode_transmit(message, token, self.batch_limits is not None))
         return True
 
     def has_data(self) -> bool:
@@ -426,10 +411,7 @@ class AgentSession(_Session):
         frames, self._outbox = self._outbox, []
         if self._transmits:
             transmits, self._transmits = self._transmits, []
-            encoded, self._encoded = self._encoded, []
-            if self._encoded_token != self.access_token:
-                encoded = [m.encode_transmit(t, self.access_token, self.batch_limits is not None) for t in transmits]
-            frames.extend(self._frame_transmits(transmits, encoded))
+            frames.extend(self._encode_transmits(transmits))
         self.frames_sent += len(frames)
         return frames
 
@@ -438,29 +420,34 @@ class AgentSession(_Session):
             return m.encode_transmit(message, self.access_token, extensions=False)
         return m.encode(message)
 
-    def _frame_transmits(self, messages: list[m.TransmitRequest], encoded: list[bytes]) -> list[bytes]:
-        """The frames of queued transmits (``encoded`` in the same order): one each in plain mode,
-        else ``agent:batch`` frames cut at the hub's limits and BATCH_FRAME_TARGET_BYTES."""
+    def _encode_transmits(self, messages: list[m.TransmitRequest]) -> list[bytes]:
+        token = self.access_token
+        encode = m.encode_transmit
         self.transmits_sent += len(messages)
         if self.batch_limits is None:
             self._unconfirmed.update(message.callback for message in messages)  # type: ignore[misc]
-            return encoded
+            return [encode(message, token, False) for message in messages]
         max_messages, max_bytes = self.batch_limits
         budget = min(max_bytes, BATCH_FRAME_TARGET_BYTES) - m.BATCH_FRAME_OVERHEAD
         frames: list[bytes] = []
-        start = size = 0
-        for index, data in enumerate(encoded):
-            if index > start and (index - start >= max_messages or size + len(data) > budget):
-                frames.append(self._batch(encoded[start:index], messages[start:index]))
-                start, size = index, 0
+        parts: list[bytes] = []
+        callbacks: list[str] = []
+        size = 0
+        for message in messages:
+            data = encode(message, token, True)
+            if parts and (len(parts) >= max_messages or size + len(data) > budget):
+                frames.append(self._batch(parts, callbacks))
+                parts, callbacks, size = [], [], 0
+            parts.append(data)
+            callbacks.append(message.callback)  # type: ignore[arg-type]
             size += len(data) + 1
-        frames.append(self._batch(encoded[start:], messages[start:]))
+        frames.append(self._batch(parts, callbacks))
         return frames
 
-    def _batch(self, parts: list[bytes], messages: list[m.TransmitRequest]) -> bytes:
+    def _batch(self, parts: list[bytes], callbacks: list[str]) -> bytes:
         seq = self._next_seq
         self._next_seq = seq + 1
-        self._unacked.append((seq, [message.callback for message in messages]))  # type: ignore[misc]
+        self._unacked.append((seq, callbacks))
         self.batches_sent += 1
         return m.batch_frame(seq, parts)
 

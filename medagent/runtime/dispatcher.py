@@ -32,16 +32,6 @@ turn and ends the batch with the link's `flush()`, so the frame leaves in that t
 lock-step sender in original mode no task wakes per message. Rows nobody awaits replies to are
 left to the task, whose linger batches them.
 
-Bounded loop work (issue 19, the fast-mode ACK tail). The loop that sends rows also reads the
-devices and commits their messages, so no piece of delivery work may run long while devices wait
-for ACKs: a batch is handed to the link in slices of at most `SLICE_ROWS` rows / `SLICE_BYTES`
-body bytes (each transmit is encoded as it is queued), and between slices the task yields one
-loop turn, in which readers are served and their group commit answers the devices. The link is
-held meanwhile (`AgentLink.hold`) and written once at the end (`flush`), so the hub still gets
-one `agent:batch` frame per batch. The rows listener sends at most one slice in a commit's turn;
-the task sends the rest. A link lost during a yield (`on_down` released every row in flight)
-ends the batch.
-
 Hub requests (`agent:transmit:request` pushes, reload-config, logs, stats) are answered by the
 request handler given at construction.
 
@@ -139,15 +129,6 @@ MAX_UNCONFIRMED_BYTES = 8 * 1024 * 1024
 #: wait here. Immediate-mode messages linger in their buffer the same way.
 LINGER_S = 0.010
 
-#: A batch is handed to the link in slices of at most this many rows and body bytes, and the task
-#: yields one loop turn between slices so that devices are read and answered meanwhile (module
-#: docstring, "Bounded loop work"). A row costs ~10-20 µs of loop CPU (transmit built, encoded and
-#: tracked; measured in situ, benchmarks/perf-log.md A5), so a slice is ~0.3-0.6 ms. Each yield is a
-#: task step and a loop turn: 16-row slices cost the one-sender case (~25-row batches) +5 µs of
-#: dispatcher CPU per message (A5), so a batch of up to 32 rows goes whole, as before.
-SLICE_ROWS = 32
-SLICE_BYTES = 32 * 1024
-
 #: A byte-stream channel (tcp://, serial://) configured with bodyEncoding=utf-8.
 BYTES_AS_UTF8 = "bytes-as-utf-8"
 _BYTE_STREAM_KINDS = frozenset({"tcp", "serial"})
@@ -240,8 +221,6 @@ class Dispatcher:
         self._inflight_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._link_flush: Callable[[], None] | None = None  # the link's flush(), when it has one
-        self._link_hold: Callable[[], None] | None = None  # the link's hold(), when it has one
-        self._link_epoch = 0  # on_down count: a batch spread over loop turns stops when it moves
         # The task waits in next_batch with no rows in hand: rows committed now may be sent by
         # _rows_committed in the commit's loop turn (ordering holds: nothing older is in hand).
         self._parked = False
@@ -254,14 +233,12 @@ class Dispatcher:
         self.immediate_dropped = 0
         self.uploads = 0
         self.upload_failures = 0
-        self.slices = 0  # slices handed to the link by the task (a batch of n rows: ceil(n / SLICE_ROWS))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def attach(self, link: TransmitLink) -> None:
         """The link this dispatcher sends on (the link is built with the dispatcher as handler)."""
         self._link = link
         self._link_flush = getattr(link, "flush", None)
-        self._link_hold = getattr(link, "hold", None)
 
     def start(self) -> None:
         assert self._link is not None, "attach(link) first"
@@ -302,7 +279,6 @@ class Dispatcher:
     def on_down(self, reason: str) -> None:
         log.log(logging.INFO if self.stopping else logging.WARNING, "link down: %s", reason)
         self._live.clear()
-        self._link_epoch += 1
         if self._sent_at:
             log.info("link down: %d unconfirmed messages go back to the queue", len(self._sent_at))
         self._sent_at.clear()
@@ -410,11 +386,6 @@ class Dispatcher:
         if self._link_flush is not None:
             self._link_flush()
 
-    def _hold_link(self) -> None:
-        """Transmits queued from now on wait for _flush_link (AgentLink.hold), across yields."""
-        if self._link_hold is not None:
-            self._link_hold()
-
     # -- housekeeping ---------------------------------------------------------------------------
     def expire_unconfirmed(self) -> int:
         """Release rows the hub has not confirmed in time, so they are sent again."""
@@ -447,7 +418,6 @@ class Dispatcher:
             "repliesUnroutable": self.replies_unroutable,
             "uploads": self.uploads,
             "uploadFailures": self.upload_failures,
-            "slices": self.slices,
         }
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -467,11 +437,8 @@ class Dispatcher:
                 rows = await self._queue.next_batch(min(self._max_batch, room))
             finally:
                 self._parked = False
-            self._hold_link()
-            try:
-                replies_awaited = await self._send_rows(rows)
-            finally:
-                self._flush_link()  # one frame for the whole batch, even when its slices spanned turns
+            replies_awaited = await self._send_rows(rows)
+            self._flush_link()
             if not replies_awaited and len(rows) < self._max_batch and self._linger_s > 0:
                 # Nobody waits on these (fast/immediate ACKs were sent at commit): let more rows
                 # gather so the hub handles fewer, larger batches. Original and two-phase rows
@@ -497,7 +464,7 @@ class Dispatcher:
         room = self._max_unconfirmed - len(self._sent_at)
         if room <= 0 or self._inflight_bytes >= MAX_UNCONFIRMED_BYTES:
             return
-        rows = self._queue.take_ready(min(self._max_batch, room, SLICE_ROWS))  # the task sends the rest
+        rows = self._queue.take_ready(min(self._max_batch, room))
         if rows:
             self._send_inline(rows, 0, len(rows))
             self._flush_link()
@@ -511,7 +478,7 @@ class Dispatcher:
             end = index
             while end < len(rows) and _file_of(rows[end]) is None:
                 end += 1
-            sent, waits = await self._send_sliced(rows, index, end)
+            sent, waits = self._send_inline(rows, index, end)
             replies_awaited |= waits
             if not sent:
                 return replies_awaited
@@ -520,9 +487,7 @@ class Dispatcher:
                 end += 1
             if index == end:
                 continue
-            self._flush_link()  # what is queued leaves now, not after the uploads
             uploaded = await self._upload(rows[index:end])
-            self._hold_link()
             batch = _Batch(self._require_link(), self._channel)  # after the await: a fresh look
             for offset, result in enumerate(uploaded):
                 if result is None:  # this row and every later one go back, in order
@@ -534,28 +499,6 @@ class Dispatcher:
                 replies_awaited |= reply_wanted
             index = end
         return replies_awaited
-
-    async def _send_sliced(self, rows: Sequence[QueuedMessage], start: int, end: int) -> tuple[bool, bool]:
-        """Send rows[start:end] (inline payloads) a slice at a time, yielding one loop turn after
-        each slice when there is more than one (the batch's write then runs in a turn of its own
-        too): (all sent, a device waits for a reply). A link lost during a yield ends it (its
-        on_down put every row in flight, these included, back in the queue)."""
-        waits = False
-        epoch = self._link_epoch
-        sliced = _slice_end(rows, start, end) < end  # more than one slice: the write gets a turn too
-        while start < end:
-            stop = _slice_end(rows, start, end)
-            sent, slice_waits = self._send_inline(rows, start, stop)
-            self.slices += 1
-            waits |= slice_waits
-            if not sent:
-                return False, waits
-            start = stop
-            if sliced:
-                await asyncio.sleep(0)  # devices are read and answered in this turn
-                if self._link_epoch != epoch:
-                    return False, waits
-        return True, waits
 
     def _send_inline(self, rows: Sequence[QueuedMessage], start: int, end: int) -> tuple[bool, bool]:
         waits = False
@@ -651,18 +594,6 @@ class Dispatcher:
             text = body.decode("utf-8" if json_like else encoding, errors="replace")
         return TransmitRequest(remote=remote, content_type=content_type, body=text, channel=channel, callback=callback,
                                duplicate_of=duplicate_of, no_reply=no_reply)
-
-
-def _slice_end(rows: Sequence[QueuedMessage], start: int, end: int) -> int:
-    """The end of the slice that starts at rows[start]: at most SLICE_ROWS rows and about
-    SLICE_BYTES body bytes (the row that reaches the byte bound is the slice's last), never empty."""
-    stop = min(end, start + SLICE_ROWS)
-    size = 0
-    for index in range(start, stop):
-        size += len(rows[index].body)
-        if size >= SLICE_BYTES:
-            return index + 1
-    return stop
 
 
 def _file_of(row: QueuedMessage) -> Any:

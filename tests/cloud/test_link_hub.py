@@ -8,7 +8,6 @@ frame per message against a hub that would accept batches. Hub operations (``$pu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -163,27 +162,3 @@ async def test_bad_credentials_against_the_hub(hub: HubServer, agent: AgentCrede
         assert handler.lives == []
     finally:
         await link.close()
-
-
-async def test_held_transmits_leave_as_one_batch_at_flush(hub: HubServer, agent: AgentCredentials) -> None:
-    """hold(): transmits queued over several loop turns (the dispatcher's slices) are written by
-    flush() as one agent:batch, not one frame per turn; the hub confirms them all."""
-    handler = RecordingHandler()
-    async with running_link(hub, agent, handler, heartbeat_s=30.0) as link:
-        before = link.stats()
-        sent = transmits(agent.agent_id, 40)
-        link.hold()
-        for part in (sent[:20], sent[20:]):
-            assert all(link.send_transmit(message) for message in part)
-            for _ in range(3):
-                await asyncio.sleep(0)  # loop turns pass: a scheduled write would have run
-        held = link.stats()
-        assert held["frames_sent"] == before["frames_sent"] and held["backlog"] == 40
-        link.flush()
-        after = link.stats()
-        assert after["batches_sent"] == before["batches_sent"] + 1 and after["messages_sent"] == 40
-        assert after["backlog"] == 0
-        await eventually(lambda: len(handler.confirmed) == 40, what="the batch's confirmation")
-        assert handler.confirmed == [message.callback for message in sent]
-        assert link.send_transmit(transmits(agent.agent_id, 1, start=40)[0])  # flush ended the hold
-        await eventually(lambda: len(handler.confirmed) == 41, what="a write without flush()")
