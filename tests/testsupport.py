@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,3 +18,14 @@ def pick(module: Any, name: str, impl: str) -> Any:
     if obj is None:
         pytest.fail(f"{module.__name__}.{name}C is missing although extensions are expected")
     return obj
+
+
+def wait_until_sync(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` every 20 ms until it holds (True) or ``timeout`` seconds passed (False):
+    for tests that watch a background thread (e.g. the WAL checkpointer) from plain code."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
+
+from testsupport import wait_until_sync
 
 from medagent.queue.checkpoint import WalCheckpointer
 
@@ -17,15 +18,6 @@ def _writer(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _wait_until(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_wal_is_truncated_in_the_background_and_rows_survive(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     conn = _writer(path)
@@ -35,7 +27,7 @@ def test_wal_is_truncated_in_the_background_and_rows_survive(tmp_path: Path) -> 
     checkpointer = WalCheckpointer(path, interval_s=0.05, truncate_above_bytes=100_000)
     checkpointer.start()
     try:
-        assert _wait_until(lambda: wal.stat().st_size == 0)
+        assert wait_until_sync(lambda: wal.stat().st_size == 0)
         assert checkpointer.checkpoints > 0 and checkpointer.errors == 0
     finally:
         checkpointer.stop()

@@ -13,18 +13,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+from testsupport import wait_until_sync
+
 from medagent.storage.checkpoint import WalCheckpointer
 
 _ROW = b"x" * 4000
-
-
-def _wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_a_pinned_wal_defers_restarts_and_an_idle_wal_is_truncated(tmp_path: Path) -> None:
@@ -59,7 +52,7 @@ def test_a_pinned_wal_defers_restarts_and_an_idle_wal_is_truncated(tmp_path: Pat
         assert wal.stat().st_size > 256 * 1024  # it grew: nothing cut it under the writer
         reader.execute("COMMIT")
         # The writer is idle now: the next rounds copy the rest and give the file back.
-        assert _wait_until(lambda: checkpointer.truncations >= 1 and wal.stat().st_size == 0)
+        assert wait_until_sync(lambda: checkpointer.truncations >= 1 and wal.stat().st_size == 0)
         assert checkpointer.errors == 0
     finally:
         checkpointer.stop()
@@ -83,7 +76,7 @@ def test_a_small_idle_wal_is_left_alone(tmp_path: Path) -> None:
     checkpointer = WalCheckpointer(path, interval_s=0.02)  # default limits: 16 and 64 MB
     checkpointer.start()
     try:
-        assert _wait_until(lambda: checkpointer.checkpoints >= 5)
+        assert wait_until_sync(lambda: checkpointer.checkpoints >= 5)
         assert checkpointer.truncations == 0 and wal.stat().st_size == size
     finally:
         checkpointer.stop()
