@@ -94,6 +94,7 @@ from medagent.queue.records import (
     QueuedMessage,
     RowState,
 )
+from medagent.storage.checkpoint import WAL_SIZE_LIMIT_BYTES
 from medagent.storage.errors import storage_error_reason
 from medagent.storage.files import ensure_private_dir, prepare_private_database
 
@@ -143,13 +144,6 @@ _TRIM_MIN_ROWS = 16
 #: TRUNCATE that followed held intake out until the scan ended). 2,000 ids: ~1.4 MB of pages,
 #: a few ms per read (like `_AGE_SUBWINDOW_IDS`).
 _STATS_RANGE_IDS = 2000
-#: The writer's `journal_size_limit`: the first commit after the WAL started over cuts the file
-#: back to this size. Under intake the WAL file is otherwise only cut by a TRUNCATE checkpoint
-#: when idle (storage/checkpoint.py), and that cut on the commit path costs time in proportion
-#: to what it frees (measured: ~300 ms for a 300 MB WAL cut to 64 MB), so this is a safety cap
-#: far above the steady state (16 MB RESTART threshold plus a round, ~20-60 MB): it only acts
-#: after a long reader kept the WAL from restarting.
-_WAL_SIZE_LIMIT_BYTES = 256 * _MIB
 
 
 class QueueError(Exception):
@@ -473,7 +467,7 @@ class QueueStore:
             )
         conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
         conn.execute("PRAGMA foreign_keys = OFF")
-        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT_BYTES}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
         if max_db_mb is not None:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             max_pages = max(1, math.ceil(max_db_mb * _MIB / page_size))

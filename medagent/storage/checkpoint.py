@@ -71,12 +71,19 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["WalCheckpointer"]
+__all__ = ["WAL_SIZE_LIMIT_BYTES", "WalCheckpointer"]
 
 log = logging.getLogger("medagent.storage.checkpoint")
 
 #: This process's open descriptors (Linux), to fsync files through SQLite's own descriptors.
 _OWN_FDS = "/proc/self/fd"
+#: The `journal_size_limit` every writer connection of a checkpointed database sets: the first
+#: commit after the WAL started over cuts the file back to this size. Under intake the WAL file
+#: is otherwise only cut by a TRUNCATE when idle (above), and that cut on the commit path costs
+#: time in proportion to what it frees (measured: ~300 ms for a 300 MB WAL cut to 64 MB), so
+#: this is a safety cap far above the steady state (the 16 MB RESTART threshold plus a round,
+#: ~20-60 MB): it only acts after a long reader kept the WAL from restarting.
+WAL_SIZE_LIMIT_BYTES = 256 * 1024 * 1024
 #: Each WAL frame is a page plus this header (SQLite's file format).
 _FRAME_HEADER_BYTES = 24
 #: How long a RESTART checkpoint waits for the writer and for readers of old frames (it holds

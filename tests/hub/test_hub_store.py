@@ -19,6 +19,7 @@ from medagent.hub.records import (
 from medagent.hub.schema import SCHEMA_VERSION, SchemaError
 from medagent.hub.store import DB_FILE, HubStore, InvalidValue, NotFound, StoreError
 from medagent.hub.store.sqlite import SqliteCore
+from medagent.storage.checkpoint import WAL_SIZE_LIMIT_BYTES
 
 
 def incoming(agent_id: str, i: int, channel: str = "adt", message_type: str = "ADT^A01",
@@ -167,3 +168,20 @@ async def test_channel_update_remove_and_secret_reset(store: HubStore) -> None:
     found = await store.client_secret_hash(credentials.client_id)
     assert found is not None
     assert verify_secret(renewed.client_secret, found[1]) and not verify_secret(credentials.client_secret, found[1])
+
+
+def test_every_hub_connection_caps_the_wal_file(tmp_path: Path) -> None:
+    """The checkpointer only cuts the WAL file when idle, so each writer connection carries the cap
+    (a long dashboard read under load must not leave a WAL of unbounded size behind)."""
+    import threading
+
+    core = SqliteCore(tmp_path)
+    limits: list[int] = []
+    try:
+        limits.append(core._conn().execute("PRAGMA journal_size_limit").fetchone()[0])
+        other = threading.Thread(target=lambda: limits.append(core._conn().execute("PRAGMA journal_size_limit").fetchone()[0]))
+        other.start()
+        other.join()
+    finally:
+        core.close()
+    assert limits == [WAL_SIZE_LIMIT_BYTES, WAL_SIZE_LIMIT_BYTES]

@@ -14,6 +14,7 @@ from test_store import OFF, record
 import medagent.queue.store as store_module
 from medagent.queue.records import RowState
 from medagent.queue.store import QueueStore
+from medagent.storage.checkpoint import WAL_SIZE_LIMIT_BYTES
 
 
 def _whole_table_counts(path: Path) -> dict[int, int]:
@@ -52,6 +53,6 @@ def test_the_writer_caps_the_wal_file(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "queue.db")
     try:
         limit = store._conn.execute("PRAGMA journal_size_limit").fetchone()[0]
-        assert limit == store_module._WAL_SIZE_LIMIT_BYTES > 16 * 1024 * 1024  # above the RESTART threshold
+        assert limit == WAL_SIZE_LIMIT_BYTES > 16 * 1024 * 1024  # above the RESTART threshold
     finally:
         store.close()

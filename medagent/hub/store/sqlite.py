@@ -99,7 +99,7 @@ from medagent.hub.store.common import (
     row_key,
     wanted_callbacks,
 )
-from medagent.storage.checkpoint import WalCheckpointer
+from medagent.storage.checkpoint import WAL_SIZE_LIMIT_BYTES, WalCheckpointer
 from medagent.storage.files import ensure_private_dir, prepare_private_database
 
 __all__ = ["SqliteCore", "SqliteHubStore"]
@@ -135,6 +135,7 @@ class SqliteCore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")  # the checkpointer never TRUNCATEs under load
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
