@@ -244,6 +244,28 @@ async def test_confirmations_are_held_then_ride_a_group_commit_or_are_written_al
     assert queue.stats()["flushes"] == flushes + 3
 
 
+async def test_a_group_of_records_carries_held_confirmations_in_slices(
+    queue: DurableQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group commit of several records is a transaction anyway: it carries confirmations that
+    are not due yet, at most _CONFIRM_RIDE_MAX per commit (the rest ride the next ones), so no
+    single commit pays for a long backlog while its devices wait."""
+    monkeypatch.setattr(durable, "_CONFIRM_HOLD_S", 3600.0)
+    monkeypatch.setattr(durable, "_CONFIRM_RIDE_MAX", 3)
+    await submit_all(queue, [record(str(i)) for i in range(5)])
+    await drain(queue, 5)
+    flushes = queue.stats()["flushes"]
+    queue.confirm([1, 2, 3, 4, 5])
+    await submit_all(queue, [record("a"), record("b")])  # one group: ids 6, 7 and confirmations 1-3
+    assert queue.stats()["flushes"] == flushes + 1
+    confirmed = {i for i, state in db_states(queue.path).items() if state == RowState.CONFIRMED}
+    assert confirmed == {1, 2, 3}
+    await submit_all(queue, [record("c"), record("d")])  # the next group takes the rest
+    confirmed = {i for i, state in db_states(queue.path).items() if state == RowState.CONFIRMED}
+    assert confirmed == {1, 2, 3, 4, 5}
+    assert queue.stats()["flushes"] == flushes + 2
+
+
 async def test_the_rows_listener_takes_committed_rows_before_next_batch_waiters_wake(
     queue: DurableQueue, tmp_path: Path
 ) -> None:
