@@ -109,6 +109,8 @@ _START_LEAD_S: Final = 0.2
 _ID_ALPHABET: Final = string.digits + string.ascii_uppercase
 _MAX_CONNS_PER_WORKER: Final = len(_ID_ALPHABET) ** 2
 _MAX_WORKERS: Final = len(_ID_ALPHABET)
+#: How long a monitor may take to report its last window after the senders stopped (run_senders).
+_MONITOR_GRACE_S: Final = 1.0
 _WORKER_COMMAND: Final = "from medagent.bench.loadgen import worker_entry; worker_entry()"
 
 
@@ -562,7 +564,7 @@ async def run_senders(spec: LoadSpec, schedule: Schedule | None = None, *, worke
     `budget` (max ACKs) and `tag` are set by `run_load` when it splits a load over processes;
     `go`, when given, is awaited after every connection is open and returns the schedule.
     `monitor`, when given, runs beside the senders from the start of the schedule until they
-    stop (then it is cancelled) with the schedule and a `take_window` function (the soak's
+    stop (then it gets `_MONITOR_GRACE_S` to finish, and is cancelled) with the schedule and a `take_window` function (the soak's
     per-window throughput and slowest ACK).
     """
     count = spec.conns if conns is None else conns
@@ -585,6 +587,10 @@ async def run_senders(spec: LoadSpec, schedule: Schedule | None = None, *, worke
     watcher = None if monitor is None else asyncio.ensure_future(monitor(run.schedule, run.take_window))
     try:
         await _watch(run, senders)
+        if watcher is not None:
+            # The senders and the monitor both wake at the schedule's end; on a busy machine the
+            # senders may come first, and cancelling then lost the monitor's last window.
+            await asyncio.wait({watcher}, timeout=_MONITOR_GRACE_S)
     finally:
         if watcher is not None:
             watcher.cancel()
