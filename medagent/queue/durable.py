@@ -89,6 +89,7 @@ import enum
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -301,6 +302,9 @@ class DurableQueue:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._store: QueueStore | None = None  # touched only by writer jobs (thread, or loop inline)
         self._checkpointer: WalCheckpointer | None = None
+        # Held around every writer job; the checkpointer's RESTART/TRUNCATE takes it first
+        # (WalCheckpointer.writer_gate: the commit behind a RESTART wakes when it ends).
+        self._writer_gate = threading.Lock()
         self._queue_uuid = ""
         self._maintenance_task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
@@ -365,7 +369,7 @@ class DurableQueue:
             self._executor.shutdown(wait=False)
             self._phase = _Phase.CLOSED
             raise
-        self._checkpointer = WalCheckpointer(self.path)
+        self._checkpointer = WalCheckpointer(self.path, writer_gate=self._writer_gate)
         await self._call(self._require_store().disable_autocheckpoint)
         self._checkpointer.start()
         # The max_db_mb limit counts only once it was hit (SQLite then says the database is full).
@@ -492,7 +496,8 @@ class DurableQueue:
 
         def run() -> None:
             try:
-                outcome = _Outcome(value=job())
+                with self._writer_gate:
+                    outcome = _Outcome(value=job())
             except Exception as exc:  # noqa: BLE001 - handed to the loop side
                 outcome = _Outcome(error=exc)
             with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
@@ -500,10 +505,10 @@ class DurableQueue:
 
         self._executor.submit(run)
 
-    @staticmethod
-    def _run_inline(job: Callable[[], Any]) -> _Outcome:
+    def _run_inline(self, job: Callable[[], Any]) -> _Outcome:
         try:
-            return _Outcome(value=job())
+            with self._writer_gate:
+                return _Outcome(value=job())
         except Exception as exc:  # noqa: BLE001 - handed to on_done like the threaded path
             return _Outcome(error=exc)
 
@@ -681,7 +686,8 @@ class DurableQueue:
             # one handle fewer per group; what matters at one lock-step sender), without the
             # job/outcome wrappers the scheduled paths need.
             try:
-                written = self._write_in_writer(work)
+                with self._writer_gate:
+                    written = self._write_in_writer(work)
             except Exception as exc:  # noqa: BLE001 - reported like a failed writer job
                 self._flush_done(work, None, exc)
                 return

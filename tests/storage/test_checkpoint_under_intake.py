@@ -81,3 +81,31 @@ def test_a_small_idle_wal_is_left_alone(tmp_path: Path) -> None:
     finally:
         checkpointer.stop()
         writer.close()
+
+
+def test_a_restart_waits_for_the_writer_gate_and_runs_once_it_is_free(tmp_path: Path) -> None:
+    """The writer holds `writer_gate` around each transaction: a RESTART takes it first, so it
+    never starts inside a write (the commit behind it then wakes on the lock, not in SQLite's
+    busy handler); held past `_GATE_WAIT_S` the round gives up and a later one restarts."""
+    path = tmp_path / "db.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE t (body BLOB)")
+    for _ in range(40):  # ~160 KB of frames: past the RESTART threshold below
+        writer.execute("INSERT INTO t VALUES (?)", (_ROW,))
+    checkpointer = WalCheckpointer(path, interval_s=0.02, restart_above_bytes=64 * 1024,
+                                   truncate_above_bytes=64 * 1024 * 1024)
+    checkpointer.writer_gate.acquire()  # a write transaction that lasts
+    checkpointer.start()
+    try:
+        time.sleep(1.5)  # longer than one gate wait: that round gave up, a later one waits again
+        assert checkpointer.restarts == 0 and checkpointer.truncations == 0
+        assert checkpointer.errors == 0
+        checkpointer.writer_gate.release()
+        assert wait_until_sync(lambda: checkpointer.restarts + checkpointer.truncations >= 1)
+    finally:
+        if checkpointer.writer_gate.locked():
+            checkpointer.writer_gate.release()
+        checkpointer.stop()
+        writer.close()

@@ -119,6 +119,7 @@ class SqliteCore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self.writer_gate = threading.Lock()  # held around each write transaction (_write)
         self._closed = False
         self.config_generation = 0
         migrate(self._conn())
@@ -148,13 +149,14 @@ class SqliteCore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self.writer_gate:  # the checkpointer's RESTART takes it first (WalCheckpointer.writer_gate)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         """Close every connection (of every thread). Further use raises :class:`StoreError`."""
@@ -548,7 +550,7 @@ class SqliteHubStore(HubStore):
             await asyncio.get_running_loop().run_in_executor(self._writer, self.core.disable_autocheckpoint)
         else:
             self.core.disable_autocheckpoint()  # the loop thread's connection: the writer's
-        self._checkpointer = WalCheckpointer(self.path)
+        self._checkpointer = WalCheckpointer(self.path, writer_gate=self.core.writer_gate)
         self._checkpointer.start()
 
     async def stop_hot_path(self) -> None:
