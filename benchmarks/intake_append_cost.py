@@ -12,7 +12,10 @@ expected gain rests on a figure, not an estimate:
   agent's default), the duplicate lookup included;
 * ``sqlite-nodedup``: the same with the ``OFF`` policy (the INSERT and its commit alone);
 * ``append``: the record's fields framed as the journal would frame them and written with one
-  ``os.write`` (no fsync: the same kill -9 guarantee as ``synchronous=NORMAL``).
+  ``os.write`` (no fsync: the same kill -9 guarantee as ``synchronous=NORMAL``);
+* ``journal``: the built path, ``insert_batch([record], [FLAG])`` on a store with its intake
+  journal open (dedup lookup in SQLite and in the journal's map, framing, one ``os.write``), plus
+  the mover's share: ``move_journal`` after every 256 records, as the agent's count trigger does.
 
 Blocks of ``--count`` records alternate between the three (``--repeat`` rounds); reported is the
 thread CPU per record, best and median over rounds (the machine is shared: the best round is the
@@ -65,15 +68,18 @@ def _timed(work: Callable[[], None], count: int) -> float:
 
 def run(count: int, repeat: int) -> dict[str, dict[str, float]]:
     body = CORPUS_MESSAGE.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
-    samples: dict[str, list[float]] = {"sqlite": [], "sqlite-nodedup": [], "append": []}
+    samples: dict[str, list[float]] = {"sqlite": [], "sqlite-nodedup": [], "append": [], "journal": []}
     with tempfile.TemporaryDirectory(prefix="medagent-append-") as tmp:
         store = QueueStore(os.path.join(tmp, "queue.db"))
+        journaled = QueueStore(os.path.join(tmp, "journaled.db"))
+        journaled.open_journal()
         journal = os.open(os.path.join(tmp, "intake.journal"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             for round_no in range(repeat):
                 flagged = _records(body, count, f"f{round_no}")
                 plain = _records(body, count, f"p{round_no}")
                 appended = _records(body, count, f"a{round_no}")
+                via_journal = _records(body, count, f"j{round_no}")
 
                 def insert_flagged() -> None:
                     for record in flagged:
@@ -87,12 +93,21 @@ def run(count: int, repeat: int) -> dict[str, dict[str, float]]:
                     for row_id, record in enumerate(appended):
                         os.write(journal, _journal_frame(row_id, record))
 
+                def insert_journaled() -> None:
+                    for number, record in enumerate(via_journal, start=1):
+                        journaled.insert_batch([record], [DuplicatePolicy.FLAG])
+                        if number % 256 == 0:
+                            journaled.move_journal()
+                    journaled.move_journal()
+
                 samples["sqlite"].append(_timed(insert_flagged, count))
                 samples["sqlite-nodedup"].append(_timed(insert_plain, count))
                 samples["append"].append(_timed(append, count))
+                samples["journal"].append(_timed(insert_journaled, count))
         finally:
             os.close(journal)
             store.close()
+            journaled.close()
     return {name: {"best_us": min(values), "median_us": statistics.median(values)} for name, values in samples.items()}
 
 

@@ -175,6 +175,7 @@ class AgentSection:
     agent_id: str | None = None
     ca_file: Path | None = None
     durability: Durability = Durability.NORMAL
+    intake_journal: bool = True
     log_level: str = "INFO"
     log_phi: bool = False
     heartbeat_s: float = 10.0
@@ -325,6 +326,7 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "agent_id": _Key(_Kind.STR, None, _not_empty),
         "ca_file": _Key(_Kind.PATH, None, _existing_file),
         "durability": _Key(_Kind.STR, "normal", _one_of(*(d.value for d in Durability))),
+        "intake_journal": _Key(_Kind.BOOL, True),
         "log_level": _Key(_Kind.STR, "INFO", _one_of(*_LOG_LEVELS)),
         "log_phi": _Key(_Kind.BOOL, False),
         "heartbeat_s": _Key(_Kind.FLOAT, 10.0, _positive),
@@ -826,6 +828,7 @@ hub = "embedded"                      # or a base URL: "https://api.medplum.com/
 # agent_id = "..."
 # ca_file = "/etc/medagent/ca.pem"    # extra CA bundle for the hub's TLS certificate
 durability = "normal"                 # "fsync": ACKed messages also survive power loss
+intake_journal = true                 # "normal" only: a lone message is committed by one append (docs/intake-journal.md)
 log_level = "INFO"                    # DEBUG, INFO, WARNING, ERROR, CRITICAL
 log_phi = false                       # true: message bodies may appear in logs (PHI!)
 heartbeat_s = 10.0

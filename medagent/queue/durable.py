@@ -24,6 +24,15 @@ INSERT: there they are held up to `_CONFIRM_HOLD_S` (or `_CONFIRM_HOLD_MAX` of t
 the next write job, or get one of their own when none comes (at one lock-step sender every
 commit carried the previous message's confirmation).
 
+Intake journal (docs/intake-journal.md). With `durability="normal"` (and `intake_journal` not
+off) the store commits a lone record with one framed write() to its intake journal instead of an
+autocommit INSERT (store.py); `on_commit` and the ready deque are as for a SQLite commit. The
+store moves journal records into SQLite at the start of every other write and read, so the only
+extra job is the mover's own: when the journal holds `_MOVE_RECORDS` records, or
+`_MOVE_AFTER_S` after a commit left records in it, a job without records runs (it takes the held
+confirmations along, one transaction). The journal is replayed when the store opens, under the
+lease, and moved when it closes.
+
 Ordering. Every writer job reports back through `loop.call_soon` (inline) or
 `loop.call_soon_threadsafe` (thread), so completions are handled on the loop strictly in the
 order the jobs ran. One shortcut keeps that order: an inline group commit with no earlier
@@ -136,6 +145,11 @@ _CONFIRM_HOLD_MAX = 5000
 #: The most confirmations one group commit of records carries (~1 ms of UPDATE on this disk's
 #: box); a backlog (after a reconnect) drains over the next commits.
 _CONFIRM_RIDE_MAX = 256
+#: The intake journal's mover (docs/intake-journal.md) runs once the journal holds this many
+#: records, or this long after the first one: the journal stays small (a replay at open, a
+#: duplicate lookup in memory) and a grouped INSERT costs a fraction of a lone one per row.
+_MOVE_RECORDS = 256
+_MOVE_AFTER_S = 0.02
 
 
 class QueueClosed(QueueError):
@@ -160,6 +174,7 @@ class _WriteWork:
     failures: list[tuple[int, str]]
     attempts: list[int]
     rescan: bool
+    move: bool  # move the intake journal's records into SQLite (a job without records always does)
 
 
 @dataclass(slots=True)  # per group: not frozen (frozen construction costs ~3x; never mutated)
@@ -217,7 +232,7 @@ _STATS_DUTY = 50
 def _read_stats(path: Path, data_dir: Path) -> dict[str, Any]:
     """QueueStore.stats() on a connection of its own (no writes: the database exists and is
     current, the writer opened it). Raises QueueError."""
-    store = QueueStore(path, create=False, data_dir=data_dir)
+    store = QueueStore(path, create=False, data_dir=data_dir, adopt_journal=False)  # the writer's journal is its own
     try:
         return store.stats()
     finally:
@@ -254,13 +269,18 @@ class DurableQueue:
         storage_probe_interval_s: float = 1.0,
         orphan_grace_s: float = 300.0,
         data_dir: Path | None = None,
+        intake_journal: bool | None = None,
     ) -> None:
         """Storage limits (issue 18): refuse new records while free space on the queue's file
         system is below max(`min_free_mb`, `min_free_percent` % of its size) (0 and 0 disable
         the watermark); keep a `reserve_mb` emergency file (0 disables); probe failed storage
         every `storage_probe_interval_s`. `data_dir` (default: the database's directory) is
         where file payload paths start; spool files no row references are removed once older
-        than `orphan_grace_s`."""
+        than `orphan_grace_s`. `intake_journal` (default: on with `durability="normal"` and no
+        `max_db_mb`, which it requires) makes a lone record durable with one write() to the intake journal instead of
+        its own SQLite commit (docs/intake-journal.md)."""
+        if intake_journal and (durability != "normal" or max_db_mb is not None):
+            raise ValueError('the intake journal needs durability="normal" (it does not fsync) and no max_db_mb')
         if memory_max_rows < 1 or memory_max_bytes < 1:
             raise ValueError("memory_max_rows and memory_max_bytes must be positive")
         if reserve_mb < 0 or storage_probe_interval_s <= 0 or orphan_grace_s < 0:
@@ -270,7 +290,7 @@ class DurableQueue:
         self.holder = holder or default_holder()
         self._store_options: dict[str, Any] = {
             "durability": durability, "dedup_window_s": dedup_window_s, "max_db_mb": max_db_mb,
-            "data_dir": self.data_dir,
+            "data_dir": self.data_dir, "adopt_journal": False,  # open_journal replays it under the lease
         }
         watermark = FreeSpaceWatermark.from_config(min_free_mb, min_free_percent)
         self._health = StorageHealth(watermark)
@@ -296,6 +316,10 @@ class DurableQueue:
         # Inline, a retention step (at most QueueStore.step_budget_s, 10 ms, of work) briefly
         # holds the loop.
         self._inline = (durability == "normal") if inline_writes is None else inline_writes
+        # Not with a page cap (max_db_mb, which the agent's config does not set): a move of ACKed
+        # records could then fail until pages are freed, and freeing them needs confirmations
+        # of those very records.
+        self._journal_on = (durability == "normal" and max_db_mb is None) if intake_journal is None else intake_journal
 
         self._phase = _Phase.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -317,6 +341,8 @@ class DurableQueue:
         self._failures: list[tuple[int, str]] = []
         self._attempts: list[int] = []
         self._rescan_requested = False
+        self._move_requested = False  # the intake journal's records are due for SQLite
+        self._move_timer: asyncio.TimerHandle | None = None
         self._confirm_timer: asyncio.TimerHandle | None = None  # writes held confirmations when due
         self._confirms_held_at = 0.0  # monotonic time the oldest held confirmation arrived
         self._held_back: list[_WriteWork] = []  # state changes a storage error held back
@@ -402,6 +428,8 @@ class DurableQueue:
         store = QueueStore(self.path, **self._store_options)
         try:
             store.acquire_lease(self.holder, self._lease_ttl_s)
+            if self._journal_on:  # under the lease, before anything reads the queue: replay it
+                store.open_journal()
             requeued = store.requeue_sent()
             self._store_stats = store.stats()
             self._requeue_generation = store.requeue_generation()
@@ -433,6 +461,9 @@ class DurableQueue:
         if self._confirm_timer is not None:
             self._confirm_timer.cancel()  # _drain_writes writes them now
             self._confirm_timer = None
+        if self._move_timer is not None:
+            self._move_timer.cancel()  # closing the store moves the journal's records
+            self._move_timer = None
         self._rows_available.set()  # wake next_batch waiters: they raise QueueClosed
         if self._maintenance_task is not None:
             self._maintenance_task.cancel()
@@ -601,12 +632,13 @@ class DurableQueue:
         return len(self._confirms) + len(self._failures) + len(self._attempts)
 
     def _has_writes(self) -> bool:
-        return bool(self._records or self._confirms or self._failures or self._attempts or self._rescan_requested)
+        return bool(self._records or self._confirms or self._failures or self._attempts or self._rescan_requested
+                    or self._move_requested)
 
     def _urgent_writes(self) -> bool:
         """Writes that should start now; confirmations alone may wait (_hold_confirms)."""
         return bool(self._records or self._failures or self._attempts or self._rescan_requested
-                    or len(self._confirms) >= _CONFIRM_HOLD_MAX)
+                    or self._move_requested or len(self._confirms) >= _CONFIRM_HOLD_MAX)
 
     def _hold_confirms(self) -> None:
         """Hold confirmations until due (_confirms_due_now): a write job after that takes them,
@@ -673,11 +705,11 @@ class DurableQueue:
         confirms = self._confirms_for_this_job()
         work = _WriteWork(
             self._records, self._dedup, self._callbacks,
-            confirms, self._failures, self._attempts, self._rescan_requested,
+            confirms, self._failures, self._attempts, self._rescan_requested, self._move_requested,
         )
         self._records, self._dedup, self._callbacks = [], [], []
         self._failures, self._attempts = [], []
-        self._rescan_requested = False
+        self._rescan_requested = self._move_requested = False
         self._writing = True
         self._writes_idle.clear()
         self._largest_group = max(self._largest_group, len(work.records))
@@ -712,6 +744,8 @@ class DurableQueue:
             for row_id, reason in work.failures:
                 store.mark_failed(row_id, reason)
             store.increment_attempts(work.attempts)
+            if work.move or not work.records:  # (the updates above moved them if there were any)
+                store.move_journal()
             if work.rescan:
                 first_pending = store.first_pending_id()
         except QueueError as exc:
@@ -749,6 +783,9 @@ class DurableQueue:
             run_callback(on_commit, result)
         if new_rows:
             self._signal_rows()
+        store = self._store
+        if store is not None and store.journal_records:
+            self._schedule_move(store.journal_records)
         if not self._flush_scheduled:
             if self._urgent_writes() or (self._confirms and self._confirms_due_now()):
                 self._start_flush()
@@ -756,6 +793,21 @@ class DurableQueue:
                 self._hold_confirms()
         if not self._writing:
             self._writes_idle.set()
+
+    def _schedule_move(self, records: int) -> None:
+        """The intake journal holds records: move them now when there are many, else in
+        _MOVE_AFTER_S (with the confirmations held meanwhile: a job without records takes them)."""
+        if records >= _MOVE_RECORDS:
+            self._move_requested = True
+        elif self._move_timer is None and self._phase is _Phase.OPEN:
+            self._move_timer = self._loop.call_later(_MOVE_AFTER_S, self._move_due)  # type: ignore[union-attr]
+
+    def _move_due(self) -> None:
+        self._move_timer = None
+        store = self._store
+        if store is not None and store.journal_records:
+            self._move_requested = True
+            self._request_flush()
 
     def _settle_updates(self, work: _WriteWork, update_error: str | None) -> None:
         if update_error is None:
@@ -776,6 +828,7 @@ class DurableQueue:
             self._failures.extend(work.failures)
             self._attempts.extend(work.attempts)
             self._rescan_requested |= work.rescan
+            self._move_requested |= work.move
         self._held_back.clear()
 
     def _accept_committed(self, records: list[InboundRecord], results: list[CommitResult]) -> bool:
@@ -1217,6 +1270,7 @@ class DurableQueue:
             "queue_uuid": self._queue_uuid,
             "open": self._phase is _Phase.OPEN,
             "submitted_waiting": len(self._records),
+            "journal_records": 0 if self._store is None else self._store.journal_records,
             "committed": self._committed,
             "commit_errors": counts["commit_errors"],
             # Medplum-style name asked for by issue 13 (defect 3): reused control ids, new content

@@ -148,6 +148,7 @@ class AgentRuntime:
         return DurableQueue(
             self.data_dir / QUEUE_FILENAME,
             durability="fsync" if agent.durability is Durability.FSYNC else "normal",
+            intake_journal=None if agent.intake_journal else False,  # None: on where it applies (durability normal)
             dedup_window_s=agent.dedup_window_s,
             retention_days=agent.retention_days,
             retention_max_mb=agent.retention_max_mb,

@@ -9,6 +9,10 @@ duplicates), and no message answered only with a NAK (one message in 50 is one t
 reject: an unknown MSH-18 character set, answered AR). The figures of each run are printed:
 sent / AA / NAK / unanswered / delivered / flagged duplicates / lost.
 
+The intake journal (docs/intake-journal.md, on by default) is in play in these runs; two
+smaller forms kill a queue process at the journal's two critical points: with records only in the
+journal, and between the mover's COMMIT and its truncate.
+
 Short form (CI): agent, hub, both, one kill each, about a minute. Long form (`long`,
 MEDAGENT_LONG_TESTS=1): 24 kills of random kinds. The seed is printed; MEDAGENT_FAULT_SEED
 replays a run's kill schedule.
@@ -16,16 +20,21 @@ replays a run's kill schedule.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import signal
+import sqlite3
+import subprocess
 import sys
 import time
 
 import pytest
 from faultsupport import Sender, wait_for_delivery
 from test_remote_hub import start_agent, start_hub
+
+from medagent.queue.durable import DurableQueue
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX process groups, /proc")]
@@ -85,3 +94,64 @@ def test_kill_agent_hub_and_both_under_load(spawn, deployment) -> None:
 def test_kill_many_times_under_load(spawn, deployment) -> None:
     rng = random.Random(_seed())
     run_kills(spawn, deployment, [rng.choice(["agent", "hub", "both"]) for _ in range(24)], rng, (0.2, 6.0))
+
+
+# ------------------------------------------------------------ the intake journal (docs/intake-journal.md)
+
+# A child process that commits `count` lone records (each one's submit_wait returned: the device
+# would have its ACK) and then kills itself with SIGKILL while the records are still in the
+# intake journal (the mover's timer is set far out; its count trigger is 256). With
+# "after-commit" the mover ran and committed, and the journal is put back as it was before its
+# truncate: a kill between the mover's COMMIT and its ftruncate.
+_JOURNAL_CHILD = r"""
+import asyncio, os, signal, sys, time
+from pathlib import Path
+import medagent.queue.durable as durable
+from medagent.queue.records import InboundRecord
+
+durable._MOVE_AFTER_S = 3600.0
+
+async def main(path, mode, count):
+    queue = durable.DurableQueue(Path(path))
+    await queue.open()
+    for i in range(count):
+        record = InboundRecord("adt", "127.0.0.1:1", "LAB", f"k{i}", "ADT^A01", b"MSH|k%d" % i, time.time())
+        assert (await queue.submit_wait(record)).ok
+    journal = Path(path + ".intake.journal")
+    if mode == "after-commit":
+        saved = journal.read_bytes()
+        await queue._call(queue._require_store().move_journal)
+        journal.write_bytes(saved)
+    print(journal.stat().st_size, queue.stats()["journal_records"], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.mark.parametrize("mode", ["journal-only", "after-commit"])
+def test_kill9_with_records_in_the_intake_journal_loses_and_doubles_nothing(tmp_path, mode: str) -> None:
+    count = 100
+    path = tmp_path / "queue.db"
+    child = subprocess.run([sys.executable, "-c", _JOURNAL_CHILD, str(path), mode, str(count)],
+                           check=False, capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    journal_bytes, resident = map(int, child.stdout.split())
+    assert journal_bytes > 0 and resident == (count if mode == "journal-only" else 0)
+
+    async def drain() -> list[str]:
+        async with DurableQueue(path) as queue:
+            got: list[str] = []
+            for _ in range(count + 1):
+                if len(got) >= count:
+                    break
+                got += [m.control_id for m in await asyncio.wait_for(queue.next_batch(count), 10)]
+            return got
+
+    assert asyncio.run(drain()) == [f"k{i}" for i in range(count)]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT count(*), count(DISTINCT control_id) FROM messages").fetchone() == (count, count)
+    finally:
+        conn.close()
+    assert path.with_name("queue.db.intake.journal").stat().st_size == 0
