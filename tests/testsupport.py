@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +32,21 @@ def wait_until_sync(condition: Callable[[], bool], timeout: float = 10.0) -> boo
             return True
         time.sleep(0.02)
     return False
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(tmp_path: Path, size_bytes: int) -> Iterator[Path]:
+    """A tmpfs of `size_bytes` (a real full disk for ENOSPC tests), unmounted on exit (lazily, if
+    a test left a file open). Skips the test when not root (mounting needs it)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; see tests/queue/test_durable_storage.py for the unprivileged cases")
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0700", "tmpfs", str(mount_point)],
+                   check=True, capture_output=True, timeout=30)
+    try:
+        yield mount_point
+    finally:
+        done = subprocess.run(["umount", str(mount_point)], check=False, capture_output=True, timeout=30)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True, timeout=30)

@@ -17,13 +17,13 @@ import asyncio
 import errno
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from testsupport import mounted_tmpfs
 
 from medagent.queue import admin
 from medagent.queue.durable import DurableQueue
@@ -43,18 +43,8 @@ def record(control_id: str) -> InboundRecord:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs, unmounted in teardown (lazily, if a test left a file open)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; see test_durable_storage.py for the unprivileged cases")
-    mount_point = tmp_path / "small-fs"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES},mode=0700", "tmpfs", str(mount_point)],
-                   check=True, capture_output=True, timeout=30)
-    try:
+    with mounted_tmpfs(tmp_path, FS_BYTES) as mount_point:
         yield mount_point
-    finally:
-        done = subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
 
 
 def fill(directory: Path, leave_bytes: int = 0) -> Path:

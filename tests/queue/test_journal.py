@@ -15,13 +15,13 @@ import random
 import resource
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from testsupport import mounted_tmpfs
 
 from medagent.queue import durable
 from medagent.queue.durable import DurableQueue
@@ -390,18 +390,8 @@ async def test_fsync_durability_does_not_use_the_journal(tmp_path: Path) -> None
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs, unmounted in teardown (lazily, if a test left a file open)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "small-fs"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)],
-                   check=True, capture_output=True, timeout=30)
-    try:
+    with mounted_tmpfs(tmp_path, 4 * 1024 * 1024) as mount_point:
         yield mount_point
-    finally:
-        done = subprocess.run(["umount", str(mount_point)], check=False, capture_output=True, timeout=30)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True, timeout=30)
 
 
 async def test_a_full_disk_refuses_lone_records_and_loses_nothing_journaled(small_fs: Path) -> None:
