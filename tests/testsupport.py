@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -50,3 +51,27 @@ def mounted_tmpfs(tmp_path: Path, size_bytes: int) -> Iterator[Path]:
         done = subprocess.run(["umount", str(mount_point)], check=False, capture_output=True, timeout=30)
         if done.returncode != 0:
             subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def failing_hub_commits(database: Path, when: str) -> Iterator[Callable[[], None]]:
+    """Make the COMMIT of every hub store round that inserts a message matching ``when`` (an SQL
+    condition on ``NEW``, the inserted ``messages`` row) fail, with a real SQLite error: a
+    trigger inserts a row breaking a deferred foreign key, which SQLite checks at COMMIT. Yields
+    ``disarm`` (the rounds commit again after it)."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.executescript(f"""
+            CREATE TABLE test_parent (id INTEGER PRIMARY KEY);
+            CREATE TABLE test_child (parent INTEGER REFERENCES test_parent (id) DEFERRABLE INITIALLY DEFERRED);
+            CREATE TABLE test_switch (armed INTEGER NOT NULL);
+            INSERT INTO test_switch VALUES (1);
+            CREATE TRIGGER test_failing_commit AFTER INSERT ON messages
+                WHEN ({when}) AND (SELECT armed FROM test_switch) = 1
+                BEGIN INSERT INTO test_child VALUES (42); END;
+        """)
+
+        def disarm() -> None:
+            db.execute("UPDATE test_switch SET armed = 0")
+            db.commit()
+
+        yield disarm

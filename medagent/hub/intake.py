@@ -22,14 +22,23 @@ received meanwhile and, per drained group:
    its lookup found which messages need their bot, the inline bots
    (:func:`~medagent.hub.botrunner.inline_bot`, e.g. the built-in ACK bot) of channels with
    nothing queued run (:meth:`IntakePipeline._answerer`): each such message is inserted with
-   its result, one row write, and its reply is committed before it leaves;
+   its result, one row write. On a store that allows it (SQLite: the round is the only writer,
+   so only a failing COMMIT can still change its outcome) their replies are written to the
+   agent right before the COMMIT (:meth:`IntakePipeline._send_early`), so the reply travels,
+   and the agent answers its device, while the hub commits: at one lock-step sender the commit
+   leaves the round trip. This promises no more than before: the agent keeps the message until
+   the batch ack, which still follows the commit; if the COMMIT fails the agent is told to
+   resend, as after any failed round, and does not answer its device a second time (its
+   dispatcher remembers rows answered before their confirmation). On PostgreSQL the replies
+   leave after the commit (step 4);
 3. answers resends of already answered callbacks with the stored reply (or, while that reply's
    result is not yet committed, with the reply kept in memory; the bot is not run again) and
    hands every message not answered yet to the hub-wide :class:`ChannelDispatcher`, which runs
    the inline bots right here, in this task, when their channel has nothing queued;
 4. sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative), then the
-   replies of the group's inline bots, in one flush of the connection (one TCP segment), so
-   that the agent wakes once for both.
+   replies not sent yet (stored replies of resends, errors, inline bots' replies on
+   PostgreSQL), in one flush of the connection (one TCP segment), so that the agent wakes once
+   for all.
 
 Other bots (thread, async) and channels with messages still queued go through the dispatcher's
 FIFO per (agent, channel), so one channel's messages reach its bot in the order received, while
@@ -55,7 +64,8 @@ Backpressure: each agent has a :class:`Backlog` of messages received but not yet
 it exceeds ``max_backlog_messages`` the socket reader waits, and TCP flow control slows the agent.
 
 Invariants: ``agent:batch:ack`` for seq n is sent only after every message of the batches up to
-n was committed; a callback is in the hub's in-flight map from storage until its result is
+n was committed or answered with an ``agent:error`` (which settles that send: the agent's
+session never counts it as acked by a later cumulative ack); a callback is in the hub's in-flight map from storage until its result is
 committed, and a resend arriving meanwhile is not run again; nothing here logs message text.
 """
 
@@ -182,6 +192,17 @@ def response_for(message: IncomingMessage, reply: StoredReply) -> TransmitRespon
         remote=message.remote, content_type=reply.content_type, body=reply.body, channel=message.channel,
         callback=message.callback, status_code=reply.status_code,
     )
+
+
+class EarlyReplies:
+    """The replies a store round's inline bots gave (by position in the group), and whether
+    they were sent before the round's COMMIT (IntakePipeline._send_early)."""
+
+    __slots__ = ("replies", "sent")
+
+    def __init__(self) -> None:
+        self.replies: dict[int, AgentMessage] = {}
+        self.sent = False
 
 
 class Inflight(dict[str, "StoredReply | None"]):
@@ -477,8 +498,10 @@ class IntakePipeline:
                 received_at=received_at, control_id=control_id, message_type=message_type,
                 duplicate_of=r.duplicate_of, reply_wanted=not r.no_reply,
             ))
+        early = EarlyReplies()
         try:
-            results = await self._writer.store_incoming(incoming, self._answerer(incoming, headers, channels))
+            results = await self._writer.store_incoming(incoming, self._answerer(incoming, headers, channels, early),
+                                                        functools.partial(self._send_early, early))
         except Exception as exc:
             log.error("storing %d messages of agent %s failed: %s", len(incoming), self.agent_id, type(exc).__name__)
             self._backlog.release(len(incoming))
@@ -487,16 +510,16 @@ class IntakePipeline:
                 for m in incoming
             ], []
         answers: list[AgentMessage] = []
-        jobs = await self._jobs(incoming, headers, results, replies, answers)
+        jobs = await self._jobs(incoming, headers, results, replies, answers, early)
         return True, replies, answers + self._dispatcher.dispatch(self.agent_id, jobs)
 
     def _answerer(self, incoming: list[IncomingMessage], headers: list[Header | None],
-                  channels: dict[str, tuple[str | None, str | None] | None]) -> Answer:
+                  channels: dict[str, tuple[str | None, str | None] | None], early: EarlyReplies) -> Answer:
         """The store round's :data:`~medagent.hub.records.Answer` for this group: the inline bots
         run inside the round (after the round's lookup found the message needs its bot), so each
         such message is written once, with its result, and is never in :attr:`ChannelDispatcher.inflight`.
         A callback being answered elsewhere, or a channel with messages queued, is left to
-        :meth:`_jobs`."""
+        :meth:`_jobs`. The replies wanted go into ``early``, for :meth:`_send_early`."""
         agent_id, inflight, answer_now = self.agent_id, self._dispatcher.inflight, self._dispatcher.answer_now
 
         def answer(i: int) -> MessageResult | None:
@@ -508,21 +531,42 @@ class IntakePipeline:
             outcome = answer_now(agent_id, message, headers[i], bot, refusal)
             if outcome is None:
                 return None
+            if message.reply_wanted:
+                early.replies[i] = response_for(message, outcome.reply)
             return MessageResult(message.callback, outcome.status, outcome.reply, outcome.error, now_ms())
 
         return answer
 
+    def _send_early(self, early: EarlyReplies) -> None:
+        """The round's ``before_commit``: send the replies its inline bots gave while the commit
+        runs, when this connection is still the agent's (else, or when the store never calls
+        this, :meth:`_jobs` sends them after the commit, to the current connection).
+
+        Safe because the agent keeps each message until the batch ack that follows the commit:
+        if the commit fails, the agent is told to resend (and its bot runs again, as after a
+        hub that stops between a reply and its result); the reply itself claims only that the
+        bot processed the message, which it did."""
+        if not early.replies or self._dispatcher.registry.current(self.agent_id) is not self._connection:
+            return
+        try:
+            self._connection.send_now(list(early.replies.values()))
+        except ConnectionError:
+            return  # the normal path after the commit meets the closed connection too, and logs it
+        early.sent = True
+
     async def _jobs(self, incoming: list[IncomingMessage], headers: list[Header | None], results: list[IntakeResult],
-                    replies: list[AgentMessage], answers: list[AgentMessage]) -> list[BotJob]:
-        """Sort the stored group: the replies of messages answered in the round go to ``answers``,
-        stored replies of resends to ``replies``; the rest are the jobs for the dispatcher."""
+                    replies: list[AgentMessage], answers: list[AgentMessage], early: EarlyReplies) -> list[BotJob]:
+        """Sort the stored group: the replies of messages answered in the round go to ``answers``
+        (unless ``early`` sent them), stored replies of resends to ``replies``; the rest are the
+        jobs for the dispatcher."""
+        sent = early.replies if early.sent else {}
         jobs: list[BotJob] = []
         channels = self._channels()
         inflight = self._dispatcher.inflight
         answered = 0
-        for message, header, result in zip(incoming, headers, results):
+        for i, (message, header, result) in enumerate(zip(incoming, headers, results)):
             if result.kind is IntakeKind.NEW and result.reply is not None:  # answered in the round
-                if message.reply_wanted:
+                if message.reply_wanted and i not in sent:
                     answers.append(response_for(message, result.reply))
                 answered += 1
                 continue
@@ -530,7 +574,8 @@ class IntakePipeline:
                 # the reply is stored, or answered but its result not yet committed (then in memory)
                 reply = result.reply or inflight.get(message.callback) or inflight.get(message.duplicate_of or "")
                 if reply is not None:
-                    replies.append(response_for(message, reply))
+                    if i not in sent:
+                        replies.append(response_for(message, reply))
                     self._backlog.release()
                     continue
                 if message.callback in inflight:

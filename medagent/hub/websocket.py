@@ -148,6 +148,17 @@ class AgentConnection:
 
         A leading :class:`BatchAck` is queued first, so an ack and the replies it precedes
         leave in one flush (one TCP segment, one wake-up of the agent; see :meth:`_flush`)."""
+        self._queue(messages)
+        await self._flush()
+
+    def send_now(self, messages: list[AgentMessage]) -> None:
+        """Write ``messages`` in this call, without waiting for the transport to drain (the next
+        awaited send waits for it): for replies that leave in the middle of a store round, which
+        cannot yield (see medagent.hub.intake). Raises ConnectionError once the connection is closed."""
+        self._queue(messages)
+        self._write_queued()
+
+    def _queue(self, messages: list[AgentMessage]) -> None:
         session = self._core
         if messages and isinstance(ack := messages[0], BatchAck):
             session.acknowledge(ack.seq)
@@ -161,7 +172,6 @@ class AgentConnection:
             size = self._ctx.settings.batch_max_messages
             for start in range(0, len(messages), size):
                 session.send(Batch(tuple(messages[start : start + size])))
-        await self._flush()
 
     def _check_open(self) -> None:
         if self._core.closed:
@@ -175,15 +185,19 @@ class AgentConnection:
         leave in the core's order without a lock, and never interleave with aiohttp's own control
         frames (pongs, close), which it also writes whole. aiohttp's flow control is kept: while
         the transport's buffer is over its high-water mark the caller waits for it to drain."""
+        if self._write_queued():
+            await self._drain()
+
+    def _write_queued(self) -> bool:
+        """Write what the core queued; True when the transport's buffer is not empty."""
         if not self._core.has_data():
-            return  # most frames (transmits waiting for storage) need no answer yet
+            return False  # most frames (transmits waiting for storage) need no answer yet
         transport = self._transport
         if self._ws.closed or transport.is_closing():
             self._core.data_to_send()  # a closed socket sends nothing more
             raise ConnectionResetError(f"the websocket of agent {self.agent_id} is closing")
         transport.write(_framed(self._core.data_to_send()))
-        if transport.get_write_buffer_size():
-            await self._drain()
+        return bool(transport.get_write_buffer_size())
 
     # -- receiving --------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ transaction fails, every call in it raises the store's exception (nothing was wr
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,9 @@ RESULT_LINGER_S = 0.005
 
 #: Told once the deferred results are committed (None) or their round failed (the exception).
 ResultsDone = Callable[[BaseException | None], None]
+#: One caller's inbound group: its messages, its answer, its future, its before_commit hook.
+_Inbound = tuple[Sequence[IncomingMessage], "Answer | None", "asyncio.Future[list[IntakeResult]]",
+                 "Callable[[], None] | None"]
 
 
 class StoreWriter:
@@ -52,7 +56,7 @@ class StoreWriter:
 
     def __init__(self, store: HubStore) -> None:
         self._store = store
-        self._incoming: list[tuple[Sequence[IncomingMessage], Answer | None, asyncio.Future[list[IntakeResult]]]] = []
+        self._incoming: list[_Inbound] = []
         self._results: list[tuple[Sequence[MessageResult], asyncio.Future[None] | ResultsDone]] = []
         self._drain_task: asyncio.Task[None] | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -64,12 +68,12 @@ class StoreWriter:
         await self._store.start_hot_path()
         self._started = True
 
-    async def store_incoming(self, messages: Sequence[IncomingMessage],
-                             answer: Answer | None = None) -> list[IntakeResult]:
+    async def store_incoming(self, messages: Sequence[IncomingMessage], answer: Answer | None = None,
+                             before_commit: Callable[[], None] | None = None) -> list[IntakeResult]:
         """Store ``messages`` in the next round; ``answer`` (see :data:`~medagent.hub.records.Answer`)
-        gives results that commit with the rows."""
+        gives results that commit with the rows; ``before_commit`` as in :meth:`HubStore.write_round`."""
         future: asyncio.Future[list[IntakeResult]] = asyncio.get_running_loop().create_future()
-        self._incoming.append((messages, answer, future))
+        self._incoming.append((messages, answer, future, before_commit))
         self._schedule()
         return await future
 
@@ -108,12 +112,13 @@ class StoreWriter:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        waiters: list[asyncio.Future[Any]] = [f for _, _, f in incoming] + [
+        waiters: list[asyncio.Future[Any]] = [f for _, _, f, _ in incoming] + [
             f for _, f in results if isinstance(f, asyncio.Future)]
+        hooks = [hook for _, _, _, hook in incoming if hook is not None]
         try:
             outcome = await self._store.write_round(
-                [messages for messages, _, _ in incoming], [r for batch, _ in results for r in batch],
-                [answer for _, answer, _ in incoming],
+                [messages for messages, _, _, _ in incoming], [r for batch, _ in results for r in batch],
+                [answer for _, answer, _, _ in incoming], functools.partial(_call_each, hooks) if hooks else None,
             )
         except Exception as exc:  # noqa: BLE001 - every caller of this round learns of it
             for future in waiters:
@@ -127,7 +132,7 @@ class StoreWriter:
             _tell(results, exc)
             raise
         self.rounds += 1
-        for (_, _, future), intake in zip(incoming, outcome):
+        for (_, _, future, _), intake in zip(incoming, outcome):
             if not future.done():
                 future.set_result(intake)
         for _, done in results:
@@ -147,13 +152,18 @@ class StoreWriter:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        for _, _, future in self._incoming:
+        for _, _, future, _ in self._incoming:
             if not future.done():
                 future.cancel()
         _tell(self._results, asyncio.CancelledError())
         self._incoming, self._results = [], []
         if self._started:
             await self._store.stop_hot_path()
+
+
+def _call_each(hooks: list[Callable[[], None]]) -> None:
+    for hook in hooks:
+        hook()
 
 
 def _tell(results: list[tuple[Sequence[MessageResult], asyncio.Future[None] | ResultsDone]],

@@ -568,14 +568,27 @@ class AgentSession(_Session):
         if callbacks:
             self._confirm(callbacks, events)
 
+    def _settled_by_error(self, callback: str) -> None:
+        """The hub answered this transmit with agent:error, so its batch's cumulative ack must
+        not confirm it: the agent may have sent it again meanwhile under a later seq (a
+        transient store failure), and only that send's ack means it is stored. The error
+        answers the earliest unacked send of the callback (the hub answers in order)."""
+        for _, callbacks in self._unacked:
+            if callback in callbacks:
+                callbacks.remove(callback)
+                return
+
     def _on_error(self, body: str, callback: str | None, events: list[Event]) -> None:
         if INVALID_ACCESS_TOKEN.lower() in body.lower():
             events.append(SessionEnd(EndKind.TOKEN_REJECTED, "the hub rejected the access token"))
         elif callback is not None:
             events.append(TransmitFailed(callback, body))
-            if self.batch_limits is None and callback in self._unconfirmed:
-                self._unconfirmed.discard(callback)
-                self._confirm([callback], events)
+            if self.batch_limits is None:
+                if callback in self._unconfirmed:
+                    self._unconfirmed.discard(callback)
+                    self._confirm([callback], events)
+            else:
+                self._settled_by_error(callback)
         elif self.state is SessionState.AWAITING_CONNECT:
             events.append(SessionEnd(EndKind.REFUSED, f"hub refused the connection: {body}"))
         else:

@@ -209,6 +209,9 @@ class Dispatcher:
         # and that settlement must not confirm a row the hub did not store.
         self._resend: set[int] = set()
         self._awaiting_reply: dict[int, _AwaitingReply] = {}
+        # Rows whose reply reached the device before the hub confirmed them (a medagent hub sends
+        # the bot's reply while the row commits): a resend of one must not answer the device twice.
+        self._replied: set[int] = set()
         self._immediate: collections.deque[InboundRecord] = collections.deque()
         self._immediate_timer: asyncio.TimerHandle | None = None  # the buffer's linger
         self._live = asyncio.Event()
@@ -293,6 +296,7 @@ class Dispatcher:
             row_id = self.row_id_of(callback)
             if row_id is not None and row_id not in self._resend:
                 self._forget(row_id)
+                self._replied.discard(row_id)
                 ids.append(row_id)
         if ids:
             self.confirmed += len(ids)
@@ -324,6 +328,7 @@ class Dispatcher:
             self._update_window()
             return
         log.warning("hub refused queued message %d: %s", row_id, reason)
+        self._replied.discard(row_id)
         self._queue.fail(row_id, reason)
         self._update_window()
 
@@ -341,6 +346,8 @@ class Dispatcher:
         status = message.status_code if message.status_code is not None else 200
         if channel.deliver_reply(message.remote, entry.control_id, message.body, status):
             self.replies_routed += 1
+        if row_id in self._sent_at:  # answered before its confirmation (see _replied)
+            self._replied.add(row_id)  # type: ignore[arg-type]
 
     async def on_request(self, message: AgentMessage) -> AgentMessage | None:
         return await self._requests(message)
@@ -534,7 +541,7 @@ class Dispatcher:
         self._sent_bytes[row.row_id] = len(body)
         self._inflight_bytes += len(body)
         self._resend.discard(row.row_id)
-        if wants_reply:
+        if wants_reply and row.row_id not in self._replied:
             self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
         self.sent += 1
         return wants_reply

@@ -120,6 +120,27 @@ class SpecAgent:
         assert len(found) == count, f"expected {count} responses, got {len(found)}"
         return found
 
+    async def acked_responses(self, seq: int, count: int,
+                              timeout: float = RECV_TIMEOUT_S) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Read until the batches up to ``seq`` are acked and ``count`` transmit responses came,
+        in whichever order the hub sends them (on SQLite an inline bot's reply leaves while its
+        round commits, before the ack; PostgreSQL sends it after): (frames read, responses)."""
+        frames: list[dict[str, Any]] = []
+        found: list[dict[str, Any]] = []
+        acked = 0
+        async with asyncio.timeout(timeout):
+            for _ in range(MAX_SKIPPED_FRAMES):
+                if acked >= seq and len(found) >= count:
+                    break
+                frame = await self.recv(timeout)
+                frames.append(frame)
+                if frame.get("type") == "agent:batch:ack":
+                    acked = max(acked, frame["seq"])
+                items = frame["messages"] if frame.get("type") == "agent:batch" else [frame]
+                found += [m for m in items if m.get("type") == "agent:transmit:response"]
+        assert acked >= seq and len(found) == count, f"acked {acked} of {seq}, {len(found)} of {count} responses"
+        return frames, found
+
     async def close(self) -> None:
         await self.ws.close()
 

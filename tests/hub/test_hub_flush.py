@@ -1,8 +1,8 @@
 """The hub's batch ack and the replies after it leave in one TCP segment (hub/websocket.py _flush).
 
 At one lock-step sender every message costs the agent a wake-up per segment the hub sends it;
-the ack and the inline bot's reply of a batch are framed together and written in one transport
-write, so the agent reads both at once. Counted with the kernel's own per-socket counter (TCP_INFO
+the ack and the replies sent with it are framed together and written in one transport write, so
+the agent reads both at once. Counted with the kernel's own per-socket counter (TCP_INFO
 data_segs_in), not with timing. The hub frames them itself, so the other tests here check every
 length encoding of RFC 6455 §5.2 and the write path's flow control with a real websocket client.
 """
@@ -33,34 +33,42 @@ def data_segments_in(client: SpecAgent) -> int:
 
 
 async def test_ack_and_reply_arrive_in_one_segment(hub: HubServer, agent: AgentCredentials) -> None:
+    """A resend of an answered message: the stored reply follows the ack in the same write (an
+    inline bot's reply to a new message leaves earlier on SQLite, while its round commits)."""
     client = await SpecAgent.connected(hub, agent)
-    for seq in (1, 2, 3):  # several, so one lucky coalescing of two writes cannot pass it
+    await client.send({"type": "agent:batch", "seq": 1, "messages": [transmit("adt", adt("S0"), "seg-0")]})
+    await client.acked_responses(1, 1)
+    for seq in (2, 3, 4):  # several, so one lucky coalescing of two writes cannot pass it
         before = data_segments_in(client)
-        await client.send({"type": "agent:batch", "seq": seq, "messages": [transmit("adt", adt(f"S{seq}"), f"seg-{seq}")]})
+        await client.send({"type": "agent:batch", "seq": seq, "messages": [transmit("adt", adt("S0"), "seg-0")]})
         assert await client.recv() == {"type": "agent:batch:ack", "seq": seq}
         reply = await client.recv()
-        assert reply["type"] == "agent:transmit:response" and reply["callback"] == f"seg-{seq}"
+        assert reply["type"] == "agent:transmit:response" and reply["callback"] == "seg-0"
         assert data_segments_in(client) - before == 1
     await client.close()
 
 
 async def test_frames_of_every_length_encoding_arrive_whole(hub: HubServer, agent: AgentCredentials) -> None:
     """A 7-bit length (the ack), a 16-bit one (one reply) and a 64-bit one (400 replies in one
-    agent:batch frame), each written back to back with the ack before it."""
+    agent:batch frame), each written whole."""
     client = await SpecAgent.connected(hub, agent)
-    sizes: list[int] = []
+    sizes: dict[str, int] = {}
     for seq, count in ((1, 1), (2, 400)):
         callbacks = [f"len-{seq}-{i}" for i in range(count)]
         await client.send({"type": "agent:batch", "seq": seq,
                            "messages": [transmit("adt", adt(c), c) for c in callbacks]})
-        for expected in ("agent:batch:ack", "agent:batch" if count > 1 else "agent:transmit:response"):
+        replies = "agent:batch" if count > 1 else "agent:transmit:response"
+        frames = {}
+        for _ in range(2):  # the ack and the replies, in the order of the store engine
             raw = await asyncio.wait_for(client.ws.recv(), 10)
             frame = orjson.loads(raw)
-            assert frame["type"] == expected
-            sizes.append(len(raw))
-        items = frame["messages"] if count > 1 else [frame]
+            frames[frame["type"]] = frame
+            sizes[f"{frame['type']} {count}"] = len(raw)
+        assert set(frames) == {"agent:batch:ack", replies}
+        items = frames[replies]["messages"] if count > 1 else [frames[replies]]
         assert [m["callback"] for m in items] == callbacks
-    assert sizes[0] < 126 and 126 <= sizes[1] < 65536 and sizes[3] >= 65536
+    assert sizes["agent:batch:ack 1"] < 126 and 126 <= sizes["agent:transmit:response 1"] < 65536
+    assert sizes["agent:batch 400"] >= 65536
     await client.close()
 
 
@@ -85,7 +93,7 @@ async def test_replies_wait_for_an_agent_that_stops_reading(hub: HubServer, agen
     received: list[str] = []
     acks: list[int] = []
     async with asyncio.timeout(30):
-        while len(received) < batches * per_batch:
+        while len(received) < batches * per_batch or not acks or acks[-1] < batches:
             frame = await client.recv(timeout=30)
             if frame["type"] == "agent:batch:ack":
                 acks.append(frame["seq"])

@@ -1,16 +1,19 @@
 """Original mode's fast path through the real hub, on each store engine: inline bots answer
-inside the round that stores their message (the row is written once, with its result, before
-the reply leaves), other bots' replies go out before their result commits (it rides the
+inside the round that stores their message (the row is written once, with its result; on SQLite
+the reply leaves while that round commits, before the batch ack), other bots' replies go out before their result commits (it rides the
 writer's next round), per-channel order holds, resends are answered once, and the agent's
 post-switch health message is answered AA without being stored."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from pathlib import Path
 
 import hubtest_bots
 import pytest
-from hubtest import SpecAgent, adt, msa, transmit, wait_for
+from hubtest import SpecAgent, adt, hub_settings, msa, transmit, wait_for
+from testsupport import failing_hub_commits
 
 from medagent.hub import AgentCredentials, HubServer, MessageQuery, MessageStatus
 from medagent.hub.intake import HEALTH_CHANNEL
@@ -57,7 +60,7 @@ async def test_an_inline_bots_result_is_committed_with_its_message(hub: HubServe
     client = await SpecAgent.connected(hub, agent)
     await client.send(transmit("adt", adt("R1"), "result-1"))
     [response] = await client.responses(1)
-    record = await hub.store.get_message("result-1")  # no wait: it committed before the reply left
+    record = await hub.store.get_message("result-1")  # no wait: it committed in the round the reply left from
     assert record.status is MessageStatus.PROCESSED and record.reply_body == response["body"]
     assert "result-1" not in hub.context.dispatcher.inflight
     await client.close()
@@ -146,3 +149,65 @@ async def test_another_unknown_channel_is_still_refused(hub: HubServer, agent: A
     error = await client.recv_type("agent:error")
     assert (error["callback"], error["body"]) == ("unknown-1", "Channel not found")
     await client.close()
+
+
+def _flat(frame: dict) -> list[dict]:
+    return frame["messages"] if frame.get("type") == "agent:batch" else [frame]
+
+
+async def _frames_until(client: SpecAgent, done: Callable[[list[dict]], bool]) -> list[dict]:
+    frames: list[dict] = []
+
+    def seen(frame: dict) -> bool:
+        frames.extend(_flat(frame))
+        return done(frames)
+
+    await client.recv_until(seen)
+    return frames
+
+
+async def test_on_sqlite_an_inline_bots_reply_leaves_before_the_batch_ack(
+        hub: HubServer, agent: AgentCredentials, store_url: str | None) -> None:
+    """SQLite sends the reply while the round commits, so it precedes the ack; PostgreSQL sends it
+    after the commit (its insert may still meet a row another hub process stored)."""
+    client = await SpecAgent.connected(hub, agent)
+    await client.send({"type": "agent:batch", "seq": 1, "messages": [transmit("adt", adt("B1"), "before-ack-1")]})
+    frames = await _frames_until(client, lambda fs: {"agent:batch:ack", "agent:transmit:response"} <= {
+        f["type"] for f in fs})
+    kinds = [f["type"] for f in frames]
+    expected = ["agent:transmit:response", "agent:batch:ack"]
+    assert kinds == (expected if store_url is None else expected[::-1])
+    assert (await hub.store.get_message("before-ack-1")).status is MessageStatus.PROCESSED
+    await client.close()
+
+
+async def test_a_commit_that_fails_after_the_reply_left_asks_for_a_resend(tmp_path: Path) -> None:
+    """The round's COMMIT fails after the early reply (a real SQLite error: testsupport's
+    failing_hub_commits): no batch ack, the agent is asked to resend, nothing is
+    stored; the resend is stored and answered, and the hub's connection is usable again."""
+    hub = HubServer(hub_settings(tmp_path))  # SQLite: the engine that replies before its commit
+    await hub.start()
+    try:
+        agent = await hub.store.add_agent("lab")
+        await hub.store.add_channel(agent.agent_id, "adt", "mllp://0.0.0.0:2575", "medagent.hub.bots.ack:handler")
+        with failing_hub_commits(hub.store.path, "NEW.control_id = 'FAIL1'") as disarm:  # type: ignore[attr-defined]
+            client = await SpecAgent.connected(hub, agent)
+            await client.send({"type": "agent:batch", "seq": 1, "messages": [transmit("adt", adt("FAIL1"), "fail-1")]})
+            frames = await _frames_until(client, lambda fs: any(f["type"] == "agent:error" for f in fs))
+            assert [f["type"] for f in frames] == ["agent:transmit:response", "agent:error"]
+            assert msa(frames[0]["body"])[1:3] == ["AA", "FAIL1"]
+            assert frames[1]["callback"] == "fail-1" and frames[1]["body"].endswith("; resend it")
+            with pytest.raises(TimeoutError):
+                await client.recv(timeout=0.2)  # no batch ack for the failed round
+            with pytest.raises(NotFound):
+                await hub.store.get_message("fail-1")
+            disarm()
+        await client.send({"type": "agent:batch", "seq": 2, "messages": [transmit("adt", adt("FAIL1"), "fail-1")]})
+        frames = await _frames_until(client, lambda fs: any(f["type"] == "agent:batch:ack" for f in fs))
+        assert [f["type"] for f in frames] == ["agent:transmit:response", "agent:batch:ack"] and frames[1]["seq"] == 2
+        record = await hub.store.get_message("fail-1")
+        assert (record.status, record.duplicate) == (MessageStatus.PROCESSED, 0)
+        await client.close()
+    finally:
+        await hub.stop()
+

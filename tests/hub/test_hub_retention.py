@@ -111,9 +111,8 @@ async def test_low_disk_holds_intake_without_storing_or_acking_then_resumes(
     assert disk.held == 1
     disk.watermark = FreeSpaceWatermark(0, 0.0)
     assert disk.check_now() is None  # room again: the held group is stored and acknowledged, no resend
-    ack = await client.recv_type("agent:batch:ack")
-    assert ack["seq"] == 7
-    assert (await client.responses(1))[0]["callback"] == "disk-1"
+    frames, [response] = await client.acked_responses(7, 1)
+    assert response["callback"] == "disk-1" and {"type": "agent:batch:ack", "seq": 7} in frames
     assert (await hub.store.get_message("disk-1")).control_id == "D1"
     await client.close()
 

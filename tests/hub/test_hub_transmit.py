@@ -63,13 +63,14 @@ async def test_batch_is_acked_after_store_and_answered_in_batches(hub: HubServer
     client = await SpecAgent.connected(hub, agent)
     messages = [transmit("adt", adt(f"B{i:03d}"), f"batch-{i}") for i in range(50)]
     await client.send({"type": "agent:batch", "seq": 1, "messages": messages})
-    ack = await client.recv_until(lambda f: f.get("type") in ("agent:batch:ack", "agent:batch", "agent:transmit:response"))
+    frames: list[dict] = []
+    ack = await client.recv_until(lambda f: frames.append(f) or f.get("type") == "agent:batch:ack")
     assert ack == {"type": "agent:batch:ack", "seq": 1}
     # the ack promises storage: every message of the batch is in the store now
     page = await hub.store.query_messages(MessageQuery(agent_id=agent.agent_id, limit=1000))
     assert {m.callback for m in page.messages} == {f"batch-{i}" for i in range(50)}
-    frames: list[dict] = []
-    responses: list[dict] = []
+    responses = [m for f in frames if f["type"] == "agent:batch" for m in f["messages"]]
+    responses += [f for f in frames if f["type"] == "agent:transmit:response"]
     for _ in range(50):
         if len(responses) >= 50:
             break
@@ -105,14 +106,8 @@ async def test_cumulative_ack_over_several_batches(hub: HubServer, agent: AgentC
     for seq in (1, 2, 3):
         await client.send({"type": "agent:batch", "seq": seq,
                            "messages": [transmit("adt", adt(f"S{seq}"), f"seq-{seq}")]})
-    acked = 0
-    for _ in range(20):
-        frame = await client.recv_until(lambda f: f.get("type") == "agent:batch:ack")
-        acked = max(acked, frame["seq"])
-        if acked == 3:
-            break
-    assert acked == 3
-    await client.responses(3)
+    _, responses = await client.acked_responses(3, 3)
+    assert sorted(r["callback"] for r in responses) == ["seq-1", "seq-2", "seq-3"]
     await client.close()
 
 

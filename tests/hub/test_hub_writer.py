@@ -4,6 +4,7 @@ nothing, rounds never overlapping, many callers per round under load."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +105,31 @@ async def test_the_sqlite_writer_thread_variant_keeps_the_same_guarantees(tmp_pa
         await _fifty_connections(threaded)
     finally:
         await threaded.close()
+
+
+@pytest.mark.parametrize("writer_thread", [False, True])
+async def test_before_commit_runs_on_the_loop_once_per_round_before_the_caller_resumes(
+        tmp_path: Path, writer_thread: bool) -> None:
+    """SQLite calls each group's before_commit on the event loop's thread, threaded or not, before
+    the caller's store_incoming returns (the intake sends replies from it)."""
+    store = SqliteHubStore(tmp_path, writer_thread=writer_thread)
+    writer = StoreWriter(store)
+    await writer.start()
+    calls: list[tuple[str, bool]] = []
+    loop_thread = threading.get_ident()
+    try:
+        agent = (await store.add_agent("lab")).agent_id
+
+        async def one(name: str) -> None:
+            hook = lambda: calls.append((name, threading.get_ident() == loop_thread))
+            await writer.store_incoming([incoming(agent, name)], None, hook)
+            assert (name, True) in calls
+
+        await asyncio.gather(*(one(f"hook-{i}") for i in range(10)))
+        assert sorted(calls) == sorted((f"hook-{i}", True) for i in range(10))
+    finally:
+        await writer.close()
+        await store.close()
 
 
 async def _fifty_connections(store: HubStore) -> None:

@@ -169,6 +169,26 @@ def test_batch_mode_packs_frames_numbers_them_and_acks_cumulatively() -> None:
     assert frames(session)[0]["seq"] == 4  # numbering continues on the same connection
 
 
+def test_batch_mode_an_error_settles_its_send_and_a_later_ack_does_not_confirm_it() -> None:
+    """After a transient store failure the agent resends the row under a later seq; the ack of a
+    batch after the failed one is cumulative, but must confirm only the resend's batch, once."""
+    session = agent(features={"batch": {}})
+    session.send_transmit(transmit(1))
+    assert frames(session)[0]["seq"] == 1
+    failure = session.receive_frame(wire(m.ErrorMessage("The hub could not store the message (X); resend it",
+                                                        "Agent/agent-1-1")))
+    assert failure == [core.TransmitFailed("Agent/agent-1-1", "The hub could not store the message (X); resend it")]
+    session.send_transmit(transmit(1))  # the resend
+    assert frames(session)[0]["seq"] == 2
+    session.send_transmit(transmit(2))  # a later row
+    assert frames(session)[0]["seq"] == 3
+    assert session.unconfirmed_count() == 2
+    assert session.receive_frame(b'{"type":"agent:batch:ack","seq":1}') == []  # the failed send: settled
+    assert session.receive_frame(b'{"type":"agent:batch:ack","seq":3}') == [
+        core.Confirmed(["Agent/agent-1-1", "Agent/agent-1-2"])]
+    assert session.unconfirmed_count() == 0
+
+
 def test_batch_frames_are_cut_near_the_target_size() -> None:
     session = agent(features=FEATURES)
     big = "x" * 20_000

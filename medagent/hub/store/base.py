@@ -23,7 +23,7 @@ Invariants every engine keeps (tests/hub run against each):
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,13 +163,20 @@ class HubStore(abc.ABC):
     @abc.abstractmethod
     async def write_round(
         self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
-        answers: Sequence[Answer | None] = (),
+        answers: Sequence[Answer | None] = (), before_commit: Callable[[], None] | None = None,
     ) -> list[list[IntakeResult]]:
         """Both hot-path writes of one round in ONE transaction: first the replies of processed
         messages, then each group of inbound messages (so a resend in a group already sees a
         reply recorded in the same round). ``answers`` (one per group, or empty) is asked for
         the result of each message of its group that needs its bot; the result commits with the
-        message. Returns the intake results per group."""
+        message. Returns the intake results per group.
+
+        ``before_commit`` is called on the event loop's thread once every row of the round is
+        written and only the COMMIT is left, by a store where by then only the COMMIT failing can
+        change the round's outcome (SQLite: the round is the database's only writer, under BEGIN
+        IMMEDIATE); the intake sends the answers found in the round from it, so they travel
+        while the commit runs. A store that cannot promise that (PostgreSQL: an insert may
+        still meet a row another hub process stored) never calls it. It must not raise."""
 
     async def store_incoming(self, messages: Sequence[IncomingMessage],
                              answer: Answer | None = None) -> list[IntakeResult]:

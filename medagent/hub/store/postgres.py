@@ -32,7 +32,7 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -343,8 +343,9 @@ class PostgresHubStore(HubStore):
 
     async def write_round(
         self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
-        answers: Sequence[Answer | None] = (),
+        answers: Sequence[Answer | None] = (), before_commit: Callable[[], None] | None = None,
     ) -> list[list[IntakeResult]]:
+        del before_commit  # never called: an insert can still meet another hub process's row (HubStore)
         rows = [result_params(r) for r in results]
         if not rows and not any(incoming):
             return [[] for _ in incoming]

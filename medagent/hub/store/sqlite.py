@@ -29,6 +29,7 @@ later (other bots) — all in one transaction.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 import uuid
@@ -153,10 +154,13 @@ class SqliteCore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (a deferred constraint, an I/O error) can leave the transaction
+                # open; the next BEGIN on this connection would then fail too.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def close(self) -> None:
         """Close every connection (of every thread). Further use raises :class:`StoreError`."""
@@ -346,7 +350,7 @@ class SqliteCore:
 
     def write_round(
         self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
-        answers: Sequence[Answer | None] = (),
+        answers: Sequence[Answer | None] = (), before_commit: Callable[[], object] | None = None,
     ) -> list[list[IntakeResult]]:
         rows = [result_params(r) for r in results]
         if not rows and not any(incoming):
@@ -355,8 +359,11 @@ class SqliteCore:
         with self._write() as conn:
             if rows:
                 conn.executemany(RECORD_RESULT, rows)
-            return [self._store_group(conn, group, answer) if group else []
-                    for group, answer in zip(incoming, answers, strict=True)]
+            stored = [self._store_group(conn, group, answer) if group else []
+                      for group, answer in zip(incoming, answers, strict=True)]
+            if before_commit is not None:
+                before_commit()  # (HubStore.write_round)
+            return stored
 
     @staticmethod
     def _store_group(conn: sqlite3.Connection, messages: Sequence[IncomingMessage],
@@ -563,12 +570,15 @@ class SqliteHubStore(HubStore):
 
     async def write_round(
         self, incoming: Sequence[Sequence[IncomingMessage]], results: Iterable[MessageResult],
-        answers: Sequence[Answer | None] = (),
+        answers: Sequence[Answer | None] = (), before_commit: Callable[[], None] | None = None,
     ) -> list[list[IntakeResult]]:
         if self._writer is not None:  # (the answers then run on the writer thread)
-            return await asyncio.get_running_loop().run_in_executor(
-                self._writer, self.core.write_round, incoming, list(results), answers)
-        return self.core.write_round(incoming, results, answers)
+            loop = asyncio.get_running_loop()
+            on_loop: Callable[[], object] | None = (
+                None if before_commit is None else functools.partial(loop.call_soon_threadsafe, before_commit))
+            return await loop.run_in_executor(
+                self._writer, self.core.write_round, incoming, list(results), answers, on_loop)
+        return self.core.write_round(incoming, results, answers, before_commit)
 
     async def export_rows(self, table: str, batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:  # type: ignore[override]
         after: tuple[Any, ...] | None = None
