@@ -38,7 +38,9 @@ received meanwhile and, per drained group:
 4. sends ``agent:batch:ack`` with the highest ``seq`` of the group (cumulative), then the
    replies not sent yet (stored replies of resends, errors, inline bots' replies on
    PostgreSQL), in one flush of the connection (one TCP segment), so that the agent wakes once
-   for all.
+   for all. An ack with nothing to send beside it waits up to
+   :data:`~medagent.hub.websocket.ACK_LINGER_S` for the connection's next write (at one sender
+   in original mode, the next message's reply) and rides in it.
 
 Other bots (thread, async) and channels with messages still queued go through the dispatcher's
 FIFO per (agent, channel), so one channel's messages reach its bot in the order received, while

@@ -74,6 +74,12 @@ log = logging.getLogger(__name__)
 #: the connection's protocol state (the core's; kept under its old name)
 ConnectionState = SessionState
 
+#: How long a batch ack with nothing to carry it waits for the connection's next write (a reply,
+#: the next ack) to ride in: at one lock-step sender in original mode the ack of message n then
+#: leaves with the reply to message n+1, one write and one wake-up of the agent instead of two.
+#: An ack only lets the agent forget messages it keeps meanwhile; nothing waits for it.
+ACK_LINGER_S = 0.002
+
 _TEXT_FIN = 0x81  # FIN + opcode 1 (text), RFC 6455 §5.2
 _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
@@ -118,6 +124,8 @@ class AgentConnection:
         self._closing = False
         self._hold: Hold | None = None
         self._generation: int | None = None  # the token generation the connection was accepted with
+        self._ack_due: int | None = None  # a batch ack waiting to ride in the next write (ACK_LINGER_S)
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     @property
     def state(self) -> SessionState:
@@ -147,7 +155,11 @@ class AgentConnection:
         """Send replies: one ``agent:batch`` frame per ``batch_max_messages`` when batching.
 
         A leading :class:`BatchAck` is queued first, so an ack and the replies it precedes
-        leave in one flush (one TCP segment, one wake-up of the agent; see :meth:`_flush`)."""
+        leave in one flush (one TCP segment, one wake-up of the agent; see :meth:`_flush`). An
+        ack alone waits up to :data:`ACK_LINGER_S` for the connection's next write instead."""
+        if len(messages) == 1 and type(ack := messages[0]) is BatchAck:
+            self._defer_ack(ack.seq)
+            return
         self._queue(messages)
         await self._flush()
 
@@ -188,8 +200,28 @@ class AgentConnection:
         if self._write_queued():
             await self._drain()
 
+    def _defer_ack(self, seq: int) -> None:
+        self._ack_due = seq if self._ack_due is None else max(seq, self._ack_due)
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_LINGER_S, self._write_due_ack)
+
+    def _write_due_ack(self) -> None:
+        """The linger ended with nothing written meanwhile: the ack goes alone."""
+        self._ack_timer = None
+        try:
+            self._write_queued()
+        except ConnectionError:
+            pass  # closed meanwhile: the agent resends what it kept, the hub recognises it
+
     def _write_queued(self) -> bool:
-        """Write what the core queued; True when the transport's buffer is not empty."""
+        """Write what the core queued, and the ack waiting for a write; True when the
+        transport's buffer is not empty."""
+        if self._ack_due is not None:
+            self._core.acknowledge(self._ack_due)
+            self._ack_due = None
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
         if not self._core.has_data():
             return False  # most frames (transmits waiting for storage) need no answer yet
         transport = self._transport
@@ -306,6 +338,11 @@ class AgentConnection:
         if self._closing:
             return
         self._closing = True
+        if self._ack_due is not None:  # what is stored is acked before the close
+            try:
+                self._write_queued()  # (cancels the linger)
+            except ConnectionError:
+                pass
         self._core.close()
         if self._ticker is not None:
             self._ticker.cancel()

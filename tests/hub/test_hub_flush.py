@@ -18,7 +18,7 @@ import orjson
 import pytest
 from hubtest import SpecAgent, adt, transmit, wait_for
 
-from medagent.hub import AgentCredentials, HubServer
+from medagent.hub import AgentCredentials, HubServer, websocket
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO's data_segs_in is Linux's")
 
@@ -102,4 +102,35 @@ async def test_replies_wait_for_an_agent_that_stops_reading(hub: HubServer, agen
     assert received == [f"bp-{seq}-{i}" for seq in range(1, batches + 1) for i in range(per_batch)]
     assert acks == sorted(acks) and acks[-1] == batches
     assert hub_transport.get_write_buffer_size() == 0
+    await client.close()
+
+
+async def test_an_ack_alone_rides_in_the_next_write_or_leaves_after_the_linger(
+        hub: HubServer, agent: AgentCredentials, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch ack with no reply to carry it waits for the connection's next write: with a long
+    linger, the ack of batch 1 arrives in the same segment as the reply to batch 2."""
+    monkeypatch.setattr(websocket, "ACK_LINGER_S", 30.0)
+    client = await SpecAgent.connected(hub, agent)
+    await client.send({"type": "agent:batch", "seq": 1, "messages": [transmit("adt", adt("L1"), "linger-1")]})
+    frames, _ = await client.acked_responses(0, 1)
+    acks = [f for f in frames if f["type"] == "agent:batch:ack"]
+    if not acks:  # SQLite: the reply left before the commit, the ack waits for a ride
+        with pytest.raises(TimeoutError):
+            await client.recv(timeout=0.3)
+        before = data_segments_in(client)
+        await client.send({"type": "agent:batch", "seq": 2, "messages": [transmit("adt", adt("L2"), "linger-2")]})
+        reply = await client.recv()
+        assert (reply["type"], reply["callback"]) == ("agent:transmit:response", "linger-2")
+        assert await client.recv() == {"type": "agent:batch:ack", "seq": 1}
+        assert data_segments_in(client) - before == 1
+    else:  # PostgreSQL: the reply follows the commit, and the ack rides in front of it
+        assert acks == [{"type": "agent:batch:ack", "seq": 1}] and frames[0] == acks[0]
+    await client.close()
+
+
+async def test_with_the_default_linger_an_ack_alone_arrives_at_once(hub: HubServer, agent: AgentCredentials) -> None:
+    client = await SpecAgent.connected(hub, agent)
+    quiet = transmit("adt", adt("Q1"), "quiet-1", noReply=True)
+    await client.send({"type": "agent:batch", "seq": 1, "messages": [quiet]})
+    assert await client.recv(timeout=2.0) == {"type": "agent:batch:ack", "seq": 1}
     await client.close()
