@@ -67,8 +67,9 @@ it exceeds ``max_backlog_messages`` the socket reader waits, and TCP flow contro
 
 Invariants: ``agent:batch:ack`` for seq n is sent only after every message of the batches up to
 n was committed or answered with an ``agent:error`` (which settles that send: the agent's
-session never counts it as acked by a later cumulative ack); a callback is in the hub's in-flight map from storage until its result is
-committed, and a resend arriving meanwhile is not run again; nothing here logs message text.
+session never counts it as acked by a later cumulative ack); a callback is in the hub's
+in-flight map from storage until its result is committed, and a resend arriving meanwhile is
+not run again; nothing here logs message text.
 """
 
 from __future__ import annotations

@@ -334,8 +334,8 @@ class Dispatcher:
 
     def on_transmit_response(self, message: TransmitResponse) -> None:
         row_id = self.row_id_of(message.callback)
-        entry = self._awaiting_reply.pop(row_id, None) if row_id is not None else None
-        if entry is None:
+        entry = None if row_id is None else self._awaiting_reply.pop(row_id, None)
+        if row_id is None or entry is None:
             # Immediate-mode message, or a late reply for a row that was re-sent: nothing waits.
             self.replies_unroutable += 1
             return
@@ -347,7 +347,7 @@ class Dispatcher:
         if channel.deliver_reply(message.remote, entry.control_id, message.body, status):
             self.replies_routed += 1
         if row_id in self._sent_at:  # answered before its confirmation (see _replied)
-            self._replied.add(row_id)  # type: ignore[arg-type]
+            self._replied.add(row_id)
 
     async def on_request(self, message: AgentMessage) -> AgentMessage | None:
         return await self._requests(message)
@@ -541,10 +541,11 @@ class Dispatcher:
         self._sent_bytes[row.row_id] = len(body)
         self._inflight_bytes += len(body)
         self._resend.discard(row.row_id)
-        if wants_reply and row.row_id not in self._replied:
+        awaited = wants_reply and row.row_id not in self._replied  # (a device already answered waits for nothing)
+        if awaited:
             self._awaiting_reply[row.row_id] = _AwaitingReply(now, row.channel, row.control_id)
         self.sent += 1
-        return wants_reply
+        return awaited
 
     async def _upload(self, rows: Sequence[QueuedMessage]) -> list[tuple[bytes, str] | None]:
         """Upload the rows' files concurrently; per row (body, content type) or None on failure."""
