@@ -150,6 +150,9 @@ _CONFIRM_RIDE_MAX = 256
 #: duplicate lookup in memory) and a grouped INSERT costs a fraction of a lone one per row.
 _MOVE_RECORDS = 256
 _MOVE_AFTER_S = 0.02
+#: While a checkpoint holds the writer gate, updates (confirmations, the mover) try again this
+#: often instead of blocking the loop (records go to the intake journal meanwhile).
+_GATE_RETRY_S = 0.002
 
 
 class QueueClosed(QueueError):
@@ -343,6 +346,7 @@ class DurableQueue:
         self._rescan_requested = False
         self._move_requested = False  # the intake journal's records are due for SQLite
         self._move_timer: asyncio.TimerHandle | None = None
+        self._gate_timer: asyncio.TimerHandle | None = None  # updates waiting for a checkpoint to end
         self._confirm_timer: asyncio.TimerHandle | None = None  # writes held confirmations when due
         self._confirms_held_at = 0.0  # monotonic time the oldest held confirmation arrived
         self._held_back: list[_WriteWork] = []  # state changes a storage error held back
@@ -464,6 +468,9 @@ class DurableQueue:
         if self._move_timer is not None:
             self._move_timer.cancel()  # closing the store moves the journal's records
             self._move_timer = None
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()  # _drain_writes waits for the gate
+            self._gate_timer = None
         self._rows_available.set()  # wake next_batch waiters: they raise QueueClosed
         if self._maintenance_task is not None:
             self._maintenance_task.cancel()
@@ -702,6 +709,11 @@ class DurableQueue:
         # While FAILED only the maintenance probe writes; held updates wait (one last try at close).
         if not (self._health.writable or self._phase is _Phase.CLOSING) or not self._has_writes():
             return
+        inline = self._inline and not self._inline_pending
+        if inline and not self._writer_gate.acquire(blocking=False):
+            if self._phase is _Phase.OPEN and self._journal_while_checkpointing():
+                return
+            self._writer_gate.acquire()  # closing, or records and no usable journal: wait for it
         confirms = self._confirms_for_this_job()
         work = _WriteWork(
             self._records, self._dedup, self._callbacks,
@@ -713,19 +725,46 @@ class DurableQueue:
         self._writing = True
         self._writes_idle.clear()
         self._largest_group = max(self._largest_group, len(work.records))
-        if self._inline and not self._inline_pending:
+        if inline:
             # Nothing completes before it: commit and answer in this same loop turn (one turn and
             # one handle fewer per group; what matters at one lock-step sender), without the
-            # job/outcome wrappers the scheduled paths need.
+            # job/outcome wrappers the scheduled paths need. (The gate is held since above.)
+            written: _WriteOutcome | None = None
+            error: Exception | None = None
             try:
-                with self._writer_gate:
-                    written = self._write_in_writer(work)
+                written = self._write_in_writer(work)
             except Exception as exc:  # noqa: BLE001 - reported like a failed writer job
-                self._flush_done(work, None, exc)
-                return
-            self._flush_done(work, written, None)
+                error = exc
+            finally:
+                self._writer_gate.release()
+            self._flush_done(work, written, error)
             return
         self._run_in_writer(partial(self._write_in_writer, work), partial(self._flush_outcome, work))
+
+    def _journal_while_checkpointing(self) -> bool:
+        """The writer gate is taken: a RESTART checkpoint holds the database (5-20 ms, past 100 ms
+        on a busy disk; the soak's stalls). Commit the gathered records to the intake journal
+        (a write() that needs no SQLite lock) and retry the updates once the gate is free, so
+        the loop never waits for it. False when there are records and no usable journal."""
+        if self._records:
+            store = self._require_store()
+            results = store.journal_batch(self._records, self._dedup)
+            if results is None:
+                return False
+            work = _WriteWork(self._records, self._dedup, self._callbacks, [], [], [], False, False)
+            self._records, self._dedup, self._callbacks = [], [], []
+            self._counts["journaled_during_checkpoint"] += len(work.records)
+            self._largest_group = max(self._largest_group, len(work.records))
+            self._writing = True
+            self._writes_idle.clear()
+            self._flush_done(work, _WriteOutcome(results, None, None), None)
+        elif self._gate_timer is None:
+            self._gate_timer = self._loop.call_later(_GATE_RETRY_S, self._gate_retry)  # type: ignore[union-attr]
+        return True
+
+    def _gate_retry(self) -> None:
+        self._gate_timer = None
+        self._request_flush()
 
     def _write_in_writer(self, work: _WriteWork) -> _WriteOutcome:
         store = self._require_store()
@@ -1271,6 +1310,8 @@ class DurableQueue:
             "open": self._phase is _Phase.OPEN,
             "submitted_waiting": len(self._records),
             "journal_records": 0 if self._store is None else self._store.journal_records,
+            # records committed to the intake journal because a checkpoint held the database
+            "journaled_during_checkpoint": counts["journaled_during_checkpoint"],
             "committed": self._committed,
             "commit_errors": counts["commit_errors"],
             # Medplum-style name asked for by issue 13 (defect 3): reused control ids, new content

@@ -771,31 +771,37 @@ class QueueStore:
                 pass
         return not journal.broken
 
-    def _journal_one(self, record: InboundRecord, policy: DuplicatePolicy) -> list[CommitResult]:
-        """A lone record: resolved against SQLite and the journal's records, then one framed
-        write() to the journal (the commit). Storage errors become the result's error."""
+    def journal_batch(self, records: Sequence[InboundRecord], dedup: Sequence[DuplicatePolicy]) -> list[CommitResult] | None:
+        """Commit `records` with one framed write() to the intake journal instead of SQLite:
+        resolved against SQLite and the journal's records, then all their frames in one write
+        (all or none: a short write is cut back). None when there is no journal or it cannot take
+        appends (then insert_batch). Storage errors become the results' error.
+
+        insert_batch does this for a lone record; the queue also does it for a group while a
+        checkpoint holds the database (durable.py), so intake never waits for one."""
         journal = self._journal
-        assert journal is not None
+        if journal is None or not self._journal_usable():
+            return None
         now = time.time()
         try:
-            results, rows = self._resolve((record,), (policy,), now)
+            results, rows = self._resolve(records, dedup, now)
         except sqlite3.Error as exc:
-            return [CommitResult(None, None, storage_error_reason(exc))]
+            return [CommitResult(None, None, storage_error_reason(exc))] * len(records)
         if not rows:
             return results
-        row = rows[0]
         try:
-            journal.append(encode_frame(row))
-        except OSError as exc:
-            return [CommitResult(None, None, storage_error_reason(exc))]
-        except UnicodeError:
-            return [CommitResult(None, None, "invalid text in a record field")]
-        row_id = row[0]
-        self._last_id = row_id
-        self._residents.append(row)
-        if record.control_id:
-            self._resident_keys.setdefault((record.channel, record.sender, record.control_id), []).append(
-                (row_id, record.received_at, content_key(record)))
+            journal.append(b"".join([encode_frame(row) for row in rows]))
+        except (OSError, UnicodeError) as exc:
+            reason = "invalid text in a record field" if isinstance(exc, UnicodeError) else storage_error_reason(exc)
+            failed = CommitResult(None, None, reason)
+            return [failed if result.row_id is not None else result for result in results]
+        self._last_id = rows[-1][0]
+        self._residents.extend(rows)
+        keys = self._resident_keys
+        for record, result in zip(records, results):
+            if result.row_id is not None and record.control_id:
+                keys.setdefault((record.channel, record.sender, record.control_id), []).append(
+                    (result.row_id, record.received_at, content_key(record)))
         return results
 
     # ----------------------------------------------------------------- transactions
@@ -851,8 +857,8 @@ class QueueStore:
             return []
         cursor = self._cursor
         alone = len(records) == 1 and not confirm_ids  # one autocommit INSERT (module docstring)
-        if alone and self._journal is not None and self._journal_usable():
-            return self._journal_one(records[0], dedup[0])
+        if alone and (journaled := self.journal_batch(records, dedup)) is not None:
+            return journaled
         moved = False
         try:
             now = time.time()
