@@ -31,7 +31,9 @@ store moves journal records into SQLite at the start of every other write and re
 extra job is the mover's own: when the journal holds `_MOVE_RECORDS` records, or
 `_MOVE_AFTER_S` after a commit left records in it, a job without records runs (it takes the held
 confirmations along, one transaction). The journal is replayed when the store opens, under the
-lease, and moved when it closes.
+lease, and moved when it closes. While a RESTART checkpoint holds the writer gate, a group goes
+to the journal too, and updates wait for the gate on a timer: the loop never waits for a
+checkpoint (`_journal_while_checkpointing`).
 
 Ordering. Every writer job reports back through `loop.call_soon` (inline) or
 `loop.call_soon_threadsafe` (thread), so completions are handled on the loop strictly in the
@@ -556,6 +558,10 @@ class DurableQueue:
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         assert self._loop is not None
+        while self._inline and self._writer_gate.locked() and self._phase is _Phase.OPEN:
+            # A checkpoint holds the database: a maintenance job (retention, recount, lease)
+            # waits for it here, not on the loop thread (the intake journals meanwhile).
+            await asyncio.sleep(_GATE_RETRY_S)
         future: asyncio.Future[Any] = self._loop.create_future()
 
         def done(outcome: _Outcome) -> None:

@@ -134,3 +134,19 @@ async def test_close_waits_for_the_checkpoint_and_writes_everything(tmp_path: Pa
     assert all(result.ok for result in results)
     assert states(path) == {"c0": RowState.CONFIRMED, "c1": RowState.CONFIRMED, "c2": RowState.CONFIRMED}
     assert path.with_name("queue.db.intake.journal").stat().st_size == 0
+
+
+async def test_maintenance_waits_for_the_checkpoint_without_holding_the_loop(tmp_path: Path) -> None:
+    """The lease renewal and retention are writer jobs too: with a short lease they run every
+    0.1 s, and while the gate is taken they wait for it off the loop, so intake goes on."""
+    path = tmp_path / "queue.db"
+    async with DurableQueue(path, lease_ttl_s=0.3) as queue:
+        with checkpoint_holding_the_gate(queue) as release:
+            results = []
+            for i in range(25):  # ~0.5 s: several maintenance rounds come due meanwhile
+                results.append(await queue.submit_wait(record(f"m{i}")))
+                await asyncio.sleep(0.02)
+            still_held = queue._writer_gate.locked() and not release.is_set()
+        assert still_held, "a maintenance job held the loop until the checkpoint let go"
+        assert all(result.ok for result in results)
+    assert len(states(path)) == 25

@@ -109,3 +109,38 @@ def test_a_restart_waits_for_the_writer_gate_and_runs_once_it_is_free(tmp_path: 
             checkpointer.writer_gate.release()
         checkpointer.stop()
         writer.close()
+
+
+def wal_salt(path: Path) -> bytes:
+    """The WAL header's checkpoint sequence and salts: a writer that starts the WAL over rewrites them."""
+    with open(f"{path}-wal", "rb") as wal:
+        return wal.read(24)[12:24]
+
+
+def test_after_a_restart_the_checkpointer_starts_the_wal_over_itself(tmp_path: Path) -> None:
+    """The first writer after a RESTART writes the WAL's new header and fdatasyncs it (up to
+    ~100 ms on a busy disk): the checkpointer does that write while it still holds the writer
+    gate, so the next intake commit does not. It changes no data (user_version rewritten with
+    its own value)."""
+    path = tmp_path / "db.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("PRAGMA user_version = 7")
+    writer.execute("CREATE TABLE t (body BLOB)")
+    writer.executemany("INSERT INTO t VALUES (?)", [(_ROW,) for _ in range(40)])  # ~160 KB of frames
+    before = wal_salt(path)
+    checkpointer = WalCheckpointer(path, interval_s=0.02, restart_above_bytes=64 * 1024)
+    checkpointer.start()
+    try:
+        assert wait_until_sync(lambda: checkpointer.restarts >= 1)
+        with checkpointer.writer_gate:  # the round has ended
+            after = wal_salt(path)
+        assert after != before  # the header was rewritten by the checkpointer: no writer wrote since
+        assert checkpointer.errors == 0
+    finally:
+        checkpointer.stop()
+    writer.execute("INSERT INTO t VALUES (?)", (_ROW,))
+    assert writer.execute("PRAGMA user_version").fetchone()[0] == 7
+    assert writer.execute("SELECT count(*) FROM t").fetchone()[0] == 41
+    writer.close()
