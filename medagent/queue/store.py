@@ -503,6 +503,11 @@ class QueueStore:
         conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
         conn.execute("PRAGMA foreign_keys = OFF")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
+        # Statement journals and sorts in memory (all bounded here: chunked retention, ranged
+        # recounts): a temp file is unlinked at once, and its blocks are freed when it closes,
+        # which on a disk mounted with `discard` waits for the device (traced in capped soaks:
+        # 84 ms of intake stalls in 8 s, in ext4_evict_inode -> blkdev_issue_discard).
+        conn.execute("PRAGMA temp_store = MEMORY")
         if max_db_mb is not None:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             max_pages = max(1, math.ceil(max_db_mb * _MIB / page_size))

@@ -170,18 +170,25 @@ async def test_channel_update_remove_and_secret_reset(store: HubStore) -> None:
     assert verify_secret(renewed.client_secret, found[1]) and not verify_secret(credentials.client_secret, found[1])
 
 
-def test_every_hub_connection_caps_the_wal_file(tmp_path: Path) -> None:
+def test_every_hub_connection_caps_the_wal_file_and_keeps_temp_data_in_memory(tmp_path: Path) -> None:
     """The checkpointer only cuts the WAL file when idle, so each writer connection carries the cap
-    (a long dashboard read under load must not leave a WAL of unbounded size behind)."""
+    (a long dashboard read under load must not leave a WAL of unbounded size behind); and no
+    connection makes temp files (freeing one can wait for the disk's discard)."""
     import threading
 
     core = SqliteCore(tmp_path)
-    limits: list[int] = []
+    settings: list[tuple[int, int]] = []
+
+    def read() -> None:
+        conn = core._conn()
+        settings.append((conn.execute("PRAGMA journal_size_limit").fetchone()[0],
+                         conn.execute("PRAGMA temp_store").fetchone()[0]))
+
     try:
-        limits.append(core._conn().execute("PRAGMA journal_size_limit").fetchone()[0])
-        other = threading.Thread(target=lambda: limits.append(core._conn().execute("PRAGMA journal_size_limit").fetchone()[0]))
+        read()
+        other = threading.Thread(target=read)
         other.start()
         other.join()
     finally:
         core.close()
-    assert limits == [WAL_SIZE_LIMIT_BYTES, WAL_SIZE_LIMIT_BYTES]
+    assert settings == [(WAL_SIZE_LIMIT_BYTES, 2), (WAL_SIZE_LIMIT_BYTES, 2)]  # 2: MEMORY

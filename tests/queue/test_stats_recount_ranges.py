@@ -49,10 +49,12 @@ def test_an_empty_queue_counts_zero(tmp_path: Path) -> None:
         store.close()
 
 
-def test_the_writer_caps_the_wal_file(tmp_path: Path) -> None:
+def test_the_writer_caps_the_wal_file_and_keeps_temp_data_in_memory(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "queue.db")
     try:
         limit = store._conn.execute("PRAGMA journal_size_limit").fetchone()[0]
         assert limit == WAL_SIZE_LIMIT_BYTES > 16 * 1024 * 1024  # above the RESTART threshold
+        # no temp files: freeing one waited for the disk's discard at the size cap (temp_store 2 = MEMORY)
+        assert store._conn.execute("PRAGMA temp_store").fetchone()[0] == 2
     finally:
         store.close()

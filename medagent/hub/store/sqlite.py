@@ -138,6 +138,7 @@ class SqliteCore:
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")  # the checkpointer never TRUNCATEs under load
+            conn.execute("PRAGMA temp_store=MEMORY")  # no temp files: freeing them can wait for a discard (queue/store.py)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
