@@ -728,9 +728,7 @@ class DurableQueue:
         self._records, self._dedup, self._callbacks = [], [], []
         self._failures, self._attempts = [], []
         self._rescan_requested = self._move_requested = False
-        self._writing = True
-        self._writes_idle.clear()
-        self._largest_group = max(self._largest_group, len(work.records))
+        self._start_work(work)
         if inline:
             # Nothing completes before it: commit and answer in this same loop turn (one turn and
             # one handle fewer per group; what matters at one lock-step sender), without the
@@ -760,13 +758,17 @@ class DurableQueue:
             work = _WriteWork(self._records, self._dedup, self._callbacks, [], [], [], False, False)
             self._records, self._dedup, self._callbacks = [], [], []
             self._counts["journaled_during_checkpoint"] += len(work.records)
-            self._largest_group = max(self._largest_group, len(work.records))
-            self._writing = True
-            self._writes_idle.clear()
+            self._start_work(work)
             self._flush_done(work, _WriteOutcome(results, None, None), None)
         elif self._gate_timer is None:
             self._gate_timer = self._loop.call_later(_GATE_RETRY_S, self._gate_retry)  # type: ignore[union-attr]
         return True
+
+    def _start_work(self, work: _WriteWork) -> None:
+        """A write job begins (_flush_done ends it)."""
+        self._writing = True
+        self._writes_idle.clear()
+        self._largest_group = max(self._largest_group, len(work.records))
 
     def _gate_retry(self) -> None:
         self._gate_timer = None

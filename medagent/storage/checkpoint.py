@@ -293,9 +293,7 @@ class WalCheckpointer:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:  # another process writes: then it starts the WAL over
-            self.errors += 1
-            if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
-                log.warning("starting the WAL of %s over failed (%d so far): %s", self.path, self.errors, exc)
+            self._failed("starting the WAL over", exc)
 
     def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> tuple[int, int, int] | None:
         """One checkpoint: SQLite's (busy, frames in the WAL, frames copied), or None on failure.
@@ -303,9 +301,13 @@ class WalCheckpointer:
         try:
             busy, in_wal, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         except sqlite3.Error as exc:  # busy, I/O, disk full: try again next round
-            self.errors += 1
-            if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
-                log.warning("WAL checkpoint of %s failed (%d so far): %s", self.path, self.errors, exc)
+            self._failed("WAL checkpoint", exc)
             return None
         self.checkpoints += 1
         return int(busy), int(in_wal), int(copied)
+
+    def _failed(self, what: str, exc: sqlite3.Error) -> None:
+        """Count a failure; log the 1st, 10th, 100th and every 1000th (module docstring)."""
+        self.errors += 1
+        if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
+            log.warning("%s of %s failed (%d so far): %s", what, self.path, self.errors, exc)
