@@ -1310,6 +1310,12 @@ class DurableQueue:
             self._committed_per_s = (committed - before) / (now - then)
         self._rate_mark = (now, committed)
 
+    def _key_filter_stats(self) -> dict[str, int]:
+        key_filter = None if self._store is None else self._store.key_filter
+        if key_filter is None:
+            return {"dedup_lookups_skipped": 0, "dedup_filter_bytes": 0}
+        return {"dedup_lookups_skipped": key_filter.lookups_skipped, "dedup_filter_bytes": key_filter.nbytes}
+
     def stats(self) -> dict[str, Any]:
         """Cheap in-memory counters plus the store stats from the last sweep (or open)."""
         counts = self._counts
@@ -1320,6 +1326,8 @@ class DurableQueue:
             "journal_records": 0 if self._store is None else self._store.journal_records,
             # records committed to the intake journal because a checkpoint held the database
             "journaled_during_checkpoint": counts["journaled_during_checkpoint"],
+            # duplicate checks answered by the in-memory key filter instead of SQLite, its memory
+            **self._key_filter_stats(),
             "committed": self._committed,
             "commit_errors": counts["commit_errors"],
             # Medplum-style name asked for by issue 13 (defect 3): reused control ids, new content

@@ -100,6 +100,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
 from medagent.queue.journal import IntakeJournal, JournalRow, decode_frames, encode_frame
+from medagent.queue.keyfilter import KeyFilter
 from medagent.queue.pending_map import PendingMap, decode_runs, encode_runs, id_runs
 from medagent.queue.records import (
     CommitResult,
@@ -297,6 +298,13 @@ def _dedup_sql(keys: int) -> str:
 
 
 _NO_FILE = (None, None, None)  # file_path, file_size, file_sha256 of an inline payload
+#: Memory cap of the duplicate check's key filter (~1 byte per key in one window: 32 MB covers an
+#: hour at ~9k keyed messages/s; beyond that the oldest keys go back to the SQLite lookup).
+KEY_FILTER_MAX_BYTES = 32 << 20
+# The key filter's horizon at open (_stored_horizon): rows read, and the margin added.
+_NEWEST_RECEIVED_SQL = "SELECT max(received_at) FROM messages WHERE id > ?"
+_HORIZON_ROWS = 1000
+_HORIZON_MARGIN_S = 60.0
 _LOOKUP_CHUNK = 300  # 3 parameters per record: stays under SQLite's historic 999-parameter limit
 _QUEUED_COLUMNS = (
     "id, channel, remote, control_id, message_type, body, content_type, received_at, attempts, duplicate_of,"
@@ -438,11 +446,14 @@ class QueueStore:
         create: bool = True,
         data_dir: str | os.PathLike[str] | None = None,
         adopt_journal: bool = True,
+        key_filter: bool = True,
     ) -> None:
         """`data_dir` (default: the database's directory) is where file payload paths start.
         With `adopt_journal`, an intake journal left by a process that holds no live lease (a
         kill -9) is read into SQLite at open (`_adopt_orphaned_journal`), so an admin command
-        sees its records; the queue itself replays it under its lease (`open_journal`)."""
+        sees its records; the queue itself replays it under its lease (`open_journal`).
+        With `key_filter`, the duplicate check skips its SQLite lookup for keys an in-memory filter
+        has certainly not seen (medagent/queue/keyfilter.py)."""
         if durability not in _SYNCHRONOUS:
             raise ValueError(f"durability must be 'normal' or 'fsync', not {durability!r}")
         self.path = Path(path)
@@ -473,6 +484,9 @@ class QueueStore:
             self._migrate()
             self.queue_uuid = self._ensure_queue_uuid()
             self._last_id, self._pending, self._generation = self._read_marks()
+            self._key_filter = KeyFilter(
+                self.dedup_window_s, covered_after=self._stored_horizon(), max_bytes=KEY_FILTER_MAX_BYTES
+            ) if key_filter else None
             if adopt_journal:
                 self._adopt_orphaned_journal()
         except sqlite3.Error as exc:
@@ -576,6 +590,12 @@ class QueueStore:
                 if saved_generation != str(generation):
                     pending.add(requeued or ())
         return max(largest, int(high_water[0]) if high_water else 0), pending, generation
+
+    def _stored_horizon(self) -> float:
+        """A receive time no row stored before this open exceeds (-inf for an empty table): the
+        newest of the last rows by id, plus a margin for rows committed out of receive order."""
+        newest = self._conn.execute(_NEWEST_RECEIVED_SQL, (self._last_id - _HORIZON_ROWS,)).fetchone()[0]
+        return -math.inf if newest is None else float(newest) + _HORIZON_MARGIN_S
 
     @property
     def _floor(self) -> int:
@@ -690,6 +710,10 @@ class QueueStore:
         floor = int(high_water[0]) if high_water else 0
         rows = [row for row in rows if row[0] > floor]
         conn.executemany(_INSERT_OR_IGNORE_SQL, rows)
+        if self._key_filter is not None:
+            for row in rows:  # (id, channel, remote, sender, control_id, ..., received_at at 8)
+                if row[4]:
+                    self._key_filter.add((row[1], row[3], row[4]), row[8])
         ids = sorted(row[0] for row in rows)
         if ids:
             self._last_id = max(self._last_id, ids[-1])
@@ -724,6 +748,11 @@ class QueueStore:
             return
         if adopted:
             log.warning("queue %s: read %d records from the intake journal of a stopped agent", self.path, adopted)
+
+    @property
+    def key_filter(self) -> KeyFilter | None:
+        """The duplicate check's in-memory key filter (None: turned off)."""
+        return self._key_filter
 
     @property
     def journal_records(self) -> int:
@@ -916,6 +945,7 @@ class QueueStore:
         checks_duplicates = any(policy is not off for policy in dedup)
         earlier = self._earlier_rows(records) if checks_duplicates else {}
         window = self.dedup_window_s
+        key_filter = self._key_filter
         next_id = self._last_id
         rows: list[tuple[Any, ...]] = []
         results: list[CommitResult] = []
@@ -956,6 +986,8 @@ class QueueStore:
             results.append(CommitResult(next_id, duplicate_of, None, reused))
             if keyed:
                 earlier.setdefault(key, []).append((next_id, record.received_at, content))
+            if key_filter is not None and record.control_id:
+                key_filter.add((record.channel, record.sender, record.control_id), record.received_at)
         return results, rows
 
     def _earlier_rows(
@@ -968,8 +1000,12 @@ class QueueStore:
         seen: set[int] = set()
         oldest = min(record.received_at for record in records) - self.dedup_window_s
         keyed = [r for r in records if r.control_id]
-        for start in range(0, len(keyed), _LOOKUP_CHUNK):
-            chunk = keyed[start : start + _LOOKUP_CHUNK]
+        asked = keyed
+        if self._key_filter is not None and self._key_filter.covers(oldest):
+            maybe = self._key_filter.may_contain
+            asked = [r for r in keyed if maybe((r.channel, r.sender, r.control_id), oldest)]
+        for start in range(0, len(asked), _LOOKUP_CHUNK):
+            chunk = asked[start : start + _LOOKUP_CHUNK]
             params: list[Any] = []
             for record in chunk:
                 params += (record.channel, record.sender, record.control_id)
