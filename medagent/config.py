@@ -182,6 +182,7 @@ class AgentSection:
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 30.0
     dedup_window_s: float = 3600.0
+    dedup_filter_mb: float = 32.0
     retention_days: int = 7
     retention_max_mb: int = 512
     failed_retention_days: int = 90
@@ -333,6 +334,7 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "reconnect_min_s": _Key(_Kind.FLOAT, 0.1, _positive),
         "reconnect_max_s": _Key(_Kind.FLOAT, 30.0, _positive),
         "dedup_window_s": _Key(_Kind.FLOAT, 3600.0, _at_least(0)),
+        "dedup_filter_mb": _Key(_Kind.FLOAT, 32.0, _at_least(0)),
         "retention_days": _Key(_Kind.INT, 7, _at_least(0)),
         "retention_max_mb": _Key(_Kind.INT, 512, _at_least(1)),
         "failed_retention_days": _Key(_Kind.INT, 90, _at_least(0)),
@@ -835,6 +837,7 @@ heartbeat_s = 10.0
 reconnect_min_s = 0.1                 # reconnect backoff (jittered, exponential)
 reconnect_max_s = 30.0
 dedup_window_s = 3600.0               # duplicate detection window per (channel, sender, MSH-10)
+dedup_filter_mb = 32.0                # memory for the in-memory filter that spares new keys the SQLite lookup (0: off)
 retention_days = 7                    # keep delivered messages this long
 retention_max_mb = 512                # soft cap on the queue database
 failed_retention_days = 90            # keep failed/rejected messages this long

@@ -258,6 +258,7 @@ class DurableQueue:
         *,
         durability: Durability = "normal",
         dedup_window_s: float = 3600.0,
+        dedup_filter_mb: float = 32.0,
         retention_days: float = 7.0,
         retention_max_mb: float = 512.0,
         failed_retention_days: float = 90.0,
@@ -283,7 +284,8 @@ class DurableQueue:
         where file payload paths start; spool files no row references are removed once older
         than `orphan_grace_s`. `intake_journal` (default: on with `durability="normal"` and no
         `max_db_mb`, which it requires) makes a lone record durable with one write() to the intake journal instead of
-        its own SQLite commit (docs/intake-journal.md)."""
+        its own SQLite commit (docs/intake-journal.md). `dedup_filter_mb` is the memory of the
+        duplicate check's key filter (0: every keyed record asks SQLite; medagent/queue/keyfilter.py)."""
         if intake_journal and (durability != "normal" or max_db_mb is not None):
             raise ValueError('the intake journal needs durability="normal" (it does not fsync) and no max_db_mb')
         if memory_max_rows < 1 or memory_max_bytes < 1:
@@ -295,6 +297,7 @@ class DurableQueue:
         self.holder = holder or default_holder()
         self._store_options: dict[str, Any] = {
             "durability": durability, "dedup_window_s": dedup_window_s, "max_db_mb": max_db_mb,
+            "key_filter_mb": dedup_filter_mb,
             "data_dir": self.data_dir, "adopt_journal": False,  # open_journal replays it under the lease
         }
         watermark = FreeSpaceWatermark.from_config(min_free_mb, min_free_percent)

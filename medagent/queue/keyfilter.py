@@ -128,7 +128,7 @@ class KeyFilter:
     def _drop_expired(self, now: float) -> None:
         """Generations whose newest key is older than any window still to be checked."""
         generations = self._generations
-        while generations and generations[0].newest_at < now - self._window_s - self._slice_s:
+        while generations and generations[0].newest_at < now - self._window_s:
             self._forget(generations[0])
 
     def _forget(self, generation: _Generation) -> None:

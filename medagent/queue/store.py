@@ -298,9 +298,6 @@ def _dedup_sql(keys: int) -> str:
 
 
 _NO_FILE = (None, None, None)  # file_path, file_size, file_sha256 of an inline payload
-#: Memory cap of the duplicate check's key filter (~1 byte per key in one window: 32 MB covers an
-#: hour at ~9k keyed messages/s; beyond that the oldest keys go back to the SQLite lookup).
-KEY_FILTER_MAX_BYTES = 32 << 20
 # The key filter's horizon at open (_stored_horizon): rows read, and the margin added.
 _NEWEST_RECEIVED_SQL = "SELECT max(received_at) FROM messages WHERE id > ?"
 _HORIZON_ROWS = 1000
@@ -446,14 +443,14 @@ class QueueStore:
         create: bool = True,
         data_dir: str | os.PathLike[str] | None = None,
         adopt_journal: bool = True,
-        key_filter: bool = True,
+        key_filter_mb: float = 32.0,
     ) -> None:
         """`data_dir` (default: the database's directory) is where file payload paths start.
         With `adopt_journal`, an intake journal left by a process that holds no live lease (a
         kill -9) is read into SQLite at open (`_adopt_orphaned_journal`), so an admin command
         sees its records; the queue itself replays it under its lease (`open_journal`).
-        With `key_filter`, the duplicate check skips its SQLite lookup for keys an in-memory filter
-        has certainly not seen (medagent/queue/keyfilter.py)."""
+        With `key_filter_mb` > 0, the duplicate check skips its SQLite lookup for keys an in-memory
+        filter of at most that many MB has certainly not seen (medagent/queue/keyfilter.py)."""
         if durability not in _SYNCHRONOUS:
             raise ValueError(f"durability must be 'normal' or 'fsync', not {durability!r}")
         self.path = Path(path)
@@ -485,8 +482,8 @@ class QueueStore:
             self.queue_uuid = self._ensure_queue_uuid()
             self._last_id, self._pending, self._generation = self._read_marks()
             self._key_filter = KeyFilter(
-                self.dedup_window_s, covered_after=self._stored_horizon(), max_bytes=KEY_FILTER_MAX_BYTES
-            ) if key_filter else None
+                self.dedup_window_s, covered_after=self._stored_horizon(), max_bytes=int(key_filter_mb * 1024 * 1024)
+            ) if key_filter_mb > 0 else None
             if adopt_journal:
                 self._adopt_orphaned_journal()
         except sqlite3.Error as exc:

@@ -150,6 +150,7 @@ class AgentRuntime:
             durability="fsync" if agent.durability is Durability.FSYNC else "normal",
             intake_journal=None if agent.intake_journal else False,  # None: on where it applies (durability normal)
             dedup_window_s=agent.dedup_window_s,
+            dedup_filter_mb=agent.dedup_filter_mb,
             retention_days=agent.retention_days,
             retention_max_mb=agent.retention_max_mb,
             failed_retention_days=agent.failed_retention_days,

@@ -12,6 +12,7 @@ from test_journal import crash, open_store, record, table
 
 from medagent.queue import keyfilter
 from medagent.queue import store as store_module
+from medagent.queue.durable import DurableQueue
 from medagent.queue.keyfilter import KeyFilter
 from medagent.queue.records import DuplicatePolicy
 from medagent.queue.store import QueueStore
@@ -67,7 +68,7 @@ def test_generations_older_than_the_window_are_dropped(monkeypatch: pytest.Monke
     f = KeyFilter(10.0)
     for i in range(2_000):
         f.add(("a", "s", str(i)), float(i))
-    assert len(f._generations) <= 4  # 15 s back (the window, one slice of 5 s late), plus the current
+    assert len(f._generations) <= 3  # the window (10 s) in slices of 5 s, plus the current
     assert f.covers(1_999.0 - 10.0)
 
 
@@ -122,14 +123,14 @@ def test_duplicate_answers_match_a_store_without_the_filter(
     a clock that sometimes steps back), failures, confirmations and crash/reopens, on a store
     with a small filter (many generations, a memory cap that bites) and one without."""
     monkeypatch.setattr(keyfilter, "_MIN_KEYS", 4)
-    monkeypatch.setattr(store_module, "KEY_FILTER_MAX_BYTES", 48)
     monkeypatch.setattr(store_module, "_HORIZON_MARGIN_S", 5.0)
     rng = random.Random(seed)
     filtered, plain = tmp_path / "f" / "queue.db", tmp_path / "p" / "queue.db"
     window = 40.0
 
     def open_both() -> list[QueueStore]:
-        return [open_store(filtered, dedup_window_s=window), open_store(plain, dedup_window_s=window, key_filter=False)]
+        return [open_store(filtered, dedup_window_s=window, key_filter_mb=48 / 2**20),
+                open_store(plain, dedup_window_s=window, key_filter_mb=0)]
 
     stores = open_both()
     clock = 1.7e9
@@ -173,3 +174,18 @@ def test_duplicate_answers_match_a_store_without_the_filter(
     finally:
         for s in stores:
             s.close()
+
+
+async def test_the_queue_counts_skipped_lookups_and_the_filter_can_be_turned_off(tmp_path: Path) -> None:
+    async with DurableQueue(tmp_path / "on" / "queue.db") as queue:
+        for i in range(20):
+            assert (await queue.submit_wait(record(f"k{i}"))).ok
+        resend = await queue.submit_wait(record("k3"))
+        stats = queue.stats()
+        assert resend.duplicate_of is not None
+        assert stats["dedup_lookups_skipped"] >= 15 and stats["dedup_filter_bytes"] > 0
+    async with DurableQueue(tmp_path / "off" / "queue.db", dedup_filter_mb=0) as queue:
+        for i in range(5):
+            assert (await queue.submit_wait(record(f"k{i}"))).ok
+        assert (await queue.submit_wait(record("k3"))).duplicate_of is not None
+        assert queue.stats()["dedup_lookups_skipped"] == 0 and queue.stats()["dedup_filter_bytes"] == 0
