@@ -790,10 +790,12 @@ class DurableQueue:
                 return _WriteOutcome(results, results[0].error, None)
         first_pending: int | None = None
         try:  # the inserts are committed: nothing below may turn their results into errors
-            store.mark_confirmed(confirms_pending)
+            if confirms_pending:  # (most jobs at one sender carry no updates: skip the calls)
+                store.mark_confirmed(confirms_pending)
             for row_id, reason in work.failures:
                 store.mark_failed(row_id, reason)
-            store.increment_attempts(work.attempts)
+            if work.attempts:
+                store.increment_attempts(work.attempts)
             if work.move or not work.records:  # (the updates above moved them if there were any)
                 store.move_journal()
             if work.rescan:

@@ -68,7 +68,7 @@ def test_generations_older_than_the_window_are_dropped(monkeypatch: pytest.Monke
     f = KeyFilter(10.0)
     for i in range(2_000):
         f.add(("a", "s", str(i)), float(i))
-    assert len(f._generations) <= 3  # the window (10 s) in slices of 5 s, plus the current
+    assert len(f._generations) <= 4  # the window (10 s) in slices of 3.3 s, plus the current
     assert f.covers(1_999.0 - 10.0)
 
 
