@@ -94,10 +94,15 @@ def _agent_families(stats: Mapping[str, Any]) -> Iterable[Metric]:
     queue = stats.get("durableQueue") or {}
     for key, name, text in (("committed", "medagent_queue_committed", "Messages committed to the durable queue"),
                             ("confirmed", "medagent_queue_confirmed", "Messages confirmed by the hub"),
-                            ("duplicates_flagged", "medagent_queue_duplicates_flagged", "Duplicates delivered with a flag")):
+                            ("duplicates_flagged", "medagent_queue_duplicates_flagged", "Duplicates delivered with a flag"),
+                            ("dedup_lookups_skipped", "medagent_queue_dedup_lookups_skipped",
+                             "Duplicate checks the in-memory key filter answered without an SQLite lookup")):
         number = _number(queue.get(key))
         if number is not None:
             yield CounterMetricFamily(name, text, value=number)
+    number = _number(queue.get("dedup_filter_bytes"))
+    if number is not None:
+        yield GaugeMetricFamily("medagent_queue_dedup_filter_bytes", "Memory of the duplicate check's key filter", value=number)
 
 
 def _channel_families(channels: Mapping[str, Mapping[str, Any]]) -> Iterable[Metric]:

@@ -36,6 +36,9 @@ async def test_agent_metrics_change_as_messages_flow(site: OpsSite) -> None:
     assert after[("medagent_channel_rtt_ms_count", labels)] == 7
     assert ("medagent_channel_rtt_ms", tuple(sorted((*labels, ("quantile", "0.99"))))) in after
     assert after[("medagent_queue_depth", ())] == 0
+    # the 7 new control ids were answered "never stored" by the key filter, without SQLite
+    assert after[("medagent_queue_dedup_lookups_skipped_total", ())] >= 7
+    assert after[("medagent_queue_dedup_filter_bytes", ())] > 0
 
 
 async def test_hub_metrics_need_the_admin_token_and_count_connected_agents(site: OpsSite) -> None:
