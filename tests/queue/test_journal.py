@@ -16,7 +16,7 @@ import resource
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,31 @@ def test_groups_after_journal_records_get_larger_ids(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------- duplicates: the oracle test
 
+OneRecord = Callable[[], tuple[InboundRecord, DuplicatePolicy]]
+
+
+def same_step(rng: random.Random, stores: list[QueueStore], one: OneRecord, action: str) -> list[Any]:
+    """One step of an oracle test, with the same arguments on every store: a lone record, a group,
+    confirmations, a failure or a retry of the failed; their answers (tests/queue/test_keyfilter.py
+    uses it too)."""
+    high = stores[-1]._last_id
+    if action == "lone":
+        rec, policy = one()
+        return [s.insert_batch([rec], [policy]) for s in stores]
+    if action == "group":
+        batch = [one() for _ in range(rng.randint(2, 4))]
+        return [s.insert_batch([r for r, _ in batch], [p for _, p in batch]) for s in stores]
+    if action == "confirm":
+        ids = [rng.randint(1, max(1, high)) for _ in range(3)] if high else []
+        return [s.mark_confirmed(ids) for s in stores]
+    if action == "fail":
+        target = rng.randint(1, max(1, high))
+        return [s.mark_failed(target, "rejected") for s in stores]
+    if action == "retry":
+        return [s.retry_failed() for s in stores]
+    raise ValueError(f"unknown step {action!r}")
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_duplicate_answers_match_a_store_without_the_journal(tmp_path: Path, seed: int) -> None:
     """The same random sequence of lone records (resends, reused ids, all three policies, a short
@@ -259,30 +284,18 @@ def test_duplicate_answers_match_a_store_without_the_journal(tmp_path: Path, see
     try:
         for _step in range(400):
             clock += rng.uniform(0, 8)
-            action = rng.random()
-            if action < 0.70:
-                rec, policy = one()
-                answers = [s.insert_batch([rec], [policy]) for s in stores]
-            elif action < 0.78:
-                batch = [one() for _ in range(rng.randint(2, 4))]
-                answers = [s.insert_batch([r for r, _ in batch], [p for _, p in batch]) for s in stores]
-            elif action < 0.84:
-                high = stores[1]._last_id
-                ids = [rng.randint(1, max(1, high)) for _ in range(3)] if high else []
-                answers = [s.mark_confirmed(ids) for s in stores]
-            elif action < 0.88:
-                high = stores[1]._last_id
-                target = rng.randint(1, max(1, high))
-                answers = [s.mark_failed(target, "rejected") for s in stores]
-            elif action < 0.94:
+            [action] = rng.choices(["lone", "group", "confirm", "fail", "move", "reopen"], [70, 8, 6, 4, 6, 6])
+            if action == "move":
                 stores[0].move_journal()
                 answers = [None, None]
-            else:  # kill -9 of both, and a restart
+            elif action == "reopen":  # kill -9 of both, and a restart
                 for s in stores:
                     crash(s)
                 stores = [open_store(journaled, dedup_window_s=window),
                           open_store(plain, journal=False, dedup_window_s=window)]
                 answers = [None, None]
+            else:
+                answers = same_step(rng, stores, one, action)
             assert answers[0] == answers[1], (_step, answers)
         assert [m.row_id for m in stores[0].load_pending(0, 10_000)] == [m.row_id for m in stores[1].load_pending(0, 10_000)]
         assert table(journaled) == table(plain)

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from test_journal import crash, open_store, record, table
+from test_journal import crash, open_store, record, same_step, table
 
 from medagent.queue import keyfilter
 from medagent.queue import store as store_module
@@ -145,23 +145,9 @@ def test_duplicate_answers_match_a_store_without_the_filter(
     try:
         for step in range(500):
             clock += rng.uniform(-6, 8) if rng.random() < 0.1 else rng.uniform(0, 4)
-            action = rng.random()
-            if action < 0.75:
-                rec, policy = one()
-                answers = [s.insert_batch([rec], [policy]) for s in stores]
-            elif action < 0.85:
-                batch = [one() for _ in range(rng.randint(2, 5))]
-                answers = [s.insert_batch([r for r, _ in batch], [p for _, p in batch]) for s in stores]
-            elif action < 0.90:
-                high = stores[1]._last_id
-                target = rng.randint(1, max(1, high))
-                answers = [s.mark_failed(target, "rejected") for s in stores]
-            elif action < 0.93:
-                answers = [s.retry_failed() for s in stores]
-            elif action < 0.97:
-                high = stores[1]._last_id
-                ids = [rng.randint(1, max(1, high)) for _ in range(3)] if high else []
-                answers = [s.mark_confirmed(ids) for s in stores]
+            [action] = rng.choices(["lone", "group", "fail", "retry", "confirm", "reopen"], [75, 10, 5, 3, 4, 3])
+            if action != "reopen":
+                answers = same_step(rng, stores, one, action)
             else:
                 skipped += stores[0].key_filter.lookups_skipped
                 for s in stores:
