@@ -8,9 +8,10 @@ sender in fast mode (benchmarks/perf-log.md): with the check turned off the agen
 less CPU per message and answered 8-33 % more messages per second. This filter answers "not
 stored" for almost every new key from memory, so the query runs only for a key that may be there.
 
-What it is: Bloom filters (k = 3 bit positions per key, ~8 bits per key at capacity, ~3 % false
-positives) in generations, each covering up to a third of the duplicate window of receive times; a
-lookup ORs the generations that hold keys received inside the record's window. A false positive
+What it is: Bloom filters (k = 3 bit positions per key, ~8 bits per key at capacity: ~3 % false
+positives per full generation) in generations, each covering up to a third of the duplicate window
+of receive times; a lookup ORs the generations that hold keys received inside the record's window
+(~7 % false positives over the four a window spans, measured). A false positive
 costs the SQLite query the store always ran; there are no false negatives for the keys it was
 given. Memory is at most `max_bytes`: ~1.5 bytes per key received in one window (32 MB: an hour's
 window at ~6k keyed messages per second).
