@@ -959,9 +959,9 @@ class QueueStore:
                 continue
             duplicate_of: int | None = None
             reused = False
-            keyed = checks_duplicates and record.control_id
-            if keyed:
-                key = (record.channel, record.sender, record.control_id)
+            # built once: the duplicate check and the key filter both use it
+            key = (record.channel, record.sender, record.control_id) if record.control_id else None
+            if checks_duplicates and key is not None:
                 if policy is not off and key in earlier:  # rare: a resend or a reused id
                     cutoff = record.received_at - window
                     for row_id, received_at, row_content in earlier[key]:
@@ -981,10 +981,11 @@ class QueueStore:
                 record.content_type, record.body, record.received_at, duplicate_of, now, *file_columns,
             ))
             results.append(CommitResult(next_id, duplicate_of, None, reused))
-            if keyed:
-                earlier.setdefault(key, []).append((next_id, record.received_at, content))
-            if key_filter is not None and record.control_id:
-                key_filter.add((record.channel, record.sender, record.control_id), record.received_at)
+            if key is not None:
+                if checks_duplicates:
+                    earlier.setdefault(key, []).append((next_id, record.received_at, content))
+                if key_filter is not None:
+                    key_filter.add(key, record.received_at)
         return results, rows
 
     def _earlier_rows(
