@@ -961,20 +961,20 @@ class QueueStore:
             reused = False
             # built once: the duplicate check and the key filter both use it
             key = (record.channel, record.sender, record.control_id) if record.control_id else None
-            if checks_duplicates and key is not None:
-                if policy is not off and key in earlier:  # rare: a resend or a reused id
-                    cutoff = record.received_at - window
-                    for row_id, received_at, row_content in earlier[key]:
-                        if received_at >= cutoff:
-                            if row_content == content:
-                                duplicate_of = row_id
-                                break
-                            reused = True
-                    if duplicate_of is not None:
-                        reused = False  # an exact resend of one of the earlier messages
-                        if policy is drop:
-                            results.append(CommitResult(None, duplicate_of))
-                            continue
+            # rare: a resend or a reused id
+            if checks_duplicates and key is not None and policy is not off and key in earlier:
+                cutoff = record.received_at - window
+                for row_id, received_at, row_content in earlier[key]:
+                    if received_at >= cutoff:
+                        if row_content == content:
+                            duplicate_of = row_id
+                            break
+                        reused = True
+                if duplicate_of is not None:
+                    reused = False  # an exact resend of one of the earlier messages
+                    if policy is drop:
+                        results.append(CommitResult(None, duplicate_of))
+                        continue
             next_id += 1
             rows.append((
                 next_id, record.channel, record.remote, record.sender, record.control_id, record.message_type,
