@@ -74,8 +74,6 @@ __all__ = [
 
 EMBEDDED_HUB = "embedded"
 DEFAULT_BOT = "medagent.hub.bots.ack:handler"
-#: hub.cpu_priority values (docs/configuration.md)
-HUB_CPU_PRIORITIES = ("normal", "background")
 #: (name, endpoint URL, bot) of the channel `medagent serve` runs without a config file.
 DEFAULT_CHANNEL: tuple[str, str, str] = (
     "adt-in",
@@ -220,9 +218,6 @@ class HubSection:
     store: str | None = None
     #: the bus between hub processes (redis://host:port/db) or None: this hub alone
     bus: str | None = None
-    #: "background": the embedded hub's process yields the CPU to the agent and the devices
-    #: (Linux SCHED_IDLE; medagent.runtime.embedded_hub); "normal": an ordinary process
-    cpu_priority: str = "normal"
 
     def __repr__(self) -> str:
         return _masked_repr(self, ("admin_token", "store", "bus"))  # a store or bus URL may carry a password
@@ -362,7 +357,6 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "token_ttl_s": _Key(_Kind.INT, 3600, _at_least(1)),
         "store": _Key(_Kind.STR, None, _hub_store),
         "bus": _Key(_Kind.STR, None, _hub_bus),
-        "cpu_priority": _Key(_Kind.STR, "normal", _one_of(*HUB_CPU_PRIORITIES)),
     },
 }
 _CHANNEL_SECTION = "channel"
@@ -863,7 +857,6 @@ port = 8103
 # tls_cert = "/etc/medagent/hub.crt"  # both or neither
 # tls_key = "/etc/medagent/hub.key"
 token_ttl_s = 3600
-cpu_priority = "normal"               # "background": the embedded hub gives way to the agent on a busy CPU
 
 # Channels: with the embedded hub, listed here; a remote hub sends its own channel list.
 # Without any [[channel]] table the one below is used; `channel = []` means no channels.

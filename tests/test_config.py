@@ -87,7 +87,6 @@ def test_no_file_gives_the_defaults_and_the_default_channel() -> None:
     assert config.agent.durability is Durability.NORMAL
     assert config.hub == HubSection(data_dir=Path("medagent-data/hub"))
     assert (config.hub.host, config.hub.port, config.hub.token_ttl_s) == ("127.0.0.1", 8103, 3600)
-    assert config.hub.cpu_priority == "normal"
     (channel,) = config.channels
     assert (channel.name, channel.endpoint.url, channel.bot) == DEFAULT_CHANNEL
     assert channel.mllp is not None and channel.mllp.ack_mode is AckMode.FAST
@@ -339,7 +338,6 @@ def test_unknown_or_misshapen_sections_and_keys(
         ("[hub]\nport = true\n", "hub.port", "expected an integer"),
         ("[hub]\ntoken_ttl_s = 0\n", "hub.token_ttl_s", ">= 1"),
         ("[hub]\nhost = ''\n", "hub.host", "must not be empty"),
-        ("[hub]\ncpu_priority = 'low'\n", "hub.cpu_priority", "normal, background"),
         ("[agent]\nheartbeat_s = 'ten'\n", "agent.heartbeat_s", "expected a number"),
         ("[agent]\nheartbeat_s = 0\n", "agent.heartbeat_s", "must be > 0"),
         ("[agent]\nheartbeat_s = inf\n", "agent.heartbeat_s", "finite"),

@@ -10,14 +10,6 @@ the configuration), then spawn the hub, wait until `/healthz` answers, and retur
 credentials for the link. The hub's output goes to `<hub data dir>/hub.log`; its tail is shown
 when it fails to start. If the hub dies while the agent runs, it is restarted with backoff;
 the agent keeps accepting and queueing meanwhile.
-
-CPU priority (`hub.cpu_priority`): with "background" the child runs under Linux's SCHED_IDLE
-policy (set before exec, so every thread of the hub inherits it). Why: on a small box the hub
-handles the agent's batches in bursts of a few ms, and a device's next message, or the agent,
-then waits for a CPU behind the burst, since the scheduler does not preempt an ordinary process
-for it; a SCHED_IDLE process is preempted at once (measured in benchmarks/perf-log.md). The
-cost: while the CPUs are saturated the hub falls behind (the agent's queue holds the backlog)
-and bots, original-mode replies among them, wait for spare CPU.
 """
 
 from __future__ import annotations
@@ -71,7 +63,6 @@ class EmbeddedHub:
         self.host = config.hub.host
         self.port = config.hub.port
         self._tls = config.hub.tls_cert is not None
-        self._background = config.hub.cpu_priority == "background"
         self._process: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
@@ -196,33 +187,8 @@ class EmbeddedHub:
         with os.fdopen(fd, "ab") as log_file:
             self._process = await asyncio.create_subprocess_exec(
                 *self._command(), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
-                preexec_fn=self._prepare_child if sys.platform == "linux" else None,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        self._check_priority()
-
-    def _prepare_child(self) -> None:
-        """In the child, before exec: die with the parent; lower the CPU priority if configured."""
-        _die_with_parent()
-        if self._background:
-            with contextlib.suppress(OSError):  # checked from the parent (_check_priority)
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-    def _check_priority(self) -> None:
-        """A warning when "background" was asked for and the hub does not run so."""
-        if not self._background or self._process is None:
-            return
-        policy = getattr(os, "SCHED_IDLE", None)
-        if policy is None:
-            log.warning('hub.cpu_priority = "background" needs Linux (SCHED_IDLE); the embedded hub runs at '
-                        "normal priority")
-            return
-        try:
-            running = os.sched_getscheduler(self._process.pid)
-        except OSError:
-            return  # it exited already: _wait_healthy reports that
-        if running != policy:
-            log.warning('hub.cpu_priority = "background" could not be applied; the embedded hub runs at normal '
-                        "priority")
 
     async def _wait_healthy(self) -> None:
         assert self._process is not None

@@ -195,12 +195,12 @@ def _drain_output_forever(process: subprocess.Popen[bytes]) -> None:
 def serve_factory(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     started: list[ServeProcess] = []
 
-    def factory(channels: str, *, extra: str = "", hub_extra: str = "", data_dir: Path | None = None) -> ServeProcess:
+    def factory(channels: str, *, extra: str = "", data_dir: Path | None = None) -> ServeProcess:
         data = data_dir or tmp_path / "data"
         config = tmp_path / f"medagent-{len(started)}.toml"
         config.write_text(
             f'[agent]\ndata_dir = "{data}"\nhub = "embedded"\nheartbeat_s = 1.0\n{extra}\n'
-            f"[hub]\nport = 0\n{hub_extra}\n\n{channels}\n"
+            f"[hub]\nport = 0\n\n{channels}\n"
         )
         serve = start_serve(config, data)
         started.append(serve)
