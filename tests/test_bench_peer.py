@@ -104,6 +104,22 @@ def test_real_medplum_stack_answers_the_c_client(mode: str) -> None:
     assert measured.sut_cpu_pct is not None and measured.agent_cpu_pct is not None
 
 
+def test_c_client_reports_its_tail_against_the_c_echo_server() -> None:
+    """The C client's p99.9, max and slow-time share reach the result and the table."""
+    client = _c_client()
+    if client is None:
+        pytest.skip("no C compiler for the C client")
+    settings = BenchSettings(duration_s=0.5, warmup_s=0.2, max_messages=50_000, c_client=client,
+                             c_server=c_tool("mllp_server"))
+    measured = run(Scenario(Target.C_ECHO, "echo", 2, "-", ClientKind.C), settings)
+    load = measured.load
+    assert load.messages > 0 and load.bad_acks == 0
+    assert load.p50_us is not None and load.p99_us is not None and load.p999_us is not None and load.max_us is not None
+    assert load.p50_us <= load.p99_us <= load.p999_us <= load.max_us
+    assert load.slow_time_pct is not None and 0.0 <= load.slow_time_pct <= 100.0
+    assert "≥1ms time%" in format_table([measured])
+
+
 def test_markdown_table_has_every_result_and_its_ratios() -> None:
     from medagent.bench.report import format_markdown
 

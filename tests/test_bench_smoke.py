@@ -123,6 +123,19 @@ def test_histogram_percentiles_are_within_bucket_precision() -> None:
     assert LatencyHistogram().percentile_ns(0.5) is None
 
 
+def test_histogram_time_share_of_slow_values() -> None:
+    """99 ACKs of 100 µs and one of 9.9 ms: half of all the waiting was in the slow one."""
+    histogram = LatencyHistogram()
+    for _ in range(99):
+        histogram.record(100_000)
+    histogram.record(9_900_000)
+    share = histogram.time_share_at_least(1_000_000)
+    assert share is not None and abs(share - 0.5) < 0.005
+    assert histogram.time_share_at_least(10_000_000) == 0.0
+    assert histogram.time_share_at_least(0) == 1.0
+    assert LatencyHistogram().time_share_at_least(1_000_000) is None
+
+
 def test_histogram_buckets_are_contiguous_and_bounds_hold() -> None:
     previous = -1
     for value in [*range(0, 5000), *range(5000, 10**7, 997)]:

@@ -48,7 +48,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from medagent.bench.loadgen import (
     ACCEPTED_CODES,
@@ -518,9 +518,17 @@ def _run_c_client(scenario: Scenario, port: int, settings: BenchSettings, workdi
     data = json.loads(lines[-1])
     return LoadResult(client="c", conns=int(data["conns"]), procs=1, messages=int(data["msgs"]),
                       seconds=float(data["secs"]), rate=float(data["rate"]),
-                      p50_us=float(data["p50_us"]), p99_us=float(data["p99_us"]), p999_us=None,
-                      max_us=None, bad_acks=int(data["bad_acks"]), timeouts=0, disconnects=0,
-                      late_acks=0, cpu_pct=float(data["cpu_pct"]))
+                      p50_us=float(data["p50_us"]), p99_us=float(data["p99_us"]),
+                      # (absent from an older client given with --c-client)
+                      p999_us=_optional_float(data, "p999_us"), max_us=_optional_float(data, "max_us"),
+                      bad_acks=int(data["bad_acks"]), timeouts=0, disconnects=0,
+                      late_acks=0, cpu_pct=float(data["cpu_pct"]),
+                      slow_time_pct=_optional_float(data, "slow_time_pct"))
+
+
+def _optional_float(data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    return None if value is None else float(value)
 
 
 def _run_client(scenario: Scenario, port: int, settings: BenchSettings, workdir: Path,

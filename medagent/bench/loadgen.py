@@ -55,6 +55,7 @@ from medagent.proto import hl7
 
 __all__ = [
     "ACCEPTED_CODES",
+    "SLOW_ACK_US",
     "LATE_CODES",
     "SAMPLE_ADT_A01",
     "LoadError",
@@ -70,6 +71,9 @@ __all__ = [
     "run_load",
     "default_procs",
 ]
+
+#: An ACK this slow (µs) or slower counts as slow for LoadResult.slow_time_pct (the C client's too).
+SLOW_ACK_US = 1000
 
 START_BLOCK: Final = b"\x0b"
 END_BLOCK: Final = b"\x1c"
@@ -251,6 +255,17 @@ class LatencyHistogram:
                 return min(self.bucket_high(index), self.max_ns)
         return self.max_ns
 
+    def time_share_at_least(self, threshold_ns: int) -> float | None:
+        """The share (0..1) of the summed latency that lies in values of `threshold_ns` or more
+        (each bucket counted at its upper bound); None if empty."""
+        waited = slow = 0
+        for index, count in self.counts.items():
+            high = self.bucket_high(index)
+            waited += high * count
+            if high >= threshold_ns:
+                slow += high * count
+        return slow / waited if waited else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"counts": {str(k): v for k, v in self.counts.items()}, "total": self.total,
                 "max_ns": self.max_ns}
@@ -301,6 +316,10 @@ def _us(value_ns: int | None) -> float | None:
     return None if value_ns is None else round(value_ns / 1000.0, 1)
 
 
+def _pct(share: float | None) -> float | None:
+    return None if share is None else round(100.0 * share, 1)
+
+
 @dataclass(frozen=True, slots=True)
 class LoadResult:
     """One load's outcome. Latencies in µs (None when not measured); cpu_pct is of one core."""
@@ -321,6 +340,8 @@ class LoadResult:
     late_acks: int
     cpu_pct: float | None
     unanswered: int = 0
+    #: % of the summed latency spent in ACKs of SLOW_ACK_US or more (None: not measured)
+    slow_time_pct: float | None = None
 
     @property
     def errors(self) -> int:
@@ -357,6 +378,7 @@ class LoadResult:
             late_acks=sum(p.late_acks for p in parts),
             cpu_pct=round(100.0 * cpu_s / seconds, 1) if seconds > 0 else None,
             unanswered=sum(p.unanswered for p in parts),
+            slow_time_pct=_pct(histogram.time_share_at_least(SLOW_ACK_US * 1000)),
         )
 
 
