@@ -261,9 +261,10 @@ class LatencyHistogram:
         waited = slow = 0
         for index, count in self.counts.items():
             high = self.bucket_high(index)
-            waited += high * count
+            weight = high * count
+            waited += weight
             if high >= threshold_ns:
-                slow += high * count
+                slow += weight
         return slow / waited if waited else None
 
     def to_dict(self) -> dict[str, Any]:
