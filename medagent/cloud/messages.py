@@ -320,12 +320,22 @@ _ALIASES: dict[Receiver, dict[str, type[AgentMessage]]] = {
 }
 
 
+#: How decode_dict checks a field's value (resolved once per field, not per message).
+_PLAIN, _INT, _NESTED = 0, 1, 2
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class _FieldSpec:
     attr: str
     key: str
     types: tuple[type, ...]
     required: bool
+
+    @property
+    def check(self) -> int:
+        if self.attr == "messages":
+            return _NESTED
+        return _INT if self.types == (int,) else _PLAIN
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -350,6 +360,11 @@ def _field_specs(cls: type[AgentMessage]) -> tuple[_FieldSpec, ...]:
 
 
 _SPECS: dict[type[AgentMessage], tuple[_FieldSpec, ...]] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
+#: The same specs as plain tuples (attr, key, types, required, check): decode_dict runs once per
+#: message on both sides, and tuple unpacking is cheaper than attribute reads.
+_DECODE_SPECS: dict[type[AgentMessage], tuple[tuple[str, str, tuple[type, ...], bool, int], ...]] = {
+    cls: tuple((s.attr, s.key, s.types, s.required, s.check) for s in specs) for cls, specs in _SPECS.items()
+}
 
 
 def transmit_dict(
@@ -463,17 +478,18 @@ def decode_dict(data: Any, receiver: Receiver) -> AgentMessage:
     if cls is None:
         raise UnknownMessageType(message_type, callback)
     kwargs: dict[str, Any] = {}
-    for spec in _SPECS[cls]:
-        value = data.get(spec.key)
+    get = data.get
+    for attr, key, types, required, check in _DECODE_SPECS[cls]:
+        value = get(key)
         if value is None:
-            if spec.required:
-                raise ProtocolError(f"{cls.TYPE}: missing field '{spec.key}'", callback)
+            if required:
+                raise ProtocolError(f"{cls.TYPE}: missing field '{key}'", callback)
             continue
-        if spec.attr == "messages":
+        if check == _NESTED:
             value = _decode_batch_items(value, receiver, callback)
-        elif not isinstance(value, spec.types) or (spec.types == (int,) and isinstance(value, bool)):
-            raise ProtocolError(f"{cls.TYPE}: field '{spec.key}' has the wrong type", callback)
-        kwargs[spec.attr] = value
+        elif not isinstance(value, types) or (check == _INT and isinstance(value, bool)):
+            raise ProtocolError(f"{cls.TYPE}: field '{key}' has the wrong type", callback)
+        kwargs[attr] = value
     return cls(**kwargs)
 
 

@@ -77,14 +77,15 @@ _INLINE_ATTRIBUTE = "__medagent_inline__"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per message: not frozen (see medagent.hub.records)
 class BotEvent:
     """One inbound message, as a bot sees it.
 
     ``input`` is the message text; ``header`` its MSH (HL7 only, else ``None``); ``received_at``
     is when the hub stored it (epoch ms); ``store`` lets a bot keep what it derives (FHIR
     resources: ``store.upsert_resource`` from a plain bot, ``store.upsert_resource_async`` from an
-    ``async def`` bot; see :mod:`medagent.hub.botstore`).
+    ``async def`` bot; see :mod:`medagent.hub.botstore`). Treat it as read-only: it is not
+    frozen only because a frozen dataclass costs microseconds more per message.
     """
 
     input: str
@@ -107,7 +108,7 @@ class BotReply:
     status_code: int = 200
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per message: not frozen (see medagent.hub.records)
 class BotOutcome:
     """What running a bot produced: the reply to send, and what to record in the store."""
 
