@@ -205,6 +205,10 @@ class CommitOutcome(enum.Enum):
     DUPLICATE_FLAGGED = "duplicate-flagged"
     FAILED = "failed"
 
+    # Identity hash (members are singletons and compare by identity): Enum's own __hash__ is a
+    # Python call, and the HL7 session hashes an outcome per committed message (its ACK memo).
+    __hash__ = object.__hash__
+
 
 class ReplyAction(enum.Enum):
     """What to do with the bot's reply to an inbound message."""
