@@ -6,13 +6,16 @@ Medplum's Node stack driven by the C client. No timing assertions: counts and sh
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from medagent.bench import cli as bench_cli
+from medagent.bench import priority
 from medagent.bench.ctools import CToolError, c_tool
 from medagent.bench.harness import BenchSettings, ClientKind, Scenario, ScenarioResult, Target, run
 from medagent.bench.loadgen import LoadResult
@@ -66,7 +69,8 @@ def bench_args(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("argv", [("--peer", "medplum", "--medplum-dir", "/nonexistent"),
-                                  ("--runs", "0"), ("--baseline-python", "/nonexistent/python")])
+                                  ("--runs", "0"), ("--baseline-python", "/nonexistent/python"),
+                                  ("--client-priority", "realtime")])  # the Python client: C only
 def test_usage_errors_exit_2(argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_cli.run_bench(bench_args(*argv)) == bench_cli.EXIT_USAGE
     assert "medagent bench:" in capsys.readouterr().err
@@ -118,6 +122,47 @@ def test_c_client_reports_its_tail_against_the_c_echo_server() -> None:
     assert load.p50_us <= load.p99_us <= load.p999_us <= load.max_us
     assert load.slow_time_pct is not None and 0.0 <= load.slow_time_pct <= 100.0
     assert "≥1ms time%" in format_table([measured])
+
+
+def _client_policies() -> set[tuple[int, int]]:
+    """(pid, scheduling policy) of every C load client this test process started (/proc)."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if comm.startswith("mllp_client") and int(fields[1]) == os.getpid():  # field 4: ppid
+            found.add((int(entry.name), int(fields[38])))  # field 41: policy
+    return found
+
+
+def test_realtime_client_priority_runs_the_c_client_under_sched_fifo() -> None:
+    """--client-priority realtime: the client is under SCHED_FIFO while it measures, and the
+    run's settings say so."""
+    client = _c_client()
+    if client is None:
+        pytest.skip("no C compiler for the C client")
+    try:
+        priority.check_allowed(priority.REALTIME)
+    except priority.PriorityError as exc:  # CI runs as root: there it always runs
+        pytest.skip(str(exc))
+    settings = BenchSettings(duration_s=1.0, warmup_s=0.3, max_messages=50_000, c_client=client,
+                             c_server=c_tool("mllp_server"), client_priority=priority.REALTIME)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run, Scenario(Target.C_ECHO, "echo", 1, "-", ClientKind.C), settings)
+        seen: set[tuple[int, int]] = set()
+        deadline = time.monotonic() + 10
+        while not running.done() and time.monotonic() < deadline:
+            seen |= _client_policies()
+            time.sleep(0.05)
+        measured = running.result(timeout=30)
+    assert measured.load.messages > 0 and measured.load.bad_acks == 0
+    assert seen and all(policy == os.SCHED_FIFO for _pid, policy in seen), seen
+    assert bench_cli._settings_summary(settings)["client_priority"] == "realtime"
 
 
 def test_markdown_table_has_every_result_and_its_ratios() -> None:

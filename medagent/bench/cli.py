@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from medagent.bench import priority
+from medagent.bench.ctools import CToolError, c_tool
 from medagent.bench.harness import (
     BASELINE_IMPL,
     MODES,
@@ -42,7 +44,6 @@ from medagent.bench.harness import (
     medplum_supports,
     run,
 )
-from medagent.bench.ctools import CToolError, c_tool
 from medagent.bench.loadgen import LoadError, default_procs
 from medagent.bench.report import Failure, format_markdown, format_table, to_document
 
@@ -93,6 +94,9 @@ def register(subparsers: Any) -> None:
                              "(default $MEDAGENT_MEDPLUM_DIR); copied to a temporary directory per run")
     parser.add_argument("--baseline-python", type=Path, default=None,
                         help="python of another medagent install: adds its rows as impl 'base'")
+    parser.add_argument("--client-priority", choices=priority.CLIENT_PRIORITIES, default=priority.NORMAL,
+                        help="scheduling policy of the C client: normal (default) or realtime (SCHED_FIFO, "
+                             "needs root: the woken client never waits for a CPU behind the system under test)")
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the matrix N times (alternating targets); report each cell's median")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -188,6 +192,13 @@ def _settings_and_matrix(args: argparse.Namespace) -> tuple[BenchSettings, list[
                          "fastack.mjs, sink.mjs and node_modules installed by npm ci")
     if args.baseline_python is not None and not args.baseline_python.is_file():
         raise UsageError(f"--baseline-python {args.baseline_python} does not exist")
+    if args.client_priority != priority.NORMAL:
+        if ClientKind.MEDAGENT in clients:
+            raise UsageError(f"--client-priority {args.client_priority} applies to the C client: add --client c")
+        try:
+            priority.check_allowed(args.client_priority)
+        except priority.PriorityError as exc:
+            raise UsageError(str(exc)) from None
     c_client = _binary(args.c_client, "mllp_client", ClientKind.C in clients or peer, "the C client")
     c_server = _binary(args.c_server, "mllp_server", args.target == "c-echo", "the C echo server")
     targets = [Target.MEDAGENT, Target.C_ECHO] if args.target == "both" else [Target(args.target)]
@@ -198,7 +209,8 @@ def _settings_and_matrix(args: argparse.Namespace) -> tuple[BenchSettings, list[
     impls = IMPLS[args.impl] + ((BASELINE_IMPL,) if args.baseline_python is not None else ())
     settings = BenchSettings(duration_s=args.duration, warmup_s=args.warmup, max_messages=args.max_messages,
                              procs=args.procs or default_procs(), c_server=c_server, c_client=c_client,
-                             medplum_dir=args.medplum_dir, baseline_python=args.baseline_python)
+                             medplum_dir=args.medplum_dir, baseline_python=args.baseline_python,
+                             client_priority=args.client_priority)
     return settings, build_matrix(modes, conns, impls, targets, clients) * args.runs
 
 
@@ -251,7 +263,8 @@ def _settings_summary(settings: BenchSettings) -> dict[str, Any]:
     return {"duration_s": settings.duration_s, "warmup_s": settings.warmup_s, "procs": settings.procs,
             "max_messages": settings.max_messages, "message_bytes": len(settings.message) + 3,
             "c_server": str(settings.c_server or ""), "c_client": str(settings.c_client or ""),
-            "medplum_dir": str(settings.medplum_dir or ""), "baseline_python": str(settings.baseline_python or "")}
+            "medplum_dir": str(settings.medplum_dir or ""), "baseline_python": str(settings.baseline_python or ""),
+            "client_priority": settings.client_priority}
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -30,6 +30,8 @@ Invariants
 * The client never runs in the process of the system under test, nor in the harness's own
   process (loadgen runs in worker processes; the harness only waits and samples).
 * Endpoints are MLLP on 127.0.0.1 (DESIGN.md performance targets: loopback, 625-byte ADT^A01).
+* The C client runs under the scheduling policy of ``BenchSettings.client_priority`` (default
+  the normal one; ``realtime``: `medagent.bench.priority`), the same for every target.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from medagent.bench import priority
 from medagent.bench.loadgen import (
     ACCEPTED_CODES,
     SAMPLE_ADT_A01,
@@ -146,6 +149,7 @@ class BenchSettings:
     startup_timeout_s: float = STARTUP_TIMEOUT_S
     medplum_dir: Path | None = None  # the Medplum Node bench folder with node_modules installed
     baseline_python: Path | None = None  # interpreter of an older medagent install (impl "base")
+    client_priority: str = priority.NORMAL  # the C client's scheduling policy (medagent.bench.priority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +506,10 @@ def _run_c_client(scenario: Scenario, port: int, settings: BenchSettings, workdi
                str(settings.warmup_s), str(settings.max_messages), str(message_file), str(len(head))]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir)
     try:
+        try:
+            priority.apply(process.pid, settings.client_priority)  # before the warm-up ends
+        except priority.PriorityError as exc:
+            raise LoadError(str(exc)) from None
         time.sleep(settings.warmup_s)
         observer.window_started()
         time.sleep(settings.duration_s)
