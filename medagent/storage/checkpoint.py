@@ -200,11 +200,14 @@ class WalCheckpointer:
             return
         if in_wal == 0 or previous is None:  # nothing written since a restart, or nothing to compare
             return
-        if previous <= in_wal and copied < previous:
+        if previous <= in_wal and copied < in_wal and copied <= previous:
             # A reader older than the previous round holds frames: a RESTART would hold the
             # writer out while it waited for it. (A younger one, e.g. a range of the recount,
             # ends within milliseconds: the RESTART's bounded wait covers it. in_wal < previous:
-            # the WAL started over since, so no reader is older than that.)
+            # the WAL started over since, so no reader is older than that.) `copied ==
+            # previous` counts too: a WAL that held only a pinned reader's frames at the
+            # previous round (copied all of them then) and grew past the threshold since
+            # leaves `copied` stuck there, and a RESTART then held the writer out ~20 ms.
             if in_wal * frame_bytes > self.restart_above_bytes:
                 self.deferrals += 1
             return

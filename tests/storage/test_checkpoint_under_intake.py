@@ -13,6 +13,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from testsupport import wait_until_sync
 
 from medagent.storage.checkpoint import WalCheckpointer
@@ -20,7 +21,11 @@ from medagent.storage.checkpoint import WalCheckpointer
 _ROW = b"x" * 4000
 
 
-def test_a_pinned_wal_defers_restarts_and_an_idle_wal_is_truncated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rounds_before_writes", [0, 2])
+def test_a_pinned_wal_defers_restarts_and_an_idle_wal_is_truncated(tmp_path: Path, rounds_before_writes: int) -> None:
+    """``rounds_before_writes`` = 2: the checkpointer's first rounds see only the pinned
+    reader's frames (all copied), then the WAL grows past the RESTART threshold within one
+    round; the RESTART must still wait for the reader to go (a CI run caught the race)."""
     path = tmp_path / "db.sqlite3"
     writer = sqlite3.connect(path, isolation_level=None, timeout=0)  # busy at once, never waits
     writer.execute("PRAGMA journal_mode = WAL")
@@ -35,6 +40,7 @@ def test_a_pinned_wal_defers_restarts_and_an_idle_wal_is_truncated(tmp_path: Pat
     checkpointer = WalCheckpointer(path, interval_s=0.02, restart_above_bytes=64 * 1024,
                                    truncate_above_bytes=256 * 1024)
     checkpointer.start()
+    assert wait_until_sync(lambda: checkpointer.checkpoints >= rounds_before_writes)
     written = 1
     locked = 0
     try:
