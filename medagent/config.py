@@ -54,6 +54,7 @@ from medagent.channels.endpoint import (
     parse_endpoint,
     redact_url,
 )
+from medagent.ops import time_slice
 
 __all__ = [
     "DEFAULT_BOT",
@@ -218,6 +219,8 @@ class HubSection:
     store: str | None = None
     #: the bus between hub processes (redis://host:port/db) or None: this hub alone
     bus: str | None = None
+    #: the CPU time slice the hub asks the kernel for (medagent.ops.time_slice); 0: the kernel's
+    cpu_slice_ms: float = time_slice.DEFAULT_SLICE_MS
 
     def __repr__(self) -> str:
         return _masked_repr(self, ("admin_token", "store", "bus"))  # a store or bus URL may carry a password
@@ -357,6 +360,7 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = {
         "token_ttl_s": _Key(_Kind.INT, 3600, _at_least(1)),
         "store": _Key(_Kind.STR, None, _hub_store),
         "bus": _Key(_Kind.STR, None, _hub_bus),
+        "cpu_slice_ms": _Key(_Kind.FLOAT, time_slice.DEFAULT_SLICE_MS, time_slice.setting_problem),
     },
 }
 _CHANNEL_SECTION = "channel"
@@ -857,6 +861,7 @@ port = 8103
 # tls_cert = "/etc/medagent/hub.crt"  # both or neither
 # tls_key = "/etc/medagent/hub.key"
 token_ttl_s = 3600
+cpu_slice_ms = 20.0                   # a long CPU time slice: agent and devices preempt the hub (0: kernel default)
 
 # Channels: with the embedded hub, listed here; a remote hub sends its own channel list.
 # Without any [[channel]] table the one below is used; `channel = []` means no channels.

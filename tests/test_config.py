@@ -337,6 +337,8 @@ def test_unknown_or_misshapen_sections_and_keys(
         ("[hub]\nport = 70000\n", "hub.port", "0..65535"),
         ("[hub]\nport = true\n", "hub.port", "expected an integer"),
         ("[hub]\ntoken_ttl_s = 0\n", "hub.token_ttl_s", ">= 1"),
+        ("[hub]\ncpu_slice_ms = 200\n", "hub.cpu_slice_ms", "0.1..100 ms"),
+        ("[hub]\ncpu_slice_ms = 0.01\n", "hub.cpu_slice_ms", "0 (the kernel's default)"),
         ("[hub]\nhost = ''\n", "hub.host", "must not be empty"),
         ("[agent]\nheartbeat_s = 'ten'\n", "agent.heartbeat_s", "expected a number"),
         ("[agent]\nheartbeat_s = 0\n", "agent.heartbeat_s", "must be > 0"),

@@ -46,6 +46,7 @@ from medagent.hub.store import (
     open_store,
     sqlite_location,
 )
+from medagent.ops import time_slice
 from medagent.tableview import human_bytes, local_time_ms, render_table
 
 __all__ = ["main", "register", "run"]
@@ -85,6 +86,9 @@ def _listen_options() -> argparse.ArgumentParser:
                              f"act as one hub) or local (default; env {BUS_ENV})")
     listen.add_argument("--fd", type=_bounded_int("--fd", 0, 1_000_000), default=argparse.SUPPRESS, metavar="N",
                         help="serve on the inherited listening socket N instead of binding --host/--port")
+    listen.add_argument("--cpu-slice-ms", type=float, default=argparse.SUPPRESS, metavar="MS",
+                        help="the CPU time slice to ask Linux 6.12+ for: tasks with the default slice (an agent or "
+                             "device on this box, the database) preempt the hub at once (default 20; 0 = the kernel's)")
     return listen
 
 
@@ -200,6 +204,7 @@ def _settings(args: argparse.Namespace) -> HubSettings:
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None, store=_store_url(args),
         store_pool_size=getattr(args, "store_pool_size", 10),
         bus=getattr(args, "bus", None) or os.environ.get(BUS_ENV) or None, listen_fd=getattr(args, "fd", None),
+        cpu_slice_ms=getattr(args, "cpu_slice_ms", time_slice.DEFAULT_SLICE_MS),
     )
     settings.validate()
     return settings
@@ -273,14 +278,26 @@ def _serve(args: argparse.Namespace) -> int:
         settings = _settings(args)
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    cpu_slice = _request_time_slice(settings.cpu_slice_ms)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_serve_until_signal(settings))
-    return uvloop.run(_serve_until_signal(settings))
+        return asyncio.run(_serve_until_signal(settings, cpu_slice))
+    return uvloop.run(_serve_until_signal(settings, cpu_slice))
 
 
-async def _serve_until_signal(settings: HubSettings) -> int:
+def _request_time_slice(slice_ms: float) -> str:
+    """Before the loop and its threads start, so every thread of the hub inherits the slice.
+    Returns the start-up line's description."""
+    if not slice_ms:
+        return "the kernel's default (cpu_slice_ms 0)"
+    granted = time_slice.request_slice(slice_ms)
+    if granted is None:
+        return "the kernel's default (custom slices need Linux 6.12+ and SCHED_OTHER)"
+    return f"{granted:g} ms (tasks with the default slice preempt the hub)"
+
+
+async def _serve_until_signal(settings: HubSettings, cpu_slice: str) -> int:
     from medagent.gcpolicy import freeze_startup_heap
     from medagent.hub.bus import BusConfigError
     from medagent.hub.server import HubServer
@@ -307,6 +324,7 @@ async def _serve_until_signal(settings: HubSettings) -> int:
     print(f"  admin token: {token_file.resolve() if token_file else '(given in the settings)'}", flush=True)
     print(f"  store:       {server.store.url}", flush=True)
     print(f"  bus:         {type(server.context.bus).__name__} (process {server.context.bus.process_id})", flush=True)
+    print(f"  cpu slice:   {cpu_slice}", flush=True)
     try:
         await stop.wait()
     finally:

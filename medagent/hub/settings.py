@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medagent.hub.records import RetentionPolicy
+from medagent.ops import time_slice
 
 __all__ = ["DEFAULT_DATA_DIR", "DEFAULT_PORT", "HubSettings"]
 
@@ -34,6 +35,8 @@ class HubSettings:
     listen_fd: int | None = None
     #: connections of a PostgreSQL store's pool (one is the hot path's writer at a time)
     store_pool_size: int = 10
+    #: the CPU time slice asked for at start (medagent.ops.time_slice); 0: the kernel's default
+    cpu_slice_ms: float = time_slice.DEFAULT_SLICE_MS
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     tls_cert: Path | None = None
@@ -101,5 +104,7 @@ class HubSettings:
             raise ValueError(f"retention_max_bytes must be positive (or None), not {self.retention_max_bytes}")
         if self.min_free_bytes < 0 or not 0 <= self.min_free_percent < 100:
             raise ValueError("min_free_bytes must be >= 0 and min_free_percent in 0..100")
+        if (problem := time_slice.setting_problem(self.cpu_slice_ms)) is not None:
+            raise ValueError(f"cpu_slice_ms {problem}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("admin_token must be at least 16 characters")

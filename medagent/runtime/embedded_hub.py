@@ -166,7 +166,7 @@ class EmbeddedHub:
         # uncompiled tree would shadow the installed package and its extensions).
         hub = self._config.hub
         command = [sys.executable, "-P", "-m", "medagent", "hub", "serve", "--data-dir", str(self.data_dir),
-                   "--host", self.host, "--port", str(self.port)]
+                   "--host", self.host, "--port", str(self.port), "--cpu-slice-ms", f"{hub.cpu_slice_ms:g}"]
         if hub.tls_cert is not None and hub.tls_key is not None:
             command += ["--tls-cert", str(hub.tls_cert), "--tls-key", str(hub.tls_key)]
         return command
