@@ -320,23 +320,8 @@ _ALIASES: dict[Receiver, dict[str, type[AgentMessage]]] = {
 }
 
 
-#: How decode_dict checks a field's value (resolved once per field, not per message).
+#: How a field's value is checked and encoded (resolved once per field, not per message).
 _PLAIN, _INT, _NESTED = 0, 1, 2
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class _FieldSpec:
-    attr: str
-    key: str
-    types: tuple[type, ...]
-    required: bool
-
-    @property
-    def check(self) -> int:
-        if self.attr == "messages":
-            return _NESTED
-        return _INT if self.types == (int,) else _PLAIN
-
 
 _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
@@ -346,25 +331,25 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "list[dict[str, Any]]": (list,),
 }
 
+#: One field of a message class: (attribute, JSON key, accepted types, required, check). Plain
+#: tuples: to_dict and decode_dict run once per message on both sides, and tuple unpacking is
+#: cheaper than attribute reads.
+_FieldSpec = tuple[str, str, tuple[type, ...], bool, int]
+
 
 def _field_specs(cls: type[AgentMessage]) -> tuple[_FieldSpec, ...]:
     specs = []
     for f in dataclasses.fields(cls):
         annotation = str(f.type)
         optional = annotation.endswith(" | None")
-        base = annotation.removesuffix(" | None")
-        types = _SIMPLE_TYPES.get(base, (object,))
+        types = _SIMPLE_TYPES.get(annotation.removesuffix(" | None"), (object,))
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        specs.append(_FieldSpec(f.name, JSON_NAMES.get(f.name, f.name), types, required and not optional))
+        check = _NESTED if f.name == "messages" else _INT if types == (int,) else _PLAIN
+        specs.append((f.name, JSON_NAMES.get(f.name, f.name), types, required and not optional, check))
     return tuple(specs)
 
 
 _SPECS: dict[type[AgentMessage], tuple[_FieldSpec, ...]] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
-#: The same specs as plain tuples (attr, key, types, required, check): decode_dict runs once per
-#: message on both sides, and tuple unpacking is cheaper than attribute reads.
-_DECODE_SPECS: dict[type[AgentMessage], tuple[tuple[str, str, tuple[type, ...], bool, int], ...]] = {
-    cls: tuple((s.attr, s.key, s.types, s.required, s.check) for s in specs) for cls, specs in _SPECS.items()
-}
 
 
 def transmit_dict(
@@ -417,13 +402,13 @@ def to_dict(message: AgentMessage) -> dict[str, Any]:
     if type(message) is TransmitRequest:
         return transmit_dict(message)
     out: dict[str, Any] = {"type": message.TYPE}
-    for spec in _SPECS[type(message)]:
-        value = getattr(message, spec.attr)
+    for attr, key, _types, _required, check in _SPECS[type(message)]:
+        value = getattr(message, attr)
         if value is None:
             continue
-        if spec.attr == "messages":
+        if check == _NESTED:
             value = [to_dict(m) for m in value]
-        out[spec.key] = value
+        out[key] = value
     return out
 
 
@@ -479,7 +464,7 @@ def decode_dict(data: Any, receiver: Receiver) -> AgentMessage:
         raise UnknownMessageType(message_type, callback)
     kwargs: dict[str, Any] = {}
     get = data.get
-    for attr, key, types, required, check in _DECODE_SPECS[cls]:
+    for attr, key, types, required, check in _SPECS[cls]:
         value = get(key)
         if value is None:
             if required:

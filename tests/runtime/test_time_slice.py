@@ -28,7 +28,7 @@ def _kernel_has_custom_slices() -> bool:
 
 
 def _in_child(code: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
 
@@ -96,7 +96,7 @@ def test_hub_serve_refuses_an_out_of_range_slice(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "medagent", "hub", "serve", "--data-dir", str(tmp_path), "--port", "0",
          "--cpu-slice-ms", "250"],
-        capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2
     assert "cpu_slice_ms must be 0 (the kernel's default) or 0.1..100 ms, got 250.0" in out.stderr
