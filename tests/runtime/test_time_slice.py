@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -23,8 +24,9 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="time slices are
 
 
 def _kernel_has_custom_slices() -> bool:
-    major, minor = (int(part) for part in platform.release().split(".")[:2])
-    return (major, minor) >= (6, 12)
+    match = re.match(r"(\d+)\.(\d+)", platform.release())  # "6.18.44-fc", "6.12-rc1"
+    assert match, platform.release()
+    return (int(match[1]), int(match[2])) >= (6, 12)
 
 
 def _in_child(code: str) -> list[str]:
