@@ -2,11 +2,12 @@
 
 from typing import Any, final
 
+from medagent.proto._hl7_py import AckInfo as AckInfo
 from medagent.proto._hl7_py import Header as Header
 from medagent.proto._hl7_py import Hl7Error as Hl7Error
 
 __all__ = ["Hl7Error", "HeaderC", "parse_header", "split_segments", "decode", "build_ack",
-           "make_control_id"]
+           "make_control_id", "parse_ack"]
 
 @final
 class HeaderC:
@@ -65,3 +66,4 @@ def build_ack(
     error_code: str = ...,
 ) -> bytes: ...
 def make_control_id() -> str: ...
+def parse_ack(message: bytes | bytearray | memoryview | str) -> AckInfo | None: ...

@@ -40,10 +40,10 @@ from libc.time cimport time as c_time, time_t
 import os
 
 from medagent.proto import _hl7_py as _py
-from medagent.proto._hl7_py import ACK_CODES, ERROR_CODE_TEXT, HEADER_FIELDS, Header, Hl7Error
+from medagent.proto._hl7_py import ACK_CODES, ERROR_CODE_TEXT, HEADER_FIELDS, AckInfo, Header, Hl7Error
 
 __all__ = ["Hl7Error", "HeaderC", "parse_header", "split_segments", "decode", "build_ack",
-           "make_control_id"]
+           "make_control_id", "parse_ack"]
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object)
@@ -708,3 +708,64 @@ def build_ack(message: bytes, code: str = "AA", text: str | None = None,
         count = put(pieces, count, error_piece.data, error_piece.size)
         count = put(pieces, count, S_TERMINATOR, 1)
     return join_pieces(pieces, count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading an ACK (ch. 2.14.8 MSA)
+# ----------------------------------------------------------------------------------------------
+
+cdef inline bint _is_line_space(Py_UCS4 c):
+    """The pure twin's leading whitespace: space, tab, CR, LF, VT, FF."""
+    return c == 0x20 or c == 0x09 or c == 0x0D or c == 0x0A or c == 0x0B or c == 0x0C
+
+
+cdef inline bint _is_separator(Py_UCS4 c):
+    """MSH-1: ASCII punctuation (``_hl7_py.is_field_separator``)."""
+    return 0x21 <= c <= 0x7E and not (0x30 <= c <= 0x39 or 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A)
+
+
+def parse_ack(message):
+    """The first MSA of `message` (`_hl7_py.parse_ack`); None without one.
+
+    Text - every bot reply the agent routes, once per message in original and two-phase mode -
+    is read here without the pure twin's regex, tuples and calls; bytes (an MLLP client's
+    ACKs, possibly wide) go to the pure twin.
+    """
+    if type(message) is not str:
+        return _py.parse_ack(message)
+    cdef str text = <str>message
+    cdef Py_ssize_t size = len(text)
+    cdef Py_ssize_t begin = 1 if size and text[0] == 0xFEFF else 0
+    cdef Py_ssize_t end, position, stop, found
+    cdef Py_UCS4 previous
+    while begin < size and _is_line_space(text[begin]):
+        begin += 1
+    end = text.find("\r", begin)
+    if end < 0:
+        end = size
+    found = text.find("\n", begin, end)
+    if found >= 0:
+        end = found
+    if (end - begin < 4 or text[begin] != u"M" or text[begin + 1] != u"S" or text[begin + 2] != u"H"
+            or not _is_separator(text[begin + 3])):
+        raise _py.no_msh_error(size)
+    separator = text[begin + 3]
+    marker = "MSA" + separator
+    position = text.find(marker, end)
+    while position >= 0:
+        previous = text[position - 1]
+        if previous == 0x0D or previous == 0x0A:
+            break
+        position = text.find(marker, position + 4)
+    if position < 0:
+        return None
+    stop = text.find("\r", position)
+    if stop < 0:
+        stop = size
+    found = text.find("\n", position, stop)
+    if found >= 0:
+        stop = found
+    fields = text[position + 4 : stop].split(separator, 3)
+    if len(fields) >= 3:
+        return AckInfo(fields[0], fields[1], fields[2])
+    return AckInfo(fields[0], fields[1] if len(fields) == 2 else "", "")

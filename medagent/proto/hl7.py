@@ -9,8 +9,8 @@ This selector module is the only one users import. What it does, in one line eac
 * `build_ack(message, code="AA", text=None, error=None, *, timestamp=None, control_id=None,
   error_code="207") -> bytes` - the MSH/MSA[/ERR] acknowledgment, in the message's encoding.
 * `parse_ack(message) -> AckInfo | None` - MSA-1/2/3 of an acknowledgment (bytes or text); the
-  one MSA parser of the package. Pure only: it reads one small segment per reply, off the
-  inbound hot path, so there is no Cython twin (``parse_ackC`` is None).
+  one MSA parser of the package. It reads every bot reply in original and two-phase mode (once
+  per message), so text has a Cython twin; the twin hands bytes to the pure one.
 * `make_control_id() -> str` - a new MSH-10, unique in this process (<= 20 characters).
 * `Hl7Error(ValueError)` - no readable MSH, unknown charset, undecodable text.
 
@@ -109,5 +109,5 @@ build_ack = _fast.build_ack if _fast is not None else _hl7_py.build_ack
 make_control_id = _fast.make_control_id if _fast is not None else _hl7_py.make_control_id
 
 parse_ackPy = _hl7_py.parse_ack
-parse_ackC = None
-parse_ack = _hl7_py.parse_ack
+parse_ackC = _fast.parse_ack if _fast is not None else None
+parse_ack = _fast.parse_ack if _fast is not None else _hl7_py.parse_ack

@@ -1,10 +1,14 @@
 """proto.hl7.parse_ack: the one MSA reader (HL7 v2.5 ch. 2.14.8), examples and hypothesis.
 
-parse_ack is pure only (no Cython twin); it is checked against the ACKs both build_ack twins
-write, against an independent reference reader, and for bytes/text agreement.
+parse_ack is checked against the ACKs both build_ack twins write, against an independent
+reference reader, and for bytes/text agreement. Its Cython twin reads text itself (the bot
+replies the agent routes) and hands bytes to the pure twin; the differential tests at the end
+compare the twins over random text, junk included, with the same result or the same error.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -117,3 +121,73 @@ def test_parse_ack_total_on_random_bytes(data: bytes) -> None:
         parse_ack(data)
     except Hl7Error:
         pass
+
+
+# --------------------------------------------------------------------------- the twins agree
+
+def _outcome(function: Callable[[str], AckInfo | None], text: str) -> tuple[str, object]:
+    try:
+        return "ok", function(text)
+    except Hl7Error as exc:
+        return "error", str(exc)
+
+
+def _assert_twins_agree(text: str) -> None:
+    assert hl7.parse_ackC is not None
+    assert _outcome(hl7.parse_ackC, text) == _outcome(hl7.parse_ackPy, text), repr(text)
+
+
+needs_c_twin = pytest.mark.skipif(hl7.parse_ackC is None, reason="pure mode: no C twin to compare")
+
+#: pieces that exercise every branch: BOM, leading whitespace, MSH and look-alikes, separators
+#: (punctuation, letters, digits, non-ASCII), MSA at and off a segment start, every terminator
+_PIECES = ["\ufeff", " ", "\t", "\x0b", "\x0c", "\r", "\n", "\r\n", "MSH", "MS", "MSA", "|", "#", "^", "A",
+           "1", "é", "\u4e2d", "\U0001F600", "~", "&", "\\", "AA", "x"]
+
+
+@needs_c_twin
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=24).map("".join))
+def test_twins_agree_on_text_built_from_msh_and_msa_pieces(text: str) -> None:
+    _assert_twins_agree(text)
+
+
+@needs_c_twin
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=64))
+def test_twins_agree_on_arbitrary_text(text: str) -> None:
+    _assert_twins_agree(text)
+
+
+@needs_c_twin
+@settings(max_examples=300, deadline=None)
+@given(prefix=st.sampled_from(["", "\ufeff", " \r\n", "\ufeff\t"]), separator=st.sampled_from(list("|#!~{`") + ["A", "1", "é"]),
+       segments=st.lists(_VALUE, max_size=4), msa=st.lists(_VALUE, max_size=5),
+       terminator=st.sampled_from(["\r", "\n", "\r\n", ""]))
+def test_twins_agree_on_acks_with_any_separator(prefix: str, separator: str, segments: list[str], msa: list[str],
+                                                terminator: str) -> None:
+    body = [f"MSH{separator}^~\\&{separator}A"] + ["ZZZ" + separator + s for s in segments]
+    body.append(separator.join(["MSA", *msa]))
+    _assert_twins_agree(prefix + terminator.join(body) + terminator)
+
+
+@needs_c_twin
+@pytest.mark.parametrize("text", ["", "\ufeff", "MSH|", "MSH|\rMSA|AA", "\ufeffMSH|^~\\&\nMSA|AE|7|t|x\r",
+                                  "MSH|\rXMSA|AA|1\nMSA|AR|2", "MSH1\rMSA1AA", "  \r\n\t", "MSH|\rMSA|"])
+def test_twins_agree_on_edge_cases(text: str) -> None:
+    _assert_twins_agree(text)
+
+
+@needs_c_twin
+def test_the_c_twin_hands_bytes_and_str_subclasses_to_the_pure_one() -> None:
+    class Text(str):
+        pass
+
+    raw = "MSH|^~\\&|A\rMSA|AE|Ü1|Fehler\r"
+    assert hl7.parse_ackC is not None
+    for value in (raw.encode("utf-16"), raw.encode("utf-8"), bytearray(raw.encode("utf-8")), Text(raw)):
+        assert hl7.parse_ackC(value) == hl7.parse_ackPy(value)
+
+
+def test_the_selected_parse_ack_is_the_c_twin_unless_pure_mode() -> None:
+    assert hl7.parse_ack is (hl7.parse_ackPy if _compat.NO_EXTENSIONS else hl7.parse_ackC)
