@@ -388,6 +388,13 @@ def classify_reply(text: str) -> tuple[bool, AckCode | None]:
     return True, (None if info is None else parse_ack_code(info.code))
 
 
+# The decisions without a text, built once: reply_decision runs once per routed reply, and a
+# frozen dataclass costs ~1 us to build (immutable, so sharing them is safe).
+_FORWARD: Final = ReplyDecision(ReplyAction.FORWARD)
+_SUPPRESS_MODE: Final = ReplyDecision(ReplyAction.SUPPRESS_MODE)
+_SUPPRESS_FILTERED: Final = ReplyDecision(ReplyAction.SUPPRESS_FILTERED)
+
+
 def reply_decision(
     mode: AckMode,
     app_level_ack: AppLevelAck,
@@ -404,7 +411,7 @@ def reply_decision(
     Lateness (ORIGINAL reply after the timeout AR) is the adapter's state, not decided here.
     """
     if mode is AckMode.FAST or mode is AckMode.IMMEDIATE:
-        return ReplyDecision(ReplyAction.SUPPRESS_MODE)
+        return _SUPPRESS_MODE
     if not is_hl7:
         if status_code >= 400:
             text = (error_text or "").strip() or f"hub error (status {status_code})"
@@ -415,11 +422,11 @@ def reply_decision(
     elif reply_code in APPLICATION_CODES:
         assert reply_code is not None
         code = reply_code
-        action = ReplyDecision(ReplyAction.FORWARD)
+        action = _FORWARD
     else:
-        return ReplyDecision(ReplyAction.FORWARD)  # not an AA/AE/AR: always forwarded
+        return _FORWARD  # not an AA/AE/AR: always forwarded
     if mode is AckMode.TWO_PHASE and not _app_level_allows(app_level_ack, code):
-        return ReplyDecision(ReplyAction.SUPPRESS_FILTERED)
+        return _SUPPRESS_FILTERED
     if not condition_allows(app_ack_type, code is AckCode.AA):
-        return ReplyDecision(ReplyAction.SUPPRESS_FILTERED)
+        return _SUPPRESS_FILTERED
     return action
