@@ -6,7 +6,8 @@ What is measured (the per-message hot path of an HL7 channel, DESIGN.md "Data fl
   with the default (current) timestamp and a generated control id, per message, with one frame
   per chunk (lock-step senders) and 64 frames per chunk (pipelined senders, bulk replays).
 * one benchmark per kernel: ``MllpDecoder.feed`` (1 and 64 frames per chunk), ``parse_header``,
-  ``build_ack``, ``split_segments``.
+  ``build_ack``, ``split_segments``, and ``parse_ack`` on a bot's reply as the agent receives it
+  (text: the ACK of the same message).
 
 Every benchmark stores ``extra_info["per_message_ns"]`` (mean time divided by the messages in
 one call), and the session ends with a table of the Cython speed-up per benchmark (target:
@@ -89,3 +90,10 @@ def test_split_segments(benchmark: Any, impl: str, adt_a01: bytes) -> None:
     split_segments = pick(hl7, "split_segments", impl)
     assert len(split_segments(adt_a01)) > 3
     _measure(benchmark, "split_segments", impl, lambda: split_segments(adt_a01), 1)
+
+
+def test_parse_ack(benchmark: Any, impl: str, adt_a01: bytes) -> None:
+    parse_ack = pick(hl7, "parse_ack", impl)
+    reply = hl7.build_ack(adt_a01, "AA").decode("latin-1")
+    assert parse_ack(reply).code == "AA"
+    _measure(benchmark, "parse_ack(text)", impl, lambda: parse_ack(reply), 1)

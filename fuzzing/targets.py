@@ -152,6 +152,8 @@ def hl7_target(data: bytes) -> None:
         parsed = outcome(hl7.parse_ackPy, documented, form)
         if parsed[0] == "ok" and parsed[1] is not None:
             assert isinstance(parsed[1].code, str)
+        if hl7.parse_ackC is not None:
+            assert outcome(hl7.parse_ackC, documented, form) == parsed, (form, parsed)
 
 
 # ------------------------------------------------------------------------------------- HL7 session
