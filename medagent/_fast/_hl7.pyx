@@ -18,6 +18,8 @@ strings, MSH-7 into a per-second cached bytes, MSH-10 into a stack buffer from a
 and copies them into one preallocated bytes object. Segment splitting uses `memchr`, keeping the
 next CR and next LF positions so that the scan stays linear for any terminator mix. `decode`
 reads MSH-18 with the same scan and caches the codec per raw MSH-18 value (bounded dict).
+`parse_ack` reads text (a bot's reply, once per message in original and two-phase mode) with
+`str` scans and no per-character Python work; bytes go to the pure twin.
 
 Invariants: results are byte-identical to the pure twin for the same input (differential tests).
 Whatever is not the hot path is delegated to the pure twin so that it cannot drift: wide
@@ -724,6 +726,15 @@ cdef inline bint _is_separator(Py_UCS4 c):
     return 0x21 <= c <= 0x7E and not (0x30 <= c <= 0x39 or 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A)
 
 
+cdef inline Py_ssize_t _line_end(str text, Py_ssize_t start, Py_ssize_t size):
+    """Where the line starting at `start` ends: its first CR or LF, else `size`."""
+    cdef Py_ssize_t end = text.find("\r", start)
+    if end < 0:
+        end = size
+    cdef Py_ssize_t found = text.find("\n", start, end)
+    return found if found >= 0 else end
+
+
 def parse_ack(message):
     """The first MSA of `message` (`_hl7_py.parse_ack`); None without one.
 
@@ -736,16 +747,11 @@ def parse_ack(message):
     cdef str text = <str>message
     cdef Py_ssize_t size = len(text)
     cdef Py_ssize_t begin = 1 if size and text[0] == 0xFEFF else 0
-    cdef Py_ssize_t end, position, stop, found
+    cdef Py_ssize_t end, position, stop
     cdef Py_UCS4 previous
     while begin < size and _is_line_space(text[begin]):
         begin += 1
-    end = text.find("\r", begin)
-    if end < 0:
-        end = size
-    found = text.find("\n", begin, end)
-    if found >= 0:
-        end = found
+    end = _line_end(text, begin, size)
     if (end - begin < 4 or text[begin] != u"M" or text[begin + 1] != u"S" or text[begin + 2] != u"H"
             or not _is_separator(text[begin + 3])):
         raise _py.no_msh_error(size)
@@ -759,12 +765,7 @@ def parse_ack(message):
         position = text.find(marker, position + 4)
     if position < 0:
         return None
-    stop = text.find("\r", position)
-    if stop < 0:
-        stop = size
-    found = text.find("\n", position, stop)
-    if found >= 0:
-        stop = found
+    stop = _line_end(text, position, size)
     fields = text[position + 4 : stop].split(separator, 3)
     if len(fields) >= 3:
         return _ack_info(fields[0], fields[1], fields[2])
