@@ -115,9 +115,14 @@ cdef inline Py_ssize_t sniff(const unsigned char* p, Py_ssize_t n) noexcept nogi
     return 0
 
 
+cdef inline bint is_leading_space(Py_UCS4 c) noexcept nogil:
+    """Space, TAB, LF, VT, FF or CR: what may precede the MSH."""
+    return c == 0x20 or (c >= 0x09 and c <= 0x0D)
+
+
 cdef inline Py_ssize_t skip_whitespace(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """First index >= i that is not space, TAB, LF, VT, FF or CR."""
-    while i < n and (p[i] == 0x20 or (p[i] >= 0x09 and p[i] <= 0x0D)):
+    while i < n and is_leading_space(p[i]):
         i += 1
     return i
 
@@ -716,16 +721,6 @@ def build_ack(message: bytes, code: str = "AA", text: str | None = None,
 # Reading an ACK (ch. 2.14.8 MSA)
 # ----------------------------------------------------------------------------------------------
 
-cdef inline bint _is_line_space(Py_UCS4 c):
-    """The pure twin's leading whitespace: space, tab, CR, LF, VT, FF."""
-    return c == 0x20 or c == 0x09 or c == 0x0D or c == 0x0A or c == 0x0B or c == 0x0C
-
-
-cdef inline bint _is_separator(Py_UCS4 c):
-    """MSH-1: ASCII punctuation (``_hl7_py.is_field_separator``)."""
-    return 0x21 <= c <= 0x7E and not (0x30 <= c <= 0x39 or 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A)
-
-
 cdef inline Py_ssize_t _line_end(str text, Py_ssize_t start, Py_ssize_t size):
     """Where the line starting at `start` ends: its first CR or LF, else `size`."""
     cdef Py_ssize_t end = text.find("\r", start)
@@ -749,11 +744,11 @@ def parse_ack(message):
     cdef Py_ssize_t begin = 1 if size and text[0] == 0xFEFF else 0
     cdef Py_ssize_t end, position, stop
     cdef Py_UCS4 previous
-    while begin < size and _is_line_space(text[begin]):
+    while begin < size and is_leading_space(text[begin]):
         begin += 1
     end = _line_end(text, begin, size)
     if (end - begin < 4 or text[begin] != u"M" or text[begin + 1] != u"S" or text[begin + 2] != u"H"
-            or not _is_separator(text[begin + 3])):
+            or text[begin + 3] > 0x7E or not is_field_separator(<unsigned char>text[begin + 3])):
         raise _py.no_msh_error(size)
     separator = text[begin + 3]
     marker = "MSA" + separator
